@@ -1,0 +1,48 @@
+# The README's commands. `make demo` sets up and runs the main job; `make test` sets up and runs
+# the tests. Both create .venv on first use. The build needs --no-build-isolation: it compiles
+# against the torch installed in .venv (a CUDA build of torch + nvcc => CUDA kernels too).
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.14.1
+PY := $(VENV)/bin/python
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+export CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: setup build demo test bench bench-summary gpu-check clean
+
+$(VENV)/.deps: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install "$(TORCH)" numpy safetensors tokenizers tqdm matplotlib \
+		pytest pytest-benchmark scipy ninja
+	touch $@
+
+setup: $(VENV)/.deps build
+
+# Compiles vsd_ext._C in place (incremental with ninja) and installs the package in editable mode.
+build: $(VENV)/.deps
+	@mkdir -p build
+	@echo "building vsd_ext._C (CUDA_HOME=$(CUDA_HOME), MAX_JOBS=$(MAX_JOBS)); full log: build/build.log"
+	$(PY) -m pip install --no-build-isolation --no-deps -e . -v > build/build.log 2>&1 \
+		|| { tail -60 build/build.log; exit 1; }
+	@grep -E "vsd_ext: |^ *\[[0-9]+/[0-9]+\] | -shared " build/build.log \
+		| sed -E 's/ -(I|D|W|M[DF]?|f|O|g)[^ ]*//g; s/ \/tmp\/[^ ]*\.o\.d//g' | cut -c1-220 || true
+	$(PY) -c "import vsd_ext, json; print(json.dumps(vsd_ext.build_info()))"
+
+demo: setup
+	$(VENV)/bin/vsd demo
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m pytest --benchmark-only --benchmark-json=bench/results/latest.json -q
+	$(PY) bench/summary.py bench/results/latest.json
+
+gpu-check:
+	bash bench/gpu_check.sh
+
+clean:
+	rm -rf build vsd_ext/*.so *.egg-info

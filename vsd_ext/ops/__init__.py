@@ -1,0 +1,4 @@
+"""Typed Python wrappers of the vsd_ext ops, their fake (meta) kernels and autograd rules.
+
+One module per op family: verify.py, attention.py, cross_entropy.py.
+"""

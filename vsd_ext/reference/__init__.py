@@ -1,0 +1,1 @@
+"""Pure-PyTorch specifications of every op: slow, obviously correct, the tests' oracle."""
