@@ -27,6 +27,7 @@ __all__ = [
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
+    "random_parents",
 ]
 
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
@@ -185,3 +186,14 @@ def chain_parents(batch: int, n: int, device: torch.device | str | None = None) 
     """Parents of B chains of n nodes (``[-1, 0, 1, ..., n-2]``): a chain tree's mask is causal."""
     row = torch.arange(-1, n - 1, dtype=torch.int64, device=device)
     return row.expand(batch, n).clone()
+
+
+def random_parents(
+    batch: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Parents of B random recursive trees of n nodes: node i > 0 picks its parent uniformly
+    among nodes 0..i-1 (drawn on the CPU with ``generator``, then moved to ``device``)."""
+    u = torch.rand(batch, n, generator=generator, dtype=torch.float64)
+    parents = (u * torch.arange(n, dtype=torch.float64)).long()
+    parents[:, 0] = -1
+    return parents.to(device)
