@@ -138,7 +138,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
   args.dk_tree = dk_tree.data_ptr();
   args.dv_tree = dv_tree.data_ptr();
   at::Tensor workspace = at::empty({ct::backward_workspace_bytes(args.in)}, q.options().dtype(at::kByte));
-  check_launch(ct::tree_attention_backward(args, workspace.data_ptr(), stream), "tree_attention backward");
+  if (ct::backward_tc_supported(args))
+    check_launch(ct::tree_attention_backward_tc(args, workspace.data_ptr(), stream),
+                 "tree_attention backward (tensor-core path)");
+  else
+    check_launch(ct::tree_attention_backward_simple(args, workspace.data_ptr(), stream),
+                 "tree_attention backward (simple path)");
   return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
 }
 

@@ -1,5 +1,5 @@
-// CUDA tree attention, warp-per-row kernels (torch-free): the general forward (any dtype,
-// D <= 256, any strides) and the backward.
+// CUDA tree attention, warp-per-row kernels (torch-free): the general forward and backward
+// (any dtype, D <= 256, any strides), and the delta kernel that both backward paths use.
 //
 // Forward: one warp per query (b, n, h); lane l holds elements d = l + 32 i of q and of the
 // output accumulator. Keys are visited in order (prefix [0, prefix_lens[b]) without any mask
@@ -255,16 +255,27 @@ int64_t backward_workspace_bytes(const Inputs& in) {
   return static_cast<int64_t>(in.B) * in.N * in.Hq * acc_bytes(in.dtype);
 }
 
-cudaError_t tree_attention_backward(const BackwardArgs& args, void* workspace, cudaStream_t stream) {
+cudaError_t launch_backward_delta(const BackwardArgs& args, void* delta, cudaStream_t stream) {
+  const Inputs& in = args.in;
+  const int64_t queries = static_cast<int64_t>(in.B) * in.N * in.Hq;
+  if (queries == 0) return cudaSuccess;
+  return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
+    delta_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, static_cast<typename Acc<T>::type*>(delta));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* workspace, cudaStream_t stream) {
   const Inputs& in = args.in;
   const int64_t queries = static_cast<int64_t>(in.B) * in.N * in.Hq;
   const int64_t cache_keys = static_cast<int64_t>(in.Bc) * in.L * in.Hkv;
   const int64_t tree_keys = static_cast<int64_t>(in.B) * in.N * in.Hkv;
   if (queries == 0) return cudaSuccess;
+  const cudaError_t err = launch_backward_delta(args, workspace, stream);
+  if (err != cudaSuccess) return err;
   return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
     using A = typename Acc<T>::type;
-    A* delta = static_cast<A*>(workspace);
-    delta_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, delta);
+    const A* delta = static_cast<const A*>(workspace);
     dq_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, delta);
     if (cache_keys > 0) dkv_cache_kernel<T, CH><<<blocks_for(cache_keys), kThreads, 0, stream>>>(args, delta);
     dkv_tree_kernel<T, CH><<<blocks_for(tree_keys), kThreads, 0, stream>>>(args, delta);
