@@ -1,6 +1,6 @@
 // Small fp32 (and fp64) GEMM for the CPU tree-attention tiles (declared in tree_attention_cpu.h).
 //
-// Why not at::mm: the tiles are small ([R, D] x [D, Lt] with R, Lt ~ 256, D ~ 128) and are
+// Why not at::mm: the tiles are small ([Lt, D] x [D, R] with R, Lt ~ 256, D ~ 128) and are
 // multiplied inside our own parallel region, one per thread. Going through the dispatcher and
 // a threaded BLAS there costs dispatch overhead per tile and, measured on the target machine,
 // nested OpenMP teams that spin against each other; the generic BLAS path also ran at half the
