@@ -35,15 +35,15 @@ CASES = [pytest.param("cpu", torch.float32, b, l, id=f"cpu-fp32-B{b}-L{l}") for 
 
 
 def problem(device, dtype, B, L):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn where they live
 
     def randn(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
     q, k_tree, v_tree = randn(B, N, HQ, D), randn(B, N, HKV, D), randn(B, N, HKV, D)
     k_cache, v_cache = randn(B, L, HKV, D), randn(B, L, HKV, D)
     lens = torch.full((B,), L, dtype=torch.int64, device=device)
-    mask = tree.build_tree_mask(tree.random_parents(B, N, generator=gen).to(device))
+    mask = tree.build_tree_mask(tree.random_parents(B, N, generator=torch.Generator().manual_seed(0)).to(device))
     ours = (q, k_cache, v_cache, lens, k_tree, v_tree, mask)
     sdpa = (
         q.transpose(1, 2).contiguous(),
@@ -73,16 +73,16 @@ def sync(device):
 
 
 def run(benchmark, provider, device, dtype, B, L, fn, backward):
-    sync(device)
-    slow = device == "cpu"
-    benchmark.pedantic(
-        lambda: (fn(), sync(device)), rounds=5 if slow else 50, iterations=1, warmup_rounds=1 if slow else 5
-    )
     flops, moved = cost(B, L, dtype, backward)
     kind = "fwd+bwd" if backward else "fwd"
     benchmark.group = f"tree_attention {kind} B={B} L={L} N={N} Hq={HQ} Hkv={HKV} D={D} {dtype} {device}"
     info = benchmark.extra_info
     info.update(provider=provider, flops=flops, bytes=moved)
+    sync(device)
+    slow = device == "cpu"
+    benchmark.pedantic(
+        lambda: (fn(), sync(device)), rounds=5 if slow else 20, iterations=1, warmup_rounds=1 if slow else 3
+    )
     seconds = benchmark.stats.stats.min
     info["tflops"] = flops / seconds / 1e12
     info["tbps"] = moved / seconds / 1e12
@@ -114,7 +114,7 @@ def test_forward_backward(benchmark, provider, device, dtype, B, L):
     ours = [t.requires_grad_() if t.is_floating_point() else t for t in ours]
     sdpa = [t.requires_grad_() if t.is_floating_point() else t for t in sdpa]
     ours_inputs = [ours[i] for i in (0, 1, 2, 4, 5)]
-    grad = torch.randn(B, N, HQ, D, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grad = torch.randn(B, N, HQ, D, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
 
     def ours_step():
         out, _ = vsd_ext.tree_attention(*ours)
