@@ -8,6 +8,6 @@ from ._loader import build_info, load_extension
 
 load_extension()
 
+from .ops import verify_tree  # noqa: E402
 
-
-__all__ = ["__version__", "build_info"]
+__all__ = ["__version__", "build_info", "verify_tree"]

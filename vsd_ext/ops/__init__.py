@@ -2,3 +2,4 @@
 
 One module per op family: verify.py, attention.py, cross_entropy.py.
 """
+from .verify import verify_tree  # noqa: F401
