@@ -9,6 +9,6 @@ from ._loader import build_info, load_extension
 load_extension()
 
 from . import tree  # noqa: E402,F401
-from .ops.attention import tree_attention  # noqa: E402
+from .ops import tree_attention, verify_tree  # noqa: E402
 
-__all__ = ["__version__", "build_info", "tree_attention"]
+__all__ = ["__version__", "build_info", "tree_attention", "verify_tree"]
