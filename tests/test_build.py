@@ -48,6 +48,12 @@ def test_every_op_has_cpu_and_cuda_kernels_registered():
                 f"{name} has no {key} kernel")
 
 
+def test_cpu_kernels_run_in_parallel():
+    """at::parallel_for is parallel only when the extension is compiled with OpenMP."""
+    assert "-fopenmp" in build_config.CXX_FLAGS and "-fopenmp" in build_config.LINK_FLAGS
+    assert vsd_ext.load_extension().compiled_build_info()["openmp"]
+
+
 def test_missing_extension_fails_with_a_rebuild_hint(monkeypatch):
     def fail(name):
         raise ImportError("undefined symbol: _ZN3c104impl")
@@ -69,6 +75,7 @@ def test_cmakelists_declares_the_same_sources_and_flags():
     assert _cmake_list(text, "VSD_CUDA_GLOBS") == build_config.CUDA_GLOBS
     assert _cmake_list(text, "VSD_CXX_FLAGS") == build_config.CXX_FLAGS
     assert _cmake_list(text, "VSD_NVCC_FLAGS") == build_config.NVCC_FLAGS
+    assert _cmake_list(text, "VSD_LINK_FLAGS") == build_config.LINK_FLAGS
     arch = build_config.DEFAULT_CUDA_ARCH_LIST.split("+")[0].replace(".", "")
     assert _cmake_list(text, "VSD_DEFAULT_CUDA_ARCHITECTURES") == [arch]
 
