@@ -8,6 +8,8 @@ from ._loader import build_info, load_extension
 
 load_extension()
 
+from . import data  # noqa: E402  (the built-in corpus: vsd_ext.data)
+from .models import Drafter, load_drafter, load_target  # noqa: E402
 
 
-__all__ = ["__version__", "build_info"]
+__all__ = ["__version__", "build_info", "data", "Drafter", "load_drafter", "load_target"]
