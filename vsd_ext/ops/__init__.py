@@ -2,3 +2,4 @@
 
 One module per op family: verify.py, attention.py, cross_entropy.py.
 """
+from .attention import tree_attention  # noqa: F401
