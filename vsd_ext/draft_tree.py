@@ -123,14 +123,18 @@ def child_slots(logits: torch.Tensor, k: int, sampled: bool, temperature: float 
     deterministic ones ``softmax(logits)``.
     """
     k = min(k, logits.shape[-1])
-    scale = temperature if sampled else 1.0
-    logq = torch.log_softmax(logits.float() / scale, dim=-1)
-    log_s, top = torch.topk(logq, k, dim=-1)
     if not sampled:
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        log_s, top = torch.topk(logq, k, dim=-1)
         return log_s, top, None
-    perturbed = logq.double() + gumbel_noise(logq.shape, generator, logq.device)
-    tokens = torch.topk(perturbed, k, dim=-1).indices
-    return log_s, tokens, logq.exp()
+    # Draw from exactly the fp32 q handed to verification: a token whose probability
+    # underflows to 0 is never drawn, and a slot is valid iff q has that many nonzero tokens.
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logq = probs.log()
+    log_s = torch.topk(logq, k, dim=-1).values
+    tokens = torch.topk(logq.double() + gumbel_noise(logq.shape, generator, logq.device), k,
+                        dim=-1).indices
+    return log_s, tokens, probs
 
 
 # expand(tokens [B, k] draft ids, parent_slot [B, k], valid [B, k]) -> logits [B, k, Vd]:
@@ -239,8 +243,9 @@ class DrafterProposer:
     logits give level 1. After the tree is built the chain's keys/values are written to the
     cache, so every pair is computed once. Drafter forwards per step: ``depth``.
 
-    Methods called by the decoding loop: ``start`` (after the target's prefill), ``propose``
-    (one tree per row), ``advance`` (the verified step), ``keep`` (drop finished rows).
+    The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
+    ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
+    verified step), ``keep`` (drop finished rows).
     """
 
     def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
@@ -250,6 +255,7 @@ class DrafterProposer:
         self.sampled = config.sampled and temperature > 0
         self.temperature = temperature if self.sampled else 1.0
         self.generator = generator
+        self.num_nodes = config.num_nodes
         self.cache = None
         self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
         self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,
