@@ -1,7 +1,8 @@
 """End-to-end decoding: speculative (provider "vsd_ext") vs autoregressive decoding of the same
 target through the same loop (provider "torch": `generate(target, None, ...)`).
 
-Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU). Prompts: the
+Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU; the environment
+variable VSD_TARGET may name another checkpoint directory). Prompts: the
 first lines of held-out standard-library files (`vsd_ext.data.prompts`), cut to PROMPT_TOKENS.
 Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
 the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
@@ -9,6 +10,10 @@ nothing accepted, so the ratio is the drafting + tree-verification overhead) and
 environment variable VSD_DRAFTER names a trained drafter directory, "trained".
 Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per target
 forward), tokens/s and the time split of the measured call.
+
+CPU threads: VSD_BENCH_THREADS (default 1). The default target's ops are small: on a shared
+machine, intra-op threads mostly wait on each other at OpenMP barriers, and one thread gives
+stable, comparable timings for both providers.
 """
 import os
 
@@ -22,13 +27,21 @@ from vsd_ext.models import Drafter
 
 MAX_NEW = 48
 PROMPT_TOKENS = 64
-TREE = TreeConfig()  # depth 5, topk 4, total_tokens 24
+TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("VSD_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def target():
     try:
-        model = vsd_ext.load_target("default")
+        model = vsd_ext.load_target(os.environ.get("VSD_TARGET", "default"))
     except vsd_ext.models.CheckpointError as err:
         pytest.skip(f"no default target: {err}")
     return model

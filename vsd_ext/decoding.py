@@ -174,7 +174,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     ``tree``), or a proposer object (`OracleDrafter`, or anything with ``num_nodes``,
     ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token ids, one list or a list of lists (any lengths).
     temperature: 0 → greedy; > 0 → sampling at that temperature (lossless). tree:
-    `TreeConfig` (default depth 5, topk 4, total_tokens 24; ``sampled=True`` for trees drawn
+    `TreeConfig` (default depth 4, topk 4, total_tokens 12; ``sampled=True`` for trees drawn
     from the drafter). stop: extra stop token ids (ints) and stop strings (str, decoded with
     ``target.tokenizer``). The target's EOS ids stop a row unless ``ignore_eos``.
     generator: randomness of verification and sampled trees. callback(row, new_tokens):
