@@ -4,6 +4,7 @@
     vsd demo          the main job (see README.md)
     vsd verify-demo   lossless tree verification on a synthetic tree, all three modes
     vsd generate      speculative decoding with a target and a drafter (streams the output)
+    vsd eval          τ, tokens/s and speedup of drafters vs autoregressive decoding (report)
 """
 from __future__ import annotations
 
@@ -91,6 +92,71 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _parse_drafts(specs: list[str]) -> list[tuple[str, str]]:
+    """--draft values → (name, what): ``name=DIR``, ``DIR`` (named after the directory),
+    ``oracle`` or ``untrained`` (optionally ``name=oracle`` ...); names made unique."""
+    from pathlib import Path
+
+    out, seen = [], {}
+    for spec in specs:
+        name, sep, what = spec.partition("=")
+        if not sep:
+            what = spec
+            name = what if what in ("oracle", "untrained") else Path(what).resolve().name
+        if not name or not what:
+            raise ValueError(f"--draft {spec!r}: expected NAME=DIR, DIR, 'oracle' or "
+                             f"'untrained'")
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}-{seen[name]}", what))
+    return out
+
+
+def _cmd_eval(args) -> int:
+    import torch
+
+    import vsd_ext
+    from .evaluation import (LosslessConfig, evaluate, format_table, heldout_prompts,
+                             read_prompts_jsonl, write_report)
+
+    try:
+        drafts = _parse_drafts(args.draft or [])
+    except ValueError as err:
+        print(f"vsd eval: {err}", file=sys.stderr)
+        return 2
+    target = vsd_ext.load_target(args.target, device=args.device)
+    if target.tokenizer is None:
+        print("vsd eval: the target has no tokenizer.json", file=sys.stderr)
+        return 2
+    if args.prompts:
+        texts = read_prompts_jsonl(args.prompts)[: args.num_prompts]
+    else:
+        texts = heldout_prompts(args.num_prompts)
+    drafters = {}
+    for name, what in drafts:
+        if what == "oracle":
+            drafters[name] = "oracle"
+        elif what == "untrained":
+            drafters[name] = vsd_ext.Drafter.for_target(target, seed=args.seed)
+        else:
+            drafters[name] = vsd_ext.load_drafter(what, target)
+    sizes = {"depth": args.depth, "topk": args.topk, "total_tokens": args.total_tokens}
+    tree = vsd_ext.TreeConfig(sampled=args.sampled,
+                              **{k: v for k, v in sizes.items() if v is not None})
+    check = False if args.no_lossless_check else LosslessConfig(samples=args.lossless_samples)
+    results = evaluate(target, drafters, texts, temperatures=args.temperature,
+                       max_new_tokens=args.max_new_tokens, tree=tree, seeds=args.seeds,
+                       lossless_check=check, threads=args.threads or None,
+                       progress=not args.no_progress)
+    print(format_table(results), flush=True)
+    extra = {"target": args.target, "drafts": dict(drafts),
+             "prompts": args.prompts or "built-in held-out", "device": args.device,
+             "threads": args.threads or torch.get_num_threads(),
+             "torch": torch.__version__, "vsd_ext": vsd_ext.__version__}
+    paths = write_report(results, args.out, extra)
+    print(f"wrote {paths['json']} and {paths['plot']}")
+    return 0 if all(r["lossless"] is not False for r in results) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vsd", description="Variational Speculative Decoding")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -132,6 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CPU threads (default: torch's; 1 is fastest for the small default "
                           "target on a busy machine)")
     gen.set_defaults(func=_cmd_generate)
+
+    from .lossless import LosslessConfig
+
+    ev = sub.add_parser("eval", help="tau, tokens/s and speedup of drafters vs autoregressive "
+                                     "decoding on held-out prompts (report.json + plot)")
+    ev.add_argument("--target", default="default",
+                    help="Hugging Face checkpoint directory, or 'default' (the embedded model)")
+    ev.add_argument("--draft", action="append",
+                    help="drafter to evaluate (repeatable): NAME=DIR, DIR, 'oracle' (the "
+                         "target's own greedy continuation: the loop's ceiling) or 'untrained' "
+                         "(a fresh EAGLE-3 head: the floor); autoregressive is always included")
+    ev.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"text\": ...} per "
+                                      "line (default: the built-in held-out prompts)")
+    ev.add_argument("--num-prompts", type=int, default=8)
+    ev.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--depth", type=int, help="draft tree depth (default: TreeConfig's)")
+    ev.add_argument("--topk", type=int,
+                    help="children per expanded node and nodes expanded per level")
+    ev.add_argument("--total-tokens", type=int, help="draft nodes verified per step")
+    ev.add_argument("--sampled", action="store_true",
+                    help="sample trees from the drafter at T > 0 (verified against its q)")
+    ev.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="sampling seeds; T > 0 runs repeat for each")
+    ev.add_argument("--lossless-samples", type=int, default=LosslessConfig.samples,
+                    help="rows of the T > 0 distribution test per method and temperature")
+    ev.add_argument("--no-lossless-check", action="store_true",
+                    help="skip the T > 0 distribution test (T = 0 outputs are still compared)")
+    ev.add_argument("--out", default="runs/eval", help="directory for report.json and report.png")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the 'untrained' drafter")
+    ev.add_argument("--threads", type=int, default=0,
+                    help="CPU threads while decoding (default: torch's; 1 is fastest for the "
+                         "small default target on a busy machine)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_eval)
     return parser
 
 

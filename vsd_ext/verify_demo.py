@@ -17,6 +17,7 @@ import torch
 
 from .ops.verify import verify_tree
 from .reference.verify_tree import verify_tree as verify_tree_reference
+from .stats import chi_square_p_value
 
 
 @dataclass
@@ -69,26 +70,6 @@ def draft_children(tree: DemoTree, trials: int, mode: str, g: torch.Generator) -
 def _tv_noise_level(probs: torch.Tensor, trials: int) -> float:
     """Expected TV distance of an empirical distribution of `trials` draws from `probs`."""
     return 0.5 * float((probs * (1 - probs) * 2 / (math.pi * trials)).sqrt().sum())
-
-
-def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness-of-fit p-value of `counts` against `probs` (Pearson's statistic; bins expecting
-    fewer than 5 draws pooled; Wilson–Hilferty normal approximation of the chi-square tail)."""
-    trials = float(counts.sum())
-    expected = probs.double() * trials
-    if bool((counts[expected == 0] > 0).any()):
-        return 0.0
-    big = expected >= 5
-    obs = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    dof = obs.numel() - 1
-    if dof < 1:
-        return 1.0
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
-    return 0.5 * math.erfc(z / math.sqrt(2))
 
 
 def run(trials: int = 20000, vocab: int = 256, seed: int = 0, print_fn=print) -> list[dict]:
