@@ -199,14 +199,17 @@ def test_cli_eval(tmp_path, untrained, capsys):
     assert main(["eval", "--draft", "oracle", "--draft", f"mine={tmp_path / 'mine'}",
                  "--prompts", str(prompts), "--temperature", "0", "1", "--max-new-tokens", "8",
                  "--lossless-samples", "64", "--depth", "3", "--total-tokens", "8",
-                 "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+                 "--sampled", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     rows = [(r["method"], r["temperature"]) for r in report["results"]]
     assert rows == [(m, t) for t in (0.0, 1.0) for m in ("autoregressive", "oracle", "mine")]
     assert all(r["lossless"] is True and r["num_prompts"] == 2 for r in report["results"])
     assert report["results"][2]["tree"] == {"depth": 3, "topk": 4, "total_tokens": 8,
-                                            "sampled": False}
+                                            "sampled": True}
+    # Sampled trees: verified against the drafter's q at T > 0, top-k trees at T = 0.
+    assert [r["mode"] for r in report["results"]] == ["greedy"] * 3 + [
+        "target_only", "target_only", "sampled"]
     assert report["drafts"] == {"oracle": "oracle", "mine": str(tmp_path / "mine")}
     assert (out / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert "mine" in printed and f"wrote {out / 'report.json'}" in printed

@@ -173,9 +173,12 @@ def _encode(target, prompts) -> list[list[int]]:
     return ids
 
 
-def _greedy(target, prompts: list[list[int]], n: int) -> list[list[int]]:
-    """The target's greedy continuations (n tokens, EOS ignored): the oracle's drafts."""
-    return [generate(target, None, p, n, ignore_eos=True).tokens[0] for p in prompts]
+def _references(target, rows: list[list[int]], n: int) -> list[list[int]]:
+    """The target's greedy continuation of every row (n tokens, EOS ignored; once per
+    distinct prompt): the oracle's drafts."""
+    unique = list(dict.fromkeys(tuple(r) for r in rows))
+    greedy = {p: generate(target, None, list(p), n, ignore_eos=True).tokens[0] for p in unique}
+    return [greedy[tuple(r)] for r in rows]
 
 
 def evaluate(target, drafters: dict, prompts, temperatures=(0.0, 1.0), max_new_tokens: int = 64,
@@ -227,11 +230,11 @@ def _run(target, methods, ids, temps, max_new_tokens, tree, seeds, check, ignore
     from tqdm.auto import tqdm
 
     oracle = any(m.kind == "oracle" for m in methods)
-    refs = _greedy(target, ids, max_new_tokens) if oracle else [None] * len(ids)
-    runs_per_t = {t: len(seeds[:1] if t == 0 else seeds) * len(ids) * len(methods) for t in temps}
+    refs = _references(target, ids, max_new_tokens) if oracle else [None] * len(ids)
+    runs = sum(len(seeds[:1] if t == 0 else seeds) for t in temps) * len(ids) * len(methods)
     checks = len(methods) * sum(t > 0 for t in temps) if check is not None else 0
-    bar = tqdm(total=sum(runs_per_t.values()) + checks, desc="vsd eval", unit="run",
-               disable=not progress, leave=False)
+    bar = tqdm(total=runs + checks, desc="vsd eval", unit="run", disable=not progress,
+               leave=False)
     records: dict[tuple[str, float], _Record] = {}
     for t in temps:
         if warmup:
@@ -255,33 +258,38 @@ def _run(target, methods, ids, temps, max_new_tokens, tree, seeds, check, ignore
     for t in temps:
         base = records[(BASELINE, t)]
         for m in methods:
-            rec = records[(m.name, t)]
-            if t == 0:
-                keys = sorted(base.outputs)
-                detail = greedy_agreement([rec.outputs[k] for k in keys],
-                                          [base.outputs[k] for k in keys])
-                if m.kind == "autoregressive":
-                    detail["check"] = "reference"
-            elif check is not None:
+            if t > 0 and check is not None:
                 bar.set_postfix_str(f"T={t:g} {m.name} lossless check", refresh=False)
-                contexts = [p[-check.context:] for p in ids[:check.prompts]]
-
-                def make_proposer(rows, m=m):
-                    if m.kind != "oracle":
-                        return m.proposer(rows, None)
-                    unique = {tuple(r): None for r in rows}
-                    greedy = _greedy(target, [list(r) for r in unique], check.tokens + tree.depth)
-                    refs = dict(zip(unique, greedy))
-                    return m.proposer(rows, [refs[tuple(r)] for r in rows])
-
-                detail = sampling_check(target, make_proposer, contexts, t, check, generate,
-                                        tree, seed=seeds[0])
+            detail = _lossless(target, m, t, records[(m.name, t)], base, ids, check, tree,
+                               seeds[0])
+            if t > 0 and check is not None:
                 bar.update()
-            else:
-                detail = {"check": "skipped", "passed": None}
-            results.append(_summary(m, t, rec, base, detail, seeds, max_new_tokens))
+            results.append(_summary(m, t, records[(m.name, t)], base, detail, seeds,
+                                    max_new_tokens))
     bar.close()
     return results
+
+
+def _lossless(target, m: _Method, t: float, rec: _Record, base: _Record, ids, check, tree,
+              seed: int) -> dict:
+    """T = 0: the timed outputs against autoregressive decoding's; T > 0: the sampling test
+    on the first ``check.prompts`` prompts' last ``check.context`` tokens."""
+    if t == 0:
+        keys = sorted(base.outputs)
+        detail = greedy_agreement([rec.outputs[k] for k in keys], [base.outputs[k] for k in keys])
+        if m.kind == "autoregressive":
+            detail["check"] = "reference"
+        return detail
+    if check is None:
+        return {"check": "skipped", "passed": None}
+
+    def make_proposer(rows):
+        refs = (_references(target, rows, check.tokens + tree.depth) if m.kind == "oracle"
+                else None)
+        return m.proposer(rows, refs)
+
+    contexts = [p[-check.context:] for p in ids[:check.prompts]]
+    return sampling_check(target, make_proposer, contexts, t, check, generate, tree, seed=seed)
 
 
 def _summary(m: _Method, t: float, rec: _Record, base: _Record, detail: dict, seeds,

@@ -65,6 +65,7 @@ def plot_results(results: list[dict], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     methods = list(dict.fromkeys(r["method"] for r in results))
     temps = list(dict.fromkeys(r["temperature"] for r in results))
@@ -106,6 +107,7 @@ def plot_results(results: list[dict], path: str | Path) -> Path:
             ax.bar(xs, [h / total for h in hist], bw, color=colors[m], label=m)
             longest = max([longest] + [k + 1 for k, h in enumerate(hist) if h])
         ax.set_xlim(0.4, longest + 0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"T = {t:g}")
         ax.set_xlabel("tokens emitted per target forward (accepted + 1)")
         ax.set_ylabel("fraction of target forwards")
