@@ -8,6 +8,7 @@ from ._loader import build_info, load_extension
 
 load_extension()
 
+from .ops import weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
 
 
-__all__ = ["__version__", "build_info"]
+__all__ = ["__version__", "build_info", "weighted_cross_entropy", "weighted_linear_cross_entropy"]

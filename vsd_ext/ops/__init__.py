@@ -2,3 +2,4 @@
 
 One module per op family: verify.py, attention.py, cross_entropy.py.
 """
+from .cross_entropy import weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: F401
