@@ -101,3 +101,14 @@ def test_cmake_configures_the_same_translation_units(tmp_path, cuda):
         flags = build_config.NVCC_FLAGS if c["file"].endswith(".cu") else build_config.CXX_FLAGS
         for flag in flags + ["-std=c++20", f"-DVSD_EXT_WITH_CUDA={int(with_cuda)}"]:
             assert flag in c["command"].split(), f"{flag} missing for {c['file']}"
+
+
+@pytest.mark.parametrize("benchmark_only", [False, True])
+def test_test_command_runs_no_benchmarks_and_bench_command_only_benchmarks(benchmark_only):
+    args = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    args += ["--benchmark-only"] if benchmark_only else []
+    out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    ids = [line for line in out.splitlines() if "::" in line]
+    assert ids, out
+    wanted = "bench/" if benchmark_only else "tests/"
+    assert all(i.startswith(wanted) for i in ids), [i for i in ids if not i.startswith(wanted)][:5]
