@@ -10,11 +10,7 @@
 #include <cmath>
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define VSD_HD __host__ __device__ __forceinline__
-#else
-#define VSD_HD inline
-#endif
+#include "host_device.h"
 
 namespace vsd_ext::tree_attn {
 

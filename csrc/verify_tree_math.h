@@ -14,11 +14,7 @@
 #include <cstdint>
 #include <string>
 
-#if defined(__CUDACC__)
-#define VSD_HD __host__ __device__ __forceinline__
-#else
-#define VSD_HD inline
-#endif
+#include "host_device.h"
 
 namespace vsd_ext::verify {
 

@@ -21,11 +21,7 @@
 #include <cstdint>
 #include <limits>
 
-#ifdef __CUDACC__
-#define VSD_HD __host__ __device__ __forceinline__
-#else
-#define VSD_HD inline
-#endif
+#include "host_device.h"
 
 namespace vsd_ext::wce {
 
