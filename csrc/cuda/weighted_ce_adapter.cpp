@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda/weighted_ce.cuh"
-#include "weighted_ce_impl.h"
+#include "weighted_ce_linear_impl.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;
