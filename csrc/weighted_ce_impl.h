@@ -27,14 +27,6 @@ namespace vsd_ext::wce {
 
 using Tensor = at::Tensor;
 
-inline Tensor value_or_undefined(const std::optional<Tensor>& t) {
-  return t.has_value() ? *t : Tensor();
-}
-
-inline Tensor row_slice(const Tensor& t, int64_t r0, int64_t n) {
-  return t.defined() ? t.narrow(0, r0, n) : Tensor();
-}
-
 // out = a @ b (accumulate: out += a @ b), out in acc dtype; a, b in acc dtype or, on CUDA, in
 // fp16/bf16 with fp32 accumulation and output (cuBLAS through the out_dtype overloads).
 inline void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {

@@ -25,7 +25,8 @@ k::DType dtype_of(const at::Tensor& t) {
 k::ConstMatrix const_matrix(const at::Tensor& t) {
   k::ConstMatrix m;
   if (t.defined()) {
-    TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1), "vsd_ext: weighted_ce: expected a matrix with unit column stride");
+    TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1),
+                "vsd_ext: weighted_ce: expected a matrix with unit column stride");
     m.data = t.data_ptr();
     m.dtype = dtype_of(t);
     m.ld = t.stride(0);
