@@ -98,10 +98,15 @@ struct RowSet {
   }
 };
 
-// Rows whose gradient can be nonzero without a gradient into lse (active: target != ignore_index
-// and row weight != 0) and the others. One host synchronization; no index when all are active.
+// [M] bool: rows without a gradient from loss_rows (target == ignore_index or row weight 0).
+inline Tensor inactive_rows(const LinearInputs& in) {
+  return in.targets.eq(in.ignore_index).logical_or(in.row_weights.eq(0));
+}
+
+// Rows whose gradient can be nonzero without a gradient into lse (active) and the others. One
+// host synchronization; no index when all are active.
 inline std::pair<RowSet, RowSet> split_active(const LinearInputs& in) {
-  const Tensor active = in.targets.ne(in.ignore_index).logical_and(in.row_weights.ne(0));
+  const Tensor active = inactive_rows(in).logical_not();
   const int64_t n_active = in.M == 0 ? 0 : active.sum().item<int64_t>();
   if (n_active == in.M) {
     return {RowSet::all(in.M), RowSet{Tensor(), 0}};
@@ -292,7 +297,7 @@ inline std::optional<double> uniform_grad(const Tensor& g, const LinearInputs& i
   if (!g.defined() || in.M == 0) {
     return 0.0;
   }
-  const Tensor inactive = in.targets.ne(in.ignore_index).logical_and(in.row_weights.ne(0)).logical_not();
+  const Tensor inactive = inactive_rows(in);
   const double inf = std::numeric_limits<double>::infinity();
   const Tensor range = at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
                            .to(at::kCPU, at::kDouble);
@@ -335,7 +340,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
   Tensor dh, dw, db;
   if (!gl.defined()) {
     if (output_mask[0] && have_dh) {
-      dh = g.defined() ? dhidden_unit.mul(g.unsqueeze(1)) : at::zeros({in.M, in.H}, opts);
+      // Inactive rows have zero unit gradients; mask g there so that a non-finite g stays out.
+      dh = g.defined() ? dhidden_unit.mul(g.masked_fill(inactive_rows(in), 0).unsqueeze(1))
+                       : at::zeros({in.M, in.H}, opts);
     }
     const bool want_sum = (output_mask[1] && have_dw) || (output_mask[2] && have_db);
     const std::optional<double> g0 = want_sum ? uniform_grad(g, in) : std::nullopt;
