@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "$(TORCH)" numpy safetensors tokenizers tqdm matplotlib \
-		pytest pytest-benchmark scipy ninja
+		pytest pytest-benchmark scipy ninja cmake transformers
 	touch $@
 
 setup: $(VENV)/.deps build
@@ -35,7 +35,7 @@ demo: setup
 	$(VENV)/bin/vsd demo
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: setup
 	$(PY) -m pytest --benchmark-only --benchmark-json=bench/results/latest.json -q

@@ -10,25 +10,35 @@ import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Host compiler flags for every C++ translation unit (CPU kernels and CUDA adapters).
-CXX_FLAGS = ["-O3", "-fopenmp-simd", "-Wall", "-Wno-unused-function"]
+# Host compiler flags for every C++ translation unit (CPU kernels and CUDA adapters). -fopenmp is
+# what makes at::parallel_for parallel (ATen's OpenMP backend is a header template); the link
+# resolves libgomp.so.1 to the copy torch already loaded, so there is one OpenMP runtime.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+LINK_FLAGS = ["-fopenmp"]
 # nvcc flags for the torch-free CUDA kernels. No fast-math: verification must agree bit-for-bit
 # with the CPU kernel given the same uniforms.
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wno-unused-function"]
 
 
-def _rel(paths: list[str]) -> list[str]:
-    return sorted(os.path.relpath(p, ROOT) for p in paths)
+# Source globs, relative to the repository root. CPU: kernels + IMPL(CPU) + schemas + module.
+# CUDA: torch-free kernels (*.cu) plus their thin adapters (*.cpp: checks, stream, IMPL(CUDA)).
+CPU_GLOBS = ["csrc/*.cpp"]
+CUDA_GLOBS = ["csrc/cuda/*.cu", "csrc/cuda/*.cpp"]
+# Default CUDA architectures: Hopper SASS plus PTX that newer GPUs JIT-compile.
+DEFAULT_CUDA_ARCH_LIST = "9.0+PTX"
+
+
+def _expand(patterns: list[str]) -> list[str]:
+    found = (glob.glob(os.path.join(ROOT, p)) for p in patterns)
+    return sorted(os.path.relpath(f, ROOT) for files in found for f in files)
 
 
 def cpu_sources() -> list[str]:
-    return _rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
+    return _expand(CPU_GLOBS)
 
 
 def cuda_sources() -> list[str]:
-    """CUDA kernels (*.cu, torch-free) plus their thin adapters (*.cpp, checks + stream + IMPL)."""
-    return _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-                + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    return _expand(CUDA_GLOBS)
 
 
 def sources(with_cuda: bool) -> list[str]:

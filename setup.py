@@ -13,10 +13,10 @@ import sys
 
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0+PTX")
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import build_config  # noqa: E402
+
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_config.DEFAULT_CUDA_ARCH_LIST)
 import torch  # noqa: E402
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -46,7 +46,7 @@ if with_cuda:
         include_dirs=build_config.include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": build_config.CXX_FLAGS, "nvcc": build_config.NVCC_FLAGS},
-        py_limited_api=False,
+        extra_link_args=build_config.LINK_FLAGS,
     )
 else:
     ext = CppExtension(
@@ -55,6 +55,7 @@ else:
         include_dirs=build_config.include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": build_config.CXX_FLAGS},
+        extra_link_args=build_config.LINK_FLAGS,
     )
 
 class _BuildExtension(BuildExtension.with_options(use_ninja=True)):

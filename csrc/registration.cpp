@@ -14,6 +14,12 @@ TORCH_LIBRARY(vsd_ext, m) {
   m.def(
       "tree_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor prefix_lens, "
       "Tensor k_tree, Tensor v_tree, Tensor tree_mask, float sm_scale) -> (Tensor, Tensor)");
+  // Gradients w.r.t. (q, k_cache, v_cache, k_tree, v_tree) from the forward's saved out and lse;
+  // grad_lse (the gradient of the lse output) may be None.
+  m.def(
+      "tree_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k_cache, "
+      "Tensor v_cache, Tensor prefix_lens, Tensor k_tree, Tensor v_tree, Tensor tree_mask, "
+      "Tensor out, Tensor lse, float sm_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- 3. Fused weighted cross-entropy ----------------------------------------------------
   // Public API: vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (Python wrappers

@@ -8,7 +8,14 @@ from ._loader import build_info, load_extension
 
 load_extension()
 
-from .ops import weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
+from . import tree  # noqa: E402,F401
+from .ops import (tree_attention, verify_tree, weighted_cross_entropy,  # noqa: E402
+                  weighted_linear_cross_entropy)
+from . import data  # noqa: E402,F401  (the built-in corpus: vsd_ext.data)
+from .models import Drafter, load_drafter, load_target  # noqa: E402
+from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
+from .evaluation import evaluate  # noqa: E402
 
-
-__all__ = ["__version__", "build_info", "weighted_cross_entropy", "weighted_linear_cross_entropy"]
+__all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",
+           "weighted_linear_cross_entropy", "data", "Drafter",
+           "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter", "evaluate"]

@@ -1,0 +1,151 @@
+// Small fp32 (and fp64) GEMM for the CPU tree-attention tiles (declared in tree_attention_cpu.h).
+//
+// Why not at::mm: the tiles are small ([Lt, D] x [D, R] with R, Lt ~ 256, D ~ 128) and are
+// multiplied inside our own parallel region, one per thread. Going through the dispatcher and
+// a threaded BLAS there costs dispatch overhead per tile and, measured on the target machine,
+// nested OpenMP teams that spin against each other; the generic BLAS path also ran at half the
+// core's FMA rate. A register-blocked outer-product kernel on L2-resident tiles reaches the
+// FMA peak and has no threading of its own.
+//
+// C[M, N] (+)= A[M, K] B[K, N]: A is read through (row, column) strides so that transposed
+// operands (P^T, dS^T in the backward) need no copy; B is row-major with unit column stride.
+// Micro-kernel: MR rows x NV vectors of C held in registers; per k, NV vector loads of B,
+// MR broadcasts of A, MR * NV FMAs. Vector widths per ISA level (runtime dispatch on x86-64):
+// AVX-512 16 floats (8 x 32 tile), AVX2 8 floats (6 x 16), baseline 4 floats (4 x 8); fp64 (the
+// float64 path that gradcheck uses) the same with half as many lanes.
+#include "tree_attention_cpu.h"
+
+#include <cstring>
+
+namespace vsd_ext::tree_attn::cpu {
+namespace {
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v8d __attribute__((vector_size(64)));
+typedef double v4d __attribute__((vector_size(32)));
+typedef double v2d __attribute__((vector_size(16)));
+
+// Full tile: MR rows, NV whole vectors (V of scalars S) of columns.
+template <int MR, int NV, class V, class S>
+__attribute__((always_inline)) inline void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
+                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+  constexpr int W = sizeof(V) / sizeof(S);
+  V acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) {
+      if (accumulate)
+        std::memcpy(&acc[i][v], C + i * ldc + v * W, sizeof(V));
+      else
+        acc[i][v] = V{};
+    }
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + v * W, sizeof(V));
+    const S* a = A + k * a_cs;
+    for (int i = 0; i < MR; ++i) {
+      const S ai = a[i * a_rs];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) std::memcpy(C + i * ldc + v * W, &acc[i][v], sizeof(V));
+}
+
+// Column tail (fewer than NV * W columns): B rows copied into zero-padded locals, only the
+// first `cols` columns of C stored.
+template <int MR, int NV, class V, class S>
+__attribute__((always_inline)) inline void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
+                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
+                                                      int64_t cols) {
+  constexpr int W = sizeof(V) / sizeof(S);
+  S acc[MR][NV * W];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV * W; ++j) acc[i][j] = (accumulate && j < cols) ? C[i * ldc + j] : S(0);
+  for (int64_t k = 0; k < K; ++k) {
+    S b[NV * W] = {};
+    std::memcpy(b, B + k * ldb, cols * sizeof(S));
+    const S* a = A + k * a_cs;
+    for (int i = 0; i < MR; ++i) {
+      const S ai = a[i * a_rs];
+      for (int j = 0; j < NV * W; ++j) acc[i][j] += ai * b[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) std::memcpy(C + i * ldc, acc[i], cols * sizeof(S));
+}
+
+// One block of up to NV * W columns of C over all M rows: the B panel (K x NR) stays in L1
+// while the rows stream past it. Row tails go to MR/2, MR/4, ... row kernels.
+template <int MR, int NV, class V, class S>
+__attribute__((always_inline)) inline void col_block(int64_t M, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
+                                                     const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
+                                                     int64_t cols) {
+  constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) {
+    if (cols == NR)
+      micro_full<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
+    else
+      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+  }
+  if constexpr (MR > 1) {
+    if (i < M)
+      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+  }
+}
+
+template <int MR, int NV, class V, class S>
+__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs,
+                                                     int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
+                                                     bool accumulate) {
+  constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
+  for (int64_t j = 0; j < N; j += NR)
+    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate, std::min(NR, N - j));
+}
+
+template <class S>
+using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t, S*, int64_t, bool);
+
+#define VSD_GEMM_VARIANT(NAME, TARGET, S, MR, NV, V)                                                        \
+  TARGET void NAME(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,      \
+                   int64_t ldb, S* C, int64_t ldc, bool accumulate) {                                        \
+    gemm_impl<MR, NV, V>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);                                \
+  }
+
+VSD_GEMM_VARIANT(gemm_base_f, , float, 4, 2, v4f)
+VSD_GEMM_VARIANT(gemm_base_d, , double, 4, 2, v2d)
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+VSD_GEMM_VARIANT(gemm_avx512_f, __attribute__((target("arch=x86-64-v4"))), float, 8, 2, v16f)
+VSD_GEMM_VARIANT(gemm_avx512_d, __attribute__((target("arch=x86-64-v4"))), double, 8, 2, v8d)
+VSD_GEMM_VARIANT(gemm_avx2_f, __attribute__((target("arch=x86-64-v3"))), float, 6, 2, v8f)
+VSD_GEMM_VARIANT(gemm_avx2_d, __attribute__((target("arch=x86-64-v3"))), double, 6, 2, v4d)
+
+int isa_level() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return 2;
+  if (__builtin_cpu_supports("x86-64-v3")) return 1;
+  return 0;
+}
+const int kIsa = isa_level();
+const GemmFn<float> kGemmF = kIsa == 2 ? gemm_avx512_f : kIsa == 1 ? gemm_avx2_f : gemm_base_f;
+const GemmFn<double> kGemmD = kIsa == 2 ? gemm_avx512_d : kIsa == 1 ? gemm_avx2_d : gemm_base_d;
+#else
+const GemmFn<float> kGemmF = gemm_base_f;
+const GemmFn<double> kGemmD = gemm_base_d;
+#endif
+
+}  // namespace
+
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
+          float* C, int64_t ldc, bool accumulate) {
+  if (M > 0 && N > 0) kGemmF(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
+          int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  if (M > 0 && N > 0) kGemmD(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+
+}  // namespace vsd_ext::tree_attn::cpu

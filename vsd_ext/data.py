@@ -1,0 +1,126 @@
+"""The built-in corpus: the Python standard library's own source files.
+
+Every machine that runs vsd_ext has a Python interpreter, and with it a few megabytes of
+real, varied, well-written source code. The embedded default target is trained on it and
+the drafters and benchmarks use it too, so nothing needs to be downloaded.
+
+- Files: every `*.py` under the running interpreter's stdlib directory
+  (`sysconfig.get_paths()["stdlib"]`), except third-party packages (`site-packages`), test
+  suites (`test`, `tests`, `idle_test` directories) and machine-generated tables or data
+  (`encodings`, `pydoc_data`, `_sysconfigdata*`, `config-*`, `lib-dynload`).
+- Split: deterministic, by file. `sha256(relative POSIX path)` read as an integer decides:
+  `value % 1000 < HELDOUT_PER_MILLE` puts the file in `heldout`, else in `train`. The split
+  of a file never changes, on any machine; different Python versions have (slightly)
+  different files, so the corpus is that of the interpreter running.
+- Tokens: helpers turn files into token sequences with a `tokenizers.Tokenizer`, each file
+  followed by the end-of-text id, and cut the stream into fixed-length training rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from pathlib import Path
+
+import torch
+
+HELDOUT_PER_MILLE = 50
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
+                           "__pycache__", "lib-dynload", "encodings", "pydoc_data"})
+SPLITS = ("train", "heldout", "all")
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def split_of(relative_path: str) -> str:
+    """`"train"` or `"heldout"` for a path relative to the stdlib root (POSIX separators)."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE else "train"
+
+
+def _excluded(relative: Path) -> bool:
+    parts = relative.parts
+    if any(p in EXCLUDED_DIRS or p.startswith("config-") for p in parts[:-1]):
+        return True
+    return parts[-1].startswith("_sysconfigdata")
+
+
+def stdlib_files(split: str = "train", root: str | Path | None = None) -> list[Path]:
+    """Source files of one split (`train`, `heldout` or `all`), sorted by relative path."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    base = Path(root) if root is not None else stdlib_root()
+    if not base.is_dir():
+        raise FileNotFoundError(f"standard library directory {base} does not exist")
+    files = []
+    for path in base.rglob("*.py"):
+        relative = path.relative_to(base)
+        if not path.is_file() or _excluded(relative):
+            continue
+        if split == "all" or split_of(relative.as_posix()) == split:
+            files.append(path)
+    return sorted(files, key=lambda p: p.relative_to(base).as_posix())
+
+
+def read_source(path: str | Path) -> str:
+    """A source file's text (UTF-8; undecodable bytes replaced, which the stdlib avoids)."""
+    return Path(path).read_bytes().decode("utf-8", errors="replace")
+
+
+def stdlib_texts(split: str = "train", root: str | Path | None = None) -> list[str]:
+    """The texts of `stdlib_files(split, root)`, same order."""
+    return [read_source(p) for p in stdlib_files(split, root)]
+
+
+def eos_id(tokenizer) -> int:
+    """The end-of-text id of a tokenizer trained by vsd_ext (`<|endoftext|>`)."""
+    token_id = tokenizer.token_to_id("<|endoftext|>")
+    if token_id is None:
+        raise ValueError("tokenizer has no <|endoftext|> token")
+    return token_id
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens added)."""
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def token_stream(tokenizer, split: str = "train", root: str | Path | None = None) -> torch.Tensor:
+    """All files of a split as one int64 stream `[n]`, each file followed by end-of-text."""
+    end = eos_id(tokenizer)
+    ids: list[int] = []
+    for seq in encode_texts(tokenizer, stdlib_texts(split, root)):
+        ids.extend(seq)
+        ids.append(end)
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def chunk_stream(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Cut a stream into `[n // seq_len, seq_len]` rows (the tail that does not fill a row
+    is dropped)."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    n = stream.numel() // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def token_sequences(tokenizer, split: str = "train", seq_len: int = 512,
+                    root: str | Path | None = None) -> torch.Tensor:
+    """`chunk_stream(token_stream(tokenizer, split), seq_len)`: int64 `[rows, seq_len]`."""
+    return chunk_stream(token_stream(tokenizer, split, root), seq_len)
+
+
+def prompts(split: str = "heldout", num_lines: int = 12, limit: int | None = None,
+            root: str | Path | None = None) -> list[str]:
+    """The first `num_lines` lines of each file of a split (files with more lines than
+    that, in path order): prompts whose continuation is real, unseen code."""
+    out = []
+    for text in stdlib_texts(split, root):
+        lines = text.splitlines(keepends=True)
+        if len(lines) > 2 * num_lines:
+            out.append("".join(lines[:num_lines]))
+        if limit is not None and len(out) >= limit:
+            break
+    return out

@@ -1,0 +1,352 @@
+"""Draft trees: EAGLE-2 style dynamic trees, deterministic (top-k) or sampled (Gumbel-top-k).
+
+A draft tree is what one speculative step proposes for every row of a batch:
+
+- ``tokens`` ``[B, N]`` int64: node 0 is the root (the last emitted token, whose target
+  keys/values are not cached yet), nodes 1.. are draft tokens (target vocabulary ids), ``-1``
+  marks padding nodes; ``N = total_tokens + 1``.
+- ``parents`` ``[B, N]`` int64: ``-1`` for the root and for padding, else ``< i``
+  (topological order). Children of a node appear in the order they were drafted, which is
+  the order `vsd_ext.verify_tree` tries them.
+- ``draft_probs`` ``[B, N, V]`` fp32 (sampled trees only): ``q`` at node i, the drafter's
+  distribution (at the sampling temperature, over the target vocabulary) that the children
+  of node i were drawn from; zero rows for nodes that were never expanded.
+
+Growth (EAGLE-2, `build_tree`), with k = topk and D = depth:
+
+    level 1: the root's k child slots;  level l + 1: k slots under each of the k frontier
+    nodes of level l (the level's k best slots), so D·k² − (k² − k) candidates in all;
+    keep the best ``total_tokens`` candidates of every level by cumulative score.
+
+The score of slot j under node n is ``score(n) + log s_j(n)``, where ``s_1 ≥ s_2 ≥ ...`` are
+the sorted probabilities of the drafter's distribution at n, and candidates are ranked by
+(score descending, creation order ascending) — one total order for the frontier choices
+and the final cut. A child never outranks its parent (its score is no larger and it is
+created later), so the kept set is closed under ancestors, and listing the kept nodes in rank
+order is a topological order in which siblings stay in slot order.
+
+The two flavours differ only in which token fills slot j:
+
+- deterministic: the j-th most probable draft token (so ``s_j`` is the probability of the
+  token itself, EAGLE-2's cumulative log-probability). Verify with ``mode="target_only"``
+  (or ``"greedy"`` at T = 0).
+- sampled: the j-th of k draws without replacement from ``q`` (Gumbel-top-k: the k largest
+  ``log q + Gumbel`` in decreasing order are sequential draws without replacement). Verify
+  with ``mode="sampled"`` and ``draft_probs``.
+
+Why sampled slots are scored by ``s_j`` and not by the drawn token's own probability: the
+recursive rejection of ``mode="sampled"`` is lossless only if, given the earlier siblings,
+the j-th child is a draw from ``q`` with them removed — so whether slot j is kept must not
+depend on the token drawn into it. With slot scores fixed before the draw this holds: every
+candidate that outranks slot j is created and ranked from earlier draws only (by induction
+over levels: a node's frontier rank and final rank depend only on candidates that outrank
+it, and the draw in slot j influences only its own descendants, which rank below it). The
+deterministic flavour has ``s_j`` = the drawn token's probability, so both share the code.
+
+Everything is vectorized over the batch and the slots; the only Python loop is over levels.
+`DrafterProposer` drives an EAGLE-3 `vsd_ext.Drafter` through this builder (its KV cache, the
+(token, feature) pairs that feed it); `vsd_ext.decoding.generate` uses it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .tree import chain_parents
+
+__all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree", "DrafterProposer"]
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Shape of the dynamic draft tree.
+
+    depth: levels of draft tokens below the root (drafter forwards per step, root included).
+    topk: children per expanded node, and nodes expanded per level.
+    total_tokens: draft nodes kept (the verified tree has ``total_tokens + 1`` nodes with the
+        root); rows with fewer valid candidates are padded.
+    sampled: draw children without replacement from the drafter (verified against ``q``)
+        instead of taking its top-k (ignored at temperature 0, where trees are top-k).
+
+    Defaults suit the embedded default target on a CPU, where verifying N tree nodes costs
+    about as much as N more tokens (compute-bound; 25 nodes ≈ 2× one token at B = 1) and a
+    drafter forward about a fifth to a third of a target forward. Measured there at B = 1
+    (drafting cost of an untrained EAGLE-3 head, τ of an emulated drafter with ~70% top-1
+    acceptance), depth 4 / topk 4 / 12 nodes was the fastest of trees with 6 to 24 nodes;
+    at B = 4 smaller trees (depth 3, topk 2) win. On a GPU, where verification is
+    memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8, 48–64 nodes).
+    """
+
+    depth: int = 4
+    topk: int = 4
+    total_tokens: int = 12
+    sampled: bool = False
+
+    def __post_init__(self):
+        for name in ("depth", "topk", "total_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TreeConfig: {name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def num_nodes(self) -> int:
+        """N of the verified tree: the kept draft nodes plus the root."""
+        return self.total_tokens + 1
+
+    @property
+    def num_candidates(self) -> int:
+        """Candidates the growth creates: k at level 1, k² at each deeper level."""
+        return self.topk + (self.depth - 1) * self.topk ** 2
+
+
+@dataclass
+class DraftTree:
+    """One step's proposal (module docstring): tokens ``[B, N]``, parents ``[B, N]`` (int64)
+    and, for sampled trees, draft_probs ``[B, N, V]`` fp32."""
+
+    tokens: torch.Tensor
+    parents: torch.Tensor
+    draft_probs: torch.Tensor | None = None
+
+
+def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
+    """Standard Gumbel noise ``-log(-log u)``, u ~ U(0, 1) in float64 on the generator's
+    device (clamped away from 0 so no draw is infinite), returned on ``device``."""
+    gen_device = generator.device if generator is not None else device
+    u = torch.rand(shape, generator=generator, dtype=torch.float64, device=gen_device)
+    return (-torch.log(-torch.log(u.clamp_min(1e-300)))).to(device)
+
+
+def child_slots(logits: torch.Tensor, k: int, sampled: bool, temperature: float = 1.0,
+                generator: torch.Generator | None = None):
+    """The k child slots of every distribution in ``logits`` ``[..., Vd]``.
+
+    Returns ``(log_s, tokens, probs)``: ``log_s`` ``[..., k]`` fp32, the sorted top-k
+    log-probabilities (``-inf`` for slots beyond the support); ``tokens`` ``[..., k]`` int64
+    draft-vocabulary ids, the top-k (deterministic) or k draws without replacement in draw
+    order (sampled, via Gumbel-top-k); ``probs`` ``[..., Vd]`` fp32, the distribution drawn
+    from (sampled only, else None). Sampled slots use ``softmax(logits / temperature)``,
+    deterministic ones ``softmax(logits)``.
+    """
+    k = min(k, logits.shape[-1])
+    if not sampled:
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        log_s, top = torch.topk(logq, k, dim=-1)
+        return log_s, top, None
+    # Draw from exactly the fp32 q handed to verification: a token whose probability
+    # underflows to 0 is never drawn, and a slot is valid iff q has that many nonzero tokens.
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logq = probs.log()
+    log_s = torch.topk(logq, k, dim=-1).values
+    tokens = torch.topk(logq.double() + gumbel_noise(logq.shape, generator, logq.device), k,
+                        dim=-1).indices
+    return log_s, tokens, probs
+
+
+# expand(tokens [B, k] draft ids, parent_slot [B, k], valid [B, k]) -> logits [B, k, Vd]:
+# run the drafter on the k frontier nodes of a level. parent_slot is -1 at level 1 (their
+# parent is the root), else the index of the parent among the previously expanded frontier.
+ExpandFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
+               root_tokens: torch.Tensor, temperature: float = 1.0,
+               generator: torch.Generator | None = None,
+               draft_to_target: torch.Tensor | None = None,
+               vocab_size: int | None = None) -> DraftTree:
+    """Grow one dynamic draft tree per row (module docstring).
+
+    root_logits ``[B, Vd]``: the drafter's logits at the root. expand: runs the drafter on a
+    level's frontier (see `ExpandFn`); called ``depth − 1`` times. root_tokens ``[B]``: the
+    root's target id. draft_to_target ``[Vd]`` int64: target id of every draft id (default:
+    identity); vocab_size: V of ``draft_probs`` (default Vd). Sampled trees
+    (``config.sampled``) draw at ``temperature`` with ``generator``.
+    """
+    B, Vd = root_logits.shape
+    device = root_logits.device
+    k, sampled = min(config.topk, Vd), config.sampled
+    log_s, tokens, probs = child_slots(root_logits, k, sampled, temperature, generator)
+    # Candidate arrays in creation order: level 1 (k), then k*k per deeper level.
+    scores, cand_tokens = [log_s], [tokens]
+    cand_parents = [torch.full((B, k), -1, dtype=torch.int64, device=device)]
+    q_rows = [probs[:, None]] if sampled else []  # q of the root, then of each frontier
+    expanded = []                                  # candidate ids of each expanded frontier
+    frontier = torch.arange(k, device=device).expand(B, k)  # candidate ids of the frontier
+    front_score, parent_slot = log_s, torch.full((B, k), -1, dtype=torch.int64, device=device)
+    offset = k
+    for _ in range(1, config.depth):
+        valid = front_score > float("-inf")
+        logits = expand(torch.cat(cand_tokens, 1).gather(1, frontier), parent_slot, valid)
+        log_s, tokens, probs = child_slots(logits, k, sampled, temperature, generator)
+        expanded.append(frontier)
+        if sampled:
+            q_rows.append(probs)
+        score = (front_score[..., None] + log_s).reshape(B, k * k)  # -inf stays -inf
+        scores.append(score)
+        cand_tokens.append(tokens.reshape(B, k * k))
+        cand_parents.append(frontier[..., None].expand(B, k, k).reshape(B, k * k))
+        # The level's k best slots (score desc, creation order asc) form the next frontier.
+        order = torch.sort(-score, dim=1, stable=True).indices[:, :k]
+        frontier, front_score, parent_slot = offset + order, score.gather(1, order), order // k
+        offset += k * k
+    # Row of q_rows (flattened: root first, then k per expanded frontier) of each candidate.
+    cand_qrow = torch.full((B, offset), -1, dtype=torch.int64, device=device)
+    for level, ids in enumerate(expanded):
+        cand_qrow.scatter_(1, ids, 1 + level * k + torch.arange(k, device=device).expand(B, k))
+    return _select(torch.cat(scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
+                   cand_qrow, q_rows, config, root_tokens, draft_to_target,
+                   vocab_size or Vd)
+
+
+def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_tokens,
+            draft_to_target, vocab_size) -> DraftTree:
+    """Keep the best ``total_tokens`` candidates of every row, listed in rank order (padded
+    with -1 nodes to ``N = total_tokens + 1`` when a row has fewer valid candidates)."""
+    B, C = score.shape
+    device = score.device
+    order = torch.sort(-score, dim=1, stable=True).indices           # rank -> candidate
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=device)
+                                            .expand(B, C))          # candidate -> rank
+    kept = order[:, :config.total_tokens]
+    valid = score.gather(1, kept) > float("-inf")
+    draft_ids = cand_tokens.gather(1, kept)
+    target_ids = draft_ids if draft_to_target is None else draft_to_target[draft_ids]
+    parent_cand = cand_parents.gather(1, kept)
+    # A kept candidate's parent is kept too and ranks earlier: node index = rank + 1.
+    parent = torch.where(parent_cand < 0, torch.zeros_like(parent_cand),
+                         rank.gather(1, parent_cand.clamp(min=0)) + 1)
+    qrow = cand_qrow.gather(1, kept)
+    missing = config.total_tokens - kept.shape[1]  # > 0 when there are fewer candidates
+    pad = torch.full((B, 1), -1, dtype=torch.int64, device=device)
+
+    def nodes(root, values):
+        return torch.cat((root, torch.where(valid, values, -1), pad.expand(B, missing)), 1)
+
+    tree = DraftTree(nodes(root_tokens.view(B, 1), target_ids), nodes(pad, parent))
+    if q_rows:
+        q = torch.cat(q_rows, 1)                                    # [B, 1 + (D-1)k, Vd]
+        node_qrow = nodes(torch.zeros_like(pad), qrow)              # the root's q is row 0
+        gathered = q.gather(1, node_qrow.clamp(min=0)[..., None].expand(-1, -1, q.shape[-1]))
+        gathered = gathered * (node_qrow >= 0)[..., None]           # never-expanded: zeros
+        if draft_to_target is None and vocab_size == q.shape[-1]:
+            tree.draft_probs = gathered
+        else:
+            ids = (torch.arange(q.shape[-1], device=device) if draft_to_target is None
+                   else draft_to_target)
+            tree.draft_probs = gathered.new_zeros(B, gathered.shape[1], vocab_size)
+            tree.draft_probs[..., ids] = gathered
+    return tree
+
+
+class DrafterProposer:
+    """Drafts trees with an EAGLE-3 `vsd_ext.Drafter` for `vsd_ext.decoding.generate`.
+
+    Feature alignment (EAGLE): the drafter reads pairs ``(token at position t + 1, target
+    features at position t)`` and predicts the token at ``t + 2``. Its KV cache holds the
+    pairs of committed positions; the newest pairs — those whose token was just emitted — wait
+    in ``pending`` (a chain per row, ragged) and are run at the start of the next draft, as
+    the first nodes of the drafter's tree: the chain's last node is the root pair, whose
+    logits give level 1. After the tree is built the chain's keys/values are written to the
+    cache, so every pair is computed once. Drafter forwards per step: ``depth``.
+
+    The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
+    ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
+    verified step), ``keep`` (drop finished rows).
+    """
+
+    def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
+                 generator: torch.Generator | None = None):
+        self.drafter = drafter
+        self.config = config
+        self.sampled = config.sampled and temperature > 0
+        self.temperature = temperature if self.sampled else 1.0
+        self.generator = generator
+        self.num_nodes = config.num_nodes
+        self.cache = None
+        self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
+        self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,
+                                                          device=drafter.d2t.device))
+
+    @property
+    def tree_config(self) -> TreeConfig:
+        return TreeConfig(self.config.depth, self.config.topk, self.config.total_tokens,
+                          self.sampled)
+
+    def start(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor,
+              first_tokens: torch.Tensor, capacity: int) -> None:
+        """prompt_ids ``[B, T]`` (right-padded with -1), lengths ``[B]``, the target's prefill
+        features ``[B, T, F]`` and the first generated token ``[B]``: cache the pairs
+        ``(x_{t+1}, f_t)`` for ``t < lengths − 1``; the pair ``(first, f_{lengths−1})`` waits."""
+        B, T = prompt_ids.shape
+        self.cache = self.drafter.new_cache(B, capacity + self.config.depth + 2)
+        rows = torch.arange(B, device=prompt_ids.device)
+        if T > 1:
+            shifted = prompt_ids[:, 1:]
+            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1)
+        self.pending = (first_tokens[:, None], features[rows, lengths - 1][:, None],
+                        torch.ones(B, dtype=torch.int64, device=prompt_ids.device))
+
+    def propose(self, roots: torch.Tensor) -> DraftTree:
+        """One dynamic tree per row (module docstring); roots ``[B]`` are the last emitted
+        tokens (the pending chains end with them)."""
+        chain_tokens, chain_feats, chain_len = self.pending
+        B, m = chain_tokens.shape
+        idx = torch.arange(m, device=chain_tokens.device)
+        real = idx < chain_len[:, None]
+        chain = torch.where(real, chain_parents(B, m, chain_tokens.device),
+                            torch.full_like(chain_tokens, -1))
+        out = self.drafter.tree_step(torch.where(real, chain_tokens, -1), chain_feats, chain,
+                                     self.cache)
+        rows = torch.arange(B, device=chain_tokens.device)
+        root = chain_len - 1
+        state = {"parents": chain, "past": out.tree_kv, "hidden": out.hidden[rows, root],
+                 "start": None, "root": root}
+
+        def expand(tokens, parent_slot, valid):
+            if state["start"] is None:  # level 1: children of the root pair
+                par = state["root"][:, None].expand_as(tokens)
+                hidden = state["hidden"][:, None].expand(-1, tokens.shape[1], -1)
+            else:
+                par = state["start"] + parent_slot
+                hidden = state["hidden"].gather(
+                    1, parent_slot[..., None].expand(-1, -1, state["hidden"].shape[-1]))
+            parents = torch.cat((state["parents"], torch.where(valid, par, -1)), 1)
+            step = self.drafter.tree_step(torch.where(valid, tokens, -1), hidden, parents,
+                                          self.cache, past=state["past"])
+            state.update(parents=parents, past=step.tree_kv, hidden=step.hidden,
+                         start=state["parents"].shape[1])
+            return step.logits
+
+        tree = build_tree(out.logits[rows, root], expand, self.tree_config, roots,
+                          self.temperature, self.generator, self.d2t_ids,
+                          self.drafter.model_config.vocab_size)
+        # The chain's pairs are final: store their keys/values, past the committed prefix.
+        k, v = state["past"][0]
+        self.cache.reserve(m)
+        self.cache.write(0, k[:, :m], v[:, :m], self.cache.lengths[:, None] + idx)
+        self.cache.advance(chain_len)
+        self.pending = None
+        return tree
+
+    def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
+                features: torch.Tensor) -> None:
+        """After verification: emitted ``[B, N]`` (accepted tokens then the final one),
+        num_accepted ``[B]``, features ``[B, N, F]`` of the accepted nodes (root first). The
+        next chain pairs emitted token i with the features of accepted node i."""
+        m = int(num_accepted.max()) + 1
+        self.pending = (emitted[:, :m], features[:, :m], num_accepted + 1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the given rows (indices into the current batch)."""
+        keep_cache_rows(self.cache, rows)
+        if self.pending is not None:
+            self.pending = tuple(t[rows] for t in self.pending)
+
+
+def keep_cache_rows(cache, rows: torch.Tensor) -> None:
+    """Drop the rows of a `KVCache` not in ``rows`` (finished sequences of a batch)."""
+    cache.k = cache.k[:, rows]
+    cache.v = cache.v[:, rows]
+    cache.lengths = cache.lengths[rows]

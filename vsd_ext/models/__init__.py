@@ -1,0 +1,17 @@
+"""Models: the Llama-family target (HF checkpoints, KV-cache steps) and the EAGLE-3 drafter.
+
+- `load_target(path_or_name, dtype=None, device=None)`: a `Target` from a Hugging Face
+  checkpoint directory, or `"default"` for the small target shipped in vsd_ext/assets.
+- `Drafter.for_target(target, draft_vocab_size=...)`, `Drafter.save_pretrained(dir)`,
+  `load_drafter(dir, target)`: the EAGLE-3 style draft head and its checkpoints.
+- `KVCache`: the static cache both use (prefill / decode / tree steps, KV compaction).
+"""
+from .checkpoint import load_target
+from .config import CheckpointError, ModelConfig, parse_config
+from .drafter import Drafter, DrafterOutput, draft_vocab_maps, load_drafter, token_counts
+from .kv_cache import KVCache
+from .target import Target, TargetOutput, default_feature_layers
+
+__all__ = ["CheckpointError", "Drafter", "DrafterOutput", "KVCache", "ModelConfig", "Target",
+           "TargetOutput", "default_feature_layers", "draft_vocab_maps", "load_drafter",
+           "load_target", "parse_config", "token_counts"]

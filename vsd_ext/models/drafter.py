@@ -1,0 +1,336 @@
+"""The EAGLE-3 style drafter: fused target features → one decoder layer → draft LM head.
+
+Data flow for a token t at position p (H = hidden size, Ht = the target's, Vd = draft vocab):
+
+    g   = fc(f)                f: [3·Ht] target features (inputs of a low, mid, high layer)
+                               or, deeper in a draft, the drafter's own previous h: [H]
+    x   = RMSNorm_in(embed(t)) ⊕ RMSNorm_hidden(g)            [2H] (embedding: the target's)
+    h   = g + attn(x)          q/k/v read 2H, RoPE at position p, attention to the drafter's
+                               KV cache and (in a tree step) to the node's tree ancestors
+    h   = h + mlp(RMSNorm_post(h))                            → returned (pre-norm) as the
+                                                                next step's input feature
+    z   = lm_head(RMSNorm(h))  [Vd]; draft id d ↔ target id d + d2t[d]
+
+Checkpoint layout (what SGLang / vLLM EAGLE-3 load): `config.json` is a Llama config with
+`num_hidden_layers = 1`, `architectures = ["LlamaForCausalLMEagle3"]`, `draft_vocab_size`
+(and `target_hidden_size` when it differs from `hidden_size`); `model.safetensors` holds
+exactly `fc.weight`, `midlayer.{hidden_norm, input_layernorm, post_attention_layernorm}
+.weight`, `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj
+.weight`, `norm.weight`, `lm_head.weight`, `d2t` (int64 `[Vd]`, target id = draft id +
+d2t[draft id]) and `t2d` (bool `[V]`, True for target ids in the draft vocabulary). The
+token embedding is the target's and is not saved.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .checkpoint import validate_state
+from .config import CheckpointError, ModelConfig, parse_config
+from .kv_cache import KVCache
+from .layers import MLP, Attention, AttentionContext, RMSNorm, chain_mask, rope_cos_sin
+
+ARCHITECTURE = "LlamaForCausalLMEagle3"
+
+
+@dataclass
+class DrafterOutput:
+    """hidden `[B, T, H]` (pre-norm, the next step's feature), logits `[B, T, Vd]` over the
+    draft vocabulary, tree_kv: per layer (k, v) of every tree node so far (tree steps)."""
+
+    hidden: torch.Tensor
+    logits: torch.Tensor
+    tree_kv: list | None = None
+
+
+def draft_vocab_maps(token_counts: torch.Tensor, draft_vocab_size: int):
+    """(d2t `[Vd]` int64, t2d `[V]` bool) for the `draft_vocab_size` most frequent tokens.
+
+    Ties are broken by the lower token id; draft ids follow increasing target id (EAGLE-3),
+    so `d2t[d] = target_id(d) − d` is non-decreasing and ≥ 0.
+    """
+    counts = torch.as_tensor(token_counts).flatten().to(torch.float64)
+    V = counts.numel()
+    if not 1 <= draft_vocab_size <= V:
+        raise ValueError(f"draft_vocab_size must be in [1, {V}], got {draft_vocab_size}")
+    order = torch.argsort(-counts, stable=True)
+    kept = torch.sort(order[:draft_vocab_size]).values
+    t2d = torch.zeros(V, dtype=torch.bool)
+    t2d[kept] = True
+    return kept - torch.arange(draft_vocab_size), t2d
+
+
+def token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Frequency of every token id in `token_ids` (negative ids, padding, are skipped)."""
+    ids = token_ids.flatten()
+    return torch.bincount(ids[ids >= 0], minlength=vocab_size)[:vocab_size]
+
+
+class DraftLayer(nn.Module):
+    """EAGLE-3's `midlayer`: a Llama decoder layer whose attention reads
+    norm(embedding) ⊕ norm(feature) (2H) and whose residual is the feature."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, in_features=2 * H)
+        self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, embeds, hidden, ctx: AttentionContext) -> torch.Tensor:
+        x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), -1)
+        h = hidden + ctx.attend(0, self.self_attn, x)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def _drafter_config(target, draft_vocab_size: int, intermediate_size: int | None) -> dict:
+    cfg, raw = target.model_config, target.config
+    config = {
+        "architectures": [ARCHITECTURE], "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": intermediate_size or cfg.intermediate_size,
+        "num_hidden_layers": 1, "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
+        "hidden_act": "silu", "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": raw.get("max_position_embeddings", 4096),
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None if cfg.rope_scaling.get("rope_type") == "default"
+        else dict(cfg.rope_scaling),
+        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+        "vocab_size": cfg.vocab_size, "draft_vocab_size": draft_vocab_size,
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": str(target.dtype).removeprefix("torch."),
+    }
+    return config
+
+
+class Drafter(nn.Module):
+    """EAGLE-3 draft head (module docstring). Build with `Drafter.for_target` or
+    `vsd_ext.load_drafter`; `attach(target)` (done by both) lends it the target's
+    embedding, which is not one of its parameters."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = dict(config)
+        self.model_config = cfg = parse_config({**config, "architectures": ["LlamaForCausalLM"]})
+        H = cfg.hidden_size
+        self.target_hidden_size = config.get("target_hidden_size") or H
+        self.draft_vocab_size = config.get("draft_vocab_size") or cfg.vocab_size
+        self.fc = nn.Linear(3 * self.target_hidden_size, H, bias=False)
+        self.midlayer = DraftLayer(cfg)
+        self.norm = RMSNorm(H, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(H, self.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
+        self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
+        self._embed = None
+
+    # ---- construction ---------------------------------------------------------------
+    @classmethod
+    def for_target(cls, target, draft_vocab_size: int | None = None,
+                   token_counts: torch.Tensor | None = None,
+                   intermediate_size: int | None = None, seed: int = 0,
+                   init_lm_head_from_target: bool = True) -> "Drafter":
+        """A freshly initialized drafter for `target`.
+
+        draft_vocab_size: size of the reduced vocabulary (default: the full vocabulary);
+        a reduced one keeps the most frequent ids of `token_counts` `[V]` (required then).
+        init_lm_head_from_target: start the draft LM head from the target's rows of the
+        kept tokens (else N(0, 0.02) like every other projection).
+        """
+        V = target.vocab_size
+        draft_vocab_size = draft_vocab_size or V
+        if draft_vocab_size < V and token_counts is None:
+            raise ValueError("a reduced draft vocabulary needs token_counts (token "
+                             "frequencies of the training data, e.g. drafter.token_counts)")
+        drafter = cls(_drafter_config(target, draft_vocab_size, intermediate_size))
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in drafter.named_parameters():
+            p.data.copy_(torch.ones_like(p) if name.endswith("norm.weight")
+                         else torch.randn(p.shape, generator=gen) * 0.02)
+        if draft_vocab_size < V:
+            d2t, t2d = draft_vocab_maps(token_counts, draft_vocab_size)
+            drafter.d2t.copy_(d2t)
+            drafter.t2d.copy_(t2d)
+        if init_lm_head_from_target:
+            ids = torch.arange(draft_vocab_size) + drafter.d2t
+            drafter.lm_head.weight.data.copy_(target.output_weight.detach().float().cpu()[ids])
+        return drafter.to(device=target.device, dtype=target.dtype).attach(target)
+
+    def attach(self, target) -> "Drafter":
+        """Use `target`'s token embedding (checked against this drafter's sizes)."""
+        emb = target.embed_tokens
+        if emb.weight.shape != (self.model_config.vocab_size, self.model_config.hidden_size):
+            raise ValueError(f"drafter expects a target embedding "
+                             f"[{self.model_config.vocab_size}, "
+                             f"{self.model_config.hidden_size}], the target's is "
+                             f"{tuple(emb.weight.shape)}")
+        if target.hidden_size != self.target_hidden_size:
+            raise ValueError(f"drafter fuses features of hidden size "
+                             f"{self.target_hidden_size}, the target's is {target.hidden_size}")
+        # Kept out of the module tree: the embedding belongs to (and is saved with) the
+        # target, never to the drafter's parameters or state_dict.
+        self.__dict__["_embed"] = emb
+        return self
+
+    # ---- vocabulary -----------------------------------------------------------------
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary ids → target ids (`d + d2t[d]`)."""
+        return draft_ids + self.d2t[draft_ids]
+
+    def to_target_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """`[..., Vd]` draft logits → `[..., V]` target-vocabulary logits, −inf outside the
+        draft vocabulary (so softmax gives the draft distribution over target ids)."""
+        out = logits.new_full((*logits.shape[:-1], self.model_config.vocab_size),
+                              float("-inf"))
+        ids = self.to_target_ids(torch.arange(self.draft_vocab_size, device=logits.device))
+        out[..., ids] = logits
+        return out
+
+    # ---- forward passes -------------------------------------------------------------
+    def _features(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] == self.fc.in_features:
+            return self.fc(hidden)
+        if hidden.shape[-1] == self.model_config.hidden_size:
+            return hidden
+        raise ValueError(f"hidden must end in {self.fc.in_features} (target features) or "
+                         f"{self.model_config.hidden_size} (drafter states), got "
+                         f"{tuple(hidden.shape)}")
+
+    def _run(self, input_ids, hidden, positions, ctx_args: dict) -> DrafterOutput:
+        if self._embed is None:
+            raise RuntimeError("drafter has no embedding: call drafter.attach(target)")
+        if input_ids.shape != hidden.shape[:2]:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
+                             f"{tuple(hidden.shape)} must agree on [B, T]")
+        embeds = self._embed(input_ids.clamp(min=0)).to(self.fc.weight.dtype)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
+        ctx = AttentionContext(cos=cos, sin=sin, **ctx_args)
+        h = self.midlayer(embeds, self._features(hidden), ctx)
+        logits = self.lm_head(self.norm(h))
+        return DrafterOutput(h, logits, ctx.tree_kv if ctx.mode == "tree" else None)
+
+    def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                positions: torch.Tensor | None = None) -> DrafterOutput:
+        """Causal pass over whole sequences without a cache (training, step 0).
+        input_ids `[B, T]`, hidden `[B, T, 3·Ht]` features (or `[B, T, H]` drafter states);
+        positions `[B, T]` default `0..T−1`."""
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return self._run(input_ids, hidden, positions, {"mode": "causal"})
+
+    def new_cache(self, batch_size: int, capacity: int, dtype=None, device=None) -> KVCache:
+        cfg = self.model_config
+        return KVCache(1, batch_size, capacity, cfg.num_key_value_heads, cfg.head_dim,
+                       dtype or self.fc.weight.dtype, device or self.fc.weight.device)
+
+    def prefill(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache: KVCache,
+                lengths: torch.Tensor | None = None) -> DrafterOutput:
+        """Append a right-padded chunk (tokens `[B, T]`, their features `[B, T, ·]`, real
+        lengths `[B]`) to the drafter's cache, as `Target.prefill` does."""
+        B, T = input_ids.shape
+        if B != cache.batch_size:
+            raise ValueError(f"input_ids has {B} rows but the cache has {cache.batch_size}")
+        if lengths is None:
+            lengths = torch.full((B,), T, dtype=torch.int64, device=cache.device)
+        cache.reserve(T)
+        positions = cache.lengths[:, None] + torch.arange(T, device=cache.device)
+        if bool((cache.lengths == 0).all()):
+            args = {"mode": "causal", "cache": cache, "write_positions": positions}
+        else:
+            args = {"mode": "tree", "cache": cache, "write_positions": positions,
+                    "prefix_lens": cache.lengths.clone(),
+                    "tree_mask": chain_mask(T, device=cache.device).expand(B, -1, -1)}
+        out = self._run(input_ids, hidden, positions, args)
+        cache.advance(lengths.to(device=cache.device, dtype=torch.int64))
+        return out
+
+    def tree_step(self, input_ids: torch.Tensor, hidden: torch.Tensor, parents: torch.Tensor,
+                  cache: KVCache | None, past: list | None = None,
+                  prefix_lens: torch.Tensor | None = None) -> DrafterOutput:
+        """Run the newest n nodes of a growing draft tree.
+
+        input_ids `[B, n]`, hidden `[B, n, ·]`: tokens and input features of the new nodes
+        (the target features at the root, the parent's `DrafterOutput.hidden` below it).
+        parents `[B, P + n]`: parent index of every node so far, the P earlier nodes first
+        (−1 for the root, node 0; a later node with parent −1 is padding, as in
+        `vsd_ext.tree`); `past`: the `tree_kv` of the previous call (None when P = 0).
+        Each new node attends to the cache prefix (`prefix_lens`, default
+        `cache.lengths`; the cache may hold one row shared by all B) and to its ancestors
+        and itself, at position `prefix + depth`. Nothing is written to the cache; the
+        returned `tree_kv` (earlier and new nodes) feeds the next call.
+        """
+        from ..tree import build_tree_mask, tree_depths
+
+        B, n = input_ids.shape
+        P = 0 if past is None else past[0][0].shape[1]
+        if parents.shape != (B, P + n):
+            raise ValueError(f"parents must be [{B}, {P + n}] (earlier + new nodes), got "
+                             f"{tuple(parents.shape)}")
+        device = input_ids.device
+        if prefix_lens is None:
+            prefix_lens = (cache.lengths if cache is not None
+                           else torch.zeros(B, dtype=torch.int64, device=device))
+        prefix_lens = prefix_lens.to(device=device, dtype=torch.int64)
+        if cache is not None:
+            cache.reserve(0, prefix_lens)
+        positions = prefix_lens[:, None] + tree_depths(parents)[:, P:].to(device)
+        return self._run(input_ids, hidden, positions, {
+            "mode": "tree", "cache": cache, "prefix_lens": prefix_lens.clone(),
+            "tree_mask": build_tree_mask(parents), "past": past})
+
+    # ---- checkpoints ----------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+        """Write config.json and model.safetensors (the EAGLE-3 layout, module docstring);
+        floating tensors in `dtype` (default: as they are)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+                   .detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        config = dict(self.config)
+        config["torch_dtype"] = str(dtype or self.fc.weight.dtype).removeprefix("torch.")
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None,
+                 device=None) -> Drafter:
+    """Load a drafter saved by `Drafter.save_pretrained` (or any EAGLE-3 checkpoint of this
+    layout) and attach it to `target` (sizes checked). dtype/device default to the target's."""
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    config = json.loads(path.read_text())
+    if ARCHITECTURE not in (config.get("architectures") or []):
+        raise CheckpointError(f"{directory}: architectures {config.get('architectures')} "
+                              f"is not {[ARCHITECTURE]}")
+    if config.get("num_hidden_layers") != 1:
+        raise CheckpointError(f"{directory}: num_hidden_layers must be 1, got "
+                              f"{config.get('num_hidden_layers')}")
+    if config.get("vocab_size") != target.vocab_size:
+        raise CheckpointError(f"{directory}: vocab_size {config.get('vocab_size')} does not "
+                              f"match the target's {target.vocab_size}")
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no model.safetensors")
+    state = load_file(str(weights))
+    with torch.device("meta"):
+        drafter = Drafter(config)
+    expected = {k: v.shape for k, v in drafter.state_dict().items()}
+    validate_state(expected, state, str(directory),
+                   ignore=lambda name: name == "embed_tokens.weight")
+    dtype = dtype or target.dtype
+    state = {k: (state[k].to(dtype) if state[k].is_floating_point() else state[k])
+             for k in expected}
+    drafter.load_state_dict(state, strict=True, assign=True)
+    drafter.inv_freq = drafter.model_config.inv_freq()
+    return drafter.to(device or target.device).attach(target)

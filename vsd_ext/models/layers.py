@@ -1,0 +1,202 @@
+"""Building blocks shared by the target and the drafter: RMSNorm, RoPE, attention, SwiGLU.
+
+Parameter names follow Hugging Face (`q_proj`, `input_layernorm`, ...) so that a module's
+`state_dict` keys are exactly the checkpoint's keys.
+
+Attention runs in one of two modes, chosen by an `AttentionContext`:
+
+- `causal`: full causal self-attention over the T new tokens with
+  `F.scaled_dot_product_attention(is_causal=True)` (plain forward, prefill into an empty
+  cache; right-padded rows are exact for every real token because a real token only sees
+  earlier positions, which are real too).
+- `tree`: the N new tokens (a tree, or a chain for decode/extend) attend to the first
+  `prefix_lens[b]` cached positions plus the tree nodes their bitmask allows, through
+  `vsd_ext.tree_attention`; RoPE positions are supplied by the caller (prefix + depth).
+
+In both modes the new keys/values can be written into a `KVCache` at given positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """`w · x / sqrt(mean(x²) + eps)`, computed in fp32 and cast back (as `transformers`)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos/sin `[B, T, D]` of the angles `position · inv_freq` (fp32, then cast), each
+    frequency repeated for both halves of the head (the rotate-half convention)."""
+    angles = positions[..., None].float() * inv_freq.float()
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` `[B, T, H, D]`: pairs (x_i, x_{i+D/2}) turn by their angle:
+    `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with optional qkv/o bias and per-head q/k RMSNorm (Qwen3).
+
+    `in_features` is the width the q/k/v projections read (2·hidden in the EAGLE-3 drafter,
+    whose layer input is norm(embedding) ⊕ norm(feature)).
+    """
+
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+        super().__init__()
+        d_in = in_features or cfg.hidden_size
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(d_in, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size,
+                                bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """`[B, T, Hq, D]` attention output → `[B, T, hidden]`."""
+        return self.o_proj(attn.reshape(*attn.shape[:2], -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: `down(silu(gate(x)) · up(x))`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H, I = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+_CHAIN_MASKS: dict = {}
+
+
+def chain_mask(length: int, device) -> torch.Tensor:
+    """`[1, T, W]` tree mask of a chain (node i sees nodes 0..i): causal attention over a
+    chunk appended to the cache. Cached per (T, device): decode builds it every step."""
+    key = (length, str(device))
+    if key not in _CHAIN_MASKS:
+        from ..tree import pack_tree_mask
+
+        dense = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+        _CHAIN_MASKS[key] = pack_tree_mask(dense[None])
+    return _CHAIN_MASKS[key]
+
+
+@dataclass
+class AttentionContext:
+    """How the attention layers of one forward pass see their keys (module docstring).
+
+    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens.
+    - `cache`: a `KVCache` (or None); `write_positions` `[B, T]`: where each new token's
+      k/v go in it (None: nothing is written).
+    - tree mode: `prefix_lens` `[B]` cached positions every new token sees, `tree_mask`
+      `[B, N, W]` int64 bitmask over the new tokens (and `past` nodes first, see below).
+    - `past`: per layer `(k, v)` `[B, P, Hkv, D]` of P earlier tree nodes that are not in
+      the cache (the drafter grows its tree level by level without recomputing them); the
+      mask then covers P + T nodes, the earlier ones first. Their new (k, v), past and new
+      together, are collected in `tree_kv` for the next level.
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mode: str = "causal"
+    cache: object = None
+    write_positions: torch.Tensor | None = None
+    prefix_lens: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    past: list | None = None
+    tree_kv: list = field(default_factory=list)
+
+    def attend(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = attn.qkv(x, self.cos, self.sin)
+        if self.mode == "causal":
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                is_causal=True, enable_gqa=attn.num_heads != attn.num_kv_heads,
+            ).transpose(1, 2)
+        else:
+            out = self._tree(layer, q, k, v)
+        if self.write_positions is not None:
+            self.cache.write(layer, k, v, self.write_positions)
+        return attn.output(out)
+
+    def _tree(self, layer: int, q, k, v) -> torch.Tensor:
+        from .. import tree_attention
+
+        if self.cache is not None:
+            k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        else:  # no context at all: an empty cache of length 0
+            k_cache = k.new_zeros(1, 0, *k.shape[2:])
+            v_cache = k_cache
+        if self.past is not None:
+            past_k, past_v = self.past[layer]
+            k_all, v_all = torch.cat((past_k, k), 1), torch.cat((past_v, v), 1)
+            self.tree_kv.append((k_all, v_all))
+            # The op takes as many queries as tree nodes: the earlier nodes get zero
+            # queries whose outputs are dropped (their keys/values are what matters).
+            P = past_k.shape[1]
+            q_all = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
+            out, _ = tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
+                                    self.tree_mask)
+            return out[:, P:]
+        self.tree_kv.append((k, v))
+        out, _ = tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm Llama block: `x += attn(norm(x)); x += mlp(norm(x))`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: AttentionContext, index: int) -> torch.Tensor:
+        x = x + ctx.attend(index, self.self_attn, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,199 @@
+"""Tree utilities shared by decoding and training: parents array -> depths, root-to-node paths,
+the bit-packed visibility mask that `vsd_ext.tree_attention` takes, and its dense form.
+
+Conventions (the same as `vsd_ext.verify_tree`):
+
+- ``parents`` is ``[B, N]`` int64. Node 0 of every row is the root (``parents[:, 0] == -1``).
+  A real node ``i > 0`` has ``0 <= parents[b, i] < i`` (topological order) and a real parent.
+- A node ``i > 0`` with a negative parent is a *padding* node, and so is any node marked
+  ``False`` in the optional ``valid`` ``[B, N]`` bool (e.g. ``draft_tokens >= 0``; a row whose
+  root is invalid is all padding). Padding nodes have depth -1, an all ``-1`` path and an
+  all-zero mask row, and are nobody's ancestor.
+- Node ``j`` is visible to node ``i`` iff ``j`` is an ancestor of ``i`` or ``i`` itself.
+  Packed: bit ``j % 64`` of word ``j // 64`` of ``tree_mask[b, i]`` (``W = ceil(N / 64)`` words).
+
+Everything is vectorized over rows and nodes: ancestors come from pointer jumping (binary
+lifting), ``O(B * N * log N)`` gathers for depths and ``O(B * N * depth * log N)`` for paths;
+there is no Python loop over nodes.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "tree_depths",
+    "tree_paths",
+    "build_tree_mask",
+    "pack_tree_mask",
+    "unpack_tree_mask",
+    "chain_parents",
+    "random_parents",
+]
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """``[64]`` int64 with entry t equal to ``1 << t`` (entry 63 is the sign bit)."""
+    if device not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[device] = torch.ones(64, dtype=torch.int64, device=device) << torch.arange(
+            64, device=device
+        )
+    return _BIT_WEIGHTS[device]
+
+
+def _check_parents(parents: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """Validates the tree and returns ``real`` ``[B, N]`` bool (False on padding nodes)."""
+    if not isinstance(parents, torch.Tensor) or parents.dim() != 2:
+        raise ValueError(
+            f"vsd_ext.tree: argument 'parents': expected a [B, N] tensor, got "
+            f"{tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents)}"
+        )
+    if parents.dtype != torch.int64:
+        raise ValueError(f"vsd_ext.tree: argument 'parents': expected dtype torch.int64, got {parents.dtype}")
+    B, N = parents.shape
+    if N == 0:
+        raise ValueError("vsd_ext.tree: argument 'parents': expected N >= 1 nodes, got 0")
+    idx = torch.arange(N, device=parents.device)
+    real = (parents >= 0) | (idx == 0)
+    if valid is not None:
+        if valid.shape != parents.shape or valid.dtype != torch.bool:
+            raise ValueError(
+                f"vsd_ext.tree: argument 'valid': expected a bool tensor of shape {tuple(parents.shape)}, "
+                f"got {valid.dtype} {tuple(valid.shape)}"
+            )
+        if valid.device != parents.device:
+            raise ValueError(f"vsd_ext.tree: argument 'valid': expected device {parents.device}, got {valid.device}")
+        real = real & valid
+    root_ok = parents[:, 0] == -1
+    topo_ok = (parents < idx) | ~real | (idx == 0)
+    # A real node's parent must be real (a padding node is nobody's ancestor).
+    parent_real = torch.gather(real, 1, parents.clamp(0, N - 1))
+    parent_ok = parent_real | ~real | (idx == 0)
+    if not bool(root_ok.all() & topo_ok.all() & parent_ok.all()):
+        if not bool(root_ok.all()):
+            raise ValueError("vsd_ext.tree: argument 'parents': expected parents[:, 0] == -1 (node 0 is the root)")
+        if not bool(topo_ok.all()):
+            b, i = (~topo_ok).nonzero()[0].tolist()
+            raise ValueError(
+                f"vsd_ext.tree: argument 'parents': expected parents[b, i] < i (topological order), "
+                f"got parents[{b}, {i}] = {int(parents[b, i])}"
+            )
+        b, i = (~parent_ok).nonzero()[0].tolist()
+        raise ValueError(
+            f"vsd_ext.tree: argument 'parents': real node {i} of row {b} has padding node "
+            f"{int(parents[b, i])} as its parent"
+        )
+    return real
+
+
+def _lifting(parents: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Depths and the binary-lifting table by pointer jumping.
+
+    ``up[0][b, i]`` is the parent of i (the root and padding nodes point to themselves), and
+    ``up[k] = up[k-1][up[k-1]]`` is the 2^k-th ancestor, clamped at the root. List ranking:
+    ``dist_{k+1}(i) = dist_k(i) + dist_k(up_k(i))`` with ``dist_0 = 1`` for non-root nodes, so
+    after ``ceil(log2 N)`` rounds ``dist(i) = depth(i)``.
+    """
+    B, N = parents.shape
+    idx = torch.arange(N, device=parents.device).expand(B, N)
+    has_parent = real & (idx > 0)
+    up = torch.where(has_parent, parents, idx)
+    dist = has_parent.long()
+    table = [up]
+    for _ in range(max(1, (N - 1).bit_length())):
+        dist = dist + torch.gather(dist, 1, up)
+        up = torch.gather(up, 1, up)
+        table.append(up)
+    depth = torch.where(real, dist, torch.full_like(dist, -1))
+    return depth, table
+
+
+def tree_depths(parents: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Depth of every node: ``[B, N]`` int64, root 0, padding -1."""
+    real = _check_parents(parents, valid)
+    return _lifting(parents, real)[0]
+
+
+def _paths(parents: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    depth, table = _lifting(parents, real)
+    B, N = parents.shape
+    max_depth = int(depth.max().clamp(min=0))
+    d = torch.arange(max_depth + 1, device=parents.device)
+    # path[b, i, d] is the (depth(i) - d)-th ancestor of i: jump by the set bits of that count.
+    steps = depth.unsqueeze(-1) - d  # [B, N, D+1]; < 0 past the node itself (and on padding)
+    cur = torch.arange(N, device=parents.device).view(1, N, 1).expand(B, N, max_depth + 1).reshape(B, -1)
+    flat_steps = steps.clamp(min=0).reshape(B, -1)
+    for k, up in enumerate(table):
+        jump = ((flat_steps >> k) & 1).bool()
+        cur = torch.where(jump, torch.gather(up, 1, cur), cur)
+    path = torch.where(steps >= 0, cur.view(B, N, max_depth + 1), torch.full_like(steps, -1))
+    return path, depth
+
+
+def tree_paths(parents: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Root-to-node paths: ``[B, N, max_depth + 1]`` int64; ``paths[b, i, :depth(i) + 1]`` lists
+    the node indices from the root (index 0) down to ``i`` itself, the rest is ``-1`` (a
+    padding node's path is all ``-1``). ``max_depth`` is the deepest real node of the batch."""
+    real = _check_parents(parents, valid)
+    return _paths(parents, real)[0]
+
+
+def pack_tree_mask(dense: torch.Tensor) -> torch.Tensor:
+    """Packs a ``[B, N, N]`` bool visibility matrix into the ``[B, N, ceil(N/64)]`` int64 bitmask
+    (bit ``j % 64`` of word ``j // 64`` = column j)."""
+    if dense.dim() != 3 or dense.dtype != torch.bool:
+        raise ValueError(
+            f"vsd_ext.tree: argument 'dense': expected a [B, N, N] bool tensor, got {dense.dtype} {tuple(dense.shape)}"
+        )
+    B, N, M = dense.shape
+    W = (M + 63) // 64
+    padded = torch.zeros(B, N, W * 64, dtype=torch.int64, device=dense.device)
+    padded[..., :M] = dense
+    # Distinct powers of two never carry, so the int64 sum is the bitwise OR (bit 63 included).
+    return (padded.view(B, N, W, 64) * _bit_weights(dense.device)).sum(-1)
+
+
+def unpack_tree_mask(tree_mask: torch.Tensor, n: int) -> torch.Tensor:
+    """The inverse of `pack_tree_mask`: ``[B, N, W]`` int64 -> ``[B, N, n]`` bool."""
+    if tree_mask.dim() != 3 or tree_mask.dtype != torch.int64:
+        raise ValueError(
+            f"vsd_ext.tree: argument 'tree_mask': expected a [B, N, W] int64 tensor, got "
+            f"{tree_mask.dtype} {tuple(tree_mask.shape)}"
+        )
+    if tree_mask.shape[-1] * 64 < n:
+        raise ValueError(
+            f"vsd_ext.tree: argument 'tree_mask': {tree_mask.shape[-1]} words hold fewer than n = {n} bits"
+        )
+    bits = (tree_mask.unsqueeze(-1) & _bit_weights(tree_mask.device)) != 0
+    return bits.flatten(-2)[..., :n]
+
+
+def build_tree_mask(parents: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``[B, N, ceil(N/64)]`` int64 bitmask of `vsd_ext.tree_attention`: node i sees its
+    ancestors and itself; padding rows are all zero."""
+    real = _check_parents(parents, valid)
+    path, _ = _paths(parents, real)
+    B, N = parents.shape
+    # Scatter every path entry into its row; invalid entries go to a dump column N, dropped.
+    cols = torch.where(path >= 0, path, torch.full_like(path, N))
+    dense = torch.zeros(B, N, N + 1, dtype=torch.bool, device=parents.device)
+    dense.scatter_(2, cols, True)
+    return pack_tree_mask(dense[..., :N])
+
+
+def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Parents of B chains of n nodes (``[-1, 0, 1, ..., n-2]``): a chain tree's mask is causal."""
+    row = torch.arange(-1, n - 1, dtype=torch.int64, device=device)
+    return row.expand(batch, n).clone()
+
+
+def random_parents(
+    batch: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Parents of B random recursive trees of n nodes: node i > 0 picks its parent uniformly
+    among nodes 0..i-1 (drawn on the CPU with ``generator``, then moved to ``device``)."""
+    u = torch.rand(batch, n, generator=generator, dtype=torch.float64)
+    parents = (u * torch.arange(n, dtype=torch.float64)).long()
+    parents[:, 0] = -1
+    return parents.to(device)
