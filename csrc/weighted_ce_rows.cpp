@@ -2,11 +2,12 @@
 // target logit, soft-target sums) and the fused softmax-gradient pass, parallel over rows with
 // at::parallel_for (one row per task element: results do not depend on the thread count).
 //
-// Each row is processed as: max pass (vectorized), exp-sum pass, and for gradients one
-// exp-and-write pass, all on a row that stays in L2 (V = 128k floats is 512 KiB). The float loops
-// use a branch-free exp polynomial so that GCC vectorizes them; they are compiled for AVX-512,
-// AVX2 and baseline x86-64 and picked at load time (target_clones). Float64 rows (gradcheck)
-// use std::exp.
+// A row is a few vectorized passes over memory that stays in L2 (V = 128k floats is 512 KiB):
+// statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse; the
+// fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass and
+// rescales it, one exp per element. The float loops use a branch-free exp polynomial so that GCC
+// vectorizes them; they are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
+// time (target_clones). Float64 rows (gradcheck) use std::exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>

@@ -140,6 +140,20 @@ def test_linear_only_hidden_or_only_weight(device, gen):
         close(got, want, 1e-10)
 
 
+def test_nonfinite_upstream_on_ignored_rows(device, gen):
+    """An ignored row's loss is a constant 0: its upstream gradient, even inf/NaN, changes nothing."""
+    h, w, t, rw, _, _ = to(device, *make_linear(gen, 8, 5, 11, dtype=torch.float64, ignore_every=4))
+    g = torch.ones(8, dtype=torch.float64, device=device)
+    g[0], g[4] = float("nan"), float("inf")  # rows 0 and 4 are ignored
+    hl, wl = leaf(h), leaf(w)
+    loss, _ = vsd_ext.weighted_linear_cross_entropy(hl, wl, t, rw)
+    grads = torch.autograd.grad((loss * g).sum(), [hl, wl])
+    _, _, want = reference_grads(lambda a, c: ref.weighted_linear_cross_entropy(a, c, t, rw), [h, w],
+                                 lambda a, _: (a * g).sum())
+    for got, ref_grad in zip(grads, want):
+        close(got, ref_grad, 1e-10)
+
+
 def test_retain_graph_backward_twice(device, gen):
     h, w, t, rw, _, b = to(device, *make_linear(gen, 7, 5, 11, dtype=torch.float64, bias=True))
     hl, wl, bl = leaf(h), leaf(w), leaf(b)

@@ -7,7 +7,7 @@
 #include <torch/library.h>
 
 #include "cuda/weighted_ce.cuh"
-#include "weighted_ce_impl.h"
+#include "weighted_ce_linear_impl.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;
@@ -25,7 +25,8 @@ k::DType dtype_of(const at::Tensor& t) {
 k::ConstMatrix const_matrix(const at::Tensor& t) {
   k::ConstMatrix m;
   if (t.defined()) {
-    TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1), "vsd_ext: weighted_ce: expected a matrix with unit column stride");
+    TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1),
+                "vsd_ext: weighted_ce: expected a matrix with unit column stride");
     m.data = t.data_ptr();
     m.dtype = dtype_of(t);
     m.ld = t.stride(0);

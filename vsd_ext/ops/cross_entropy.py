@@ -203,14 +203,17 @@ def weighted_linear_cross_entropy(
             2^25 on CPU (128 MiB of fp32 logits), 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16
             gradient), which keeps the per-chunk GEMMs compute-bound. A chunk holds at least one
             whole row when gradients are computed; without them, rows longer than the chunk
-            stream through vocabulary tiles with an online log-sum-exp.
+            stream through vocabulary tiles with an online log-sum-exp. When only some rows are
+            active, a chunk's rows (and soft targets) are gathered copies of the same size.
         precompute_grad: compute the gradients of ``sum(loss_rows)`` in the forward (only when
             grad mode is on and ``hidden`` / ``weight`` / ``bias`` require grad). Then a backward
             whose upstream gradient is uniform over the rows that contribute (the usual
             ``loss_rows.sum() / norm``; per-row scales belong in ``row_weights``) and does not
             reach ``lse`` costs no GEMM: 6MHV FLOPs in total. Otherwise the backward recomputes
             the logits once (2MHV, plus 2MHV per gradient it still needs: up to 12MHV in total
-            with precomputation, 8MHV without). Pass False when the upstream gradient is known to
+            with precomputation, 8MHV without). Gradient GEMMs skip rows that cannot have a
+            gradient (ignored targets, zero row weights; 4MHV becomes 4·M_active·HV), at the
+            cost of one host synchronization per call. Pass False when the upstream gradient is known to
             vary per row or to flow into ``lse`` (z-loss). Memory: precomputation keeps fp32
             ``[V, H]`` and ``[M, H]`` unit gradients from forward to backward, where the scaled
             gradients are allocated next to them; without it the backward accumulates straight

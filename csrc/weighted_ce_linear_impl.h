@@ -1,0 +1,374 @@
+// Device-generic driver of the fused linear variant: the row x vocabulary chunk loop (GEMMs
+// through ATen: MKL on CPU, cuBLAS on CUDA; row kernels from the kernel set K, see
+// weighted_ce_impl.h) and the backward's choice between rescaling precomputed gradients and one
+// recomputation.
+//
+// FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden; V vocab):
+//   forward, no gradient needed          2MHV  (logits chunks only)
+//   forward computing unit gradients     2MHV + 4 M_a HV  (dhidden_unit = G W, dweight_unit = G^T h,
+//                                        with G = dL/dz at g = 1, gl = 0; inactive rows have G = 0
+//                                        and only get their lse, in a pass without gradients)
+//   backward, g uniform on active rows and no gradient into lse: no GEMM (rescale by g)
+//   backward, otherwise: one recomputation, 2 M' HV + 2 M' HV per gradient it must still
+//                                        produce (M' = M_a, or M with a gradient into lse).
+// So the usual training step (loss = sum(loss_rows) / norm, any row_weights) costs 6MHV with every
+// row active, the minimum for a trainable head; the PyTorch way costs 6MHV whatever the mask and
+// materializes [M, V] logits, log-probabilities and their gradient.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <array>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "weighted_ce_impl.h"
+
+namespace vsd_ext::wce {
+
+// The inputs of one fused call, prepared once: row tensors contiguous in acc dtype, GEMM operands
+// (weight, bias) cast once where the device computes in acc dtype.
+struct LinearInputs {
+  Tensor hidden, weight_op, bias_acc, targets, row_weights, soft;
+  int64_t M = 0, H = 0, V = 0, ignore_index = -100, budget = 0;
+  double temperature = 1.0;
+  at::ScalarType acc = at::kFloat;
+  bool upcast = false;
+};
+
+template <class K>
+LinearInputs prepare_linear(const Tensor& hidden, const Tensor& weight, const Tensor& targets,
+                            const Tensor& row_weights, const std::optional<Tensor>& soft,
+                            const std::optional<Tensor>& bias, int64_t ignore_index,
+                            double temperature, int64_t chunk_size) {
+  check_linear_inputs(hidden, weight, targets, row_weights, soft, bias, temperature, chunk_size);
+  LinearInputs in;
+  in.M = hidden.size(0);
+  in.H = hidden.size(1);
+  in.V = weight.size(0);
+  in.acc = acc_dtype(hidden.scalar_type());
+  in.upcast = K::kUpcastOperands;
+  in.hidden = hidden;
+  in.weight_op = in.upcast ? weight.to(in.acc) : weight;
+  in.bias_acc = bias.has_value() ? bias->to(in.acc) : Tensor();
+  in.targets = targets.contiguous();
+  in.row_weights = row_weights.to(in.acc).contiguous();
+  in.soft = soft.has_value() ? unit_col_stride(*soft) : Tensor();
+  in.ignore_index = ignore_index;
+  in.temperature = temperature;
+  in.budget = chunk_size > 0 ? chunk_size : K::kDefaultChunk;
+  return in;
+}
+
+// The rows one pass visits: all rows in order (no index: chunks are views of the inputs and
+// outputs), or a subset given by an int64 index (chunks are gathered copies, results scattered).
+struct RowSet {
+  Tensor index;
+  int64_t count = 0;
+
+  static RowSet all(int64_t M) { return {Tensor(), M}; }
+
+  // Rows r0 .. r0+n of the set of a per-row tensor (undefined stays undefined).
+  Tensor take(const Tensor& t, int64_t r0, int64_t n) const {
+    if (!t.defined()) {
+      return t;
+    }
+    return index.defined() ? t.index_select(0, index.narrow(0, r0, n)) : t.narrow(0, r0, n);
+  }
+  // Where a chunk writes its rows of an output: a view of it, or a buffer for scatter().
+  Tensor out(const Tensor& t, int64_t r0, int64_t n) const {
+    if (!t.defined() || !index.defined()) {
+      return t.defined() ? t.narrow(0, r0, n) : t;
+    }
+    std::vector<int64_t> sizes(t.sizes().begin(), t.sizes().end());
+    sizes[0] = n;
+    return at::empty(sizes, t.options());
+  }
+  void scatter(Tensor& t, int64_t r0, int64_t n, const Tensor& rows) const {
+    if (rows.defined() && index.defined()) {
+      t.index_copy_(0, index.narrow(0, r0, n), rows);
+    }
+  }
+};
+
+// [M] bool: rows without a gradient from loss_rows (target == ignore_index or row weight 0).
+inline Tensor inactive_rows(const LinearInputs& in) {
+  return in.targets.eq(in.ignore_index).logical_or(in.row_weights.eq(0));
+}
+
+// Rows whose gradient can be nonzero without a gradient into lse (active) and the others. One
+// host synchronization; no index when all are active.
+inline std::pair<RowSet, RowSet> split_active(const LinearInputs& in) {
+  const Tensor active = inactive_rows(in).logical_not();
+  const int64_t n_active = in.M == 0 ? 0 : active.sum().item<int64_t>();
+  if (n_active == in.M) {
+    return {RowSet::all(in.M), RowSet{Tensor(), 0}};
+  }
+  return {RowSet{active.nonzero().squeeze(1), n_active},
+          RowSet{active.logical_not().nonzero().squeeze(1), in.M - n_active}};
+}
+
+// Gradient accumulators of one pass, in acc dtype; undefined = not wanted.
+struct LinearGrads {
+  Tensor dhidden;  // [M, H], each chunk writes its rows (rows outside the pass stay as they are)
+  Tensor dweight;  // [V, H], zero-initialized, += G^T h per chunk
+  Tensor dbias;    // [V], zero-initialized, += column sums of G per chunk
+  bool any() const { return dhidden.defined() || dweight.defined() || dbias.defined(); }
+};
+
+inline LinearGrads alloc_grads(const LinearInputs& in, std::array<bool, 3> mask) {
+  const auto opts = in.hidden.options().dtype(in.acc);
+  LinearGrads g;
+  g.dhidden = mask[0] ? at::zeros({in.M, in.H}, opts) : Tensor();
+  g.dweight = mask[1] ? at::zeros({in.V, in.H}, opts) : Tensor();
+  g.dbias = mask[2] ? at::zeros({in.V}, opts) : Tensor();
+  return g;
+}
+
+// Upstream gradients of a pass that produces gradients: unit (g = 1, gl = 0: the forward's
+// precomputation) or the actual ones (the backward's recomputation).
+struct Upstream {
+  Tensor grad_loss, grad_lse;
+  bool unit = false;
+};
+
+// Per-row outputs of a pass with statistics (undefined in a pass without).
+struct RowOutputs {
+  Tensor loss, lse, soft_lse;
+};
+
+// One pass over chunks of the rows in `set`. Each chunk's logits z = h_c W^T + b are
+// materialized one [rows_per, cols_per] tile at a time (never [M, V]). With statistics, the tiles
+// stream into loss, lse and soft_lse (online log-sum-exp across tiles); with gradients wanted, a
+// chunk spans whole rows (cols_per = V) and its logits are overwritten by G = dL/dz (in place, or
+// into a separate fp16/bf16 buffer for the GEMMs on CUDA), which feeds the GEMMs of the gradients.
+// A pass without statistics (the backward's) reads lse and soft_lse from `stats_in`.
+template <class K>
+void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs, const RowOutputs& stats_in,
+                 const Upstream& up, LinearGrads& grads) {
+  const int64_t V = in.V;
+  if (set.count == 0) {
+    return;
+  }
+  const bool stats = outs.lse.defined(), want_grad = grads.any(), soft = in.soft.defined();
+  const int64_t rows_per = std::clamp<int64_t>(in.budget / V, 1, set.count);
+  const int64_t cols_per = want_grad ? V : std::clamp<int64_t>(in.budget / rows_per, 1, V);
+  const auto opts = in.hidden.options().dtype(in.acc);
+  Tensor zbuf = at::empty({rows_per * cols_per}, opts);
+  const bool separate_g = want_grad && in.weight_op.scalar_type() != in.acc;
+  Tensor gbuf = separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
+  Tensor state = (stats && cols_per < V) ? at::empty({rows_per, 6}, opts) : Tensor();
+
+  for (int64_t r0 = 0; r0 < set.count; r0 += rows_per) {
+    const int64_t rows = std::min(rows_per, set.count - r0);
+    Tensor hc = set.take(in.hidden, r0, rows);
+    hc = in.upcast ? hc.to(in.acc) : hc;
+    const Tensor soft_c = set.take(in.soft, r0, rows);
+    const Tensor targets_c = set.take(in.targets, r0, rows);
+    const Tensor weights_c = set.take(in.row_weights, r0, rows);
+    RowOutputs chunk;  // this chunk's rows of the statistics (written, or read by the gradient)
+    if (stats) {
+      chunk = {set.out(outs.loss, r0, rows), set.out(outs.lse, r0, rows),
+               soft ? set.out(outs.soft_lse, r0, rows) : Tensor()};
+    } else {
+      chunk = {Tensor(), set.take(stats_in.lse, r0, rows), soft ? set.take(stats_in.soft_lse, r0, rows) : Tensor()};
+    }
+    Tensor z;
+    StatsArgs row_stats;  // with gradients: the single whole-row tile, fused with the gradient
+    for (int64_t c0 = 0; c0 < V; c0 += cols_per) {
+      const int64_t n = std::min(cols_per, V - c0);
+      z = zbuf.narrow(0, 0, rows * n).view({rows, n});
+      const Tensor w_tile = in.weight_op.narrow(0, c0, n).t();
+      if (in.bias_acc.defined()) {
+        gemm_bias(z, in.bias_acc.narrow(0, c0, n), hc, w_tile);
+      } else {
+        gemm(z, hc, w_tile, /*accumulate=*/false);
+      }
+      if (!stats) {
+        continue;
+      }
+      StatsArgs a;
+      a.logits = z;
+      a.soft = soft ? soft_c.narrow(1, c0, n) : Tensor();
+      a.targets = targets_c;
+      a.row_weights = weights_c;
+      a.state = state.defined() ? state.narrow(0, 0, rows) : Tensor();
+      a.loss = chunk.loss;
+      a.lse = chunk.lse;
+      a.soft_lse = chunk.soft_lse;
+      a.col0 = c0;
+      a.vocab = V;
+      a.first = c0 == 0;
+      a.last = c0 + n == V;
+      a.ignore_index = in.ignore_index;
+      a.temperature = in.temperature;
+      if (want_grad) {
+        row_stats = a;
+      } else {
+        K::stats(a);
+      }
+    }
+    if (want_grad) {
+      GradArgs g;
+      g.logits = z;
+      g.soft = soft_c;
+      g.targets = targets_c;
+      g.row_weights = weights_c;
+      g.grad_loss = set.take(up.grad_loss, r0, rows);
+      g.unit_grad_loss = up.unit;
+      g.grad_lse = set.take(up.grad_lse, r0, rows);
+      g.lse = chunk.lse;
+      g.soft_lse = chunk.soft_lse;
+      g.out = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : z;
+      g.ignore_index = in.ignore_index;
+      g.temperature = in.temperature;
+      if (stats) {
+        K::stats_grad(row_stats, g);
+      } else {
+        K::grad(g);
+      }
+      const Tensor& G = g.out;
+      if (grads.dhidden.defined()) {
+        Tensor dh = set.out(grads.dhidden, r0, rows);
+        gemm(dh, G, in.weight_op, /*accumulate=*/false);  // [rows, V] @ [V, H]
+        set.scatter(grads.dhidden, r0, rows, dh);
+      }
+      if (grads.dweight.defined()) {
+        gemm(grads.dweight, G.t(), hc, /*accumulate=*/true);  // [V, rows] @ [rows, H]
+      }
+      if (grads.dbias.defined()) {
+        K::colsum_add(G, grads.dbias);
+      }
+    }
+    if (stats) {
+      set.scatter(outs.loss, r0, rows, chunk.loss);
+      set.scatter(outs.lse, r0, rows, chunk.lse);
+      set.scatter(outs.soft_lse, r0, rows, chunk.soft_lse);
+    }
+  }
+}
+
+inline Tensor defined_or_empty(const Tensor& t, const at::TensorOptions& opts) {
+  return t.defined() ? t : at::empty({0}, opts);
+}
+
+// Forward: (loss_rows, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit). The unit gradients
+// (those of sum(loss_rows)) are computed for grad_mask = (hidden, weight, bias); [0] otherwise.
+template <class K>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& row_weights,
+    const std::optional<Tensor>& soft, const std::optional<Tensor>& bias, int64_t ignore_index,
+    double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
+                                            ignore_index, temperature, chunk_size);
+  VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask", "asks for the bias gradient without a bias");
+  if (!soft.has_value()) {
+    K::check_targets(in.targets, in.V, ignore_index);
+  }
+  const auto opts = hidden.options().dtype(in.acc);
+  RowOutputs outs{at::empty({in.M}, opts), at::empty({in.M}, opts),
+                  at::empty({soft.has_value() ? in.M : 0}, opts)};
+  LinearGrads grads = alloc_grads(in, grad_mask);
+  Upstream unit;
+  unit.unit = true;
+  if (grads.any()) {
+    // Gradient GEMMs only for the rows that have a gradient; the others only need their lse.
+    const auto [active, inactive] = split_active(in);
+    linear_pass<K>(in, active, outs, RowOutputs(), unit, grads);
+    LinearGrads none;
+    linear_pass<K>(in, inactive, outs, RowOutputs(), unit, none);
+  } else {
+    linear_pass<K>(in, RowSet::all(in.M), outs, RowOutputs(), unit, grads);
+  }
+  return {outs.loss, outs.lse, outs.soft_lse, defined_or_empty(grads.dhidden, opts),
+          defined_or_empty(grads.dweight, opts), defined_or_empty(grads.dbias, opts)};
+}
+
+// g0 when the upstream gradient g equals g0 on every active row (0 when there is none), nullopt
+// when it varies there. One host synchronization.
+inline std::optional<double> uniform_grad(const Tensor& g, const LinearInputs& in) {
+  if (!g.defined() || in.M == 0) {
+    return 0.0;
+  }
+  const Tensor inactive = inactive_rows(in);
+  const double inf = std::numeric_limits<double>::infinity();
+  const Tensor range = at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
+                           .to(at::kCPU, at::kDouble);
+  const double lo = range[0].item<double>(), hi = range[1].item<double>();
+  if (lo > hi) {
+    return 0.0;  // no active row: the unit gradients are exactly zero
+  }
+  return lo == hi ? std::optional<double>(lo) : std::nullopt;
+}
+
+// Backward. Row-wise scaling is exact for dhidden (row m of G scales with g_m), but dweight and
+// dbias sum over rows, so the unit ones rescale only when g is uniform over the active rows; a
+// gradient into lse adds gl_m softmax(z_m), which was never stored. Whatever the precomputed
+// buffers cannot give is recomputed in one pass (logits once more, plus one GEMM per remaining
+// gradient), over the active rows only unless a gradient flows into lse.
+template <class K>
+std::tuple<Tensor, Tensor, Tensor> linear_backward(
+    const std::optional<Tensor>& grad_loss, const std::optional<Tensor>& grad_lse,
+    const Tensor& hidden, const Tensor& weight, const Tensor& targets, const Tensor& row_weights,
+    const std::optional<Tensor>& soft, const std::optional<Tensor>& bias, const Tensor& lse,
+    const Tensor& soft_lse, const Tensor& dhidden_unit, const Tensor& dweight_unit,
+    const Tensor& dbias_unit, int64_t ignore_index, double temperature, int64_t chunk_size,
+    std::array<bool, 3> output_mask) {
+  const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
+                                            ignore_index, temperature, chunk_size);
+  VSD_CHECK(!output_mask[2] || bias.has_value(), "output_mask", "asks for the bias gradient without a bias");
+  check_saved_stats(lse, soft_lse, soft.has_value(), in.M, hidden, "hidden");
+  const bool have_dh = dhidden_unit.numel() > 0, have_dw = dweight_unit.numel() > 0,
+             have_db = dbias_unit.numel() > 0;
+  if (have_dh) check_shape(dhidden_unit, "dhidden_unit", {in.M, in.H});
+  if (have_dw) check_shape(dweight_unit, "dweight_unit", {in.V, in.H});
+  if (have_db) check_shape(dbias_unit, "dbias_unit", {in.V});
+
+  const Tensor g = upstream(grad_loss, "grad_loss_rows", in.M, in.acc, lse);
+  Tensor gl = upstream(grad_lse, "grad_lse", in.M, in.acc, lse);
+  if (gl.defined() && !gl.ne(0).any().item<bool>()) {
+    gl = Tensor();  // an all-zero gradient into lse (e.g. materialized by autograd) adds nothing
+  }
+  const auto opts = hidden.options().dtype(in.acc);
+  Tensor dh, dw, db;
+  if (!gl.defined()) {
+    if (output_mask[0] && have_dh) {
+      // Inactive rows have zero unit gradients; mask g there so that a non-finite g stays out.
+      dh = g.defined() ? dhidden_unit.mul(g.masked_fill(inactive_rows(in), 0).unsqueeze(1))
+                       : at::zeros({in.M, in.H}, opts);
+    }
+    const bool want_sum = (output_mask[1] && have_dw) || (output_mask[2] && have_db);
+    const std::optional<double> g0 = want_sum ? uniform_grad(g, in) : std::nullopt;
+    if (g0.has_value()) {
+      if (output_mask[1] && have_dw) dw = dweight_unit.mul(*g0);
+      if (output_mask[2] && have_db) db = dbias_unit.mul(*g0);
+    }
+  }
+  LinearGrads rest = alloc_grads(in, {output_mask[0] && !dh.defined(), output_mask[1] && !dw.defined(),
+                                      output_mask[2] && !db.defined()});
+  if (rest.any() && (g.defined() || gl.defined())) {
+    Upstream up;
+    up.grad_loss = g;
+    up.grad_lse = gl;
+    const RowOutputs saved{Tensor(), lse.contiguous(), soft_lse.contiguous()};
+    RowOutputs none;
+    const RowSet rows = gl.defined() ? RowSet::all(in.M) : split_active(in).first;
+    linear_pass<K>(in, rows, none, saved, up, rest);
+  }
+  dh = dh.defined() ? dh : rest.dhidden;
+  dw = dw.defined() ? dw : rest.dweight;
+  db = db.defined() ? db : rest.dbias;
+  const auto empty = at::empty({0}, opts);
+  return {dh.defined() ? dh.to(hidden.scalar_type()) : empty,
+          dw.defined() ? dw.to(weight.scalar_type()) : empty,
+          db.defined() ? db.to(bias->scalar_type()) : empty};
+}
+
+}  // namespace vsd_ext::wce
