@@ -3,3 +3,4 @@
 One module per op family: verify.py, attention.py, cross_entropy.py.
 """
 from .attention import tree_attention  # noqa: F401
+from .verify import verify_tree  # noqa: F401

@@ -1,0 +1,609 @@
+// verify_tree, CUDA kernels (torch-free). Same rule and float64 arithmetic as the CPU kernel
+// (verify_tree.cpp, shared formulas in verify_tree_math.h); the reference is
+// vsd_ext/reference/verify_tree.py.
+//
+// Kernel 1, node_stats (grid: vocab chunk x node x row): one pass over each real node's logits
+// row with 16-byte loads: max, first argmax, finiteness and, for nodes with children
+// (non-greedy), S = sum exp((x - M) / T) by a per-thread online rescaled sum; in sampled mode
+// also the draft_probs row's sum and validity. All nodes at once, across the whole GPU.
+// Kernel 2, walk (one block per row): merges the chunk statistics, builds the children lists,
+// gathers every child's e = exp((x_token - M_parent) / T) (and q) into shared memory in
+// parallel, then walks the tree over shared memory: no chain of dependent global loads. Each
+// thread runs the same scalar walk on the same shared data (identical decisions, no
+// broadcasts); the block only cooperates for O(V) work: the final inverse-CDF draw (two passes,
+// warp-segmented scan) and, in sampled mode, each rejection's residual sums. The sampled
+// residual r_j is never materialized: r_j(v) is replayed from e(v), q(v) and the j recorded
+// (R_k, Q_k, x_k) steps with the same per-element operations the CPU applies to its buffer.
+// Never materialized: softmax [B, N, V], residual vectors. Deterministic (fixed reduction trees).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "cuda/verify_tree.cuh"
+#include "verify_tree_math.h"
+
+namespace vsd_ext::cuda {
+namespace {
+
+using namespace vsd_ext::verify;
+
+constexpr int kStatsThreads = 256;
+constexpr int64_t kChunk = 8192;  // vocabulary entries per node_stats block
+constexpr int kWalkThreads = 512;
+constexpr int kWalkWarps = kWalkThreads / 32;
+constexpr unsigned kFull = 0xffffffffu;
+
+constexpr uint32_t kBadLogits = 1;  // NaN / +inf in the row, or no finite entry
+constexpr uint32_t kBadQ = 2;       // draft_probs row negative / non-finite / no mass
+constexpr uint32_t kDuplicate = 4;  // an earlier sibling has the same token
+
+struct __align__(16) NodePartial {
+  double max;    // max logit of the chunk (-inf if none finite)
+  double sum;    // sum exp((x - max) / T) over the chunk (nodes with children, non-greedy)
+  double q_sum;  // sum of draft_probs over the chunk (sampled, nodes with children)
+  int32_t argmax;
+  uint32_t flags;
+};
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ double load_d(const T* p, int64_t v) {
+  return static_cast<double>(to_float(p[v]));
+}
+
+// Calls f(v, x) for v in [lo, hi) of `row`, spread over the block with 16-byte loads; every
+// thread sees its indices in increasing order (so a strict '>' keeps the first argmax).
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_element(const T* row, int64_t lo, int64_t hi, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(row + lo) % 16) / int64_t(sizeof(T));
+  int64_t head = misalign == 0 ? 0 : kVec - misalign;
+  head = head < hi - lo ? head : hi - lo;
+  if (threadIdx.x < head) f(lo + threadIdx.x, to_float(row[lo + threadIdx.x]));
+  const int64_t body = lo + head;
+  const int64_t nvec = (hi - body) / kVec;
+  const uint4* vrow = reinterpret_cast<const uint4*>(row + body);
+  for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
+    const uint4 raw = __ldg(vrow + j);
+    const T* vals = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) f(body + j * kVec + k, to_float(vals[k]));
+  }
+  for (int64_t v = body + nvec * kVec + threadIdx.x; v < hi; v += blockDim.x) {
+    f(v, to_float(row[v]));
+  }
+}
+
+// ---- block reductions (fixed trees: deterministic, the same value in every thread) ----------
+// Butterfly shuffles leave the identical value in every lane (IEEE addition is commutative).
+
+__device__ __forceinline__ double warp_sum(double x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
+  return x;
+}
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T x, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(kFull, x, o));
+  return x;
+}
+
+// Block-wide reduction of one value per thread; `scratch` holds >= 32 T. Ends synchronized.
+template <typename T, typename Op>
+__device__ T block_reduce(T x, Op op, T* scratch) {
+  x = warp_reduce(x, op);
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  if ((threadIdx.x & 31) == 0) scratch[warp] = x;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < nwarps; ++w) r = op(r, scratch[w]);
+  __syncthreads();
+  return r;
+}
+
+struct SumOp {
+  __device__ double operator()(double a, double b) const { return a + b; }
+};
+struct MinOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
+struct OrOp {
+  __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return a | b; }
+};
+struct MaxOp {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+
+// ---- kernel 1: per (row, node, vocabulary chunk) statistics ---------------------------------
+
+struct StatsAcc {
+  double max, sum;
+  int32_t argmax;
+  uint32_t flags;
+};
+
+// Merges two partial (max, rescaled sum, first argmax): S = s_a e^{(m_a-M)/T} + s_b e^{(m_b-M)/T}.
+__device__ __forceinline__ StatsAcc merge(const StatsAcc& a, const StatsAcc& b, double t) {
+  StatsAcc r;
+  r.max = a.max > b.max ? a.max : b.max;
+  r.argmax = a.max > b.max ? a.argmax
+             : b.max > a.max ? b.argmax
+                             : (a.argmax < b.argmax ? a.argmax : b.argmax);
+  const double sa = a.sum == 0.0 ? 0.0 : a.sum * exp_term(a.max, r.max, t);
+  const double sb = b.sum == 0.0 ? 0.0 : b.sum * exp_term(b.max, r.max, t);
+  r.sum = sa + sb;
+  r.flags = a.flags | b.flags;
+  return r;
+}
+
+struct MergeOp {
+  double t;
+  __device__ StatsAcc operator()(const StatsAcc& a, const StatsAcc& b) const {
+    return merge(a, b, t);
+  }
+};
+
+__device__ __forceinline__ StatsAcc shfl_xor(const StatsAcc& a, int o) {
+  return {__shfl_xor_sync(kFull, a.max, o), __shfl_xor_sync(kFull, a.sum, o),
+          __shfl_xor_sync(kFull, a.argmax, o), __shfl_xor_sync(kFull, a.flags, o)};
+}
+
+template <typename TL, typename TQ>
+__global__ void __launch_bounds__(kStatsThreads)
+    node_stats_kernel(VerifyTreeParams p, int64_t nchunks, NodePartial* partials) {
+  const int64_t N = p.nodes, V = p.vocab;
+  const int64_t chunk = blockIdx.x, i = blockIdx.y;
+  const int64_t lo = chunk * kChunk, hi = lo + kChunk < V ? lo + kChunk : V;
+  const double t = p.temperature;
+  __shared__ StatsAcc red[32];
+  __shared__ double qred[32];
+  for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
+    const int64_t* tok = p.tokens + b * N;
+    if (i > 0 && tok[i] == -1) continue;  // padding rows are never read
+    // Only nodes with children need S (their children's probabilities) and q.
+    int has_children = 0;
+    if (p.mode != kGreedy) {
+      for (int64_t j = i + 1 + threadIdx.x; j < N; j += blockDim.x) {
+        has_children |= p.parents[b * N + j] == i && tok[j] != -1;
+      }
+      has_children = __syncthreads_or(has_children);
+    }
+    const TL* row = static_cast<const TL*>(p.logits) + b * p.logits_sb + i * p.logits_sn;
+    StatsAcc acc{-INFINITY, 0.0, INT32_MAX, 0u};
+    for_each_element(row, lo, hi, [&](int64_t v, float xf) {
+      const double x = xf;
+      if (!(xf < INFINITY)) acc.flags |= kBadLogits;
+      if (x > acc.max) {
+        if (has_children) acc.sum = (acc.sum == 0.0 ? 0.0 : acc.sum * exp_term(acc.max, x, t)) + 1.0;
+        acc.max = x;
+        acc.argmax = int32_t(v);
+      } else if (has_children && x > -INFINITY) {
+        acc.sum += exp_term(x, acc.max, t);
+      }
+    });
+    double q_sum = 0.0;
+    uint32_t q_flags = 0;
+    const bool want_q = p.mode == kSampled && has_children;
+    if (want_q) {
+      const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + i * p.q_sn;
+      for_each_element(qrow, lo, hi, [&](int64_t, float qf) {
+        if (!(qf >= 0.0f && qf < INFINITY)) q_flags |= kBadQ;
+        q_sum += static_cast<double>(qf);
+      });
+    }
+    // Block merge: warp butterflies, then the warps in order by thread 0.
+    const MergeOp op{t};
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) acc = op(acc, shfl_xor(acc, o));
+    acc.flags |= warp_reduce(q_flags, OrOp{});
+    q_sum = warp_sum(q_sum);
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) {
+      red[warp] = acc;
+      qred[warp] = q_sum;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      StatsAcc total = red[0];
+      double qs = qred[0];
+      for (int w = 1; w < int(blockDim.x >> 5); ++w) {
+        total = op(total, red[w]);
+        qs += qred[w];
+      }
+      partials[(b * N + i) * nchunks + chunk] = {total.max, total.sum, qs, total.argmax,
+                                                 total.flags};
+    }
+    __syncthreads();
+  }
+}
+
+// ---- kernel 2: the walk ---------------------------------------------------------------------
+
+struct WalkSmem {
+  double *u, *max, *sum, *child_e, *child_q, *q_sum, *step_r, *step_q;
+  int *token, *parent, *first_child, *next_sibling, *argmax, *path, *step_x, *step_kept;
+  uint32_t* flags;
+};
+
+constexpr int kSmemDoubles = 8, kSmemInts = 9;
+
+size_t walk_smem_bytes(int64_t n) {
+  return size_t(kSmemDoubles * n + 1) * sizeof(double) + size_t(kSmemInts * n) * sizeof(int);
+}
+
+__device__ WalkSmem carve(unsigned char* base, int n) {
+  WalkSmem s;
+  double* d = reinterpret_cast<double*>(base);
+  s.u = d;
+  d += n + 1;
+  double** dptrs[] = {&s.max, &s.sum, &s.child_e, &s.child_q, &s.q_sum, &s.step_r, &s.step_q};
+  for (double** ptr : dptrs) {
+    *ptr = d;
+    d += n;
+  }
+  int* k = reinterpret_cast<int*>(d);
+  int** iptrs[] = {&s.token, &s.parent, &s.first_child, &s.next_sibling,
+                   &s.argmax, &s.path, &s.step_x, &s.step_kept};
+  for (int** ptr : iptrs) {
+    *ptr = k;
+    k += n;
+  }
+  s.flags = reinterpret_cast<uint32_t*>(k);
+  return s;
+}
+
+// r_j(v) of the sampled residual after the j rejections recorded at the current node, from
+// r_0(v) = e0 and the raw q(v) = q0; *zeroed = v is one of the rejected tokens x_0..x_{j-1}.
+// Step k applies exactly the CPU's buffer update r <- residual_step(r, R_k, q_k(v), Q_k)
+// unless that step was kept (its residual had no mass).
+__device__ __forceinline__ double replay(double e0, double q0, int v, int j, const WalkSmem& s,
+                                         bool* zeroed) {
+  double r = e0;
+  bool z = false;
+  for (int k = 0; k < j; ++k) {
+    if (!s.step_kept[k]) r = residual_step(r, s.step_r[k], z ? 0.0 : q0, s.step_q[k]);
+    z = z || v == s.step_x[k];
+  }
+  *zeroed = z;
+  return r;
+}
+
+// Inverse CDF over the weights weight(v), v in [0, V): the smallest v with w(v) > 0 and
+// prefix(v) > u * sum(w), else the largest v with w(v) > 0, else -1. Warp w owns a contiguous
+// segment; pass A sums segments, pass B scans each segment from its offset 32 entries at a
+// time (prefix = carry + warp inclusive scan) and stops at its first hit.
+template <typename W>
+__device__ int block_inverse_cdf(W weight, int64_t V, double u) {
+  __shared__ double seg_total[kWalkWarps];
+  __shared__ int iscratch[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t seg = ((V + kWalkWarps - 1) / kWalkWarps + 31) / 32 * 32;
+  const int64_t lo = warp * seg, hi = lo + seg < V ? lo + seg : V;
+  double s = 0.0;
+  for (int64_t v = lo + lane; v < hi; v += 32) s += weight(v);
+  s = warp_sum(s);
+  if (lane == 0) seg_total[warp] = s;
+  __syncthreads();
+  double offset = 0.0, total = 0.0;
+  for (int w = 0; w < kWalkWarps; ++w) {
+    if (w == warp) offset = total;
+    total += seg_total[w];
+  }
+  const double threshold = u * total;
+  int hit = INT_MAX, last = -1;
+  double carry = offset;
+  for (int64_t base = lo; base < hi; base += 32) {
+    const int64_t v = base + lane;
+    const double w = v < hi ? weight(v) : 0.0;
+    double incl = w;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const double n = __shfl_up_sync(kFull, incl, o);
+      if (lane >= o) incl += n;
+    }
+    if (w > 0.0) {
+      last = int(v);
+      if (hit == INT_MAX && carry + incl > threshold) hit = int(v);
+    }
+    carry += __shfl_sync(kFull, incl, 31);
+    if (__any_sync(kFull, hit != INT_MAX)) break;
+  }
+  // A warp stops early only after a hit, so `last` is complete whenever no warp hit.
+  hit = block_reduce(hit, MinOp{}, iscratch);
+  last = block_reduce(last, MaxOp{}, iscratch);
+  return hit != INT_MAX ? hit : last;
+}
+
+template <typename TL, typename TQ>
+__global__ void __launch_bounds__(kWalkThreads, 1)
+    walk_kernel(VerifyTreeParams p, int64_t nchunks, const NodePartial* partials,
+                unsigned long long* error) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ unsigned long long kscratch[32];
+  __shared__ double dscratch[32];
+  const int N = int(p.nodes);
+  const int64_t V = p.vocab, b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const double t = p.temperature;
+  const WalkSmem s = carve(smem_raw, N);
+  const int64_t* tok_row = p.tokens + b * N;
+  const int64_t* par_row = p.parents + b * N;
+
+  // 1. Structure and uniforms: the row's first error in canonical order is the smallest key.
+  unsigned long long local = kNoError;
+  for (int i = tid; i < N; i += blockDim.x) {
+    const unsigned long long k = check_node(i, V, tok_row, par_row[i]);
+    local = k < local ? k : local;
+  }
+  for (int i = tid; i <= N; i += blockDim.x) {
+    const int64_t at = b * (N + 1) + i;
+    const double u = p.uniforms_dtype == VtDtype::kFloat64
+                         ? static_cast<const double*>(p.uniforms)[at]
+                         : static_cast<double>(static_cast<const float*>(p.uniforms)[at]);
+    s.u[i] = u;
+    if (!uniform_ok(u) && key_uniform(N, i) < local) local = key_uniform(N, i);
+  }
+  const unsigned long long first_error = block_reduce(local, MinOp{}, kscratch);
+  if (first_error != kNoError) {
+    if (tid == 0) atomicMin(error, batch_key(b, uint32_t(first_error)));
+    return;
+  }
+
+  // 2. Node arrays; merge each real node's chunk statistics (chunks in order).
+  for (int i = tid; i < N; i += blockDim.x) {
+    const int tk = int(tok_row[i]);
+    s.token[i] = tk;
+    s.parent[i] = i == 0 || tk == -1 ? -1 : int(par_row[i]);
+    s.first_child[i] = -1;
+    s.flags[i] = 0;
+    if (tk == -1) continue;
+    const NodePartial* np = partials + (b * N + i) * nchunks;
+    double m = -INFINITY;
+    uint32_t flags = 0;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      m = np[c].max > m ? np[c].max : m;
+      flags |= np[c].flags;
+    }
+    double sum = 0.0, q_sum = 0.0;
+    int amax = -1;
+    for (int64_t c = 0; c < nchunks; ++c) {
+      if (amax < 0 && np[c].max == m) amax = np[c].argmax;
+      if (np[c].sum != 0.0) sum += np[c].sum * exp_term(np[c].max, m, t);
+      q_sum += np[c].q_sum;
+    }
+    if (!(m > -INFINITY)) flags |= kBadLogits;
+    if (p.mode == kSampled && !(q_sum > 0.0)) flags |= kBadQ;
+    s.max[i] = m;
+    s.sum[i] = sum;
+    s.q_sum[i] = q_sum;
+    s.argmax[i] = amax;
+    s.flags[i] = flags;
+  }
+  __syncthreads();
+
+  // 3. Children lists (increasing index), duplicate sibling tokens, and every child's gathered
+  //    e = exp((x_token - M_parent) / T) and raw q at its parent: N independent loads.
+  for (int c = 1 + tid; c < N; c += blockDim.x) {
+    const int par = s.parent[c];
+    if (par < 0) continue;
+    const int x = s.token[c];
+    int next = -1;
+    for (int j = c + 1; j < N && next < 0; ++j) next = s.parent[j] == par ? j : -1;
+    bool first = true, duplicate = false;
+    for (int j = par + 1; j < c; ++j) {
+      if (s.parent[j] == par) {
+        first = false;
+        duplicate = duplicate || s.token[j] == x;
+      }
+    }
+    s.next_sibling[c] = next;
+    if (first) s.first_child[par] = c;
+    if (duplicate) s.flags[c] |= kDuplicate;
+    if (p.mode != kGreedy) {
+      const TL* prow = static_cast<const TL*>(p.logits) + b * p.logits_sb + par * p.logits_sn;
+      s.child_e[c] = exp_term(load_d(prow, x), s.max[par], t);
+      if (p.mode == kSampled) {
+        const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + par * p.q_sn;
+        s.child_q[c] = load_d(qrow, x);
+      }
+    }
+  }
+  __syncthreads();
+
+  // 4. The walk. Every thread evaluates the same decisions; thread 0 records them.
+  int cur = 0, nacc = 0;
+  int64_t final_token = -1;
+  unsigned long long walk_error = kNoError;
+  if (tid == 0) s.path[0] = 0;
+  while (true) {
+    // Thread 0 rewrites the step arrays at this node; no thread may still read the last node's.
+    __syncthreads();
+    const uint32_t flags = s.flags[cur];
+    if (flags & kBadLogits) {
+      walk_error = key_logits(N, cur);
+      break;
+    }
+    const int first = s.first_child[cur];
+    const TL* lrow = static_cast<const TL*>(p.logits) + b * p.logits_sb + cur * p.logits_sn;
+    const double m = s.max[cur];
+    auto e_of = [&](int64_t v) { return exp_term(load_d(lrow, v), m, t); };
+    int accepted = -1;
+    if (p.mode == kGreedy) {
+      const int a = s.argmax[cur];
+      for (int c = first; c >= 0 && accepted < 0; c = s.next_sibling[c]) {
+        if (s.token[c] == a) accepted = c;
+      }
+      if (accepted < 0) final_token = a;
+    } else if (first < 0) {
+      final_token = block_inverse_cdf(e_of, V, s.u[N]);  // bonus from p
+    } else if (p.mode == kTargetOnly) {
+      const double total = s.sum[cur];
+      double rejected = 0.0;
+      int nrej = 0;
+      for (int c = first; c >= 0; c = s.next_sibling[c]) {
+        if (s.flags[c] & kDuplicate) continue;  // r(token) is already 0: rejected, m unchanged
+        const double ec = s.child_e[c];
+        if (accept_target_only(s.u[c], ec, total, rejected)) {
+          accepted = c;
+          break;
+        }
+        rejected += ec;
+        if (tid == 0) s.step_x[nrej] = s.token[c];
+        ++nrej;
+      }
+      if (accepted < 0) {
+        __syncthreads();
+        auto residual = [&](int64_t v) {
+          for (int k = 0; k < nrej; ++k) {
+            if (s.step_x[k] == v) return 0.0;
+          }
+          return e_of(v);
+        };
+        final_token = block_inverse_cdf(residual, V, s.u[N]);
+        // No mass left (reachable only through rounding): the correction comes from p.
+        if (final_token < 0) final_token = block_inverse_cdf(e_of, V, s.u[N]);
+      }
+    } else {
+      if (flags & kBadQ) {
+        walk_error = key_draft_probs(N, cur);
+        break;
+      }
+      const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + cur * p.q_sn;
+      double r_total = s.sum[cur], q_total = s.q_sum[cur];
+      int j = 0;
+      for (int c = first; c >= 0; c = s.next_sibling[c]) {
+        const int x = s.token[c];
+        bool zeroed;
+        const double rx = replay(s.child_e[c], s.child_q[c], x, j, s, &zeroed);
+        if (accept_sampled(s.u[c], rx, r_total, zeroed ? 0.0 : s.child_q[c], q_total)) {
+          accepted = c;
+          break;
+        }
+        if (tid == 0) {
+          s.step_x[j] = x;
+          s.step_r[j] = r_total;
+          s.step_q[j] = q_total;
+        }
+        __syncthreads();
+        // r_{j+1} = max(r_j / R_j - q_j / Q_j, 0) summed, q_{j+1} = q_j with x zeroed, summed.
+        double r_part = 0.0, q_part = 0.0;
+        for (int64_t v = tid; v < V; v += blockDim.x) {
+          const double q0 = load_d(qrow, v);
+          bool z;
+          const double r = replay(e_of(v), q0, int(v), j, s, &z);
+          r_part += residual_step(r, r_total, z ? 0.0 : q0, q_total);
+          q_part += z || v == x ? 0.0 : q0;
+        }
+        const double r_next = block_reduce(r_part, SumOp{}, dscratch);
+        const double q_next = block_reduce(q_part, SumOp{}, dscratch);
+        // No residual mass: r == q up to rounding, a probability-0 rejection; r is kept.
+        const bool kept = !(r_next > 0.0);
+        if (tid == 0) s.step_kept[j] = kept;
+        __syncthreads();
+        if (!kept) r_total = r_next;
+        q_total = q_next;
+        ++j;
+      }
+      if (accepted < 0) {
+        auto residual = [&](int64_t v) {
+          bool z;
+          return replay(e_of(v), load_d(qrow, v), int(v), j, s, &z);
+        };
+        final_token = block_inverse_cdf(residual, V, s.u[N]);  // r always has mass
+      }
+    }
+    if (accepted < 0) break;
+    ++nacc;
+    if (tid == 0) s.path[nacc] = accepted;
+    cur = accepted;
+  }
+  __syncthreads();
+  if (walk_error != kNoError) {
+    if (tid == 0) atomicMin(error, batch_key(b, uint32_t(walk_error)));
+    return;
+  }
+  for (int k = tid; k < N; k += blockDim.x) {
+    p.accepted_nodes[b * N + k] = k <= nacc ? s.path[k] : -1;
+    p.emitted_tokens[b * N + k] =
+        k < nacc ? int64_t(s.token[s.path[k + 1]]) : (k == nacc ? final_token : -1);
+  }
+  if (tid == 0) p.num_accepted[b] = nacc;
+}
+
+template <typename TL, typename TQ>
+cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
+                         unsigned long long* error, cudaStream_t stream) {
+  const dim3 stats_grid(unsigned(nchunks), unsigned(p.nodes),
+                        unsigned(p.batch < 65535 ? p.batch : 65535));
+  node_stats_kernel<TL, TQ><<<stats_grid, kStatsThreads, 0, stream>>>(p, nchunks, partials);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const size_t smem = walk_smem_bytes(p.nodes);
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(walk_kernel<TL, TQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(smem));
+    if (err != cudaSuccess) return err;
+  }
+  walk_kernel<TL, TQ><<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials,
+                                                                         error);
+  return cudaGetLastError();
+}
+
+template <typename TL>
+cudaError_t launch_q(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
+                     unsigned long long* error, cudaStream_t stream) {
+  if (p.draft_probs != nullptr && p.draft_probs_dtype == VtDtype::kBFloat16) {
+    return launch_typed<TL, __nv_bfloat16>(p, nchunks, partials, error, stream);
+  }
+  return launch_typed<TL, float>(p, nchunks, partials, error, stream);
+}
+
+int64_t chunks_of(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
+
+}  // namespace
+
+size_t verify_tree_workspace_bytes(int64_t batch, int64_t nodes, int64_t vocab) {
+  return 16 + size_t(batch * nodes * chunks_of(vocab)) * sizeof(NodePartial);
+}
+
+int64_t verify_tree_max_nodes(int device) {
+  int optin = 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+      cudaSuccess) {
+    return 0;
+  }
+  const int64_t static_bytes = 4096;  // the kernels' static shared memory, rounded up
+  const int64_t per_node = kSmemDoubles * sizeof(double) + kSmemInts * sizeof(int);
+  return (optin - static_bytes - int64_t(sizeof(double))) / per_node;
+}
+
+VerifyTreeStatus verify_tree_launch(const VerifyTreeParams& p, void* workspace,
+                                    cudaStream_t stream) {
+  auto* error = static_cast<unsigned long long*>(workspace);
+  auto* partials = reinterpret_cast<NodePartial*>(static_cast<unsigned char*>(workspace) + 16);
+  const int64_t nchunks = chunks_of(p.vocab);
+  cudaError_t err = cudaMemsetAsync(error, 0xff, sizeof(unsigned long long), stream);
+  if (err != cudaSuccess) return {err, kNoError};
+  switch (p.logits_dtype) {
+    case VtDtype::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
+    case VtDtype::kBFloat16: err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream); break;
+    default: err = launch_q<float>(p, nchunks, partials, error, stream); break;
+  }
+  if (err != cudaSuccess) return {err, kNoError};
+  unsigned long long key = kNoError;
+  err = cudaMemcpyAsync(&key, error, sizeof(key), cudaMemcpyDeviceToHost, stream);
+  if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
+  return {err, uint64_t(key)};
+}
+
+}  // namespace vsd_ext::cuda

@@ -1,0 +1,320 @@
+// verify_tree, CPU kernel: batched lossless tree verification (OPS.md section 2; the rule is
+// specified in vsd_ext/reference/verify_tree.py, the shared arithmetic in verify_tree_math.h).
+//
+// Rows are independent and run in parallel (at::parallel_for). Per row only the nodes the walk
+// reaches are read: one pass for the row's max (and its finiteness check), one pass that writes
+// e(v) = exp((x_v - M) / T) into a row buffer and sums S. A child's probability is then a gather
+// e[token] / S. target_only rejections are O(1) (scalar rejected mass, the token's e zeroed);
+// only the final inverse-CDF sample and sampled-mode residual updates cost O(V).
+// Never materialized: softmax over [B, N, V] (the reference's), any [B, N, V] temporary.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "verify_tree_checks.h"
+#include "verify_tree_math.h"
+
+namespace vsd_ext {
+namespace {
+
+using namespace verify;
+
+// Max of a logits row in float (exact for every input dtype). False when the row holds NaN or
+// +inf, or has no finite entry.
+template <typename L>
+bool row_max(const L* x, int64_t vocab, float& max_out) {
+  float m = -std::numeric_limits<float>::infinity();
+  bool below_inf = true;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const float xv = static_cast<float>(x[v]);
+    below_inf = below_inf && xv < std::numeric_limits<float>::infinity();  // false for NaN
+    m = xv > m ? xv : m;
+  }
+  max_out = m;
+  return below_inf && m > -std::numeric_limits<float>::infinity();
+}
+
+// e(v) = exp((x_v - M) / T) into `e`; returns S = sum_v e(v) (>= 1: the max contributes 1).
+template <typename L>
+double fill_exp(const L* x, int64_t vocab, double max_logit, double temperature, double* e) {
+  double total = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double ev = exp_term(static_cast<double>(static_cast<float>(x[v])), max_logit, temperature);
+    e[v] = ev;
+    total += ev;
+  }
+  return total;
+}
+
+// A draft_probs row as float64 into `q`; false unless finite, nonnegative, with a positive sum.
+template <typename Q>
+bool load_q(const Q* row, int64_t vocab, double* q, double& total) {
+  bool ok = true;
+  double sum = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    const double qv = static_cast<double>(static_cast<float>(row[v]));
+    ok = ok && qv >= 0.0 && qv < std::numeric_limits<double>::infinity();
+    q[v] = qv;
+    sum += qv;
+  }
+  total = sum;
+  return ok && sum > 0.0;
+}
+
+// Inverse CDF with uniform u of the unnormalized weights w: the smallest v with w(v) > 0 and
+// cumsum(w)[v] > u * sum(w); if rounding leaves none, the largest v with w(v) > 0; -1 when w has
+// no mass. Zero-weight tokens are never drawn.
+int64_t inverse_cdf(const double* w, int64_t vocab, double u) {
+  double total = 0.0;
+  for (int64_t v = 0; v < vocab; ++v) total += w[v];
+  const double threshold = u * total;
+  double acc = 0.0;
+  int64_t last = -1;
+  for (int64_t v = 0; v < vocab; ++v) {
+    if (w[v] > 0.0) {
+      acc += w[v];
+      last = v;
+      if (acc > threshold) return v;
+    }
+  }
+  return last;
+}
+
+template <typename L>
+struct Problem {
+  const L* logits;
+  int64_t logits_sb, logits_sn;
+  const void* draft_probs;  // float or bfloat16 (the walk's Q); null unless sampled
+  int64_t q_sb, q_sn;
+  const int64_t* tokens;   // [B, N] contiguous
+  const int64_t* parents;  // [B, N] contiguous
+  const double* uniforms;  // [B, N + 1] contiguous
+  int64_t nodes, vocab;
+  int mode;
+  double temperature;
+  int64_t* accepted_nodes;  // [B, N]
+  int64_t* emitted_tokens;  // [B, N]
+  int64_t* num_accepted;    // [B]
+};
+
+// Per-thread buffers, reused across the rows a thread walks.
+struct Workspace {
+  std::vector<double> e, tmp, q;
+  std::vector<int64_t> first_child, next_sibling, path;
+  std::vector<std::pair<int64_t, double>> rejected;  // target_only: (token, e) zeroed in e
+
+  Workspace(int64_t nodes, int64_t vocab, int mode)
+      : e(mode == kGreedy ? 0 : vocab),
+        tmp(mode == kSampled ? vocab : 0),
+        q(mode == kSampled ? vocab : 0),
+        first_child(nodes),
+        next_sibling(nodes),
+        path(nodes) {}
+};
+
+// Walks row b; returns kNoError or the row's first error key (outputs then undefined).
+template <typename L, typename Q>
+uint64_t walk_row(const Problem<L>& P, Workspace& ws, int64_t b) {
+  const int64_t N = P.nodes, V = P.vocab;
+  const int64_t* tok = P.tokens + b * N;
+  const int64_t* par = P.parents + b * N;
+  const double* u = P.uniforms + b * (N + 1);
+
+  for (int64_t i = 0; i < N; ++i) {
+    const uint64_t key = check_node(i, V, tok, par[i]);
+    if (key != kNoError) return key;
+  }
+  for (int64_t i = 0; i <= N; ++i) {
+    if (!uniform_ok(u[i])) return key_uniform(N, i);
+  }
+
+  // Children of each node as a list in increasing index order (built back to front).
+  std::fill(ws.first_child.begin(), ws.first_child.end(), -1);
+  for (int64_t c = N - 1; c >= 1; --c) {
+    if (tok[c] == -1) continue;
+    ws.next_sibling[c] = ws.first_child[par[c]];
+    ws.first_child[par[c]] = c;
+  }
+
+  int64_t cur = 0, nacc = 0, final_token = -1;
+  ws.path[0] = 0;
+  while (true) {
+    const L* row = P.logits + b * P.logits_sb + cur * P.logits_sn;
+    float max_f;
+    if (!row_max(row, V, max_f)) return key_logits(N, cur);
+    const int64_t first = ws.first_child[cur];
+    int64_t accepted = -1;
+
+    if (P.mode == kGreedy) {
+      // Argmax, ties to the lowest index; move to the first child holding it.
+      int64_t argmax = 0;
+      while (static_cast<float>(row[argmax]) != max_f) ++argmax;
+      for (int64_t c = first; c >= 0 && accepted < 0; c = ws.next_sibling[c]) {
+        if (tok[c] == argmax) accepted = c;
+      }
+      if (accepted < 0) final_token = argmax;
+    } else {
+      double* e = ws.e.data();
+      const double total = fill_exp(row, V, static_cast<double>(max_f), P.temperature, e);
+      if (first < 0) {
+        final_token = inverse_cdf(e, V, u[N]);  // bonus from p (e holds its max term 1)
+      } else if (P.mode == kTargetOnly) {
+        // r = p with rejected tokens zeroed: r(c) = e(c) / (S - m). A repeated sibling token
+        // finds e = 0 (already rejected): rejected again, m unchanged.
+        double rejected_mass = 0.0;
+        ws.rejected.clear();
+        for (int64_t c = first; c >= 0; c = ws.next_sibling[c]) {
+          const int64_t x = tok[c];
+          if (accept_target_only(u[c], e[x], total, rejected_mass)) {
+            accepted = c;
+            break;
+          }
+          rejected_mass += e[x];
+          if (e[x] > 0.0) {
+            ws.rejected.emplace_back(x, e[x]);
+            e[x] = 0.0;
+          }
+        }
+        if (accepted < 0) {
+          final_token = inverse_cdf(e, V, u[N]);
+          if (final_token < 0) {
+            // Every token of positive probability was rejected (reachable only through
+            // rounding): the residual is undefined, so the correction comes from p.
+            for (const auto& [x, ex] : ws.rejected) e[x] = ex;
+            final_token = inverse_cdf(e, V, u[N]);
+          }
+        }
+      } else {
+        // sampled: r_0 = e (sum S), q_0 = draft_probs row (sum Q), both kept unnormalized.
+        double* q = ws.q.data();
+        double q_total;
+        const Q* q_row = static_cast<const Q*>(P.draft_probs) + b * P.q_sb + cur * P.q_sn;
+        if (!load_q(q_row, V, q, q_total)) {
+          return key_draft_probs(N, cur);
+        }
+        double* r = e;
+        double* r_next = ws.tmp.data();
+        double r_total = total;
+        for (int64_t c = first; c >= 0; c = ws.next_sibling[c]) {
+          const int64_t x = tok[c];
+          if (accept_sampled(u[c], r[x], r_total, q[x], q_total)) {
+            accepted = c;
+            break;
+          }
+          // r <- norm(max(r - q, 0)) unless that leaves no mass (then r = q up to rounding
+          // and this rejection had probability 0: r is kept, so r never leaves p's support);
+          // q <- norm(q with x zeroed).
+          double r_sum = 0.0, q_sum = 0.0;
+          for (int64_t v = 0; v < V; ++v) {
+            const double d = residual_step(r[v], r_total, q[v], q_total);
+            r_next[v] = d;
+            r_sum += d;
+            q_sum += v == x ? 0.0 : q[v];
+          }
+          if (r_sum > 0.0) {
+            std::swap(r, r_next);
+            r_total = r_sum;
+          }
+          q[x] = 0.0;
+          q_total = q_sum;
+        }
+        if (accepted < 0) final_token = inverse_cdf(r, V, u[N]);  // r always has mass
+      }
+    }
+    if (accepted < 0) break;
+    ws.path[++nacc] = accepted;
+    cur = accepted;
+  }
+
+  int64_t* out_nodes = P.accepted_nodes + b * N;
+  int64_t* out_tokens = P.emitted_tokens + b * N;
+  for (int64_t k = 0; k < N; ++k) {
+    out_nodes[k] = k <= nacc ? ws.path[k] : -1;
+    out_tokens[k] = k < nacc ? tok[ws.path[k + 1]] : (k == nacc ? final_token : -1);
+  }
+  P.num_accepted[b] = nacc;
+  return kNoError;
+}
+
+template <typename L, typename Q>
+void run_rows(const Problem<L>& P, int64_t batch, std::vector<uint64_t>& row_error) {
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    Workspace ws(P.nodes, P.vocab, P.mode);
+    for (int64_t b = begin; b < end; ++b) row_error[b] = walk_row<L, Q>(P, ws, b);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
+    const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
+    const at::Tensor& uniforms, const std::optional<at::Tensor>& draft_probs, int64_t mode,
+    double temperature) {
+  const auto [B, N, V] = check_verify_tree_args(target_logits, draft_tokens, parents, uniforms,
+                                                draft_probs, mode, temperature);
+  const at::Tensor logits = with_unit_last_stride(target_logits);
+  const at::Tensor tokens = draft_tokens.contiguous();
+  const at::Tensor par = parents.contiguous();
+  const at::Tensor u = uniforms.to(at::kDouble).contiguous();
+  std::optional<at::Tensor> q;
+  if (mode == kSampled) q = with_unit_last_stride(*draft_probs);
+
+  const auto long_opts = target_logits.options().dtype(at::kLong);
+  at::Tensor accepted_nodes = at::empty({B, N}, long_opts);
+  at::Tensor emitted_tokens = at::empty({B, N}, long_opts);
+  at::Tensor num_accepted = at::empty({B}, long_opts);
+  std::vector<uint64_t> row_error(B, kNoError);
+
+  auto run = [&](auto* logits_ptr) {
+    using L = std::remove_const_t<std::remove_pointer_t<decltype(logits_ptr)>>;
+    Problem<L> P{logits_ptr,
+                        logits.stride(0),
+                        logits.stride(1),
+                        q ? q->data_ptr() : nullptr,
+                        q ? q->stride(0) : 0,
+                        q ? q->stride(1) : 0,
+                        tokens.data_ptr<int64_t>(),
+                        par.data_ptr<int64_t>(),
+                        u.data_ptr<double>(),
+                        N,
+                        V,
+                        static_cast<int>(mode),
+                        temperature,
+                        accepted_nodes.data_ptr<int64_t>(),
+                        emitted_tokens.data_ptr<int64_t>(),
+                        num_accepted.data_ptr<int64_t>()};
+    if (q && q->scalar_type() == at::kBFloat16) {
+      run_rows<L, c10::BFloat16>(P, B, row_error);
+    } else {
+      run_rows<L, float>(P, B, row_error);
+    }
+  };
+  switch (logits.scalar_type()) {
+    case at::kHalf: run(logits.data_ptr<c10::Half>()); break;
+    case at::kBFloat16: run(logits.data_ptr<c10::BFloat16>()); break;
+    default: run(logits.data_ptr<float>()); break;
+  }
+
+  const auto first_bad = std::find_if(row_error.begin(), row_error.end(),
+                                      [](uint64_t k) { return k != kNoError; });
+  if (first_bad != row_error.end()) {
+    raise_row_error(batch_key(first_bad - row_error.begin(), uint32_t(*first_bad)), N, V);
+  }
+  return {accepted_nodes, emitted_tokens, num_accepted};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vsd_ext, CPU, m) { m.impl("verify_tree", &verify_tree_cpu); }
+
+}  // namespace vsd_ext
