@@ -22,4 +22,28 @@ TORCH_LIBRARY(vsd_ext, m) {
       "Tensor out, Tensor lse, float sm_scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 
   // ---- 3. Fused weighted cross-entropy ----------------------------------------------------
+  // Public API: vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (Python wrappers
+  // in vsd_ext/ops/cross_entropy.py, which own autograd). Every forward also returns soft_lse
+  // (log-sum-exp of soft_targets / soft_temperature per row, [0] without soft targets) for the
+  // backward. The fused forward computes, for grad_mask = (hidden, weight, bias), the gradients
+  // of sum(loss_rows) ("unit" gradients, [0] when not asked); its backward rescales them or
+  // recomputes (csrc/weighted_ce_impl.h). Absent upstream gradients are None.
+  m.def(
+      "weighted_cross_entropy_forward(Tensor logits, Tensor targets, Tensor row_weights, "
+      "Tensor? soft_targets, int ignore_index, float soft_temperature) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "weighted_cross_entropy_backward(Tensor? grad_loss_rows, Tensor? grad_lse, Tensor logits, "
+      "Tensor targets, Tensor row_weights, Tensor? soft_targets, Tensor lse, Tensor soft_lse, "
+      "int ignore_index, float soft_temperature) -> Tensor");
+  m.def(
+      "weighted_linear_cross_entropy_forward(Tensor hidden, Tensor weight, Tensor targets, "
+      "Tensor row_weights, Tensor? soft_targets, Tensor? bias, int ignore_index, "
+      "float soft_temperature, int chunk_size, bool[3] grad_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "weighted_linear_cross_entropy_backward(Tensor? grad_loss_rows, Tensor? grad_lse, "
+      "Tensor hidden, Tensor weight, Tensor targets, Tensor row_weights, Tensor? soft_targets, "
+      "Tensor? bias, Tensor lse, Tensor soft_lse, Tensor dhidden_unit, Tensor dweight_unit, "
+      "Tensor dbias_unit, int ignore_index, float soft_temperature, int chunk_size, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }

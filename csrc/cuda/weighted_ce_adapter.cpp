@@ -1,0 +1,159 @@
+// CUDA adapter of the weighted cross-entropy family: the CUDA kernel set for the device-generic
+// drivers in csrc/weighted_ce_impl.h (chunk loop with cuBLAS GEMMs through at::mm / at::addmm,
+// fp16/bf16 operands with fp32 output via the out_dtype overloads), device guard, current stream,
+// launch error checks and TORCH_LIBRARY_IMPL(vsd_ext, CUDA).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "cuda/weighted_ce.cuh"
+#include "weighted_ce_impl.h"
+
+namespace vsd_ext::wce::cuda_impl {
+namespace k = vsd_ext::cuda::wce;
+
+k::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return k::DType::kFloat16;
+    case at::kBFloat16: return k::DType::kBFloat16;
+    case at::kFloat: return k::DType::kFloat32;
+    case at::kDouble: return k::DType::kFloat64;
+    default: TORCH_CHECK(false, "vsd_ext: weighted_ce: unsupported dtype ", t.scalar_type());
+  }
+}
+
+k::ConstMatrix const_matrix(const at::Tensor& t) {
+  k::ConstMatrix m;
+  if (t.defined()) {
+    TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1), "vsd_ext: weighted_ce: expected a matrix with unit column stride");
+    m.data = t.data_ptr();
+    m.dtype = dtype_of(t);
+    m.ld = t.stride(0);
+  }
+  return m;
+}
+
+k::Matrix matrix(const at::Tensor& t) {
+  const k::ConstMatrix c = const_matrix(t);
+  return {const_cast<void*>(c.data), c.dtype, c.ld};
+}
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "vsd_ext: weighted_ce ", what, " kernel launch failed: ", cudaGetErrorString(err));
+}
+
+cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+struct Kernels {
+  // Native-dtype GEMM operands: cuBLAS runs fp16/bf16 at full rate with fp32 accumulation.
+  static constexpr bool kUpcastOperands = false;
+  // 2^27 logits per chunk (512 MiB fp32 + 256 MiB fp16/bf16 gradient copy): >= 1,046 rows at
+  // V = 128,256, so the rank-`rows` update of dweight (K = rows) stays compute-bound on Hopper.
+  static constexpr int64_t kDefaultChunk = int64_t{1} << 27;
+
+  static void stats(const StatsArgs& a) {
+    k::StatsLaunch p;
+    p.logits = const_matrix(a.logits);
+    p.soft = const_matrix(a.soft);
+    p.targets = a.targets.data_ptr<int64_t>();
+    p.row_weights = a.row_weights.data_ptr();
+    p.state = a.state.defined() ? a.state.data_ptr() : nullptr;
+    p.loss = a.loss.data_ptr();
+    p.lse = a.lse.data_ptr();
+    p.soft_lse = a.soft_lse.defined() ? a.soft_lse.data_ptr() : nullptr;
+    p.rows = a.logits.size(0);
+    p.cols = a.logits.size(1);
+    p.col0 = a.col0;
+    p.vocab = a.vocab;
+    p.ignore_index = a.ignore_index;
+    p.temperature = a.temperature;
+    p.first = a.first;
+    p.last = a.last;
+    p.acc_double = a.loss.scalar_type() == at::kDouble;
+    check_launch(k::launch_stats(p, stream()), "statistics");
+  }
+
+  static void grad(const GradArgs& a) {
+    k::GradLaunch p;
+    p.logits = const_matrix(a.logits);
+    p.soft = const_matrix(a.soft);
+    p.out = matrix(a.out);
+    p.targets = a.targets.data_ptr<int64_t>();
+    p.row_weights = a.row_weights.data_ptr();
+    p.grad_loss = ptr_or_null(a.grad_loss);
+    p.grad_lse = ptr_or_null(a.grad_lse);
+    p.lse = a.lse.data_ptr();
+    p.soft_lse = ptr_or_null(a.soft_lse);
+    p.rows = a.logits.size(0);
+    p.cols = a.logits.size(1);
+    p.ignore_index = a.ignore_index;
+    p.temperature = a.temperature;
+    p.unit_grad_loss = a.unit_grad_loss;
+    p.acc_double = a.lse.scalar_type() == at::kDouble;
+    check_launch(k::launch_grad(p, stream()), "gradient");
+  }
+
+  static void colsum_add(const at::Tensor& g, at::Tensor& out) {
+    k::ColsumLaunch p;
+    p.g = const_matrix(g);
+    p.out = out.data_ptr();
+    p.rows = g.size(0);
+    p.cols = g.size(1);
+    p.acc_double = out.scalar_type() == at::kDouble;
+    check_launch(k::launch_colsum_add(p, stream()), "column sum");
+  }
+
+  // No host synchronization: an active row's out-of-range target yields a NaN loss (stats kernel).
+  static void check_targets(const at::Tensor&, int64_t, int64_t) {}
+};
+
+// The drivers run on the device of their first tensor, on its current stream.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_weights,
+    const std::optional<at::Tensor>& soft, int64_t ignore_index, double temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return ce_forward<Kernels>(logits, targets, row_weights, soft, ignore_index, temperature);
+}
+
+at::Tensor ce_backward_cuda(const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+                            const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_weights,
+                            const std::optional<at::Tensor>& soft, const at::Tensor& lse,
+                            const at::Tensor& soft_lse, int64_t ignore_index, double temperature) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return ce_backward<Kernels>(grad_loss, grad_lse, logits, targets, row_weights, soft, lse, soft_lse,
+                              ignore_index, temperature);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
+    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, int64_t ignore_index,
+    double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return linear_forward<Kernels>(hidden, weight, targets, row_weights, soft, bias, ignore_index, temperature,
+                                 chunk_size, grad_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
+    const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
+    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
+    const at::Tensor& soft_lse, const at::Tensor& dhidden_unit, const at::Tensor& dweight_unit,
+    const at::Tensor& dbias_unit, int64_t ignore_index, double temperature, int64_t chunk_size,
+    std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return linear_backward<Kernels>(grad_loss, grad_lse, hidden, weight, targets, row_weights, soft, bias, lse,
+                                  soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index, temperature,
+                                  chunk_size, output_mask);
+}
+
+TORCH_LIBRARY_IMPL(vsd_ext, CUDA, m) {
+  m.impl("weighted_cross_entropy_forward", &ce_forward_cuda);
+  m.impl("weighted_cross_entropy_backward", &ce_backward_cuda);
+  m.impl("weighted_linear_cross_entropy_forward", &linear_forward_cuda);
+  m.impl("weighted_linear_cross_entropy_backward", &linear_backward_cuda);
+}
+
+}  // namespace vsd_ext::wce::cuda_impl

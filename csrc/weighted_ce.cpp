@@ -1,0 +1,18 @@
+// CPU registration of the weighted cross-entropy family (shared/design/OPS.md, section 3). The
+// drivers are device-generic (weighted_ce_impl.h); the CPU row kernels live in
+// weighted_ce_rows.cpp, and the chunk GEMMs run through ATen (MKL) in fp32/fp64.
+#include <torch/library.h>
+
+#include "weighted_ce_cpu.h"
+#include "weighted_ce_impl.h"
+
+namespace vsd_ext::wce {
+
+TORCH_LIBRARY_IMPL(vsd_ext, CPU, m) {
+  m.impl("weighted_cross_entropy_forward", &ce_forward<cpu::Kernels>);
+  m.impl("weighted_cross_entropy_backward", &ce_backward<cpu::Kernels>);
+  m.impl("weighted_linear_cross_entropy_forward", &linear_forward<cpu::Kernels>);
+  m.impl("weighted_linear_cross_entropy_backward", &linear_backward<cpu::Kernels>);
+}
+
+}  // namespace vsd_ext::wce

@@ -1,0 +1,31 @@
+// CPU kernel set of the weighted cross-entropy (see weighted_ce_impl.h for the interface):
+// row kernels in csrc/weighted_ce_rows.cpp, GEMMs through ATen (MKL) in acc dtype.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "weighted_ce_args.h"
+
+namespace vsd_ext::wce::cpu {
+
+void stats(const StatsArgs& a);
+void grad(const GradArgs& a);
+void colsum_add(const at::Tensor& g, at::Tensor& out);
+void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
+
+struct Kernels {
+  // fp16/bf16 GEMMs are slow or emulated on most CPUs: the weight is cast to fp32 once per call
+  // and each hidden chunk as it is used, so chunk logits and gradients are fp32 throughout.
+  static constexpr bool kUpcastOperands = true;
+  // 2^24 logits (64 MiB fp32) per chunk: e.g. 524 rows at V = 32,000. Big enough that the
+  // rank-`rows` update of dweight stays compute-bound, small enough to be far from M * V.
+  static constexpr int64_t kDefaultChunk = int64_t{1} << 24;
+  static void stats(const StatsArgs& a) { cpu::stats(a); }
+  static void grad(const GradArgs& a) { cpu::grad(a); }
+  static void colsum_add(const at::Tensor& g, at::Tensor& out) { cpu::colsum_add(g, out); }
+  static void check_targets(const at::Tensor& t, int64_t V, int64_t ignore) {
+    cpu::check_targets(t, V, ignore);
+  }
+};
+
+}  // namespace vsd_ext::wce::cpu

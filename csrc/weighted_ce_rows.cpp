@@ -1,0 +1,364 @@
+// CPU row kernels of the weighted cross-entropy: per-row statistics (max, sum of exponentials,
+// target logit, soft-target sums) and the fused softmax-gradient pass, parallel over rows with
+// at::parallel_for (one row per task element: results do not depend on the thread count).
+//
+// Each row is processed as: max pass (vectorized), exp-sum pass, and for gradients one
+// exp-and-write pass, all on a row that stays in L2 (V = 128k floats is 512 KiB). The float loops
+// use a branch-free exp polynomial so that GCC vectorizes them; they are compiled for AVX-512,
+// AVX2 and baseline x86-64 and picked at load time (target_clones). Float64 rows (gradcheck)
+// use std::exp.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "weighted_ce_cpu.h"
+#include "weighted_ce_math.h"
+
+namespace vsd_ext::wce::cpu {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VSD_WCE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VSD_WCE_CLONES
+#endif
+
+// exp(x) for x <= 0 (every argument here is z - max or z - lse), |rel err| < 1.5e-7 for
+// x >= -87; 0 below (exp(-87) = 1.6e-38 is nothing next to the row's sum >= 1); NaN stays NaN.
+// Range reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r) (Cephes
+// coefficients), 2^k assembled in the exponent bits. Written without branches or calls so the
+// loops below vectorize.
+inline float exp_nonpos(float x) {
+  const bool under = x < -87.0f;
+  float xc = x > 88.0f ? 88.0f : x;
+  xc = under ? -87.0f : xc;
+  float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = xc - k * 0.693145751953125f;
+  r = r - k * 1.428606765330187045e-06f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  k = (k >= -127.0f) ? k : -127.0f;  // also maps NaN to a valid exponent; p carries the NaN
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  const float v = p * scale;
+  return under ? 0.0f : v;
+}
+
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+VSD_WCE_CLONES float row_max(const float* x, int64_t n) {
+  float m = kNegInfF;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+VSD_WCE_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += exp_nonpos(x[i] - shift);
+  return s;
+}
+
+// sum_v e_v and sum_v e_v z_v with e_v = exp(u_v - shift); an entry with e_v = 0 adds nothing
+// even where z_v = -inf.
+VSD_WCE_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
+                                    float* sum, float* dot) {
+  float s = 0.0f, d = 0.0f;
+#pragma omp simd reduction(+ : s, d)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_nonpos(u[i] - shift);
+    s += e;
+    d += e > 0.0f ? e * z[i] : 0.0f;
+  }
+  *sum = s;
+  *dot = d;
+}
+
+// out_v = a exp(z_v - lse) (out may be z).
+VSD_WCE_CLONES void row_grad(float* out, const float* z, int64_t n, float lse, float a) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a * exp_nonpos(z[i] - lse);
+}
+
+// out_v = a exp(z_v - lse) - c exp(u_v - lse_u) (out may be z).
+VSD_WCE_CLONES void row_grad_soft(float* out, const float* z, const float* u, int64_t n, float lse,
+                                  float a, float lse_u, float c) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = a * exp_nonpos(z[i] - lse) - c * exp_nonpos(u[i] - lse_u);
+  }
+}
+
+// Float64 versions (exact std::exp), same contracts.
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+double row_sum_exp(const double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+void row_sum_exp_dot(const double* u, const double* z, int64_t n, double shift, double* sum,
+                     double* dot) {
+  double s = 0.0, d = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double e = std::exp(u[i] - shift);
+    s += e;
+    d += e > 0.0 ? e * z[i] : 0.0;
+  }
+  *sum = s;
+  *dot = d;
+}
+void row_grad(double* out, const double* z, int64_t n, double lse, double a) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a * std::exp(z[i] - lse);
+}
+void row_grad_soft(double* out, const double* z, const double* u, int64_t n, double lse, double a,
+                   double lse_u, double c) {
+  for (int64_t i = 0; i < n; ++i) out[i] = a * std::exp(z[i] - lse) - c * std::exp(u[i] - lse_u);
+}
+
+// ---- typed row access: rows of any float dtype are read as (or converted to) acc dtype A ------
+
+template <typename A, typename S>
+void convert_row(const void* src, A* dst, int64_t n, A divisor) {
+  const S* s = static_cast<const S*>(src);
+  if (divisor == A(1)) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]) / divisor;
+  }
+}
+
+template <typename A, typename D>
+void store_row_as(const A* src, void* dst, int64_t n) {
+  D* d = static_cast<D*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(src[i]);
+}
+
+// A [rows, n] matrix with unit column stride, read row by row in acc dtype A.
+template <typename A>
+struct Rows {
+  char* base = nullptr;
+  int64_t stride_bytes = 0;
+  at::ScalarType dtype = at::kFloat;
+
+  explicit Rows(const at::Tensor& t)
+      : base(static_cast<char*>(t.data_ptr())),
+        stride_bytes(t.stride(0) * static_cast<int64_t>(t.element_size())),
+        dtype(t.scalar_type()) {}
+
+  bool native() const { return dtype == c10::CppTypeToScalarType<A>::value; }
+  void* ptr(int64_t r) const { return base + r * stride_bytes; }
+
+  // Row r divided by `divisor`, pointing into the tensor when no conversion is needed.
+  const A* load(int64_t r, A* scratch, int64_t n, A divisor = A(1)) const {
+    if (native() && divisor == A(1)) {
+      return static_cast<const A*>(ptr(r));
+    }
+    switch (dtype) {
+      case at::kFloat: convert_row<A, float>(ptr(r), scratch, n, divisor); break;
+      case at::kDouble: convert_row<A, double>(ptr(r), scratch, n, divisor); break;
+      case at::kHalf: convert_row<A, c10::Half>(ptr(r), scratch, n, divisor); break;
+      case at::kBFloat16: convert_row<A, c10::BFloat16>(ptr(r), scratch, n, divisor); break;
+      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
+    }
+    return scratch;
+  }
+
+  // Where to compute row r in acc dtype: in place when native, else in `scratch` (then store()).
+  A* out_row(int64_t r, A* scratch) const {
+    return native() ? static_cast<A*>(ptr(r)) : scratch;
+  }
+
+  void store(int64_t r, const A* row, int64_t n) const {
+    if (native()) {
+      return;
+    }
+    switch (dtype) {
+      case at::kFloat: store_row_as<A, float>(row, ptr(r), n); break;
+      case at::kDouble: store_row_as<A, double>(row, ptr(r), n); break;
+      case at::kHalf: store_row_as<A, c10::Half>(row, ptr(r), n); break;
+      case at::kBFloat16: store_row_as<A, c10::BFloat16>(row, ptr(r), n); break;
+      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
+    }
+  }
+};
+
+template <typename A>
+const A* data_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+// ---- statistics --------------------------------------------------------------------------------
+
+template <typename A>
+void stats_impl(const StatsArgs& a) {
+  const int64_t rows = a.logits.size(0), n = a.logits.size(1);
+  const Rows<A> z_rows(a.logits);
+  const bool soft = a.soft.defined();
+  const Rows<A> u_rows(soft ? a.soft : a.logits);
+  const int64_t* targets = a.targets.data_ptr<int64_t>();
+  const A* weights = a.row_weights.data_ptr<A>();
+  A* state = a.state.defined() ? a.state.data_ptr<A>() : nullptr;
+  A* loss = a.loss.defined() ? a.loss.data_ptr<A>() : nullptr;
+  A* lse = a.lse.defined() ? a.lse.data_ptr<A>() : nullptr;
+  A* soft_lse = a.soft_lse.defined() ? a.soft_lse.data_ptr<A>() : nullptr;
+  const A temperature = static_cast<A>(a.temperature);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<A> z_scratch(z_rows.native() ? 0 : n), u_scratch(soft ? n : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const A* z = z_rows.load(r, z_scratch.data(), n);
+      const int64_t t = targets[r];
+      const bool active = t != a.ignore_index;
+      RowStats<A> st = RowStats<A>::empty();
+      st.m = row_max(z, n);
+      st.s = st.m == neg_inf ? A(0) : row_sum_exp(z, n, st.m);
+      if (!soft && active && t >= a.col0 && t < a.col0 + n) {
+        st.zt = z[t - a.col0];
+      }
+      if (soft) {
+        const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
+        st.mu = row_max(u, n);
+        if (st.mu != neg_inf) {
+          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
+        }
+      }
+      if (!a.first) {
+        RowStats<A> prev;
+        std::memcpy(&prev, state + r * RowStats<A>::kFields, sizeof(prev));
+        prev.merge(st);
+        st = prev;
+      }
+      if (!a.last) {
+        std::memcpy(state + r * RowStats<A>::kFields, &st, sizeof(st));
+        continue;
+      }
+      lse[r] = st.lse();
+      if (soft) {
+        soft_lse[r] = st.soft_lse();
+      }
+      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+    }
+  });
+}
+
+// ---- gradient ----------------------------------------------------------------------------------
+
+template <typename A>
+void grad_impl(const GradArgs& a) {
+  const int64_t rows = a.logits.size(0), n = a.logits.size(1);
+  const Rows<A> z_rows(a.logits), out_rows(a.out);
+  const bool soft = a.soft.defined();
+  const Rows<A> u_rows(soft ? a.soft : a.logits);
+  const int64_t* targets = a.targets.data_ptr<int64_t>();
+  const A* weights = a.row_weights.data_ptr<A>();
+  const A* g = data_or_null<A>(a.grad_loss);
+  const A* gl = data_or_null<A>(a.grad_lse);
+  const A* lse = a.lse.data_ptr<A>();
+  const A* soft_lse = data_or_null<A>(a.soft_lse);
+  const A g_default = a.unit_grad_loss ? A(1) : A(0);
+  const A temperature = static_cast<A>(a.temperature);
+
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<A> z_scratch(z_rows.native() ? 0 : n), u_scratch(soft ? n : 0),
+        out_scratch(out_rows.native() ? 0 : n);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t t = targets[r];
+      const bool active = t != a.ignore_index;
+      const auto coef = RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
+      A* out = out_rows.out_row(r, out_scratch.data());
+      if (coef.a == A(0) && coef.c == A(0)) {
+        std::fill(out, out + n, A(0));  // ignored row without gradient into lse
+      } else {
+        const A* z = z_rows.load(r, z_scratch.data(), n);
+        if (soft) {
+          const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
+          row_grad_soft(out, z, u, n, lse[r], coef.a, soft_lse[r], coef.c);
+        } else {
+          row_grad(out, z, n, lse[r], coef.a);
+          if (active) {
+            out[t] -= coef.c;
+          }
+        }
+      }
+      out_rows.store(r, out, n);
+    }
+  });
+}
+
+template <typename A>
+void colsum_add_impl(const at::Tensor& g, at::Tensor& out) {
+  const int64_t rows = g.size(0), n = g.size(1), ld = g.stride(0);
+  const A* src = g.data_ptr<A>();
+  A* dst = out.data_ptr<A>();
+  constexpr int64_t kBlock = 2048;
+  // Each column block is owned by one task and summed over rows in order: deterministic.
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t v0 = b * kBlock, v1 = std::min(n, v0 + kBlock);
+      for (int64_t r = 0; r < rows; ++r) {
+        const A* row = src + r * ld;
+#pragma omp simd
+        for (int64_t v = v0; v < v1; ++v) dst[v] += row[v];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void stats(const StatsArgs& a) {
+  if (a.loss.scalar_type() == at::kDouble) {
+    stats_impl<double>(a);
+  } else {
+    stats_impl<float>(a);
+  }
+}
+
+void grad(const GradArgs& a) {
+  if (a.lse.scalar_type() == at::kDouble) {
+    grad_impl<double>(a);
+  } else {
+    grad_impl<float>(a);
+  }
+}
+
+void colsum_add(const at::Tensor& g, at::Tensor& out) {
+  TORCH_CHECK(g.scalar_type() == out.scalar_type() && g.stride(1) == 1 && out.is_contiguous(),
+              "weighted_ce: colsum_add expects matching dtypes and unit column strides");
+  if (out.scalar_type() == at::kDouble) {
+    colsum_add_impl<double>(g, out);
+  } else {
+    colsum_add_impl<float>(g, out);
+  }
+}
+
+void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t* t = targets.data_ptr<int64_t>();
+  for (int64_t m = 0; m < targets.numel(); ++m) {
+    VSD_CHECK(t[m] == ignore_index || (t[m] >= 0 && t[m] < V), "targets",
+              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index,
+              "), got ", t[m], " at row ", m);
+  }
+}
+
+}  // namespace vsd_ext::wce::cpu
