@@ -62,6 +62,7 @@ def parse_args(argv=None):
                    help="CPU autocast dtype for the forward/backward matmuls")
     p.add_argument("--save-dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (autocast then on cuda)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=8)
     p.add_argument("--max-minutes", type=float, default=None,
@@ -121,7 +122,8 @@ def lr_at(step: int, args) -> float:
 
 
 def autocast(args):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast == "bf16")
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16,
+                          enabled=args.autocast == "bf16")
 
 
 @torch.no_grad()
@@ -131,7 +133,7 @@ def heldout_perplexity(model: Target, stream: torch.Tensor, args) -> tuple[float
     total, count = 0.0, 0
     model.eval()
     for i in range(0, rows.shape[0], args.eval_batch):
-        batch = rows[i:i + args.eval_batch]
+        batch = rows[i:i + args.eval_batch].to(args.device)
         with autocast(args):
             logits = model(batch[:, :-1])
         nll = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(),
@@ -165,6 +167,7 @@ def main(argv=None):
     config = hf_config(args, tokenizer)
     model = Target(parse_config(config), config, tokenizer, tie_word_embeddings=True)
     init_weights(model, args.seed)
+    model.to(args.device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, config {json.dumps(config)}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -177,10 +180,10 @@ def main(argv=None):
     step, elapsed = 0, 0.0
     ckpt = work / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=False, map_location=args.device)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
-        gen.set_state(state["gen"])
+        gen.set_state(state["gen"].cpu())
         ema = state["ema"]
         step, elapsed = state["step"], state["elapsed"]
         print(f"resumed from {ckpt} at step {step}")
@@ -189,13 +192,20 @@ def main(argv=None):
     window = args.seq_len + 1
     bar = tqdm(total=args.steps, initial=step, desc="train", mininterval=10)
     start = time.time() - elapsed
+    def save_checkpoint():
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
+                    "gen": gen.get_state(), "ema": ema, "step": step,
+                    "elapsed": time.time() - start}, ckpt)
+
     while step < args.steps:
         if args.max_minutes is not None and time.time() - start > 60 * args.max_minutes:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
+            save_checkpoint()
             break
         starts = torch.randint(0, train_stream.numel() - window, (args.batch_size,),
                                generator=gen)
         batch = torch.stack([train_stream[s:s + window] for s in starts.tolist()])
+        batch = batch.to(args.device)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         with autocast(args):
@@ -212,9 +222,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step - 1, args):.2e}")
         if step % args.checkpoint_every == 0 or step == args.steps:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(),
-                        "gen": gen.get_state(), "ema": ema, "step": step,
-                        "elapsed": time.time() - start}, ckpt)
+            save_checkpoint()
     bar.close()
     train_seconds = time.time() - start
     model.load_state_dict(ema)
@@ -225,7 +233,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_dtype = getattr(torch, args.save_dtype)
-    tensors = {k: v.detach().to(save_dtype).contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", save_dtype).contiguous()
+               for k, v in model.state_dict().items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "model.safetensors").chmod(0o644)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -264,6 +264,11 @@ def test_drafter_tree_steps_match_causal_forward(checkpoints, gen):
     second = drafter.tree_step(tokens[:, 4:], hidden[:, 4:], parents, cache,
                                past=first.tree_kv)
     got = torch.cat((first.logits, second.logits), 1)
+    alone = drafter.tree_step(tokens, hidden, parents, None)  # no context at all
+    for b in range(B):
+        for i, path in enumerate(root_paths(parents[b])):
+            ref = drafter(tokens[b, path][None], hidden[b, path][None]).logits[0, -1]
+            assert (alone.logits[b, i] - ref).abs().max() < 1e-4
     for b in range(B):
         for i, path in enumerate(root_paths(parents[b])):
             # The context rows take target features (fc); tree rows take drafter states.
