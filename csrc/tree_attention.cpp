@@ -1,7 +1,7 @@
 // Tree-mask attention, CPU forward (contract: shared/design/OPS.md section 1).
 //
 // For each work unit (row b, kv head g, node range; see tree_attention_cpu.h) the G query heads
-// of the group are packed into one fp32 tile Q [R, D], pre-scaled by c = sm_scale * log2(e).
+// of the group are packed into one tile Q [R, D], pre-scaled by c = sm_scale * log2(e).
 // FlashAttention-2 online softmax over key tiles, fp32 state per packed row:
 //   S = Q K_t^T                       (computed key-major as S^T = K_t Q^T, [Lt, R])
 //   m' = max(m, rowmax S);  P = 2^(S - m');  l = l 2^(m - m') + rowsum P

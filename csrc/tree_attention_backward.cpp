@@ -71,20 +71,9 @@ void backward_cpu(const Dims& d, const at::Tensor& grad_out, const std::optional
   const bool shared_cache = d.Bc == 1 && d.B > 1;
   const int64_t max_keys = std::max(cpu::kKeyTile, N);
 
-  // delta[b, n, h] = dO . O - dlse, per query (packed order is derived from the index below).
+  // delta[b, n, h] = dO . O - dlse per query, filled by pass A (each unit its own queries) and
+  // read again by pass B.
   std::vector<A> delta(d.B * N * Hq);
-  at::parallel_for(0, d.B * N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bn = begin; bn < end; ++bn) {
-      const int64_t b = bn / N, n = bn % N;
-      for (int64_t h = 0; h < Hq; ++h) {
-        const T* x = dO4.row(b, n, h);
-        const T* y = O4.row(b, n, h);
-        A s = 0;
-        for (int64_t k = 0; k < D; ++k) s += static_cast<A>(x[k]) * static_cast<A>(y[k]);
-        delta[bn * Hq + h] = s - (glse_p ? glse_p[bn * Hq + h] : A(0));
-      }
-    }
-  });
   // Packed per-query vectors of (b, g): index r = n * G + h.
   auto gather_rows = [&](const A* src, int64_t b, int64_t g, A* dst, A scale) {
     for (int64_t n = 0; n < N; ++n)
@@ -105,6 +94,15 @@ void backward_cpu(const Dims& d, const at::Tensor& grad_out, const std::optional
       cpu::transpose(dos.data(), R, D, dot.data());
       gather_rows(lse_p, b, g, lse2.data(), log2e);  // lse = -inf (saw nothing) -> +inf: P = 0
       for (A& x : lse2) x = x == -kInf ? kInf : x;
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t h = g * G; h < (g + 1) * G; ++h) {
+          const int64_t row = (b * N + n) * Hq + h;
+          const T* x = dO4.row(b, n, h);
+          const T* y = O4.row(b, n, h);
+          A s = 0;
+          for (int64_t k = 0; k < D; ++k) s += static_cast<A>(x[k]) * static_cast<A>(y[k]);
+          delta[row] = s - (glse_p ? glse_p[row] : A(0));
+        }
       gather_rows(delta.data(), b, g, dl.data(), A(1));
       std::fill(dqa.begin(), dqa.end(), A(0));
 

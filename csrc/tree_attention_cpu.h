@@ -1,11 +1,12 @@
 // CPU building blocks shared by the tree-attention forward and backward kernels.
 //
 // Work unit: one (row b, kv head g, node range) of a GQA group. Its G = Hq / Hkv query heads
-// share every key, so their queries are packed into one fp32 tile of R = nodes * G rows
-// (row r = node * G + head) and each key tile is read (and converted) once per group. Tile
-// products are GEMM-shaped ([R, D] x [D, Lt]) and run in the register-blocked kernel of
-// tree_attention_gemm.cpp; softmax bookkeeping runs in SIMD loops (tree_attention_simd.cpp).
-// The [N, L] score matrix is never materialized beyond one [R, Lt] fp32 tile.
+// share every key, so their queries are packed into one tile of R = nodes * G rows (row
+// r = node * G + head; fp32, fp64 for float64 inputs) and each key tile is read (and
+// converted) once per group. Tile products are GEMM-shaped ([Lt, D] x [D, R]) and run in the
+// register-blocked kernel of tree_attention_gemm.cpp; softmax bookkeeping runs in SIMD loops
+// (tree_attention_simd.cpp). The [N, L] score matrix is never materialized beyond one [Lt, R]
+// tile.
 #pragma once
 
 #include "tree_attention_math.h"
@@ -16,8 +17,8 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <cstdint>
+#include <type_traits>
 
 namespace vsd_ext::tree_attn::cpu {
 

@@ -1,6 +1,6 @@
 // Small fp32 (and fp64) GEMM for the CPU tree-attention tiles (declared in tree_attention_cpu.h).
 //
-// Why not at::mm: the tiles are small ([R, D] x [D, Lt] with R, Lt ~ 256, D ~ 128) and are
+// Why not at::mm: the tiles are small ([Lt, D] x [D, R] with R, Lt ~ 256, D ~ 128) and are
 // multiplied inside our own parallel region, one per thread. Going through the dispatcher and
 // a threaded BLAS there costs dispatch overhead per tile and, measured on the target machine,
 // nested OpenMP teams that spin against each other; the generic BLAS path also ran at half the
@@ -75,31 +75,33 @@ __attribute__((always_inline)) inline void micro_tail(int64_t K, const S* A, int
   for (int i = 0; i < MR; ++i) std::memcpy(C + i * ldc, acc[i], cols * sizeof(S));
 }
 
+// One block of up to NV * W columns of C over all M rows: the B panel (K x NR) stays in L1
+// while the rows stream past it. Row tails go to MR/2, MR/4, ... row kernels.
 template <int MR, int NV, class V, class S>
-__attribute__((always_inline)) inline void rows_block(int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+__attribute__((always_inline)) inline void col_block(int64_t M, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
+                                                     const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
+                                                     int64_t cols) {
   constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
-  for (int64_t j = 0; j < N; j += NR) {
-    const int64_t cols = std::min(NR, N - j);
+  int64_t i = 0;
+  for (; i + MR <= M; i += MR) {
     if (cols == NR)
-      micro_full<MR, NV, V>(K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate);
+      micro_full<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
     else
-      micro_tail<MR, NV, V>(K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate, cols);
+      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+  }
+  if constexpr (MR > 1) {
+    if (i < M)
+      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
   }
 }
 
-// Row tails go to the micro-kernel with MR/2, MR/4, ... rows (compile-time sizes).
 template <int MR, int NV, class V, class S>
 __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs,
                                                      int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
                                                      bool accumulate) {
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR)
-    rows_block<MR, NV, V>(N, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
-  if (i == M) return;
-  if constexpr (MR > 1) {
-    gemm_impl<MR / 2, NV, V>(M - i, N, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
-  }
+  constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
+  for (int64_t j = 0; j < N; j += NR)
+    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate, std::min(NR, N - j));
 }
 
 template <class S>

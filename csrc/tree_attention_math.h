@@ -3,7 +3,8 @@
 // Scores live in the log2 domain: with c = sm_scale * log2(e), s2 = c * (q . k) and
 // softmax(s) = 2^(s2 - max) / sum 2^(s2 - max), so every exponential is an exp2 and the
 // natural-log lse is ln(2) * (m2 + log2(l)), m2 the running max and l the running sum of
-// 2^(s2 - m2). Rows that see no key keep m2 = -inf, l = 0: out = 0, lse = -inf.
+// 2^(s2 - m2). Rows that see no key keep m2 = -inf, l = 0: out = 0, lse = -inf (the kernels
+// shift by 0 instead of -inf while a row has seen nothing, so no NaN appears).
 #pragma once
 
 #include <cmath>
@@ -30,14 +31,5 @@ VSD_HD bool tree_bit(const int64_t* mask_row, int64_t j) {
 
 // Number of 64-bit words of a mask row for n tree nodes.
 VSD_HD int64_t mask_words(int64_t n) { return (n + kMaskWordBits - 1) / kMaskWordBits; }
-
-// Online-softmax rescale factor 2^(m_old - m_new); m_new = -inf only while nothing was seen.
-VSD_HD float rescale_factor(float m_old, float m_new) {
-  return m_new == -INFINITY ? 1.f : exp2f(m_old - m_new);
-}
-
-// The max used to shift a tile's scores: 0 when the row has seen nothing yet (all -inf), so
-// that 2^(-inf - 0) = 0 instead of NaN.
-VSD_HD float safe_shift(float m) { return m == -INFINITY ? 0.f : m; }
 
 }  // namespace vsd_ext::tree_attn

@@ -58,7 +58,7 @@ def check_forward(args, dtype):
     return out, lse
 
 
-# (B, Bc, N, Hq, Hkv, D, L): GQA ratios 1/2/4/8, Bc = 1 and Bc = B, N from 1 to 200,
+# (B, Bc, N, Hq, Hkv, D, L): GQA ratios 1/2/4/8, Bc = 1 and Bc = B, N from 1 to 300,
 # prefixes up to 3000 (ragged, with 0 and L), D 64/128.
 CONFIGS = [
     (3, 3, 1, 4, 4, 64, 50),
@@ -67,6 +67,7 @@ CONFIGS = [
     (3, 1, 130, 4, 2, 128, 513),
     (5, 5, 64, 2, 2, 128, 2048),
     (2, 2, 17, 16, 4, 64, 300),
+    (1, 1, 300, 2, 1, 64, 100),
 ]
 
 
@@ -102,7 +103,7 @@ def test_chain_is_causal_attention(device, gen, L):
     v = torch.cat([v_cache, v_tree], 1).double().repeat_interleave(Hq // Hkv, 2).transpose(1, 2)
     causal = torch.ones(N, L + N, dtype=torch.bool, device=device).tril(diagonal=L)
     expected = F.scaled_dot_product_attention(q.double().transpose(1, 2), k, v, attn_mask=causal)
-    torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(out.double(), expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_nodes_that_see_nothing(device, gen):
@@ -213,7 +214,7 @@ def test_strided_inputs_and_scale(device, gen):
     assert not q.is_contiguous() and not k_cache.is_contiguous() and not mask.is_contiguous()
     out, lse = vsd_ext.tree_attention(*args, sm_scale=0.3)
     ref_out, ref_lse = tree_attention_reference(*args, sm_scale=0.3)
-    torch.testing.assert_close(out.double(), ref_out, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
 
 
