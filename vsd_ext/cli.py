@@ -2,6 +2,7 @@
 
     vsd info      how the extension was built (versions, CUDA, architectures)
     vsd demo      the main job (see README.md)
+    vsd train     train a drafter (eagle3 | auf | vsd)
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vocab", type=int, default=256, help="vocabulary size of the synthetic tree")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    # ---- train (vsd_ext/training/cli_train.py) ----
+    from .training.cli_train import add_train_command
+
+    add_train_command(sub)
     return parser
 
 

@@ -33,9 +33,11 @@ class _Attend:
     """The attention context `DraftLayer.forward` calls (`attend(layer, attn, x)`).
 
     cache None: causal self-attention over the chunk (SDPA). Else tree attention: the rows
-    see `prefix_lens` positions of the shared cache `(k, v)` `[1, L, Hkv, D]` plus the tree
-    nodes `mask` allows, the `past` nodes' keys/values first (their queries are zeros and
-    their outputs dropped). `kv` holds (past + new) keys/values afterwards.
+    come in G equal contiguous groups (one per sequence), group g reading cache row g of
+    `(k, v)` `[G, L, Hkv, D]` as its shared cache (`Bc = 1`), row r seeing `prefix_lens[r]`
+    positions of it plus the tree nodes `mask` allows, the `past` nodes' keys/values first
+    (their queries are zeros and their outputs dropped). The projections run once over all
+    rows; only the attention op is called per group. `kv` holds (past + new) keys/values.
     """
 
     def __init__(self, cos, sin, cache=None, prefix_lens=None, past=None, mask=None):
@@ -57,9 +59,16 @@ class _Attend:
             k, v = torch.cat((self.past[0], k), 1), torch.cat((self.past[1], v), 1)
             q = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
         self.kv = (k, v)
-        out, _ = tree_attention(q, self.cache[0], self.cache[1], self.prefix_lens, k, v,
-                                self.mask)
-        return attn.output(out[:, P:])
+        k_cache, v_cache = self.cache
+        G = k_cache.shape[0]
+        R = q.shape[0] // G
+        outs = []
+        for g in range(G):
+            rows = slice(g * R, (g + 1) * R)
+            out, _ = tree_attention(q[rows], k_cache[g:g + 1], v_cache[g:g + 1],
+                                    self.prefix_lens[rows], k[rows], v[rows], self.mask[rows])
+            outs.append(out[:, P:])
+        return attn.output(torch.cat(outs) if G > 1 else outs[0])
 
 
 def _layer(drafter, embed, tokens, hidden, positions, ctx_args):
@@ -82,12 +91,13 @@ def causal_pass(drafter, embed, tokens: torch.Tensor, features: torch.Tensor):
 
 
 def tree_level(drafter, embed, tokens, hidden, positions, cache, prefix_lens, mask, past=None):
-    """One level of n new draft nodes for R rows of one sequence.
+    """One level of n new draft nodes for R rows: G sequences × R/G rows each.
 
     tokens `[R, n]` (target ids), hidden `[R, n, H]` (the parents' drafter states),
-    positions `[R, n]`, cache: (k, v) `[1, L, Hkv, D]` (the sequence's step-0 keys/values),
-    prefix_lens `[R]`, mask `[R or 1, P + n, W]` over past + new nodes, past: (k, v)
-    `[R, P, Hkv, D]` or None. Returns (hidden `[R, n, H]`, (k, v) of the P + n nodes).
+    positions `[R, n]`, cache: (k, v) `[G, L, Hkv, D]` (each sequence's step-0 keys/values;
+    rows g·R/G .. (g+1)·R/G − 1 read row g), prefix_lens `[R]`, mask `[R or 1, P + n, W]`
+    over past + new nodes, past: (k, v) `[R, P, Hkv, D]` or None. Returns (hidden
+    `[R, n, H]`, (k, v) of the P + n nodes).
     """
     R = tokens.shape[0]
     mask = mask.expand(R, -1, -1)
@@ -124,20 +134,16 @@ def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, step
     outs = [h]
     device = input_ids.device
     columns = torch.arange(L, device=device)
-    prefix = columns + 1
-    past = [None] * B
-    pad = torch.full((B, steps), -1, dtype=torch.int64, device=device)
-    shifted = torch.cat((input_ids, pad), 1)
+    positions = columns.repeat(B)[:, None]                 # rows: (sequence, column)
+    prefix = columns.repeat(B) + 1
+    past = None
+    shifted = torch.cat((input_ids, torch.full((B, steps), -1, dtype=torch.int64,
+                                               device=device)), 1)
     for j in range(1, steps):
-        tokens = shifted[:, 1 + j:1 + j + L]
-        mask = chain_masks(j, device)
-        level = []
-        for b in range(B):
-            hb, past[b] = tree_level(drafter, embed, tokens[b, :, None], outs[-1][b, :, None],
-                                     (columns + j)[:, None], (k0[b:b + 1], v0[b:b + 1]),
-                                     prefix, mask, past[b])
-            level.append(hb[:, 0])
-        outs.append(torch.stack(level))
+        tokens = shifted[:, 1 + j:1 + j + L].reshape(B * L, 1)
+        hj, past = tree_level(drafter, embed, tokens, outs[-1].reshape(B * L, 1, -1),
+                              positions + j, (k0, v0), prefix, chain_masks(j, device), past)
+        outs.append(hj.view(B, L, -1))
     return outs
 
 

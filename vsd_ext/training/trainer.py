@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from ..models import Drafter, load_drafter, load_target, token_counts
+from ..models.checkpoint import resolve_checkpoint_dir
 from .config import TrainConfig
 from .data import BatchOrder, DataSplits, load_splits, regenerate
 from .distributed import (barrier, init_distributed, is_distributed, shard_target,
@@ -73,7 +74,7 @@ class Trainer:
         self.out = Path(out_dir)
         self.progress = progress and self.rank == 0
         if isinstance(target, (str, Path)):
-            target_dir = target_dir or target
+            target_dir = target_dir or resolve_checkpoint_dir(target)
             mixed = config.precision == "bf16" or (config.precision == "auto"
                                                    and device.type == "cuda")
             target = load_target(target, dtype=torch.bfloat16 if mixed else torch.float32,

@@ -5,8 +5,8 @@ temperature; the sequence's target KV cache comes from the target's pass):
  1. C anchor positions a (the first predicted token x_{a+1} is a target); the root is the
     drafter's step-0 state at column a − 1 (pair (x_a, f_{a−1})).
  2. The drafter samples S i.i.d. paths z_1..z_K from q at τ, level by level: a tree of S
-    chains under the root, run with `tree_level` (tree attention over the sequence's step-0
-    keys/values, Bc = 1). The levels are computed with autograd on: the M-step reuses them.
+    chains under the root, run with `tree_level` for all sequences at once (tree attention
+    over each sequence's step-0 keys/values, Bc = 1 per sequence). The levels are computed with autograd on: the M-step reuses them.
     Paths are i.i.d. draws from q (not EAGLE-2's without-replacement slots) so that each one,
     verified as a chain, yields an exact target sample.
  3. The target scores all C trees (1 + S·K nodes each) in one `tree_verify` forward over the
@@ -47,28 +47,35 @@ def sample_anchors(ids: torch.Tensor, mask: torch.Tensor, count: int, gen):
     return candidates[pick], torch.ones(count, dtype=torch.bool, device=ids.device)
 
 
-def sample_paths(step, h0_b, kv_b, anchors, cfg, gen):
-    """Step 2 for one sequence. Returns (z `[C, S, K]` draft ids, q `[C, S, K, Vd]` the
-    distribution each z_i was drawn from, hidden `[C, S, K+1, H]`: the root state then the
-    level-i node states, with gradient)."""
+def sample_paths(step, h0, kv, anchors, cfg, gen):
+    """Step 2 for every sequence at once (rows: B·C anchors, grouped by sequence; each group
+    reads its sequence's step-0 keys/values). h0 `[B, L, H]`, kv: (k, v) `[B, L, Hkv, D]`,
+    anchors `[B, C]`. Returns (z `[B, C, S, K]` draft ids, q `[B, C, S, K, Vd]` the
+    distribution each z_i was drawn from, hidden `[B, C, S, K+1, H]`: the root state then
+    the level-i node states, with gradient)."""
     drafter, vocab, embed = step.drafter, step.vocab, step.target.embed_tokens
-    C, S, K, tau = anchors.shape[0], cfg.paths, cfg.depth, cfg.sample_temperature
-    root = h0_b[anchors - 1]                                           # [C, H]
-    q = torch.softmax(draft_logits(drafter, root) / tau, -1)           # [C, Vd]
-    z = torch.multinomial(q, S, replacement=True, generator=gen)       # [C, S]
-    zs, qs, hs = [z], [q[:, None].expand(C, S, -1)], [root[:, None].expand(C, S, -1)]
+    B, C = anchors.shape
+    S, K, tau = cfg.paths, cfg.depth, cfg.sample_temperature
+    R = B * C
+    rows = torch.arange(B, device=anchors.device)[:, None]
+    root = h0[rows, anchors - 1].reshape(R, -1)                        # [R, H]
+    prefix = anchors.reshape(R)
+    q = torch.softmax(draft_logits(drafter, root) / tau, -1)           # [R, Vd]
+    z = torch.multinomial(q, S, replacement=True, generator=gen)       # [R, S]
+    zs, qs, hs = [z], [q[:, None].expand(R, S, -1)], [root[:, None].expand(R, S, -1)]
     past = None
     for d in range(1, K + 1):
-        positions = (anchors - 1 + d)[:, None].expand(C, S)
-        h, past = tree_level(drafter, embed, vocab.target_ids[z], hs[-1], positions, kv_b,
-                             anchors, chains_mask(d, S, anchors.device), past)
+        positions = (prefix - 1 + d)[:, None].expand(R, S)
+        h, past = tree_level(drafter, embed, vocab.target_ids[z], hs[-1], positions, kv,
+                             prefix, chains_mask(d, S, anchors.device), past)
         hs.append(h)
         if d < K:
-            q = torch.softmax(draft_logits(drafter, h) / tau, -1)      # [C, S, Vd]
-            z = torch.multinomial(q.reshape(C * S, -1), 1, generator=gen).view(C, S)
+            q = torch.softmax(draft_logits(drafter, h) / tau, -1)      # [R, S, Vd]
+            z = torch.multinomial(q.reshape(R * S, -1), 1, generator=gen).view(R, S)
             zs.append(z)
             qs.append(q)
-    return torch.stack(zs, 2), torch.stack(qs, 2), torch.stack(hs, 2)
+    return (torch.stack(zs, 2).view(B, C, S, K), torch.stack(qs, 2).view(B, C, S, K, -1),
+            torch.stack(hs, 2).view(B, C, S, K + 1, -1))
 
 
 @torch.no_grad()
@@ -144,13 +151,15 @@ class PathRecord:
 def e_step(step, batch, h0, kv, gen) -> list[PathRecord]:
     """Steps 1–4 for every sequence of the micro-batch (h0, kv: the step-0 causal pass)."""
     cfg = step.config.vsd
+    picks = [sample_anchors(batch.input_ids[b], batch.loss_mask[b], cfg.anchors, gen)
+             for b in range(batch.input_ids.shape[0])]
+    anchors = torch.stack([a for a, _ in picks])
+    z, q, hidden = sample_paths(step, h0, kv, anchors, cfg, gen)
     records = []
-    for b in range(batch.input_ids.shape[0]):
-        anchors, ok = sample_anchors(batch.input_ids[b], batch.loss_mask[b], cfg.anchors, gen)
-        z, q, hidden = sample_paths(step, h0[b], (kv[0][b:b + 1], kv[1][b:b + 1]), anchors,
-                                    cfg, gen)
-        alphas, num, emitted = score_and_verify(step, batch, b, anchors, z, q, cfg, gen)
-        records.append(PathRecord(b, anchors, ok, z, q, hidden, alphas, num, emitted))
+    for b, (_, ok) in enumerate(picks):
+        alphas, num, emitted = score_and_verify(step, batch, b, anchors[b], z[b], q[b], cfg, gen)
+        records.append(PathRecord(b, anchors[b], ok, z[b], q[b], hidden[b], alphas, num,
+                                  emitted))
     return records
 
 
