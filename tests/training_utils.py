@@ -50,6 +50,7 @@ def write_tiny_target(directory, seed: int = 0, vocab: int = VOCAB, layers: int 
     vocab_map = {"<|endoftext|>": 0} | {f"w{i}": i + 1 for i in range(vocab - 1)}
     tok = Tokenizer(models.WordLevel(vocab_map, unk_token="<|endoftext|>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<|endoftext|>"])
     tok.save(str(directory / "tokenizer.json"))
     tok_config = {"eos_token": "<|endoftext|>"}
     if chat_template is not None:

@@ -313,7 +313,7 @@ def regenerate(target, data: TokenDataset, temperature: float = 1.0, prompt_toke
         starts = tqdm(starts, desc="regenerate", unit="batch")
     for start in starts:
         chunk = prompts[start:start + batch_size]
-        budget = T - max(len(p) for p in chunk)
+        budget = T - min(len(p) for p in chunk)  # each row is cut to its own room below
         out = generate(target, None, chunk, max(budget, 1), temperature=temperature,
                        generator=gen)
         for p, new in zip(chunk, out.tokens):
