@@ -229,3 +229,22 @@ def vsd_mod_config(**kw):
     from vsd_ext.training.config import VSDConfig
 
     return VSDConfig(**kw)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "vsd"])
+def test_bf16_autocast_step_is_close_to_fp32(tiny, seed, method):
+    _, target, data = tiny
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(method=method, seq_len=20, precision=precision).validate()
+        cfg.eagle3.steps = 2
+        cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+        drafter = make_drafter(target, data, seed)
+        step = TrainStep(drafter, target, cfg)
+        loss, _ = step(data.input_ids[:2], data.loss_mask[:2], seed)
+        loss.backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in drafter.parameters())
+        assert all(p.dtype == torch.float32 for p in drafter.parameters())  # fp32 master
+        losses[precision] = float(loss.detach())
+    if method == "eagle3":  # deterministic; vsd's E-step samples from the (perturbed) q
+        assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"]) + 0.05

@@ -94,8 +94,9 @@ def score_and_verify(step, batch, b, anchors, z, q, cfg, gen):
     parent = torch.cat((torch.zeros(S, 1, dtype=torch.int64, device=device), node[:, :-1]), 1)
     parents = torch.full((S * K + 1,), -1, dtype=torch.int64, device=device)
     parents[node.flatten()] = parent.flatten()
-    scored = target.tree_verify(tokens, parents.expand(C, -1).contiguous(),
-                                cache_row(batch.cache, b), prefix_lens=anchors)
+    with torch.autocast(device.type, enabled=False):  # the target runs in its own dtype
+        scored = target.tree_verify(tokens, parents.expand(C, -1).contiguous(),
+                                    cache_row(batch.cache, b), prefix_lens=anchors)
     # Each path as a chain: root, z_1..z_K; q at chain node i drew node i + 1.
     chain = torch.cat((torch.zeros(S, 1, dtype=torch.int64, device=device), node), 1)
     logits = scored.logits[:, chain]                                   # [C, S, K+1, V]
