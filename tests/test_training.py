@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext.models import Drafter, token_counts
+from vsd_ext.models import Drafter, load_target, token_counts
 from vsd_ext.reference import training_objectives as ref
 from vsd_ext.training import vsd as vsd_mod
 from vsd_ext.training.config import TrainConfig
@@ -248,3 +248,15 @@ def test_bf16_autocast_step_is_close_to_fp32(tiny, seed, method):
         losses[precision] = float(loss.detach())
     if method == "eagle3":  # deterministic; vsd's E-step samples from the (perturbed) q
         assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"]) + 0.05
+
+
+def test_bf16_target_trains_and_decodes_with_fp32_master_drafter(tiny, tmp_path):
+    directory, _, data = tiny
+    cfg = TrainConfig(method="vsd", seq_len=20, batch_size=2, max_steps=2, precision="bf16",
+                      data=splits_file(tmp_path, load_target(directory), data), eval_every=2,
+                      eval_prompts=2, eval_new_tokens=6).validate()
+    cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+    drafter = vsd_ext.train_drafter(str(directory), tmp_path / "bf16", cfg, progress=False)
+    assert drafter.fc.weight.dtype == torch.float32
+    log = (tmp_path / "bf16" / "train_log.jsonl").read_text()
+    assert '"tau_T0"' in log

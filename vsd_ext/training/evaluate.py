@@ -44,6 +44,18 @@ def heldout_kl(step, data, batch_size: int = 4) -> float:
     return total / max(count, 1)
 
 
+def inference_drafter(drafter, target):
+    """The drafter in the target's dtype (what serving runs; a mixed-precision run trains
+    fp32 master weights next to a bf16 target): itself when they already agree."""
+    if drafter.fc.weight.dtype == target.dtype:
+        return drafter
+    from ..models import Drafter
+
+    copy = Drafter(drafter.config)
+    copy.load_state_dict(drafter.state_dict())
+    return copy.to(device=target.device, dtype=target.dtype).attach(target)
+
+
 @torch.no_grad()
 def decode_tau(target, drafter, prompts, temperature: float, max_new_tokens: int = 48,
                tree: TreeConfig | None = None, seed: int = 0,
@@ -54,6 +66,6 @@ def decode_tau(target, drafter, prompts, temperature: float, max_new_tokens: int
 
     tree = replace(tree or TreeConfig(), sampled=sampled_trees and temperature > 0)
     gen = torch.Generator(device=target.device).manual_seed(seed)
-    out = generate(target, drafter, prompts, max_new_tokens, temperature=temperature,
-                   tree=tree, generator=gen)
+    out = generate(target, inference_drafter(drafter, target), prompts, max_new_tokens,
+                   temperature=temperature, tree=tree, generator=gen)
     return out.stats
