@@ -15,6 +15,13 @@ Output directory:
     train_log.jsonl                    one line per logged step / evaluation
     summary.json                       the config, steps, training time, final evaluation
 
+The τ estimate of the bar and the log is a one-step proxy, not decoding: eagle3/auf —
+1 + the mean number of leading unrolled steps whose greedy draft equals the target's greedy
+token (teacher-forced on the data, T = 0, chain of `steps`); vsd — 1 + the expected accepted
+length ℓ of the E-step's sampled chains (T = `vsd.sample_temperature`, depth `vsd.depth`).
+Real τ comes from the periodic evaluation (`eval_every`): `vsd_ext.generate` with the
+default dynamic tree on held-out prompts at T = 0, plus the held-out step-0 KL.
+
 Exact resume: every random choice of a step is keyed by (seed, step, micro-batch) and the
 batch order by (seed, epoch), so a run interrupted after k steps and resumed from its
 checkpoint computes the same steps as an uninterrupted one: same weights bit for bit (on
@@ -252,7 +259,7 @@ class Trainer:
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.method}",
                        unit="step", dynamic_ncols=True)
-        last_eval = None
+        last_eval, tau = None, None
         while self.step < cfg.max_steps:
             if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
                 break
@@ -266,10 +273,11 @@ class Trainer:
             metrics["tokens_per_s"] = metrics.pop("tokens") / max(time.perf_counter() - wall, 1e-9)
             if want:
                 self._log({"step": self.step, "elapsed_s": self.elapsed, **metrics})
+            tau = metrics.get("tau_est", tau)  # estimated on logged steps only
             if bar is not None:
                 post = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
-                if "tau_est" in metrics:
-                    post["tau~"] = f"{metrics['tau_est']:.2f}"
+                if tau is not None:
+                    post["tau~"] = f"{tau:.2f}"
                 bar.set_postfix(post)
                 bar.update(1)
             if cfg.eval_every and self.step % cfg.eval_every == 0:
