@@ -16,7 +16,9 @@ Everything random is seeded (`--seed`); a checkpoint (`--work-dir`) is written e
 `--checkpoint-every` steps and the run resumes from it when restarted with the same
 arguments. The learning rate and the EMA depend on the step alone (not on `--steps`), so a
 run stopped early by `--max-minutes` after s steps equals a run with `--steps s`
-(training_info.json records s). Example (the shipped model):
+(training_info.json records s). The defaults are the shipped model (it was trained with
+`--max-minutes`, stopped at step 352 on a CPU shared with other jobs; more steps give a
+better model: `--steps 3000`, or `--device cuda`). Example (the shipped model):
 
     nice python python/train_tiny_target.py --out vsd_ext/assets/default_target
 """
@@ -52,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=704)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=12)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=352)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=25)
     p.add_argument("--ema", type=float, default=0.97, help="EMA decay of the weights")

@@ -382,9 +382,11 @@ def test_default_target_matches_transformers_and_generates(gen):
         vsd_ext.models.checkpoint.DEFAULT_TARGET_DIR, dtype=torch.float32).eval()
     with torch.no_grad():
         assert (target(ids) - hf(ids).logits).abs().max() < 1e-4
-    # Held-out perplexity on a few windows stays near the reported value.
+    # Held-out perplexity on 16 windows spread over the held-out stream stays near the
+    # reported value (all windows); a broken model is off by orders of magnitude.
     stream = vsd_ext.data.token_stream(target.tokenizer, "heldout")
-    rows = vsd_ext.data.chunk_stream(stream, 257)[:8]
+    rows = vsd_ext.data.chunk_stream(stream, 257)
+    rows = rows[torch.linspace(0, rows.shape[0] - 1, 16).long()]
     nll = torch.nn.functional.cross_entropy(target(rows[:, :-1]).flatten(0, 1),
                                             rows[:, 1:].flatten())
     assert float(nll.exp()) < 1.5 * info["heldout_perplexity"]

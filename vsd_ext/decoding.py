@@ -59,6 +59,7 @@ class OracleDrafter:
         self.depth = depth
         self.ref = None  # [B, L + depth] int64, -1 padded
         self.pos = None  # [B] index of the next token each row will generate
+        self.num_nodes = depth + 1
 
     @classmethod
     def from_target(cls, target, prompts, max_new_tokens: int, depth: int) -> "OracleDrafter":
@@ -170,10 +171,10 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     """Speculative (or, with ``drafter=None``, autoregressive) decoding of a batch of prompts.
 
     target: a `vsd_ext.models.Target`. drafter: None, a `vsd_ext.Drafter` (trees per
-    ``tree``), or a proposer object (`OracleDrafter`, or anything with ``start``, ``propose``,
-    ``advance``, ``keep``). prompts: token ids, one list or a list of lists (any lengths).
+    ``tree``), or a proposer object (`OracleDrafter`, or anything with ``num_nodes``,
+    ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token ids, one list or a list of lists (any lengths).
     temperature: 0 → greedy; > 0 → sampling at that temperature (lossless). tree:
-    `TreeConfig` (default depth 5, topk 4, total_tokens 24; ``sampled=True`` for trees drawn
+    `TreeConfig` (default depth 4, topk 4, total_tokens 12; ``sampled=True`` for trees drawn
     from the drafter). stop: extra stop token ids (ints) and stop strings (str, decoded with
     ``target.tokenizer``). The target's EOS ids stop a row unless ``ignore_eos``.
     generator: randomness of verification and sampled trees. callback(row, new_tokens):
@@ -207,11 +208,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
         proposer = drafter
     else:
         proposer = DrafterProposer(drafter, tree, temperature, generator)
-    sampled = isinstance(proposer, DrafterProposer) and proposer.sampled
-    mode = "greedy" if temperature == 0 else "sampled" if sampled else "target_only"
-    nodes = 1 if proposer is None else tree.num_nodes
-    if isinstance(proposer, OracleDrafter):
-        nodes = proposer.depth + 1
+    nodes = 1 if proposer is None else proposer.num_nodes  # N of every verified tree
 
     # ---- prefill: the prompts (right-padded), then the first token from the last logits.
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
@@ -224,9 +221,10 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     rows_idx = torch.arange(B, device=device)
     last = lengths - 1
     root_only = torch.full((B, 1), -1, dtype=torch.int64, device=device)
+    mode = "greedy" if temperature == 0 else "target_only"
     _, first, _ = verify_tree(out.logits[rows_idx, last][:, None], ids[rows_idx, last][:, None],
-                              root_only, mode="greedy" if temperature == 0 else "target_only",
-                              temperature=temperature or 1.0, generator=generator)
+                              root_only, mode=mode, temperature=temperature or 1.0,
+                              generator=generator)
     roots = first[:, 0]
     if proposer is not None:
         proposer.start(ids, lengths, out.features, roots, capacity)
@@ -249,6 +247,9 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
         else:
             draft = proposer.propose(roots)
         timer.lap("draft")
+        # Trees that carry the drafter's q were sampled from it: verify against q.
+        mode = ("greedy" if temperature == 0 else
+                "sampled" if draft.draft_probs is not None else "target_only")
         scored = target.tree_verify(draft.tokens, draft.parents, cache)
         accepted, emitted, num = verify_tree(
             scored.logits, draft.tokens, draft.parents, draft_probs=draft.draft_probs,

@@ -69,11 +69,19 @@ class TreeConfig:
         root); rows with fewer valid candidates are padded.
     sampled: draw children without replacement from the drafter (verified against ``q``)
         instead of taking its top-k (ignored at temperature 0, where trees are top-k).
+
+    Defaults suit the embedded default target on a CPU, where verifying N tree nodes costs
+    about as much as N more tokens (compute-bound; 25 nodes ≈ 2× one token at B = 1) and a
+    drafter forward about a fifth to a third of a target forward. Measured there at B = 1
+    (drafting cost of an untrained EAGLE-3 head, τ of an emulated drafter with ~70% top-1
+    acceptance), depth 4 / topk 4 / 12 nodes was the fastest of trees with 6 to 24 nodes;
+    at B = 4 smaller trees (depth 3, topk 2) win. On a GPU, where verification is
+    memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8, 48–64 nodes).
     """
 
-    depth: int = 5
+    depth: int = 4
     topk: int = 4
-    total_tokens: int = 24
+    total_tokens: int = 12
     sampled: bool = False
 
     def __post_init__(self):
@@ -123,14 +131,18 @@ def child_slots(logits: torch.Tensor, k: int, sampled: bool, temperature: float 
     deterministic ones ``softmax(logits)``.
     """
     k = min(k, logits.shape[-1])
-    scale = temperature if sampled else 1.0
-    logq = torch.log_softmax(logits.float() / scale, dim=-1)
-    log_s, top = torch.topk(logq, k, dim=-1)
     if not sampled:
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        log_s, top = torch.topk(logq, k, dim=-1)
         return log_s, top, None
-    perturbed = logq.double() + gumbel_noise(logq.shape, generator, logq.device)
-    tokens = torch.topk(perturbed, k, dim=-1).indices
-    return log_s, tokens, logq.exp()
+    # Draw from exactly the fp32 q handed to verification: a token whose probability
+    # underflows to 0 is never drawn, and a slot is valid iff q has that many nonzero tokens.
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logq = probs.log()
+    log_s = torch.topk(logq, k, dim=-1).values
+    tokens = torch.topk(logq.double() + gumbel_noise(logq.shape, generator, logq.device), k,
+                        dim=-1).indices
+    return log_s, tokens, probs
 
 
 # expand(tokens [B, k] draft ids, parent_slot [B, k], valid [B, k]) -> logits [B, k, Vd]:
@@ -239,8 +251,9 @@ class DrafterProposer:
     logits give level 1. After the tree is built the chain's keys/values are written to the
     cache, so every pair is computed once. Drafter forwards per step: ``depth``.
 
-    Methods called by the decoding loop: ``start`` (after the target's prefill), ``propose``
-    (one tree per row), ``advance`` (the verified step), ``keep`` (drop finished rows).
+    The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
+    ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
+    verified step), ``keep`` (drop finished rows).
     """
 
     def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
@@ -250,6 +263,7 @@ class DrafterProposer:
         self.sampled = config.sampled and temperature > 0
         self.temperature = temperature if self.sampled else 1.0
         self.generator = generator
+        self.num_nodes = config.num_nodes
         self.cache = None
         self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
         self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,

@@ -1,0 +1,99 @@
+"""End-to-end decoding: speculative (provider "vsd_ext") vs autoregressive decoding of the same
+target through the same loop (provider "torch": `generate(target, None, ...)`).
+
+Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU; the environment
+variable VSD_TARGET may name another checkpoint directory). Prompts: the
+first lines of held-out standard-library files (`vsd_ext.data.prompts`), cut to PROMPT_TOKENS.
+Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
+the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
+nothing accepted, so the ratio is the drafting + tree-verification overhead) and, when the
+environment variable VSD_DRAFTER names a trained drafter directory, "trained".
+Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per target
+forward), tokens/s and the time split of the measured call.
+
+CPU threads: VSD_BENCH_THREADS (default 1). The default target's ops are small: on a shared
+machine, intra-op threads mostly wait on each other at OpenMP barriers, and one thread gives
+stable, comparable timings for both providers.
+"""
+import os
+
+import pytest
+import torch
+
+import vsd_ext
+from vsd_ext import data
+from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
+from vsd_ext.models import Drafter
+
+MAX_NEW = 48
+PROMPT_TOKENS = 64
+TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("VSD_BENCH_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def target():
+    try:
+        model = vsd_ext.load_target(os.environ.get("VSD_TARGET", "default"))
+    except vsd_ext.models.CheckpointError as err:
+        pytest.skip(f"no default target: {err}")
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(target):
+    texts = data.prompts("heldout", num_lines=12, limit=4)
+    return [target.tokenizer.encode(t).ids[-PROMPT_TOKENS:] for t in texts]
+
+
+def make_drafter(kind, target, prompts):
+    if kind == "oracle":
+        return OracleDrafter.from_target(target, prompts, MAX_NEW, TREE.depth)
+    if kind == "untrained":
+        return Drafter.for_target(target, seed=0)
+    path = os.environ.get("VSD_DRAFTER")
+    if not path:
+        pytest.skip("set VSD_DRAFTER to a trained drafter directory")
+    return vsd_ext.load_drafter(path, target)
+
+
+CASES = [(kind, B, T) for kind in ("oracle", "untrained", "trained") for B in (1, 4)
+         for T in (0.0,)]
+CASES += [("untrained", 4, 1.0), ("trained", 4, 1.0)]
+
+
+@pytest.mark.parametrize("kind,B,T", CASES, ids=[f"{k}-B{B}-T{T:g}" for k, B, T in CASES])
+@pytest.mark.parametrize("provider", ["vsd_ext", "torch"])
+def test_decode(benchmark, target, prompt_ids, provider, kind, B, T):
+    prompts = prompt_ids[:B]
+    drafter = make_drafter(kind, target, prompts)
+    tree = TreeConfig(TREE.depth, TREE.topk, TREE.total_tokens, sampled=T > 0)
+    if provider == "torch":
+        def run():
+            return generate(target, None, prompts, MAX_NEW, T, ignore_eos=True,
+                            generator=torch.Generator().manual_seed(0))
+    else:
+        def run():  # (an OracleDrafter restarts from its references on every call)
+            return generate(target, drafter, prompts, MAX_NEW, T, tree, ignore_eos=True,
+                            generator=torch.Generator().manual_seed(0))
+    out = run()  # validate once, outside the timed region: greedy output is the target's
+    if T == 0:
+        base = generate(target, None, prompts, MAX_NEW, ignore_eos=True)
+        assert out.tokens == base.tokens
+    benchmark.group = f"decode {kind} B={B} T={T:g} ({MAX_NEW} new tokens per row)"
+    result = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
+    stats = result.stats
+    benchmark.extra_info.update({
+        "provider": provider, "device": "cpu", "tau": stats["tau"],
+        "tokens_per_second": stats["tokens_per_second"], "new_tokens": stats["new_tokens"],
+        "target_forwards": stats["target_forwards"], "time_s": stats["time_s"],
+        "tree": f"depth {tree.depth}, topk {tree.topk}, total_tokens {tree.total_tokens}, "
+                f"{'sampled' if tree.sampled else 'top-k'}",
+    })

@@ -1,0 +1,302 @@
+"""The decoding loop (vsd_ext.decoding.generate): lossless at T = 0 (identical to greedy
+decoding) and at T > 0 (chi-square of the first tokens against the target's exact sampling
+distribution), for both tree flavours and batches of mixed prompt lengths; the oracle's τ;
+rows finishing independently (stop ids, stop strings, max tokens); statistics; errors."""
+import dataclasses
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from vsd_ext.decoding import OracleDrafter, generate
+from vsd_ext.draft_tree import DraftTree, TreeConfig, build_tree
+from vsd_ext.models import Drafter, Target, parse_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run hundreds of small ops per generation: on a shared, loaded machine
+    OpenMP barriers between intra-op threads stall each op for a scheduler slice, so these
+    tests run single-threaded (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_target(seed, V=97, layers=4, hidden=64, scale=0.12):
+    """A random fp32 Llama target (weights scaled so logits are O(1))."""
+    cfg = parse_config({"architectures": ["LlamaForCausalLM"], "vocab_size": V,
+                        "hidden_size": hidden, "intermediate_size": hidden * 3 // 2,
+                        "num_hidden_layers": layers, "num_attention_heads": 4,
+                        "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+                        "max_position_embeddings": 512})
+    target = Target(cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in target.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
+                    else scale * torch.randn(p.shape, generator=g))
+    return target
+
+
+def random_drafter(target, seed, scale=5.0):
+    drafter = Drafter.for_target(target, seed=seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.mul_(scale)
+    return drafter
+
+
+def greedy_reference(target, prompt, n):
+    """Greedy decoding by full causal forwards (no cache, no tree attention)."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(target(torch.tensor(seq)[None])[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+class NoisyOracle:
+    """A proposer whose dynamic trees (the real builder) hold the reference continuation
+    among noise: at a node on the reference path the next reference token gets a logit
+    bump, elsewhere the logits are random. Drafts are partly accepted, partly not."""
+
+    def __init__(self, references, config, gen, bump=2.5):
+        self.references, self.config, self.gen, self.bump = references, config, gen, bump
+        self.num_nodes = config.num_nodes
+
+    def start(self, prompt_ids, lengths, features, first_tokens, capacity):
+        width = max(len(r) for r in self.references) + self.config.depth + 1
+        self.ref = torch.full((len(self.references), width), -1, dtype=torch.int64)
+        for b, r in enumerate(self.references):
+            self.ref[b, :len(r)] = torch.tensor(r)
+        self.pos = lengths + 1
+
+    def _logits(self, shape, on_path, level):
+        V = 97
+        logits = 2.0 * torch.randn(*shape, V, generator=self.gen)
+        want = self.ref.gather(1, (self.pos + level)[:, None])
+        want = want[:, 0] if len(shape) == 1 else want.expand(shape)
+        bump = torch.zeros_like(logits).scatter_(-1, want.clamp(min=0)[..., None], self.bump)
+        return logits + bump * (on_path & (want >= 0))[..., None]
+
+    def propose(self, roots):
+        B = roots.shape[0]
+        state = {"level": 0, "on_path": None}
+
+        def expand(tokens, parent_slot, valid):
+            level = state["level"]
+            prev = (torch.ones_like(tokens, dtype=torch.bool) if state["on_path"] is None
+                    else state["on_path"].gather(1, parent_slot))
+            want = self.ref.gather(1, (self.pos + level)[:, None])
+            state["on_path"] = prev & (tokens == want) & valid
+            state["level"] = level + 1
+            return self._logits(tokens.shape, state["on_path"], level + 1)
+
+        root = self._logits((B,), torch.ones(B, dtype=torch.bool), 0)
+        return build_tree(root, expand, self.config, roots)
+
+    def advance(self, emitted, num_accepted, features):
+        self.pos = self.pos + num_accepted + 1
+
+    def keep(self, rows):
+        self.ref, self.pos = self.ref[rows], self.pos[rows]
+
+
+PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [12], [33, 7, 90], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(1234)
+
+
+@pytest.fixture(scope="module")
+def references(target):
+    return [greedy_reference(target, p, 24) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("kind", ["none", "drafter", "drafter_sampled_flag", "noisy_oracle",
+                                  "oracle"])
+@pytest.mark.parametrize("rows", [slice(0, 1), slice(0, 4)])
+def test_greedy_is_exact(target, references, kind, rows, gen, seed):
+    prompts, refs = PROMPTS[rows], references[rows]
+    config = TreeConfig(depth=4, topk=3, total_tokens=12, sampled=kind.endswith("flag"))
+    drafter = {
+        "none": lambda: None,
+        "drafter": lambda: random_drafter(target, seed),
+        "drafter_sampled_flag": lambda: random_drafter(target, seed),
+        "noisy_oracle": lambda: NoisyOracle([p + r for p, r in zip(prompts, refs)], config, gen),
+        "oracle": lambda: OracleDrafter([p + r for p, r in zip(prompts, refs)], 4),
+    }[kind]()
+    out = generate(target, drafter, prompts, 24, tree=config, generator=gen)
+    assert out.tokens == refs
+    assert out.finish_reasons == ["length"] * len(prompts)
+    stats = out.stats
+    assert stats["mode"] == "greedy" and stats["new_tokens"] == 24 * len(prompts)
+    hist = torch.tensor(stats["acceptance_histogram"])
+    assert int(hist.sum()) == stats["row_forwards"]
+    assert stats["tau"] == pytest.approx(float((hist * torch.arange(1, len(hist) + 1)).sum())
+                                         / stats["row_forwards"])
+    assert set(stats["time_s"]) == {"prefill", "draft", "verify", "other", "total"}
+    if kind == "none":
+        assert stats["tau"] == 1.0 and stats["target_forwards"] == 23
+    if kind == "noisy_oracle":
+        assert 1.0 < stats["tau"] < 5.0  # partly accepted trees
+    if kind == "oracle":
+        assert stats["tau"] > 4.0
+
+
+def test_oracle_tau_is_depth_plus_one(target, references):
+    """Every oracle draft is accepted: 1 + 5·5 tokens take the prefill plus 5 forwards."""
+    out = generate(target, OracleDrafter([PROMPTS[0] + references[0]], 4), PROMPTS[0], 21)
+    assert out.tokens == [references[0][:21]]
+    assert out.stats["tau"] == 5.0 and out.stats["target_forwards"] == 4
+    assert out.stats["acceptance_histogram"] == [0, 0, 0, 0, 4]
+
+
+def test_rows_finish_independently(target, references, gen):
+    stop = references[0][3]
+    config = TreeConfig(depth=4, topk=3, total_tokens=12)
+    oracle = NoisyOracle([p + r for p, r in zip(PROMPTS, references)], config, gen)
+    out = generate(target, oracle, PROMPTS, 20, tree=config, stop=[stop])
+    for b, ref in enumerate(references):
+        ref = ref[:20]
+        if stop in ref:
+            assert out.tokens[b] == ref[:ref.index(stop) + 1] and out.finish_reasons[b] == "eos"
+        else:
+            assert out.tokens[b] == ref and out.finish_reasons[b] == "length"
+    # EOS from the config stops a row unless ignore_eos.
+    config = target.model_config
+    target.model_config = dataclasses.replace(config, eos_token_id=[stop])
+    try:
+        assert generate(target, None, PROMPTS[0], 20).tokens[0] == references[0][:4]
+        assert generate(target, None, PROMPTS[0], 20, ignore_eos=True).tokens[0] == \
+            references[0][:20]
+    finally:
+        target.model_config = config
+
+
+def test_stop_strings_and_streaming(target, references):
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    target.tokenizer = tok
+    try:
+        stop = tok.decode(references[2][5:7])
+        streamed: dict[int, list[int]] = {}
+        out = generate(target, OracleDrafter([p + r for p, r in zip(PROMPTS, references)], 3),
+                       PROMPTS, 24, stop=[stop],
+                       callback=lambda row, new: streamed.setdefault(row, []).extend(new))
+        for b, ref in enumerate(references):
+            cut = next((n for n in range(1, 25) if stop in tok.decode(ref[:n])), 24)
+            assert out.tokens[b] == ref[:cut]
+            assert out.finish_reasons[b] == ("stop" if cut < 24 or stop in tok.decode(ref)
+                                             else "length")
+        assert out.finish_reasons[2] == "stop"
+        assert streamed == dict(enumerate(out.tokens))
+    finally:
+        target.tokenizer = None
+
+
+def test_bad_arguments(target):
+    with pytest.raises(ValueError, match="temperature"):
+        generate(target, None, [1, 2], 4, temperature=-1.0)
+    with pytest.raises(ValueError, match="prompts"):
+        generate(target, None, [[1, 2], []], 4)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(target, None, [1, 2], 0)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(target, None, [1, 2], 4, stop=["x"])
+
+
+# ---- T > 0: the output distribution is the target's ----------------------------------------
+
+def chi2_pvalue(observed, expected):
+    """Pearson chi-square p-value; cells with expected count < 5 are merged into one."""
+    small = expected < 5
+    obs = torch.cat((observed[~small], observed[small].sum().view(1)))
+    exp = torch.cat((expected[~small], expected[small].sum().view(1)))
+    obs, exp = obs[exp > 0], exp[exp > 0]
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    df = obs.numel() - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def exact_first_tokens(target, prompt, n, temperature):
+    """P(x_1 .. x_n | prompt) at this temperature for all V^n continuations (flattened)."""
+    V = target.vocab_size
+    cont = torch.cartesian_prod(*[torch.arange(V)] * n)
+    seqs = torch.cat((torch.tensor(prompt).expand(len(cont), -1), cont), 1)
+    with torch.no_grad():
+        logits = target(seqs)[:, len(prompt) - 1:-1].double()
+    logp = torch.log_softmax(logits / temperature, -1).gather(-1, cont[..., None])[..., 0]
+    return logp.sum(-1).exp()
+
+
+@pytest.mark.parametrize("sampled,temperature", [(False, 0.8), (True, 1.0), (True, 0.6)])
+def test_sampling_distribution_is_the_targets(sampled, temperature, gen, seed):
+    V, n, R = 8, 3, 6000
+    # Fixed models (their trees are accepted 1-3 deep), fresh randomness of the sampling.
+    target = tiny_target(2345, V=V, layers=2, hidden=32, scale=0.5)
+    drafter = random_drafter(target, 12345, scale=3.0)
+    prompts = [[2, 5, 1], [7, 3, 3, 0, 6, 4]]
+    batch = [prompts[i % 2] for i in range(2 * R)]
+    config = TreeConfig(depth=3, topk=3, total_tokens=8, sampled=sampled)
+    out = generate(target, drafter, batch, n, temperature=temperature, tree=config,
+                   generator=gen, ignore_eos=True)
+    assert out.stats["mode"] == ("sampled" if sampled else "target_only")
+    hist = out.stats["acceptance_histogram"]
+    assert sum(hist[2:]) > 0.1 * sum(hist)  # deep acceptances are frequent: the test bites
+    tokens = torch.tensor(out.tokens)
+    codes = (tokens * torch.tensor([V * V, V, 1])).sum(1)
+    for i, prompt in enumerate(prompts):
+        observed = torch.bincount(codes[i::2], minlength=V ** n).double()
+        expected = R * exact_first_tokens(target, prompt, n, temperature)
+        assert chi2_pvalue(observed, expected) > 1e-5
+        # Power: the same samples are clearly not from the target at another temperature.
+        wrong = R * exact_first_tokens(target, prompt, n, temperature * 1.5)
+        assert chi2_pvalue(observed, wrong) < 1e-6
+
+
+# ---- the `vsd generate` command ----------------------------------------------------------
+
+def test_cli_generate(target, references, tmp_path, capsys, seed):
+    import json
+
+    from safetensors.torch import save_file
+
+    from vsd_ext.cli import main
+
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
+              "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 512, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in target.state_dict().items()},
+              str(tmp_path / "model.safetensors"))
+    vocab = {f"t{i}": i for i in range(97)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    prompt = " ".join(f"t{i}" for i in PROMPTS[2])
+    greedy = tok.decode(references[2][:10])
+    capsys.readouterr()  # drop the seed fixture's line
+
+    assert main(["generate", "--target", str(tmp_path), "--prompt", prompt,
+                 "--max-new-tokens", "10", "--draft", "oracle", "--depth", "3",
+                 "--compare"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == prompt + greedy  # streamed: the prompt, then the continuation
+    tau = float(err.split("tau ")[1].split()[0])
+    assert tau > 3.0 and "speedup" in err and "mode greedy" in err
+
+    drafter_dir = tmp_path / "drafter"
+    random_drafter(target, seed).save_pretrained(drafter_dir)
+    assert main(["generate", "--target", str(tmp_path), "--draft", str(drafter_dir),
+                 "--prompt", prompt, "--prompt", "t1 t2", "--max-new-tokens", "6",
+                 "--temperature", "0.9", "--sampled", "--topk", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("--- ") == 2 and "mode sampled" in err
