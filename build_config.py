@@ -10,8 +10,11 @@ import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
-# Host compiler flags for every C++ translation unit (CPU kernels and CUDA adapters).
-CXX_FLAGS = ["-O3", "-fopenmp-simd", "-Wall", "-Wno-unused-function"]
+# Host compiler flags for every C++ translation unit (CPU kernels and CUDA adapters). -fopenmp is
+# what makes at::parallel_for parallel (ATen's OpenMP backend is a header template); the link
+# resolves libgomp.so.1 to the copy torch already loaded, so there is one OpenMP runtime.
+CXX_FLAGS = ["-O3", "-fopenmp", "-Wall", "-Wno-unused-function"]
+LINK_FLAGS = ["-fopenmp"]
 # nvcc flags for the torch-free CUDA kernels. No fast-math: verification must agree bit-for-bit
 # with the CPU kernel given the same uniforms.
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wno-unused-function"]

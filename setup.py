@@ -46,7 +46,7 @@ if with_cuda:
         include_dirs=build_config.include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": build_config.CXX_FLAGS, "nvcc": build_config.NVCC_FLAGS},
-        py_limited_api=False,
+        extra_link_args=build_config.LINK_FLAGS,
     )
 else:
     ext = CppExtension(
@@ -55,6 +55,7 @@ else:
         include_dirs=build_config.include_dirs(),
         define_macros=macros,
         extra_compile_args={"cxx": build_config.CXX_FLAGS},
+        extra_link_args=build_config.LINK_FLAGS,
     )
 
 class _BuildExtension(BuildExtension.with_options(use_ninja=True)):

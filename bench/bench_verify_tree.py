@@ -51,7 +51,8 @@ def make_inputs(B, V, dtype, device, mode, seed=0):
 SHAPES = [(B, V) for V in (32_000, 128_256) for B in (1, 8, 64)]
 CASES = [("cpu", torch.float32, "target_only", B, V) for B, V in SHAPES]
 CASES += [("cpu", torch.float32, "sampled", 64, 32_000)]
-CASES += [("cuda", torch.bfloat16, mode, B, V) for mode in ("target_only", "sampled") for B, V in SHAPES]
+CASES += [("cuda", torch.bfloat16, mode, B, V)
+          for mode in ("target_only", "sampled") for B, V in SHAPES]
 
 
 def _skip_without(device):
@@ -98,7 +99,8 @@ def test_verify_tree(benchmark, provider, device, dtype, mode, B, V):
     benchmark.extra_info.update(provider=provider, bytes=args[0].numel() * args[0].element_size(),
                                 accepted_mean=float(op_out[2].float().mean()))
     warmup = 1 if provider == "vsd_ext" or device == "cuda" else 0
-    out = benchmark.pedantic(run, rounds=_rounds(B, V, provider), iterations=1, warmup_rounds=warmup)
+    out = benchmark.pedantic(run, rounds=_rounds(B, V, provider), iterations=1,
+                             warmup_rounds=warmup)
     if provider == "torch":
         for got, ref in zip(op_out, out):
             assert torch.equal(got.cpu(), ref.cpu())

@@ -34,6 +34,11 @@ PyObject* compiled_build_info(PyObject*, PyObject*) {
   };
   set("torch_version", PyUnicode_FromString(TORCH_VERSION));
   set("cxx_compiler", PyUnicode_FromString(cxx_compiler().c_str()));
+#ifdef _OPENMP
+  set("openmp", Py_NewRef(Py_True));
+#else
+  set("openmp", Py_NewRef(Py_False));
+#endif
 #if VSD_EXT_WITH_CUDA
   const int v = vsd_ext::cuda::nvcc_version();
   const std::string nvcc = "nvcc " + std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);

@@ -5,7 +5,8 @@
 // reaches are read: one pass for the row's max (and its finiteness check), one pass that writes
 // e(v) = exp((x_v - M) / T) into a row buffer and sums S. A child's probability is then a gather
 // e[token] / S. target_only rejections are O(1) (scalar rejected mass, the token's e zeroed);
-// only the final inverse-CDF sample and sampled-mode residual updates cost O(V).
+// only the final inverse-CDF sample and sampled-mode residual updates cost O(V). The row passes
+// (scalar, and AVX2 when the CPU has it) live in verify_tree_rows.h.
 // Never materialized: softmax over [B, N, V] (the reference's), any [B, N, V] temporary.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -15,8 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
-#include <limits>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -25,72 +24,13 @@
 
 #include "verify_tree_checks.h"
 #include "verify_tree_math.h"
+#include "verify_tree_rows.h"
 
 namespace vsd_ext {
 namespace {
 
 using namespace verify;
-
-// Max of a logits row in float (exact for every input dtype). False when the row holds NaN or
-// +inf, or has no finite entry.
-template <typename L>
-bool row_max(const L* x, int64_t vocab, float& max_out) {
-  float m = -std::numeric_limits<float>::infinity();
-  bool below_inf = true;
-  for (int64_t v = 0; v < vocab; ++v) {
-    const float xv = static_cast<float>(x[v]);
-    below_inf = below_inf && xv < std::numeric_limits<float>::infinity();  // false for NaN
-    m = xv > m ? xv : m;
-  }
-  max_out = m;
-  return below_inf && m > -std::numeric_limits<float>::infinity();
-}
-
-// e(v) = exp((x_v - M) / T) into `e`; returns S = sum_v e(v) (>= 1: the max contributes 1).
-template <typename L>
-double fill_exp(const L* x, int64_t vocab, double max_logit, double temperature, double* e) {
-  double total = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    const double ev = exp_term(static_cast<double>(static_cast<float>(x[v])), max_logit, temperature);
-    e[v] = ev;
-    total += ev;
-  }
-  return total;
-}
-
-// A draft_probs row as float64 into `q`; false unless finite, nonnegative, with a positive sum.
-template <typename Q>
-bool load_q(const Q* row, int64_t vocab, double* q, double& total) {
-  bool ok = true;
-  double sum = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) {
-    const double qv = static_cast<double>(static_cast<float>(row[v]));
-    ok = ok && qv >= 0.0 && qv < std::numeric_limits<double>::infinity();
-    q[v] = qv;
-    sum += qv;
-  }
-  total = sum;
-  return ok && sum > 0.0;
-}
-
-// Inverse CDF with uniform u of the unnormalized weights w: the smallest v with w(v) > 0 and
-// cumsum(w)[v] > u * sum(w); if rounding leaves none, the largest v with w(v) > 0; -1 when w has
-// no mass. Zero-weight tokens are never drawn.
-int64_t inverse_cdf(const double* w, int64_t vocab, double u) {
-  double total = 0.0;
-  for (int64_t v = 0; v < vocab; ++v) total += w[v];
-  const double threshold = u * total;
-  double acc = 0.0;
-  int64_t last = -1;
-  for (int64_t v = 0; v < vocab; ++v) {
-    if (w[v] > 0.0) {
-      acc += w[v];
-      last = v;
-      if (acc > threshold) return v;
-    }
-  }
-  return last;
-}
+using namespace verify::cpu;
 
 template <typename L>
 struct Problem {
@@ -216,19 +156,13 @@ uint64_t walk_row(const Problem<L>& P, Workspace& ws, int64_t b) {
           // r <- norm(max(r - q, 0)) unless that leaves no mass (then r = q up to rounding
           // and this rejection had probability 0: r is kept, so r never leaves p's support);
           // q <- norm(q with x zeroed).
-          double r_sum = 0.0, q_sum = 0.0;
-          for (int64_t v = 0; v < V; ++v) {
-            const double d = residual_step(r[v], r_total, q[v], q_total);
-            r_next[v] = d;
-            r_sum += d;
-            q_sum += v == x ? 0.0 : q[v];
-          }
+          const double r_sum = residual(r, q, V, r_total, q_total, r_next);
           if (r_sum > 0.0) {
             std::swap(r, r_next);
             r_total = r_sum;
           }
           q[x] = 0.0;
-          q_total = q_sum;
+          q_total = block_sum(q, 0, V);
         }
         if (accepted < 0) final_token = inverse_cdf(r, V, u[N]);  // r always has mass
       }

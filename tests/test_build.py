@@ -39,13 +39,19 @@ def test_cuda_kernels_are_built_whenever_they_can_be():
 
 
 def test_every_op_has_cpu_and_cuda_kernels_registered():
-    ops = [name for name in dir(torch.ops.vsd_ext) if not name.startswith("_")]
-    assert "verify_tree" in ops
+    ops = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("vsd_ext::"))
+    assert "vsd_ext::verify_tree" in ops and "vsd_ext::tree_attention" in ops
     keys = ["CPU"] + (["CUDA"] if vsd_ext.build_info()["with_cuda"] else [])
     for name in ops:
         for key in keys:
-            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"vsd_ext::{name}", key), (
-                f"vsd_ext::{name} has no {key} kernel")
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), (
+                f"{name} has no {key} kernel")
+
+
+def test_cpu_kernels_run_in_parallel():
+    """at::parallel_for is parallel only when the extension is compiled with OpenMP."""
+    assert "-fopenmp" in build_config.CXX_FLAGS and "-fopenmp" in build_config.LINK_FLAGS
+    assert vsd_ext.load_extension().compiled_build_info()["openmp"]
 
 
 def test_missing_extension_fails_with_a_rebuild_hint(monkeypatch):
@@ -69,6 +75,7 @@ def test_cmakelists_declares_the_same_sources_and_flags():
     assert _cmake_list(text, "VSD_CUDA_GLOBS") == build_config.CUDA_GLOBS
     assert _cmake_list(text, "VSD_CXX_FLAGS") == build_config.CXX_FLAGS
     assert _cmake_list(text, "VSD_NVCC_FLAGS") == build_config.NVCC_FLAGS
+    assert _cmake_list(text, "VSD_LINK_FLAGS") == build_config.LINK_FLAGS
     arch = build_config.DEFAULT_CUDA_ARCH_LIST.split("+")[0].replace(".", "")
     assert _cmake_list(text, "VSD_DEFAULT_CUDA_ARCHITECTURES") == [arch]
 

@@ -138,7 +138,8 @@ def test_matches_reference(device, gen, mode, dtype, kind):
         V = int(torch.randint(2, 300, (), generator=gen))
         T = [0.6, 1.0, 1.7][trial]
         case = make_case(mode, B, N, V, kind, dtype, gen, mask_frac=0.1 * (trial == 1),
-                         dup_frac=0.2 * (trial == 2), q_dtype=[torch.float32, torch.bfloat16][trial % 2],
+                         dup_frac=0.2 * (trial == 2),
+                         q_dtype=[torch.float32, torch.bfloat16][trial % 2],
                          u_dtype=[torch.float64, torch.float32][trial % 2])
         got = run_op(device, *case, mode, T)
         want = reference(*case, mode=mode, temperature=T)
@@ -165,7 +166,8 @@ def test_strided_inputs(device, gen, mode):
     t_logits = logits.transpose(1, 2).contiguous().transpose(1, 2)  # last stride N
     for view in (big[:, 3:15], t_logits):
         q_view = None if q is None else q.transpose(1, 2).contiguous().transpose(1, 2)
-        got = run_op(device, view, tokens, parents, uniforms.t().contiguous().t(), q_view, mode, 1.3)
+        u_view = uniforms.t().contiguous().t()
+        got = run_op(device, view, tokens, parents, u_view, q_view, mode, 1.3)
         assert_same(got, want, f"{mode} strided")
 
 
@@ -227,8 +229,9 @@ def test_root_only_and_empty_batch(device, gen):
         got = run_op(device, logits, tokens, parents, u, q, mode, 1.0)
         assert_same(got, reference(logits, tokens, parents, u, q, mode=mode), mode)
         assert (got[2] == 0).all() and (got[0] == 0).all()
-    empty = vsd_ext.verify_tree(*to(device, torch.randn(0, 3, 5), torch.zeros(0, 3, dtype=torch.long),
-                                    torch.zeros(0, 3, dtype=torch.long), torch.rand(0, 4)))
+    no_rows = torch.zeros(0, 3, dtype=torch.long)
+    empty = vsd_ext.verify_tree(*to(device, torch.randn(0, 3, 5), no_rows, no_rows,
+                                    torch.rand(0, 4)))
     assert [tuple(t.shape) for t in empty] == [(0, 3), (0, 3), (0,)]
 
 
@@ -289,14 +292,16 @@ def lossless_pvalues(out, L1, L2, T, p1=None, P2=None):
     two = num >= 1
     pairs = torch.bincount(emitted[two, 0] * V + emitted[two, 1], minlength=V * V)
     n_a = pairs.view(V, V).sum(1, keepdim=True).double()
-    pv2 = chi2_pvalue(pairs, (n_a * P2).reshape(-1), [torch.arange(a * V, a * V + V) for a in range(V)])
+    groups = [torch.arange(a * V, a * V + V) for a in range(V)]
+    pv2 = chi2_pvalue(pairs, (n_a * P2).reshape(-1), groups)
     return pv1, pv2, int(two.sum())
 
 
 @pytest.mark.parametrize("mode,sampled_children", [("target_only", False), ("target_only", True),
                                                    ("sampled", True)])
 def test_lossless(device, gen, mode, sampled_children):
-    L1, L2, (logits, tokens, parents, q), T = two_level_trial(mode, gen, sampled_children=sampled_children)
+    L1, L2, (logits, tokens, parents, q), T = two_level_trial(
+        mode, gen, sampled_children=sampled_children)
     u = torch.rand(tokens.shape[0], tokens.shape[1] + 1, generator=gen, dtype=torch.float64)
     out = run_op(device, logits, tokens, parents, u, q, mode, T)
     pv1, pv2, n_two = lossless_pvalues(out, L1, L2, T)
@@ -312,7 +317,8 @@ def test_lossless_detects_wrong_draft_probs(device, gen):
     drawn from) is not lossless, and the test sees it."""
     L1, L2, (logits, tokens, parents, q), T = two_level_trial("sampled", gen)
     u = torch.rand(tokens.shape[0], tokens.shape[1] + 1, generator=gen, dtype=torch.float64)
-    wrong = run_op(device, logits, tokens, parents, u, torch.full_like(q, 1 / q.shape[-1]), "sampled", T)
+    uniform_q = torch.full_like(q, 1 / q.shape[-1])
+    wrong = run_op(device, logits, tokens, parents, u, uniform_q, "sampled", T)
     pv1, pv2, _ = lossless_pvalues(wrong, L1, L2, T)
     assert min(pv1, pv2) < P_THRESHOLD, (pv1, pv2)
 
@@ -324,8 +330,10 @@ def test_generator_reproducible(device, seed):
     logits, tokens, parents, _, q = make_case("sampled", 6, 15, 40, "random", torch.float32, gen)
     args = to(device, logits, tokens, parents)
     qd = q.to(device)
-    a = vsd_ext.verify_tree(*args, draft_probs=qd, mode="sampled", generator=torch.Generator().manual_seed(seed))
-    b = vsd_ext.verify_tree(*args, draft_probs=qd, mode="sampled", generator=torch.Generator().manual_seed(seed))
+    a = vsd_ext.verify_tree(*args, draft_probs=qd, mode="sampled",
+                            generator=torch.Generator().manual_seed(seed))
+    b = vsd_ext.verify_tree(*args, draft_probs=qd, mode="sampled",
+                            generator=torch.Generator().manual_seed(seed))
     u = torch.rand(6, 16, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     c = vsd_ext.verify_tree(*args, u.to(device), qd, "sampled")
     assert_same([t.cpu() for t in a], [t.cpu() for t in b], "same generator seed")
@@ -334,7 +342,8 @@ def test_generator_reproducible(device, seed):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck(device, gen, mode):
-    logits, tokens, parents, u, q = to(device, *make_case(mode, 3, 7, 13, "random", torch.float32, gen))
+    case = make_case(mode, 3, 7, 13, "random", torch.float32, gen)
+    logits, tokens, parents, u, q = to(device, *case)
     torch.library.opcheck(torch.ops.vsd_ext.verify_tree.default,
                           (logits, tokens, parents, u, q, MODES.index(mode), 0.9))
 
@@ -375,16 +384,20 @@ def _set(key, index, value):
 
 BAD_INPUTS = [
     ("logits rank", lambda a: a.update(target_logits=a["target_logits"][0]), "'target_logits'"),
-    ("logits dtype", lambda a: a.update(target_logits=a["target_logits"].double()), "'target_logits'"),
+    ("logits dtype", lambda a: a.update(target_logits=a["target_logits"].double()),
+     "'target_logits'"),
     ("tokens shape", lambda a: a.update(draft_tokens=a["draft_tokens"][:, :4]), "'draft_tokens'"),
     ("tokens dtype", lambda a: a.update(draft_tokens=a["draft_tokens"].int()), "'draft_tokens'"),
-    ("tokens device", lambda a: a.update(draft_tokens=a["draft_tokens"].to("meta")), "'draft_tokens'"),
+    ("tokens device", lambda a: a.update(draft_tokens=a["draft_tokens"].to("meta")),
+     "'draft_tokens'"),
     ("parents shape", lambda a: a.update(parents=a["parents"][:1]), "'parents'"),
     ("parents dtype", lambda a: a.update(parents=a["parents"].float()), "'parents'"),
     ("uniforms shape", lambda a: a.update(uniforms=a["uniforms"][:, :5]), "'uniforms'"),
     ("uniforms dtype", lambda a: a.update(uniforms=a["uniforms"].half()), "'uniforms'"),
-    ("draft_probs shape", lambda a: a.update(draft_probs=a["draft_probs"][..., :6]), "'draft_probs'"),
-    ("draft_probs dtype", lambda a: a.update(draft_probs=a["draft_probs"].double()), "'draft_probs'"),
+    ("draft_probs shape", lambda a: a.update(draft_probs=a["draft_probs"][..., :6]),
+     "'draft_probs'"),
+    ("draft_probs dtype", lambda a: a.update(draft_probs=a["draft_probs"].double()),
+     "'draft_probs'"),
     ("draft_probs missing", lambda a: a.update(draft_probs=None), "'draft_probs'"),
     ("mode", lambda a: a.update(mode="beam"), "'mode'"),
     ("temperature 0", lambda a: a.update(temperature=0.0), "'temperature'"),
@@ -433,7 +446,8 @@ def test_greedy_ignores_temperature(device, gen):
 
 
 def test_first_error_is_reported(device, gen):
-    """With several bad entries the smallest (row, canonical order) one is named, on every device."""
+    """With several bad entries the smallest (row, canonical order) one is named, on every
+    device."""
     a = _base(gen)
     _set("uniforms", (0, 1), 2.0)(a)
     _set("parents", (0, 4), 4)(a)
@@ -448,4 +462,5 @@ def test_first_error_is_reported(device, gen):
 def test_cpu_cuda_agree(gen, mode):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         case = make_case(mode, 33, 64, 32_003, "eagle", dtype, gen, mask_frac=0.02)
-        assert_same(run_op("cuda", *case, mode, 0.8), run_op("cpu", *case, mode, 0.8), f"{mode} {dtype}")
+        assert_same(run_op("cuda", *case, mode, 0.8), run_op("cpu", *case, mode, 0.8),
+                    f"{mode} {dtype}")

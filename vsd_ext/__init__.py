@@ -9,8 +9,7 @@ from ._loader import build_info, load_extension
 load_extension()
 
 from . import tree  # noqa: E402,F401
-from .ops.attention import tree_attention  # noqa: E402
-from .ops import verify_tree  # noqa: E402
+from .ops import tree_attention, verify_tree  # noqa: E402
 from .ops import weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
 from . import data  # noqa: E402,F401  (the built-in corpus: vsd_ext.data)
 from .models import Drafter, load_drafter, load_target  # noqa: E402

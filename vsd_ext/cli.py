@@ -1,9 +1,10 @@
 """The `vsd` command.
 
     vsd info      how the extension was built (versions, CUDA, architectures)
-    vsd demo      the main job (see README.md)
-    vsd generate  speculative decoding with a target and a drafter (streams the output)
-    vsd train     train a drafter (eagle3 | auf | vsd)
+    vsd demo          the main job (see README.md)
+    vsd verify-demo   lossless tree verification on a synthetic tree, all three modes
+    vsd generate      speculative decoding with a target and a drafter (streams the output)
+    vsd train         train a drafter (eagle3 | auf | vsd)
 """
 from __future__ import annotations
 
@@ -98,11 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="how vsd_ext was built")
     info.set_defaults(func=_cmd_info)
 
-    demo = sub.add_parser("demo", help="the main job: lossless tree verification demo")
-    demo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
-    demo.add_argument("--vocab", type=int, default=256, help="vocabulary size of the synthetic tree")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
+    for name, text in (("demo", "the main job (for now: the verification demo)"),
+                       ("verify-demo", "lossless tree verification on a synthetic tree")):
+        demo = sub.add_parser(name, help=text)
+        demo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
+        demo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+        demo.add_argument("--seed", type=int, default=0)
+        demo.set_defaults(func=_cmd_demo)
 
     gen = sub.add_parser("generate", help="speculative decoding of prompts (streams the output)")
     gen.add_argument("--target", default="default",

@@ -23,18 +23,19 @@
 #include <cstdint>
 
 #include "cuda/verify_tree.cuh"
+#include "cuda/verify_tree_device.cuh"
 #include "verify_tree_math.h"
 
 namespace vsd_ext::cuda {
 namespace {
 
 using namespace vsd_ext::verify;
+using namespace vsd_ext::cuda::device;
 
 constexpr int kStatsThreads = 256;
 constexpr int64_t kChunk = 8192;  // vocabulary entries per node_stats block
 constexpr int kWalkThreads = 512;
 constexpr int kWalkWarps = kWalkThreads / 32;
-constexpr unsigned kFull = 0xffffffffu;
 
 constexpr uint32_t kBadLogits = 1;  // NaN / +inf in the row, or no finite entry
 constexpr uint32_t kBadQ = 2;       // draft_probs row negative / non-finite / no mass
@@ -46,82 +47,6 @@ struct __align__(16) NodePartial {
   double q_sum;  // sum of draft_probs over the chunk (sampled, nodes with children)
   int32_t argmax;
   uint32_t flags;
-};
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ double load_d(const T* p, int64_t v) {
-  return static_cast<double>(to_float(p[v]));
-}
-
-// Calls f(v, x) for v in [lo, hi) of `row`, spread over the block with 16-byte loads; every
-// thread sees its indices in increasing order (so a strict '>' keeps the first argmax).
-template <typename T, typename F>
-__device__ __forceinline__ void for_each_element(const T* row, int64_t lo, int64_t hi, F&& f) {
-  constexpr int kVec = 16 / sizeof(T);
-  const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(row + lo) % 16) / int64_t(sizeof(T));
-  int64_t head = misalign == 0 ? 0 : kVec - misalign;
-  head = head < hi - lo ? head : hi - lo;
-  if (threadIdx.x < head) f(lo + threadIdx.x, to_float(row[lo + threadIdx.x]));
-  const int64_t body = lo + head;
-  const int64_t nvec = (hi - body) / kVec;
-  const uint4* vrow = reinterpret_cast<const uint4*>(row + body);
-  for (int64_t j = threadIdx.x; j < nvec; j += blockDim.x) {
-    const uint4 raw = __ldg(vrow + j);
-    const T* vals = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int k = 0; k < kVec; ++k) f(body + j * kVec + k, to_float(vals[k]));
-  }
-  for (int64_t v = body + nvec * kVec + threadIdx.x; v < hi; v += blockDim.x) {
-    f(v, to_float(row[v]));
-  }
-}
-
-// ---- block reductions (fixed trees: deterministic, the same value in every thread) ----------
-// Butterfly shuffles leave the identical value in every lane (IEEE addition is commutative).
-
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
-
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_reduce(T x, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
-// Block-wide reduction of one value per thread; `scratch` holds >= 32 T. Ends synchronized.
-template <typename T, typename Op>
-__device__ T block_reduce(T x, Op op, T* scratch) {
-  x = warp_reduce(x, op);
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  if ((threadIdx.x & 31) == 0) scratch[warp] = x;
-  __syncthreads();
-  T r = scratch[0];
-  for (int w = 1; w < nwarps; ++w) r = op(r, scratch[w]);
-  __syncthreads();
-  return r;
-}
-
-struct SumOp {
-  __device__ double operator()(double a, double b) const { return a + b; }
-};
-struct MinOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
-struct OrOp {
-  __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return a | b; }
-};
-struct MaxOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
 // ---- kernel 1: per (row, node, vocabulary chunk) statistics ---------------------------------
@@ -184,7 +109,9 @@ __global__ void __launch_bounds__(kStatsThreads)
       const double x = xf;
       if (!(xf < INFINITY)) acc.flags |= kBadLogits;
       if (x > acc.max) {
-        if (has_children) acc.sum = (acc.sum == 0.0 ? 0.0 : acc.sum * exp_term(acc.max, x, t)) + 1.0;
+        if (has_children) {
+          acc.sum = (acc.sum == 0.0 ? 0.0 : acc.sum * exp_term(acc.max, x, t)) + 1.0;
+        }
         acc.max = x;
         acc.argmax = int32_t(v);
       } else if (has_children && x > -INFINITY) {
@@ -276,52 +203,6 @@ __device__ __forceinline__ double replay(double e0, double q0, int v, int j, con
   }
   *zeroed = z;
   return r;
-}
-
-// Inverse CDF over the weights weight(v), v in [0, V): the smallest v with w(v) > 0 and
-// prefix(v) > u * sum(w), else the largest v with w(v) > 0, else -1. Warp w owns a contiguous
-// segment; pass A sums segments, pass B scans each segment from its offset 32 entries at a
-// time (prefix = carry + warp inclusive scan) and stops at its first hit.
-template <typename W>
-__device__ int block_inverse_cdf(W weight, int64_t V, double u) {
-  __shared__ double seg_total[kWalkWarps];
-  __shared__ int iscratch[32];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t seg = ((V + kWalkWarps - 1) / kWalkWarps + 31) / 32 * 32;
-  const int64_t lo = warp * seg, hi = lo + seg < V ? lo + seg : V;
-  double s = 0.0;
-  for (int64_t v = lo + lane; v < hi; v += 32) s += weight(v);
-  s = warp_sum(s);
-  if (lane == 0) seg_total[warp] = s;
-  __syncthreads();
-  double offset = 0.0, total = 0.0;
-  for (int w = 0; w < kWalkWarps; ++w) {
-    if (w == warp) offset = total;
-    total += seg_total[w];
-  }
-  const double threshold = u * total;
-  int hit = INT_MAX, last = -1;
-  double carry = offset;
-  for (int64_t base = lo; base < hi; base += 32) {
-    const int64_t v = base + lane;
-    const double w = v < hi ? weight(v) : 0.0;
-    double incl = w;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const double n = __shfl_up_sync(kFull, incl, o);
-      if (lane >= o) incl += n;
-    }
-    if (w > 0.0) {
-      last = int(v);
-      if (hit == INT_MAX && carry + incl > threshold) hit = int(v);
-    }
-    carry += __shfl_sync(kFull, incl, 31);
-    if (__any_sync(kFull, hit != INT_MAX)) break;
-  }
-  // A warp stops early only after a hit, so `last` is complete whenever no warp hit.
-  hit = block_reduce(hit, MinOp{}, iscratch);
-  last = block_reduce(last, MaxOp{}, iscratch);
-  return hit != INT_MAX ? hit : last;
 }
 
 template <typename TL, typename TQ>
@@ -445,7 +326,7 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
       }
       if (accepted < 0) final_token = a;
     } else if (first < 0) {
-      final_token = block_inverse_cdf(e_of, V, s.u[N]);  // bonus from p
+      final_token = block_inverse_cdf<kWalkWarps>(e_of, V, s.u[N]);  // bonus from p
     } else if (p.mode == kTargetOnly) {
       const double total = s.sum[cur];
       double rejected = 0.0;
@@ -469,9 +350,9 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
           }
           return e_of(v);
         };
-        final_token = block_inverse_cdf(residual, V, s.u[N]);
+        final_token = block_inverse_cdf<kWalkWarps>(residual, V, s.u[N]);
         // No mass left (reachable only through rounding): the correction comes from p.
-        if (final_token < 0) final_token = block_inverse_cdf(e_of, V, s.u[N]);
+        if (final_token < 0) final_token = block_inverse_cdf<kWalkWarps>(e_of, V, s.u[N]);
       }
     } else {
       if (flags & kBadQ) {
@@ -519,7 +400,7 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
           bool z;
           return replay(e_of(v), load_d(qrow, v), int(v), j, s, &z);
         };
-        final_token = block_inverse_cdf(residual, V, s.u[N]);  // r always has mass
+        final_token = block_inverse_cdf<kWalkWarps>(residual, V, s.u[N]);  // r always has mass
       }
     }
     if (accepted < 0) break;
@@ -596,7 +477,9 @@ VerifyTreeStatus verify_tree_launch(const VerifyTreeParams& p, void* workspace,
   if (err != cudaSuccess) return {err, kNoError};
   switch (p.logits_dtype) {
     case VtDtype::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
-    case VtDtype::kBFloat16: err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream); break;
+    case VtDtype::kBFloat16:
+      err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream);
+      break;
     default: err = launch_q<float>(p, nchunks, partials, error, stream); break;
   }
   if (err != cudaSuccess) return {err, kNoError};

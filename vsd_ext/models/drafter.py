@@ -260,8 +260,9 @@ class Drafter(nn.Module):
 
         input_ids `[B, n]`, hidden `[B, n, ·]`: tokens and input features of the new nodes
         (the target features at the root, the parent's `DrafterOutput.hidden` below it).
-        parents `[B, P + n]`: parent index of every node so far (−1 for roots), the P
-        earlier nodes first; `past`: the `tree_kv` of the previous call (None when P = 0).
+        parents `[B, P + n]`: parent index of every node so far, the P earlier nodes first
+        (−1 for the root, node 0; a later node with parent −1 is padding, as in
+        `vsd_ext.tree`); `past`: the `tree_kv` of the previous call (None when P = 0).
         Each new node attends to the cache prefix (`prefix_lens`, default
         `cache.lengths`; the cache may hold one row shared by all B) and to its ancestors
         and itself, at position `prefix + depth`. Nothing is written to the cache; the

@@ -36,7 +36,8 @@ def _check_logits(target_logits):
         shape = list(target_logits.shape) if isinstance(target_logits, torch.Tensor) else None
         _fail("target_logits", f"expected a 3-D tensor [B, N, V], got shape {shape}")
     if target_logits.dtype not in _LOGITS_DTYPES:
-        _fail("target_logits", f"expected dtype float16, bfloat16 or float32, got {target_logits.dtype}")
+        _fail("target_logits",
+              f"expected dtype float16, bfloat16 or float32, got {target_logits.dtype}")
     B, N, V = target_logits.shape
     if N < 1 or V < 1:
         _fail("target_logits", f"expected N >= 1 nodes and V >= 1 tokens, got shape {[B, N, V]}")

@@ -28,7 +28,8 @@ Walk from ``cur = 0``; at ``cur``:
   a scalar, no O(V) work). A repeated sibling token has r(x) = 0: rejected. If no child is
   accepted, emit the correction drawn from r.
 - sampled (children were drawn without replacement from ``q = draft_probs[b, cur]``, normalized
-  by its sum): ``r = p_cur``. For each child c with token x, with r and q normalized: accept iff
+  by its float64 sum; a used row must be finite and nonnegative with a positive sum, else the
+  kernels raise): ``r = p_cur``. For each child c with token x, with r and q normalized: accept iff
   ``u_c * q(x) < r(x)``, i.e. ``u_c < min(1, r(x) / q(x))``; q(x) = 0 accepts iff r(x) > 0, and
   r(x) = 0 never accepts. On rejection ``r <- norm(max(r - q, 0))`` and then
   ``q <- norm(q with x zeroed)``. A q with no mass left counts as all zeros (r is then unchanged
@@ -150,7 +151,8 @@ def verify_tree(
     accepted = torch.full((B, N), -1, dtype=torch.long)
     emitted = torch.full((B, N), -1, dtype=torch.long)
     num = torch.zeros(B, dtype=torch.long)
-    tokens, parent_lists, u_all = draft_tokens.tolist(), parents.tolist(), uniforms.double().tolist()
+    tokens, parent_lists = draft_tokens.tolist(), parents.tolist()
+    u_all = uniforms.double().tolist()
     for b in range(B):  # one row at a time: float64 temporaries of [N, V], not [B, N, V]
         logits = target_logits[b].double()
         probs = None
