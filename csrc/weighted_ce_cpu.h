@@ -10,6 +10,8 @@ namespace vsd_ext::wce::cpu {
 
 void stats(const StatsArgs& a);
 void grad(const GradArgs& a);
+// stats then grad of the same whole-row tile, fused per row; the gradient overwrites the logits.
+void stats_grad(const StatsArgs& a, const GradArgs& g);
 void colsum_add(const at::Tensor& g, at::Tensor& out);
 void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
 
@@ -17,11 +19,14 @@ struct Kernels {
   // fp16/bf16 GEMMs are slow or emulated on most CPUs: the weight is cast to fp32 once per call
   // and each hidden chunk as it is used, so chunk logits and gradients are fp32 throughout.
   static constexpr bool kUpcastOperands = true;
-  // 2^24 logits (64 MiB fp32) per chunk: e.g. 524 rows at V = 32,000. Big enough that the
-  // rank-`rows` update of dweight stays compute-bound, small enough to be far from M * V.
-  static constexpr int64_t kDefaultChunk = int64_t{1} << 24;
+  // 2^25 logits (128 MiB fp32) per chunk: 1,048 rows at V = 32,000, 261 at V = 128,256. Few
+  // and large GEMMs (the rank-`rows` update of dweight stays compute-bound, and few
+  // synchronizations), far from M * V; below the fp32 [V, H] + [M, H] gradient buffers of
+  // typical heads, so it rarely sets the peak.
+  static constexpr int64_t kDefaultChunk = int64_t{1} << 25;
   static void stats(const StatsArgs& a) { cpu::stats(a); }
   static void grad(const GradArgs& a) { cpu::grad(a); }
+  static void stats_grad(const StatsArgs& a, const GradArgs& g) { cpu::stats_grad(a, g); }
   static void colsum_add(const at::Tensor& g, at::Tensor& out) { cpu::colsum_add(g, out); }
   static void check_targets(const at::Tensor& t, int64_t V, int64_t ignore) {
     cpu::check_targets(t, V, ignore);

@@ -8,6 +8,7 @@
 //     static constexpr int64_t kDefaultChunk;  // default logits elements per chunk
 //     static void stats(const StatsArgs&);
 //     static void grad(const GradArgs&);
+//     static void stats_grad(const StatsArgs&, const GradArgs&);  // both on one whole-row tile
 //     static void colsum_add(const at::Tensor& g, at::Tensor& out);  // out[v] += sum_r g[r, v]
 //     static void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
 //   };
@@ -239,6 +240,7 @@ void linear_pass(const LinearInputs& in, bool stats, Tensor& loss, Tensor& lse, 
     const Tensor targets_c = in.targets.narrow(0, r0, rows);
     const Tensor weights_c = in.row_weights.narrow(0, r0, rows);
     Tensor z;
+    StatsArgs row_stats;  // with gradients: the single whole-row tile, fused with the gradient
     for (int64_t c0 = 0; c0 < V; c0 += cols_per) {
       const int64_t n = std::min(cols_per, V - c0);
       z = zbuf.narrow(0, 0, rows * n).view({rows, n});
@@ -264,7 +266,11 @@ void linear_pass(const LinearInputs& in, bool stats, Tensor& loss, Tensor& lse, 
         a.last = c0 + n == V;
         a.ignore_index = in.ignore_index;
         a.temperature = in.temperature;
-        K::stats(a);
+        if (want_grad) {
+          row_stats = a;
+        } else {
+          K::stats(a);
+        }
       }
     }
     if (!want_grad) {
@@ -283,7 +289,11 @@ void linear_pass(const LinearInputs& in, bool stats, Tensor& loss, Tensor& lse, 
     g.out = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : z;
     g.ignore_index = in.ignore_index;
     g.temperature = in.temperature;
-    K::grad(g);
+    if (stats) {
+      K::stats_grad(row_stats, g);
+    } else {
+      K::grad(g);
+    }
     const Tensor& G = g.out;
     if (grads.dhidden.defined()) {
       Tensor dh = grads.dhidden.narrow(0, r0, rows);

@@ -102,6 +102,30 @@ VSD_WCE_CLONES void row_grad_soft(float* out, const float* z, const float* u, in
   }
 }
 
+// x_v = exp(x_v - shift) in place; returns their sum.
+VSD_WCE_CLONES float row_exp_inplace(float* x, int64_t n, float shift) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_nonpos(x[i] - shift);
+    x[i] = e;
+    s += e;
+  }
+  return s;
+}
+
+// x_v = scale x_v - c exp(u_v - lse_u)   (c = 0: plain scaling).
+VSD_WCE_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, float scale, float lse_u,
+                                      float c) {
+  if (u == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+    return;
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - c * exp_nonpos(u[i] - lse_u);
+}
+
 // Float64 versions (exact std::exp), same contracts.
 double row_max(const double* x, int64_t n) {
   double m = -std::numeric_limits<double>::infinity();
@@ -130,6 +154,17 @@ void row_grad(double* out, const double* z, int64_t n, double lse, double a) {
 void row_grad_soft(double* out, const double* z, const double* u, int64_t n, double lse, double a,
                    double lse_u, double c) {
   for (int64_t i = 0; i < n; ++i) out[i] = a * std::exp(z[i] - lse) - c * std::exp(u[i] - lse_u);
+}
+double row_exp_inplace(double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - shift);
+    s += x[i];
+  }
+  return s;
+}
+void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, double lse_u, double c) {
+  for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
 
 // ---- typed row access: rows of any float dtype are read as (or converted to) acc dtype A ------
@@ -305,6 +340,62 @@ void grad_impl(const GradArgs& a) {
   });
 }
 
+// Statistics and unit-gradient of whole rows in one pass over each row (the fused forward):
+// logits in acc dtype, overwritten by G. Per row: max; soft sums (which need z); exp(z - max)
+// stored in place with its sum S (one exp per element); then G = (a / S) e - c y.
+template <typename A>
+void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
+  const int64_t rows = a.logits.size(0), n = a.logits.size(1);
+  const bool soft = a.soft.defined();
+  const Rows<A> u_rows(soft ? a.soft : a.logits);
+  const int64_t* targets = a.targets.data_ptr<int64_t>();
+  const A* weights = a.row_weights.data_ptr<A>();
+  A* z_base = a.logits.data_ptr<A>();
+  const int64_t ld = a.logits.stride(0);
+  A* loss = a.loss.data_ptr<A>();
+  A* lse = a.lse.data_ptr<A>();
+  A* soft_lse = soft ? a.soft_lse.data_ptr<A>() : nullptr;
+  const A temperature = static_cast<A>(a.temperature);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  const A g_default = g.unit_grad_loss ? A(1) : A(0);
+
+  at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+    std::vector<A> u_scratch(soft ? n : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      A* z = z_base + r * ld;
+      const int64_t t = targets[r];
+      const bool active = t != a.ignore_index;
+      RowStats<A> st = RowStats<A>::empty();
+      const A* u = nullptr;
+      if (soft) {
+        u = u_rows.load(r, u_scratch.data(), n, temperature);
+        st.mu = row_max(u, n);
+        if (st.mu != neg_inf) {
+          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
+        }
+      } else if (active) {
+        st.zt = z[t];
+      }
+      st.m = row_max(z, n);
+      st.s = st.m == neg_inf ? A(0) : row_exp_inplace(z, n, st.m);
+      lse[r] = st.lse();
+      if (soft) {
+        soft_lse[r] = st.soft_lse();
+      }
+      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+      const auto coef = RowCoef<A>::make(active, weights[r], g_default, A(0));
+      if (coef.a == A(0) && coef.c == A(0)) {
+        std::fill(z, z + n, A(0));
+        continue;
+      }
+      row_scale_sub_exp(z, u, n, coef.a / st.s, soft ? soft_lse[r] : A(0), coef.c);
+      if (!soft) {
+        z[t] -= coef.c;
+      }
+    }
+  });
+}
+
 template <typename A>
 void colsum_add_impl(const at::Tensor& g, at::Tensor& out) {
   const int64_t rows = g.size(0), n = g.size(1), ld = g.stride(0);
@@ -339,6 +430,19 @@ void grad(const GradArgs& a) {
     grad_impl<double>(a);
   } else {
     grad_impl<float>(a);
+  }
+}
+
+void stats_grad(const StatsArgs& a, const GradArgs& g) {
+  TORCH_CHECK(a.first && a.last && !a.state.defined() && g.out.is_same(a.logits) &&
+                  a.logits.scalar_type() == a.loss.scalar_type() && a.logits.stride(1) == 1 &&
+                  !g.grad_loss.defined() && !g.grad_lse.defined(),
+              "weighted_ce: stats_grad expects whole rows of acc-dtype logits overwritten in place "
+              "by the unit gradient");
+  if (a.loss.scalar_type() == at::kDouble) {
+    stats_grad_impl<double>(a, g);
+  } else {
+    stats_grad_impl<float>(a, g);
   }
 }
 

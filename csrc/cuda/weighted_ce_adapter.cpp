@@ -95,6 +95,12 @@ struct Kernels {
     check_launch(k::launch_grad(p, stream()), "gradient");
   }
 
+  // Two launches; the second re-reads the chunk (L2-resident for the most part).
+  static void stats_grad(const StatsArgs& a, const GradArgs& g) {
+    stats(a);
+    grad(g);
+  }
+
   static void colsum_add(const at::Tensor& g, at::Tensor& out) {
     k::ColsumLaunch p;
     p.g = const_matrix(g);

@@ -200,7 +200,7 @@ def weighted_linear_cross_entropy(
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
         chunk_size: logits elements per chunk (rows x vocabulary entries); None = device default,
-            2^24 on CPU (64 MiB of fp32 logits), 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16
+            2^25 on CPU (128 MiB of fp32 logits), 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16
             gradient), which keeps the per-chunk GEMMs compute-bound. A chunk holds at least one
             whole row when gradients are computed; without them, rows longer than the chunk
             stream through vocabulary tiles with an online log-sum-exp.
@@ -211,7 +211,10 @@ def weighted_linear_cross_entropy(
             reach ``lse`` costs no GEMM: 6MHV FLOPs in total. Otherwise the backward recomputes
             the logits once (2MHV, plus 2MHV per gradient it still needs: up to 12MHV in total
             with precomputation, 8MHV without). Pass False when the upstream gradient is known to
-            vary per row or to flow into ``lse`` (z-loss).
+            vary per row or to flow into ``lse`` (z-loss). Memory: precomputation keeps fp32
+            ``[V, H]`` and ``[M, H]`` unit gradients from forward to backward, where the scaled
+            gradients are allocated next to them; without it the backward accumulates straight
+            into the gradients (peak about one fp32 ``[V, H]`` + ``[M, H]`` + one chunk).
 
     Returns:
         ``loss_rows``: ``[M]`` float32 (float64 for float64 inputs), ``row_weights * CE``, 0 on

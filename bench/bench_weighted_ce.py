@@ -1,0 +1,174 @@
+"""Benchmarks: vsd_ext.weighted_linear_cross_entropy against the PyTorch way (pytest-benchmark).
+
+Providers (benchmark.extra_info["provider"]):
+  vsd_ext          the fused op: loss_rows (and lse), never materializing the [M, V] logits
+  torch            h @ W.T -> F.cross_entropy(reduction="none") * w  (the PyTorch way)
+  torch_linear_ce  F.linear_cross_entropy(h, W, t, reduction="none", options=LinearCrossEntropyOptions()) * w,
+                   PyTorch's chunked fused op (when the installed torch has it; it has no per-row weights,
+                   so the rows are weighted after it)
+Modes: "fwd" runs under torch.no_grad (evaluation); "fwd+bwd" is a training step: loss_rows.sum() and
+backward into hidden and weight (FLOPs 6MHV for every provider; the chunked torch op recomputes, 8MHV).
+
+Peak memory (extra_info["peak_bytes"]): the extra memory one call needs on top of its inputs, including
+the gradients it leaves in .grad. CUDA: torch.cuda.max_memory_allocated() minus the allocation before
+the call, after a warm-up call, in this process. CPU: each (provider, shape, mode) runs in a fresh
+Python subprocess (`python bench/bench_weighted_ce.py --peak ...`): inputs, one warm-up call, outputs
+and gradients freed, then the kernel's peak-RSS counter is reset (`5` into /proc/self/clear_refs) and the
+measured call's VmHWM minus the VmRSS before it is the peak extra resident memory (a page never
+touched does not count; freed memory is not double-counted). extra_info["peak_method"] says which.
+
+CPU shapes are a subset that finishes in a few minutes and includes M=8192, H=1024, V=32000 fp32;
+CUDA shapes (bf16) are M in {2048, 8192} x H in {1024, 4096} x V in {32000, 128256}.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import vsd_ext
+
+HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy")
+PROVIDERS = ["vsd_ext", "torch"] + (["torch_linear_ce"] if HAS_LINEAR_CE else [])
+MODES = ["fwd", "fwd+bwd"]
+CPU_SHAPES = [(2048, 1024, 32000, torch.float32), (8192, 1024, 32000, torch.float32)]
+CUDA_SHAPES = [(M, H, V, torch.bfloat16) for M in (2048, 8192) for H in (1024, 4096) for V in (32000, 128256)]
+
+
+def make_inputs(M, H, V, dtype, device, requires_grad):
+    gen = torch.Generator(device=device).manual_seed(1234)
+    hidden = (torch.randn(M, H, generator=gen, device=device) * (2.0 / H ** 0.5)).to(dtype)
+    weight = torch.randn(V, H, generator=gen, device=device).to(dtype)
+    targets = torch.randint(0, V, (M,), generator=gen, device=device)
+    targets[::16] = -100
+    row_weights = torch.rand(M, generator=gen, device=device)
+    hidden.requires_grad_(requires_grad)
+    weight.requires_grad_(requires_grad)
+    return hidden, weight, targets, row_weights
+
+
+def loss_rows(provider, h, W, t, w):
+    if provider == "vsd_ext":
+        return vsd_ext.weighted_linear_cross_entropy(h, W, t, w)[0]
+    if provider == "torch":
+        return F.cross_entropy(h @ W.T, t, reduction="none") * w
+    options = torch.nn.LinearCrossEntropyOptions()
+    return F.linear_cross_entropy(h, W, t, reduction="none", options=options) * w
+
+
+def make_call(provider, mode, inputs):
+    h, W, t, w = inputs
+    sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
+    if mode == "fwd":
+        def call():
+            with torch.no_grad():
+                loss_rows(provider, h, W, t, w)
+            sync()
+    else:
+        def call():
+            h.grad = W.grad = None
+            loss_rows(provider, h, W, t, w).sum().backward()
+            sync()
+    return call
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def measure_peak_cpu(provider, mode, M, H, V, dtype):
+    """Peak extra resident memory of one warm call, in this (fresh) process."""
+    inputs = make_inputs(M, H, V, dtype, "cpu", mode == "fwd+bwd")
+    call = make_call(provider, mode, inputs)
+    call()
+    inputs[0].grad = inputs[1].grad = None
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM delta after reset (fresh subprocess, after a warm-up call)"
+    except OSError:
+        method = "VmHWM delta without reset (fresh subprocess; may include the warm-up's peak)"
+    before = _status_kib("VmRSS")
+    call()
+    return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024, "peak_method": method}
+
+
+def peak_bytes(provider, mode, M, H, V, dtype, device, call):
+    if device == "cuda":
+        call()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        call()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
+                "peak_method": "torch.cuda.max_memory_allocated delta after a warm-up call"}
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode, str(M), str(H), str(V),
+           str(dtype).removeprefix("torch.")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def validate(M, H, V, dtype, device):
+    """The providers agree (loss rows and gradients) on the first rows of the shape, outside timing."""
+    rows = min(M, 512)
+    h, W, t, w = make_inputs(M, H, V, dtype, device, True)
+    h = h.detach()[:rows].requires_grad_(True)
+    results = {}
+    for provider in PROVIDERS:
+        h.grad = W.grad = None
+        loss = loss_rows(provider, h, W, t[:rows], w[:rows])
+        loss.sum().backward()
+        results[provider] = [loss.detach().float(), h.grad.float(), W.grad.float()]
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for provider in PROVIDERS[1:]:
+        for got, want in zip(results["vsd_ext"], results[provider]):
+            scale = want.abs().max().item()
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
+    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"), required=True)
+    provider, mode, M, H, V, dtype = parser.parse_args().peak
+    print(json.dumps(measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))))
+    sys.exit(0)
+
+import pytest  # noqa: E402  (not needed by the --peak subprocess)
+
+_validated = set()
+
+
+def _cases():
+    for M, H, V, dtype in CPU_SHAPES:
+        yield pytest.param("cpu", M, H, V, dtype, id=f"cpu-M{M}-H{H}-V{V}-{str(dtype)[6:]}")
+    for M, H, V, dtype in CUDA_SHAPES:
+        yield pytest.param("cuda", M, H, V, dtype, id=f"cuda-M{M}-H{H}-V{V}-{str(dtype)[6:]}",
+                           marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"))
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,M,H,V,dtype", list(_cases()))
+def test_weighted_linear_ce(benchmark, provider, mode, device, M, H, V, dtype):
+    key = (device, M, H, V, dtype)
+    if key not in _validated:
+        validate(M, H, V, dtype, device)
+        _validated.add(key)
+    inputs = make_inputs(M, H, V, dtype, device, mode == "fwd+bwd")
+    call = make_call(provider, mode, inputs)
+    benchmark.group = f"weighted_linear_ce {mode} M={M} H={H} V={V} {str(dtype)[6:]} {device}"
+    benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, dtype=str(dtype)[6:], device=device,
+                                flops=(2 if mode == "fwd" else 6) * M * H * V)
+    benchmark.extra_info.update(peak_bytes(provider, mode, M, H, V, dtype, device, call))
+    rounds = 2 if device == "cpu" else 10
+    benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
