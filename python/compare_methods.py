@@ -35,6 +35,7 @@ import torch
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
 TEMPERATURES = (0.0, 1.0)
+EVAL_TREE = dict(depth=5, topk=4, total_tokens=24)
 
 
 def build_data(args, out: Path) -> Path:
@@ -91,8 +92,8 @@ def evaluate(args, run: Path) -> dict:
     prompts = DataSplits.load(Path(args.out) / "data.pt").prompts[:args.eval_prompts]
     result = {"steps": json.loads((run / "summary.json").read_text())["steps"]}
     for t in TEMPERATURES:
-        stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens, TreeConfig(),
-                           seed=args.eval_seed)
+        stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens,
+                           TreeConfig(**EVAL_TREE), seed=args.eval_seed)
         result[f"tau_T{t:g}"] = stats["tau"]
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
