@@ -1,7 +1,8 @@
 """Compare drafter training methods on one target: eagle3, auf and vsd, same data, same budget.
 
 Per seed, with budgets in minutes of training time (evaluation excluded; `--clock process`
-counts the trainer's CPU time, which is fair when the machine is shared):
+counts the trainer's CPU time, which is fair when the machine is shared, and `--threads 1`
+keeps idle threads from spin-waiting on that clock):
 
     eagle3_base   eagle3 from scratch for B minutes
     eagle3        eagle3_base fine-tuned for E more minutes (--init, fresh optimizer)
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +76,7 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
     if init is not None:
         cmd += ["--init", str(init)]
     print(" ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return run
 
 
@@ -159,7 +161,10 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
                    choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
     p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads per run (1: CPU time is compute, not spin-waiting)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args, out)
