@@ -136,3 +136,24 @@ def test_saved_splits_roundtrip(tmp_path):
     torch.save({"other": 1}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="not a dataset"):
         DataSplits.load(tmp_path / "bad.pt")
+
+
+def test_trainer_regenerates_once_and_keeps_the_dataset(tiny, tmp_path):
+    from vsd_ext import train_drafter
+
+    _, target = tiny
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": words(*range(1, 30, k))} for k in
+                                               (1, 2, 3, 4, 5, 1, 2)])
+    kw = dict(data=str(path), seq_len=12, batch_size=2, max_steps=1, regenerate=True,
+              regenerate_rows=3, regenerate_prompt_tokens=4, regenerate_temperature=0.0,
+              progress=False)
+    train_drafter(target, tmp_path / "run", **kw)
+    data = DataSplits.load(tmp_path / "run" / "data.pt")
+    assert len(data.train) == 3 and data.source.endswith("+regenerated")
+    for ids, mask in zip(data.train.input_ids.tolist(), data.train.loss_mask.tolist()):
+        n = sum(t >= 0 for t in ids)
+        assert mask[:4] == [False] * 4 and mask[4:n] == [True] * (n - 4)
+        assert generate(target, None, [ids[:4]], 8).tokens[0][:n - 4] == ids[4:n]
+    before = (tmp_path / "run" / "data.pt").stat().st_mtime_ns
+    train_drafter(target, tmp_path / "run", **{**kw, "max_steps": 2})  # resumes, reuses data
+    assert (tmp_path / "run" / "data.pt").stat().st_mtime_ns == before
