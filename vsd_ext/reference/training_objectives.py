@@ -142,6 +142,11 @@ def vsd_loss(drafter, target, input_ids, loss_mask, records, cfg):
                 for i in range(n + 1):
                     r = max(cfg.r_min, reach)
                     reach *= float(alphas[s, i]) if i < K else 1.0
+                    if cfg.arw_target == "soft":  # the target's distribution at the node
+                        seq = torch.tensor(input_ids[rec.b, :a + 1].tolist() + emitted[:i])
+                        teacher = target.run(seq[None]).logits[0, -1][ids]
+                        rows.append((float(w[s]) * r, _soft_ce(results[i][1], teacher)))
+                        continue
                     if emitted[i] not in to_draft:
                         continue
                     ce = -torch.log_softmax(results[i][1].double(), -1)[to_draft[emitted[i]]]

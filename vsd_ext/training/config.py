@@ -15,6 +15,7 @@ METHODS = ("eagle3", "auf", "vsd")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "process")
+ARW_TARGETS = ("emitted", "soft")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -65,6 +66,8 @@ class VSDConfig:
     M-step: ARW-weighted likelihood of the emitted tokens (utility `utility`, ESS ≥ `rho`·S,
     T_w ≥ `min_temperature`, reach weights clamped at `r_min`) + `lambda_car` · CAR
     (confidence `confidence` ** `car_beta`) + `lambda_tok` · the eagle3 loss (`eagle3`).
+    `arw_target`: "emitted" (METHOD.md: hard CE on the emitted tokens) or "soft" (the
+    target's distribution at the same rows; see `training.vsd`).
     """
 
     anchors: int = 8
@@ -79,6 +82,7 @@ class VSDConfig:
     car_beta: float = 1.0
     confidence: str = "maxprob"
     lambda_tok: float = 0.0
+    arw_target: str = "emitted"
     eagle3: Eagle3Config = field(default_factory=Eagle3Config)
 
     def validate(self) -> None:
@@ -99,6 +103,8 @@ class VSDConfig:
         _check(self.confidence in CONFIDENCES, "vsd.confidence",
                f"must be one of {CONFIDENCES}, got {self.confidence!r}")
         _check(self.lambda_tok >= 0, "vsd.lambda_tok", f"must be >= 0, got {self.lambda_tok}")
+        _check(self.arw_target in ARW_TARGETS, "vsd.arw_target",
+               f"must be one of {ARW_TARGETS}, got {self.arw_target!r}")
         self.eagle3.validate("vsd.eagle3")
 
 

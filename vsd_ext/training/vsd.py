@@ -23,6 +23,13 @@ The emitted token e_{s,i} is predicted at the path's node of depth i − 1 (the 
 i = 1); accepted prefixes coincide with the sampled path, so every row reads a hidden state
 the E-step already computed. CAR's CE differs from METHOD.md's KL by the teacher entropy,
 a constant: metrics report the KL. Both terms are fused weighted CE calls (no logits).
+
+Option `arw_target="soft"` (not in METHOD.md; default "emitted"): each ARW row's hard
+emitted token is replaced by the target's whole distribution at that node (already scored in
+step 3) — the conditional expectation of the emitted token's one-hot given the path prefix,
+a lower-variance (Rao-Blackwellized) estimate of the same likelihood term when the weights
+do not depend on the emitted token; with ARW weights it is a weighted on-policy distillation
+on the drafter's own accepted paths.
 """
 from __future__ import annotations
 
@@ -81,7 +88,8 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
 @torch.no_grad()
 def score_and_verify(step, batch, b, anchors, z, q, cfg, gen):
     """Steps 3–4 for sequence b: (alphas `[C, S, K]`, num_accepted `[C, S]`, emitted
-    `[C, S, K+1]` target ids, −1 padded)."""
+    `[C, S, K+1]` target ids, −1 padded, teacher `[C, S, K+1, Vd]`: the target's logits
+    after chain node i, on the draft vocabulary)."""
     vocab, target = step.vocab, step.target
     C, S, K = z.shape
     tau = cfg.sample_temperature
@@ -112,7 +120,7 @@ def score_and_verify(step, batch, b, anchors, z, q, cfg, gen):
     p_z = logp.gather(-1, ztok[..., None])[..., 0].exp()
     q_z = q.gather(-1, z[..., None])[..., 0]
     alphas = (p_z / q_z).clamp(max=1.0)
-    return alphas, num.view(C, S), emitted.view(C, S, K + 1)
+    return alphas, num.view(C, S), emitted.view(C, S, K + 1), vocab.restrict(logits)
 
 
 def car_term(step, batch, head, h0, cfg):
@@ -136,7 +144,8 @@ class PathRecord:
     """The E-step of one sequence (row b of the micro-batch): anchors `[C]`, ok `[C]`
     (False: the sequence had no valid anchor), z `[C, S, K]` draft ids, q `[C, S, K, Vd]`,
     hidden `[C, S, K+1, H]` (root then levels, with gradient), alphas `[C, S, K]`,
-    num_accepted `[C, S]`, emitted `[C, S, K+1]` target ids (−1 padded)."""
+    num_accepted `[C, S]`, emitted `[C, S, K+1]` target ids (−1 padded), teacher
+    `[C, S, K+1, Vd]` the target's logits after each chain node (`score_and_verify`)."""
 
     b: int
     anchors: torch.Tensor
@@ -147,6 +156,7 @@ class PathRecord:
     alphas: torch.Tensor
     num_accepted: torch.Tensor
     emitted: torch.Tensor
+    teacher: torch.Tensor
 
 
 def e_step(step, batch, h0, kv, gen) -> list[PathRecord]:
@@ -158,20 +168,23 @@ def e_step(step, batch, h0, kv, gen) -> list[PathRecord]:
     z, q, hidden = sample_paths(step, h0, kv, anchors, cfg, gen)
     records = []
     for b, (_, ok) in enumerate(picks):
-        alphas, num, emitted = score_and_verify(step, batch, b, anchors[b], z[b], q[b], cfg, gen)
-        records.append(PathRecord(b, anchors[b], ok, z[b], q[b], hidden[b], alphas, num,
-                                  emitted))
+        scored = score_and_verify(step, batch, b, anchors[b], z[b], q[b], cfg, gen)
+        records.append(PathRecord(b, anchors[b], ok, z[b], q[b], hidden[b], *scored))
     return records
 
 
 def arw_rows(record: PathRecord, vocab, cfg):
     """(targets `[C, S, K+1]` draft ids, −100 = ignored; ω = w_s · r_{s,i} `[C, S, K+1]`,
-    unnormalized). Row (s, i) is the emitted token e_{s,i+1}, predicted at depth i."""
+    unnormalized). Row (s, i) is the emitted token e_{s,i+1}, predicted at depth i. With
+    `arw_target="soft"` every emitted position is a row (target 0, a placeholder: the row's
+    soft target is `record.teacher`), tokens outside the draft vocabulary included."""
     utility = path_utility(record.alphas, cfg.utility, accepted=record.num_accepted)
     w = arw_path_weights(utility, cfg.rho, cfg.min_temperature)                  # [C, S]
     ones = torch.ones_like(record.alphas[..., :1])
     r = arw_position_weights(torch.cat((record.alphas, ones), -1), cfg.r_min)    # [C, S, K+1]
     targets = vocab.draft_targets(record.emitted)
+    if cfg.arw_target == "soft":
+        targets = torch.where(record.emitted >= 0, 0, -100)
     targets = torch.where(record.ok[:, None, None], targets, torch.full_like(targets, -100))
     return targets, w[..., None] * r
 
@@ -179,16 +192,18 @@ def arw_rows(record: PathRecord, vocab, cfg):
 def m_step(step, batch, head, h0, kv, records, gen):
     """(loss, metrics): ARW + λ_CAR · CAR + λ_tok · eagle3 (module docstring)."""
     cfg = step.config.vsd
-    rows_h, rows_t, rows_w = [], [], []
+    rows_h, rows_t, rows_w, rows_soft = [], [], [], []
     for record in records:
         targets, omega = arw_rows(record, step.vocab, cfg)
         keep = targets >= 0
         rows_h.append(record.hidden[keep])
         rows_t.append(targets[keep])
         rows_w.append(omega[keep])
+        rows_soft.append(record.teacher[keep])
     omega = torch.cat(rows_w).float()
     omega = omega / omega.sum().clamp_min(1e-12)  # normalized to mean one, then / count
-    arw = head(torch.cat(rows_h), torch.cat(rows_t), omega).sum()
+    soft = torch.cat(rows_soft) if cfg.arw_target == "soft" else None
+    arw = head(torch.cat(rows_h), torch.cat(rows_t), omega, soft).sum()
     loss = arw
     metrics = {"arw": float(arw.detach()), "rows": int(omega.shape[0])}
     if cfg.lambda_car > 0:
