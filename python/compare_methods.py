@@ -83,16 +83,21 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
 def evaluate(args, run: Path) -> dict:
     from vsd_ext.draft_tree import TreeConfig
     from vsd_ext.models import load_drafter, load_target
+    from vsd_ext.training.config import TrainConfig
     from vsd_ext.training.data import DataSplits
-    from vsd_ext.training.evaluate import decode_tau
+    from vsd_ext.training.evaluate import decode_tau, heldout_kl
+    from vsd_ext.training.objective import TrainStep
 
     path = run / "eval.json"
     if path.is_file():
         return json.loads(path.read_text())
     target = load_target(args.target)
     drafter = load_drafter(run, target)
-    prompts = DataSplits.load(Path(args.out) / "data.pt").prompts[:args.eval_prompts]
-    result = {"steps": json.loads((run / "summary.json").read_text())["steps"]}
+    splits = DataSplits.load(Path(args.out) / "data.pt")
+    prompts = splits.prompts[:args.eval_prompts]
+    step = TrainStep(drafter, target, TrainConfig())
+    result = {"steps": json.loads((run / "summary.json").read_text())["steps"],
+              "heldout_kl": heldout_kl(step, splits.heldout)}
     for t in TEMPERATURES:
         stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens,
                            TreeConfig(**EVAL_TREE), seed=args.eval_seed)
