@@ -69,12 +69,13 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
            "--max-minutes", str(minutes), "--budget-clock", args.clock,
            "--max-steps", "1000000", "--schedule", "constant", "--lr", str(args.lr),
            "--warmup-steps", "10", "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--draft-vocab-size", str(args.draft_vocab),
-           "--save-every", "5", "--no-progress",
+           "--seq-len", str(args.seq_len), "--save-every", "5", "--no-progress",
            "--set", f"eagle3.steps={args.steps}", "--set", f"auf.steps={args.steps}",
            "--set", f"vsd.depth={args.steps}", *extra]
     if init is not None:
         cmd += ["--init", str(init)]
+    elif args.draft_vocab:
+        cmd += ["--draft-vocab-size", str(args.draft_vocab)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return run
@@ -157,7 +158,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--steps", type=int, default=5, help="unroll steps / VSD depth")
-    p.add_argument("--draft-vocab", type=int, default=2048)
+    p.add_argument("--draft-vocab", type=int, default=0,
+                   help="reduced draft vocabulary of fresh drafters (0: the target's)")
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-new-tokens", type=int, default=64)
     p.add_argument("--eval-seed", type=int, default=7)
