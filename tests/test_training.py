@@ -48,7 +48,8 @@ def check_against(step, reference_loss, fast_loss, rtol=1e-4):
     drafter.zero_grad()
     reference_loss.backward()
     slow = grads(drafter)
-    assert torch.allclose(fast_loss.double(), reference_loss, rtol=rtol), (fast_loss, reference_loss)
+    assert torch.allclose(fast_loss.double(), reference_loss, rtol=rtol), (fast_loss,
+                                                                         reference_loss)
     for name in fast:
         scale = slow[name].abs().max().clamp_min(1e-6)
         assert (fast[name] - slow[name]).abs().max() / scale < 1e-3, name

@@ -38,7 +38,8 @@ FLAGS = {  # flag -> (TrainConfig field, type, help)
 
 def add_train_command(sub) -> None:
     train = sub.add_parser("train", help="train a drafter (eagle3 | auf | vsd)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--target", default="default",
                        help="Hugging Face checkpoint directory, or 'default' (embedded target)")
     train.add_argument("--out", required=True, help="output directory (resumed if it holds a "

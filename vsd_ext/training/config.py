@@ -186,7 +186,8 @@ class TrainConfig:
                    "regenerate_rows", f"must be an integer >= 1, got {self.regenerate_rows!r}")
         _check(self.regenerate_temperature >= 0, "regenerate_temperature",
                f"must be >= 0, got {self.regenerate_temperature}")
-        _check(isinstance(self.regenerate_prompt_tokens, int) and self.regenerate_prompt_tokens >= 1,
+        _check(isinstance(self.regenerate_prompt_tokens, int)
+               and self.regenerate_prompt_tokens >= 1,
                "regenerate_prompt_tokens",
                f"must be an integer >= 1, got {self.regenerate_prompt_tokens!r}")
         if self.micro_batch_size is not None:

@@ -254,7 +254,8 @@ def jsonl_splits(path: str | Path, tokenizer, seq_len: int, eos_id: int,
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from err
         if not isinstance(record, dict):
-            raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+            raise ValueError(f"{path}:{line_no}: expected a JSON object, got "
+                             f"{type(record).__name__}")
         messages = _messages(record, line_no)
         if messages is None:
             if not isinstance(record.get("text"), str):
@@ -270,7 +271,8 @@ def jsonl_splits(path: str | Path, tokenizer, seq_len: int, eos_id: int,
                 ids, mask = ids + [eos_id], mask + [True]
             rows = [(ids[:seq_len], mask[:seq_len])]
         digest = hashlib.sha256(line.encode("utf-8")).digest()
-        split = "heldout" if int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE else "train"
+        held = int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE
+        split = "heldout" if held else "train"
         splits[split].extend(rows)
     if not splits["train"]:
         raise ValueError(f"{path}: no training records")

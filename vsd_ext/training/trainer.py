@@ -61,7 +61,8 @@ def _lr_factor(config: TrainConfig):
             return 1.0
         span = max(1, config.max_steps - config.warmup_steps)
         progress = min(1.0, (step - config.warmup_steps) / span)
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
     return factor
 
 

@@ -6,7 +6,8 @@ temperature; the sequence's target KV cache comes from the target's pass):
     drafter's step-0 state at column a − 1 (pair (x_a, f_{a−1})).
  2. The drafter samples S i.i.d. paths z_1..z_K from q at τ, level by level: a tree of S
     chains under the root, run with `tree_level` for all sequences at once (tree attention
-    over each sequence's step-0 keys/values, Bc = 1 per sequence). The levels are computed with autograd on: the M-step reuses them.
+    over each sequence's step-0 keys/values, Bc = 1 per sequence). The levels are computed
+    with autograd on: the M-step reuses them.
     Paths are i.i.d. draws from q (not EAGLE-2's without-replacement slots) so that each one,
     verified as a chain, yields an exact target sample.
  3. The target scores all C trees (1 + S·K nodes each) in one `tree_verify` forward over the
@@ -16,7 +17,7 @@ temperature; the sequence's target KV cache comes from the target's pass):
     α_{s,i} = min(1, p(z_i)/q(z_i)), utility U_s, ARW weights w_s (ESS ≥ ρS) and reach
     weights r_{s,i} = max(r_min, Π_{j<i} α_{s,j}).
 M-step:
-    L = Σ ω_{s,i} CE(e_{s,i}, q(· | x, e_{s,<i})) / Σ ω                      (ARW, ω = w_s r_{s,i})
+    L = Σ ω_{s,i} CE(e_{s,i}, q(· | x, e_{s,<i})) / Σ ω                (ARW, ω = w_s r_{s,i})
       + λ_CAR Σ_t c_t CE(p_t, q_t) / Σ_t c_t                                (CAR, c_t = conf^β)
       + λ_tok · eagle3 loss                                                 (optional)
 The emitted token e_{s,i} is predicted at the path's node of depth i − 1 (the root for
