@@ -18,8 +18,8 @@ temperature; the sequence's target KV cache comes from the target's pass):
     weights r_{s,i} = max(r_min, Π_{j<i} α_{s,j}).
 M-step:
     L = Σ ω_{s,i} CE(e_{s,i}, q(· | x, e_{s,<i})) / Σ ω                (ARW, ω = w_s r_{s,i})
-      + λ_CAR Σ_t c_t CE(p_t, q_t) / Σ_t c_t                                (CAR, c_t = conf^β)
-      + λ_tok · eagle3 loss                                                 (optional)
+      + λ_CAR Σ_t c_t CE(p_t, q_t) / Σ_t c_t                          (CAR, c_t = conf^β)
+      + λ_tok · eagle3 loss                                           (optional)
 The emitted token e_{s,i} is predicted at the path's node of depth i − 1 (the root for
 i = 1); accepted prefixes coincide with the sampled path, so every row reads a hidden state
 the E-step already computed. CAR's CE differs from METHOD.md's KL by the teacher entropy,
