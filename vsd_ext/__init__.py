@@ -15,7 +15,9 @@ from . import data  # noqa: E402,F401  (the built-in corpus: vsd_ext.data)
 from .models import Drafter, load_drafter, load_target  # noqa: E402
 from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
 from .evaluation import evaluate  # noqa: E402
+from .training.trainer import train_drafter  # noqa: E402
 
 __all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",
            "weighted_linear_cross_entropy", "data", "Drafter",
-           "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter", "evaluate"]
+           "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter", "evaluate",
+           "train_drafter"]

@@ -1,10 +1,11 @@
 """The `vsd` command.
 
-    vsd info      how the extension was built (versions, CUDA, architectures)
+    vsd info          how the extension was built (versions, CUDA, architectures)
     vsd demo          the main job (see README.md)
     vsd verify-demo   lossless tree verification on a synthetic tree, all three modes
     vsd generate      speculative decoding with a target and a drafter (streams the output)
     vsd eval          τ, tokens/s and speedup of drafters vs autoregressive decoding (report)
+    vsd train         train a drafter (eagle3 | auf | vsd)
 """
 from __future__ import annotations
 
@@ -234,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "small default target on a busy machine)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     ev.set_defaults(func=_cmd_eval)
+
+    # ---- train (vsd_ext/training/cli_train.py) ----
+    from .training.cli_train import add_train_command
+
+    add_train_command(sub)
     return parser
 
 

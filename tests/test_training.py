@@ -1,0 +1,267 @@
+"""Training objectives against slow references, gradient flow, training progress, resume,
+bad configurations (vsd_ext.training)."""
+import json
+
+import pytest
+import torch
+
+import vsd_ext
+from vsd_ext.models import Drafter, load_target, token_counts
+from vsd_ext.reference import training_objectives as ref
+from vsd_ext.training import vsd as vsd_mod
+from vsd_ext.training.config import TrainConfig
+from vsd_ext.training.data import DataSplits
+from vsd_ext.training.drafting import causal_pass
+from vsd_ext.training.evaluate import decode_tau, heldout_kl
+from vsd_ext.training.objective import LossHead, TrainStep, target_pass
+from vsd_ext.training.trainer import Trainer
+
+from training_utils import random_dataset, write_tiny_target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny_target")
+    target = write_tiny_target(directory)
+    data = random_dataset(target, rows=40, seq_len=20, seed=1)
+    return directory, target, data
+
+
+def make_drafter(target, data, seed, draft_vocab=48):
+    counts = token_counts(data.input_ids, target.vocab_size)
+    drafter = Drafter.for_target(target, draft_vocab, counts, seed=seed).float()
+    with torch.no_grad():  # a drafter that is not the initial one: O(1) logits, varied
+        for p in drafter.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return drafter.attach(target)
+
+
+def grads(module):
+    return {n: p.grad.detach().clone() for n, p in module.named_parameters()}
+
+
+def check_against(step, reference_loss, fast_loss, rtol=1e-4):
+    drafter = step.drafter
+    drafter.zero_grad()
+    fast_loss.backward()
+    fast = grads(drafter)
+    drafter.zero_grad()
+    reference_loss.backward()
+    slow = grads(drafter)
+    assert torch.allclose(fast_loss.double(), reference_loss, rtol=rtol), (fast_loss,
+                                                                         reference_loss)
+    for name in fast:
+        scale = slow[name].abs().max().clamp_min(1e-6)
+        assert (fast[name] - slow[name]).abs().max() / scale < 1e-3, name
+
+
+def batch_of(data, rows, mask_prefix=0):
+    ids, mask = data.input_ids[rows].clone(), data.loss_mask[rows].clone()
+    mask[:, :mask_prefix] = False
+    ids[1, -3:] = -1  # a ragged (right-padded) row
+    mask[1, -3:] = False
+    return ids, mask
+
+
+@pytest.mark.parametrize("method", ["eagle3", "auf"])
+def test_unrolled_objectives_match_reference(tiny, seed, method):
+    _, target, data = tiny
+    cfg = TrainConfig(method=method, seq_len=20).validate()
+    cfg.eagle3.steps = cfg.auf.steps = 3
+    cfg.eagle3.soft_temperature = 1.5
+    drafter = make_drafter(target, data, seed)
+    step = TrainStep(drafter, target, cfg)
+    ids, mask = batch_of(data, [0, 1, 2], mask_prefix=5)
+    loss, metrics = step(ids, mask, seed, want_metrics=True)
+    assert 1.0 <= metrics["tau_est"] <= 4.0
+    if method == "eagle3":
+        slow = ref.eagle3_loss(drafter, target, ids, mask, 3, 0.8, 1.5)
+    else:
+        slow = ref.auf_loss(drafter, target, ids, mask, 3)
+    check_against(step, slow, loss)
+
+
+def test_vsd_e_step_matches_explicit_sequences(tiny, seed):
+    _, target, data = tiny
+    cfg = TrainConfig(method="vsd", seq_len=20).validate()
+    cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 3, 3
+    cfg.vsd.sample_temperature = 1.3
+    drafter = make_drafter(target, data, seed)
+    step = TrainStep(drafter, target, cfg)
+    ids, mask = batch_of(data, [3, 4], mask_prefix=4)
+    batch = target_pass(target, ids, mask, with_cache=True)
+    h0, kv = causal_pass(drafter, target.embed_tokens, ids[:, 1:], batch.features[:, :-1])
+    records = vsd_mod.e_step(step, batch, h0, kv, torch.Generator().manual_seed(seed))
+    ids_d = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size))
+    for rec in records:
+        assert bool(rec.ok.all())
+        assert bool(mask[rec.b, rec.anchors + 1].all())
+        for c in range(2):
+            for s in range(3):
+                z = ids_d[rec.z[c, s]].tolist()
+                q, alphas = ref.vsd_alphas(drafter, target, ids[rec.b], batch.features[rec.b],
+                                           int(rec.anchors[c]), z, 1.3)
+                assert torch.allclose(rec.q[c, s].double(), q, atol=1e-5)
+                assert torch.allclose(rec.alphas[c, s].double(), alphas, atol=1e-4)
+                n = int(rec.num_accepted[c, s])
+                assert rec.emitted[c, s, :n].tolist() == z[:n]          # accepted prefix
+                assert 0 <= int(rec.emitted[c, s, n]) < target.vocab_size  # + one token
+                assert bool((rec.emitted[c, s, n + 1:] == -1).all())
+
+
+@pytest.mark.parametrize("utility,arw_target", [("expected", "emitted"), ("realized", "emitted"),
+                                                ("expected", "soft")])
+def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target):
+    _, target, data = tiny
+    cfg = TrainConfig(method="vsd", seq_len=20).validate()
+    v = cfg.vsd
+    v.anchors, v.paths, v.depth, v.utility, v.lambda_car, v.r_min = 3, 4, 3, utility, 0.3, 0.2
+    v.arw_target = arw_target
+    drafter = make_drafter(target, data, seed)
+    step = TrainStep(drafter, target, cfg)
+    ids, mask = batch_of(data, [5, 6], mask_prefix=3)
+    batch = target_pass(target, ids, mask, with_cache=True)
+    h0, kv = causal_pass(drafter, target.embed_tokens, ids[:, 1:], batch.features[:, :-1])
+    gen = torch.Generator().manual_seed(seed)
+    records = vsd_mod.e_step(step, batch, h0, kv, gen)
+    loss, metrics = vsd_mod.m_step(step, batch, LossHead(drafter, torch.float32), h0, kv,
+                                   records, gen)
+    assert 1.0 <= metrics["tau_est"] <= 1.0 + v.depth
+    check_against(step, ref.vsd_loss(drafter, target, ids, mask, records, v), loss)
+    # The module's forward is the same computation (E-step then M-step) under its seed.
+    again, _ = step(ids, mask, seed, False)
+    first, _ = step(ids, mask, seed, False)
+    assert torch.equal(again, first)
+
+
+def test_gradients_reach_only_the_drafter(tiny, seed):
+    _, target, data = tiny
+    for method in ("eagle3", "auf", "vsd"):
+        cfg = TrainConfig(method=method, seq_len=20).validate()
+        cfg.eagle3.steps = cfg.auf.steps = 2
+        cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+        drafter = make_drafter(target, data, seed)
+        embed_before = target.embed_tokens.weight.clone()
+        loss, _ = TrainStep(drafter, target, cfg)(data.input_ids[:2], data.loss_mask[:2], seed)
+        loss.backward()
+        assert all(p.grad is None and not p.requires_grad for p in target.parameters())
+        for name, p in drafter.named_parameters():
+            assert p.grad is not None and bool(p.grad.abs().sum() > 0), (method, name)
+        assert not any(n.startswith("_embed") for n, _ in drafter.named_parameters())
+        assert torch.equal(target.embed_tokens.weight, embed_before)
+
+
+def splits_file(tmp_path, target, data):
+    path = tmp_path / "data.pt"
+    prompts = [row[:4] for row in data.input_ids[30:].tolist()]
+    DataSplits(data.rows(torch.arange(30)), data.rows(torch.arange(30, 40)), prompts,
+               "test").save(path)
+    return str(path)
+
+
+def test_short_training_lowers_heldout_kl_and_raises_tau(tiny, tmp_path):
+    directory, target, data = tiny
+    kw = dict(seq_len=20, batch_size=6, warmup_steps=2, lr=1e-2, schedule="constant",
+              data=splits_file(tmp_path, target, data), eval_prompts=8, eval_new_tokens=16,
+              heldout_sequences=10, seed=3)
+    cfg = TrainConfig(method="eagle3", max_steps=40, **kw).validate()
+    cfg.eagle3.steps = 3
+    trainer = Trainer(target, tmp_path / "run", cfg, progress=False)
+    before = trainer.evaluate()
+    trainer.run()
+    after = trainer.evaluate()
+    assert after["heldout_kl"] < 0.7 * before["heldout_kl"], (before, after)
+    assert after["tau_T0"] > before["tau_T0"] + 0.2, (before, after)
+    log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["step"] == 1 and "tau_est" in log[0] and "tokens_per_s" in log[0]
+    # VSD fine-tunes the result (--init) and keeps it at least as good on held-out KL.
+    vsd = TrainConfig(method="vsd", max_steps=6, **kw).validate()
+    vsd.vsd.anchors, vsd.vsd.paths, vsd.vsd.depth = 4, 4, 3
+    tuned = vsd_ext.train_drafter(target, tmp_path / "vsd", vsd, init=tmp_path / "run",
+                                  progress=False)
+    step = TrainStep(tuned, target, vsd)
+    assert heldout_kl(step, data.rows(torch.arange(30, 40))) < before["heldout_kl"]
+    stats = decode_tau(target, tuned, data.input_ids[30:, :4].tolist(), 1.0, 12)
+    assert stats["tau"] >= 1.0
+
+
+@pytest.mark.parametrize("method", ["eagle3", "vsd"])
+def test_resume_is_exact(tiny, tmp_path, method):
+    _, target, data = tiny
+    kw = dict(method=method, seq_len=20, batch_size=4, micro_batch_size=2, max_steps=5,
+              warmup_steps=2, lr=5e-3, data=splits_file(tmp_path, target, data), save_every=100)
+    cfg = TrainConfig(**kw).validate()
+    cfg.eagle3.steps = 2
+    cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+    full = vsd_ext.train_drafter(target, tmp_path / "full", cfg, progress=False)
+    part = TrainConfig.from_dict({**cfg.to_dict(), "stop_after_steps": 2})
+    vsd_ext.train_drafter(target, tmp_path / "part", part, progress=False)
+    state = torch.load(tmp_path / "part" / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 2
+    resumed = vsd_ext.train_drafter(target, tmp_path / "part", cfg, progress=False)
+    for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_configs_raise_clear_errors(tiny, tmp_path):
+    _, target, data = tiny
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="eagle2").validate()
+    with pytest.raises(ValueError, match="vsd.rho"):
+        TrainConfig(vsd=vsd_mod_config(rho=0.0)).validate()
+    with pytest.raises(ValueError, match="vsd.utility"):
+        TrainConfig(vsd=vsd_mod_config(utility="best")).validate()
+    with pytest.raises(ValueError, match="vsd.arw_target"):
+        TrainConfig(vsd=vsd_mod_config(arw_target="both")).validate()
+    with pytest.raises(ValueError, match="eagle3.steps"):
+        TrainConfig.from_dict({"eagle3": {"steps": 0}}).validate()
+    with pytest.raises(ValueError, match="unknown fields"):
+        TrainConfig.from_dict({"learning_rate": 1.0})
+    path = splits_file(tmp_path, target, data)
+    with pytest.raises(ValueError, match="batch_size 5"):
+        vsd_ext.train_drafter(target, tmp_path / "a", seq_len=20, batch_size=5,
+                              micro_batch_size=2, data=path, progress=False)
+    with pytest.raises(ValueError, match="seq_len is 16"):
+        vsd_ext.train_drafter(target, tmp_path / "b", seq_len=16, data=path, progress=False)
+    vsd_ext.train_drafter(target, tmp_path / "c", seq_len=20, batch_size=2, max_steps=1,
+                          data=path, progress=False)
+    with pytest.raises(ValueError, match="different run.*lr"):
+        vsd_ext.train_drafter(target, tmp_path / "c", seq_len=20, batch_size=2, max_steps=1,
+                              lr=0.5, data=path, progress=False)
+
+
+def vsd_mod_config(**kw):
+    from vsd_ext.training.config import VSDConfig
+
+    return VSDConfig(**kw)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "vsd"])
+def test_bf16_autocast_step_is_close_to_fp32(tiny, seed, method):
+    _, target, data = tiny
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = TrainConfig(method=method, seq_len=20, precision=precision).validate()
+        cfg.eagle3.steps = 2
+        cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+        drafter = make_drafter(target, data, seed)
+        step = TrainStep(drafter, target, cfg)
+        loss, _ = step(data.input_ids[:2], data.loss_mask[:2], seed)
+        loss.backward()
+        assert all(bool(torch.isfinite(p.grad).all()) for p in drafter.parameters())
+        assert all(p.dtype == torch.float32 for p in drafter.parameters())  # fp32 master
+        losses[precision] = float(loss.detach())
+    if method == "eagle3":  # deterministic; vsd's E-step samples from the (perturbed) q
+        assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * abs(losses["fp32"]) + 0.05
+
+
+def test_bf16_target_trains_and_decodes_with_fp32_master_drafter(tiny, tmp_path):
+    directory, _, data = tiny
+    cfg = TrainConfig(method="vsd", seq_len=20, batch_size=2, max_steps=2, precision="bf16",
+                      data=splits_file(tmp_path, load_target(directory), data), eval_every=2,
+                      eval_prompts=2, eval_new_tokens=6).validate()
+    cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 2, 2
+    drafter = vsd_ext.train_drafter(str(directory), tmp_path / "bf16", cfg, progress=False)
+    assert drafter.fc.weight.dtype == torch.float32
+    log = (tmp_path / "bf16" / "train_log.jsonl").read_text()
+    assert '"tau_T0"' in log

@@ -1,0 +1,210 @@
+"""The drafter's training-time passes, shared by every objective (no logits are formed here).
+
+Alignment (the same as `vsd_ext.draft_tree.DrafterProposer`): for a sequence x_0..x_{T−1}
+with target features f_t and target logits l_t (l_t is the distribution of x_{t+1}), the
+drafter's column c (c = 0..T−2) is the pair (token x_{c+1}, feature f_c) at position c;
+its step-0 output predicts x_{c+2}, whose target distribution is l_{c+1}.
+
+- `causal_pass`: step 0 over every column, causal attention (SDPA); returns the hidden
+  states and the keys/values, which later passes read as a cache shared by their rows.
+- `tree_level`: one level of draft nodes under many roots of one sequence (the rows), all
+  reading that sequence's step-0 keys/values as a cache with `Bc = 1`
+  (`vsd_ext.tree_attention`, differentiable w.r.t. the cache too); earlier levels' keys and
+  values are passed as `past` and stay in the graph.
+- `unroll`: EAGLE-3's training-time test. Step j (j ≥ 1) at column c reads the token
+  x_{c+1+j}, the drafter's own step-(j−1) hidden state at column c, sits at position c + j
+  and attends to step-0 columns 0..c plus steps 1..j of its own column — exactly what a
+  depth-j draft node below the root pair c sees at decoding time. It predicts x_{c+2+j}.
+
+Loss heads never materialize logits: objectives pass `head_inputs(...)` (the final-normed
+hidden rows) and the LM head weight to `vsd_ext.weighted_linear_cross_entropy`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..models.layers import rope_cos_sin
+from ..ops.attention import tree_attention
+from ..tree import pack_tree_mask
+
+
+class _Attend:
+    """The attention context `DraftLayer.forward` calls (`attend(layer, attn, x)`).
+
+    cache None: causal self-attention over the chunk (SDPA). Else tree attention: the rows
+    come in G equal contiguous groups (one per sequence), group g reading cache row g of
+    `(k, v)` `[G, L, Hkv, D]` as its shared cache (`Bc = 1`), row r seeing `prefix_lens[r]`
+    positions of it plus the tree nodes `mask` allows, the `past` nodes' keys/values first
+    (their queries are zeros and their outputs dropped). The projections run once over all
+    rows; only the attention op is called per group. `kv` holds (past + new) keys/values.
+    """
+
+    def __init__(self, cos, sin, cache=None, prefix_lens=None, past=None, mask=None):
+        self.cos, self.sin = cos, sin
+        self.cache, self.prefix_lens, self.past, self.mask = cache, prefix_lens, past, mask
+        self.kv = None
+
+    def attend(self, layer: int, attn, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = attn.qkv(x, self.cos, self.sin)
+        if self.cache is None:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                enable_gqa=attn.num_heads != attn.num_kv_heads).transpose(1, 2)
+            self.kv = (k, v)
+            return attn.output(out)
+        P = 0
+        if self.past is not None:
+            P = self.past[0].shape[1]
+            k, v = torch.cat((self.past[0], k), 1), torch.cat((self.past[1], v), 1)
+            q = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
+        self.kv = (k, v)
+        k_cache, v_cache = self.cache
+        G = k_cache.shape[0]
+        R = q.shape[0] // G
+        # split (not slicing per group): its backward is one concatenation
+        groups = zip(q.split(R), k_cache.split(1), v_cache.split(1), self.prefix_lens.split(R),
+                     k.split(R), v.split(R), self.mask.split(R))
+        outs = [tree_attention(*args)[0] for args in groups]
+        out = torch.cat(outs) if G > 1 else outs[0]
+        return attn.output(out[:, P:])
+
+
+def _layer(drafter, embed, tokens, hidden, positions, ctx_args):
+    embeds = embed(tokens.clamp(min=0)).to(drafter.fc.weight.dtype)
+    device = tokens.device.type
+    # Under autocast the projections return the autocast dtype: RoPE tables follow it so q/k
+    # keep one dtype for the attention op.
+    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+             else embeds.dtype)
+    cos, sin = rope_cos_sin(drafter.inv_freq, positions, dtype)
+    ctx = _Attend(cos, sin, **ctx_args)
+    return drafter.midlayer(embeds, hidden, ctx), ctx.kv
+
+
+def causal_pass(drafter, embed, tokens: torch.Tensor, features: torch.Tensor):
+    """Step 0: tokens `[B, L]` (x_{c+1}), features `[B, L, F]` (f_c) at positions 0..L−1 →
+    (hidden `[B, L, H]` pre-norm, (k, v) `[B, L, Hkv, D]`)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+    return _layer(drafter, embed, tokens, drafter.fc(features), positions, {})
+
+
+def tree_level(drafter, embed, tokens, hidden, positions, cache, prefix_lens, mask, past=None):
+    """One level of n new draft nodes for R rows: G sequences × R/G rows each.
+
+    tokens `[R, n]` (target ids), hidden `[R, n, H]` (the parents' drafter states),
+    positions `[R, n]`, cache: (k, v) `[G, L, Hkv, D]` (each sequence's step-0 keys/values;
+    rows g·R/G .. (g+1)·R/G − 1 read row g), prefix_lens `[R]`, mask `[R or 1, P + n, W]`
+    over past + new nodes, past: (k, v) `[R, P, Hkv, D]` or None. Returns (hidden
+    `[R, n, H]`, (k, v) of the P + n nodes).
+    """
+    R = tokens.shape[0]
+    mask = mask.expand(R, -1, -1)
+    return _layer(drafter, embed, tokens, hidden, positions,
+                  {"cache": cache, "prefix_lens": prefix_lens, "past": past, "mask": mask})
+
+
+def chain_masks(n: int, device) -> torch.Tensor:
+    """`[1, n, W]` bitmask of one chain (node i sees nodes 0..i)."""
+    return pack_tree_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril()[None])
+
+
+def chains_mask(levels: int, paths: int, device) -> torch.Tensor:
+    """`[1, levels·paths, W]` bitmask of `paths` disjoint chains stored level-major (node
+    (l, s) at index l·paths + s sees (l', s) for l' ≤ l): S sampled paths under one root
+    that is not itself a node (it lives in the cache)."""
+    idx = torch.arange(levels * paths, device=device)
+    level, path = idx // paths, idx % paths
+    dense = (path[:, None] == path[None, :]) & (level[None, :] <= level[:, None])
+    return pack_tree_mask(dense[None])
+
+
+def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, steps: int,
+           step0=None) -> list[torch.Tensor]:
+    """EAGLE-3 training-time test (module docstring) over a batch `[B, T]`.
+
+    Returns `steps` hidden tensors `[B, T−1, H]`; entry j at column c predicts x_{c+2+j}
+    (meaningful while c + 2 + j ≤ T − 1). step0: a `causal_pass` result to reuse.
+    """
+    B, T = input_ids.shape
+    L = T - 1
+    h, (k0, v0) = step0 if step0 is not None else causal_pass(
+        drafter, embed, input_ids[:, 1:], features[:, :-1])
+    outs = [h]
+    device = input_ids.device
+    columns = torch.arange(L, device=device)
+    positions = columns.repeat(B)[:, None]                 # rows: (sequence, column)
+    prefix = columns.repeat(B) + 1
+    past = None
+    shifted = torch.cat((input_ids, torch.full((B, steps), -1, dtype=torch.int64,
+                                               device=device)), 1)
+    for j in range(1, steps):
+        tokens = shifted[:, 1 + j:1 + j + L].reshape(B * L, 1)
+        hj, past = tree_level(drafter, embed, tokens, outs[-1].reshape(B * L, 1, -1),
+                              positions + j, (k0, v0), prefix, chain_masks(j, device), past)
+        outs.append(hj.view(B, L, -1))
+    return outs
+
+
+class DraftVocab:
+    """Maps between target ids and draft ids of a drafter (`d2t`/`t2d`)."""
+
+    def __init__(self, drafter):
+        Vd, V = drafter.draft_vocab_size, drafter.model_config.vocab_size
+        device = drafter.d2t.device
+        self.target_ids = drafter.to_target_ids(torch.arange(Vd, device=device))  # [Vd]
+        self.to_draft = torch.full((V,), -100, dtype=torch.int64, device=device)
+        self.to_draft[self.target_ids] = torch.arange(Vd, device=device)
+        self.size, self.vocab_size = Vd, V
+
+    def draft_targets(self, target_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids → draft ids; −100 (ignore) for ids outside the draft vocabulary and for
+        negative ids (padding)."""
+        return torch.where(target_ids >= 0, self.to_draft[target_ids.clamp(min=0)],
+                           torch.full_like(target_ids, -100))
+
+    def restrict(self, target_logits: torch.Tensor) -> torch.Tensor:
+        """`[..., V]` target logits → `[..., Vd]` (the draft vocabulary's entries; a softmax
+        of them is the target distribution renormalized on the draft vocabulary)."""
+        if self.size == self.vocab_size:
+            return target_logits
+        return target_logits.index_select(-1, self.target_ids)
+
+    def expand_probs(self, probs: torch.Tensor) -> torch.Tensor:
+        """`[..., Vd]` draft probabilities → `[..., V]` (zeros outside the draft vocabulary)."""
+        if self.size == self.vocab_size:
+            return probs
+        out = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
+        out[..., self.target_ids] = probs
+        return out
+
+
+def head_inputs(drafter, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's input rows: final RMSNorm of pre-norm hidden states `[..., H]`."""
+    return drafter.norm(hidden)
+
+
+@torch.no_grad()
+def draft_logits(drafter, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits `[..., Vd]` (fp32, no gradient) for the few rows that sampling or greedy
+    matching needs (anchors, tree levels); training losses never call this."""
+    return F.linear(drafter.norm(hidden), drafter.lm_head.weight).float()
+
+
+@torch.no_grad()
+def draft_argmax(drafter, hidden: torch.Tensor, chunk_rows: int = 1024) -> torch.Tensor:
+    """Greedy draft ids of hidden rows `[M, H]`, in row chunks (at most
+    `chunk_rows · Vd` logits exist at a time)."""
+    out = [draft_logits(drafter, hidden[i:i + chunk_rows]).argmax(-1)
+           for i in range(0, hidden.shape[0], chunk_rows)]
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.int64)
+
+
+def step_rows(input_ids: torch.Tensor, loss_mask: torch.Tensor, step: int) -> torch.Tensor:
+    """`[B, T−1]` bool: columns c whose step-`step` prediction x_{c+2+step} is a target."""
+    B, T = input_ids.shape
+    valid = torch.zeros(B, T - 1, dtype=torch.bool, device=input_ids.device)
+    n = T - 2 - step
+    if n > 0:
+        valid[:, :n] = loss_mask[:, 2 + step:]
+    return valid
