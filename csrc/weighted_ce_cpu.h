@@ -19,10 +19,9 @@ struct Kernels {
   // fp16/bf16 GEMMs are slow or emulated on most CPUs: the weight is cast to fp32 once per call
   // and each hidden chunk as it is used, so chunk logits and gradients are fp32 throughout.
   static constexpr bool kUpcastOperands = true;
-  // 2^25 logits (128 MiB fp32) per chunk: 1,048 rows at V = 32,000, 261 at V = 128,256. Few
-  // and large GEMMs (the rank-`rows` update of dweight stays compute-bound, and few
-  // synchronizations), far from M * V; below the fp32 [V, H] + [M, H] gradient buffers of
-  // typical heads, so it rarely sets the peak.
+  // At most 2^25 logits (128 MiB fp32) per default chunk: 1,024 rows at V = 32,000, 261 at
+  // V = 128,256. Few and large GEMMs (few synchronizations), far from M * V, and below the fp32
+  // [V, H] + [M, H] gradient buffers of typical heads, so it rarely sets the peak.
   static constexpr int64_t kDefaultChunk = int64_t{1} << 25;
   static void stats(const StatsArgs& a) { cpu::stats(a); }
   static void grad(const GradArgs& a) { cpu::grad(a); }

@@ -4,7 +4,7 @@
 //
 //   struct K {
 //     static constexpr bool kUpcastOperands;   // GEMM operands in acc dtype (CPU) or native (CUDA)
-//     static constexpr int64_t kDefaultChunk;  // default logits elements per chunk
+//     static constexpr int64_t kDefaultChunk;  // cap of the default chunk, in logits elements
 //     static void stats(const StatsArgs&);
 //     static void grad(const GradArgs&);
 //     static void stats_grad(const StatsArgs&, const GradArgs&);  // both on one whole-row tile

@@ -33,6 +33,8 @@
 
 namespace vsd_ext::wce {
 
+constexpr int64_t kDefaultRows = 1024;
+
 // The inputs of one fused call, prepared once: row tensors contiguous in acc dtype, GEMM operands
 // (weight, bias) cast once where the device computes in acc dtype.
 struct LinearInputs {
@@ -63,7 +65,9 @@ LinearInputs prepare_linear(const Tensor& hidden, const Tensor& weight, const Te
   in.soft = soft.has_value() ? unit_col_stride(*soft) : Tensor();
   in.ignore_index = ignore_index;
   in.temperature = temperature;
-  in.budget = chunk_size > 0 ? chunk_size : K::kDefaultChunk;
+  // Default: 1,024 rows per chunk (K = 1,024 keeps the rank-K update of dweight compute-bound),
+  // fewer when a row is long (at most K::kDefaultChunk logits).
+  in.budget = chunk_size > 0 ? chunk_size : std::min(K::kDefaultChunk, kDefaultRows * in.V);
   return in;
 }
 

@@ -50,8 +50,9 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 struct Kernels {
   // Native-dtype GEMM operands: cuBLAS runs fp16/bf16 at full rate with fp32 accumulation.
   static constexpr bool kUpcastOperands = false;
-  // 2^27 logits per chunk (512 MiB fp32 + 256 MiB fp16/bf16 gradient copy): >= 1,046 rows at
-  // V = 128,256, so the rank-`rows` update of dweight (K = rows) stays compute-bound on Hopper.
+  // At most 2^27 logits per default chunk (512 MiB fp32 + 256 MiB fp16/bf16 gradient copy), so
+  // the default 1,024 rows fit up to V = 131,072: the rank-1,024 update of the fp32 dweight
+  // (K = rows) stays compute-bound on Hopper (~256 FLOP/byte).
   static constexpr int64_t kDefaultChunk = int64_t{1} << 27;
 
   static void stats(const StatsArgs& a) {

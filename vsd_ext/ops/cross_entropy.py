@@ -199,9 +199,9 @@ def weighted_linear_cross_entropy(
         bias: ``[V]`` dtype of ``weight``, or None. Differentiable.
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
-        chunk_size: logits elements per chunk (rows x vocabulary entries); None = device default,
-            2^25 on CPU (128 MiB of fp32 logits), 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16
-            gradient), which keeps the per-chunk GEMMs compute-bound. A chunk holds at least one
+        chunk_size: logits elements per chunk (rows x vocabulary entries); None = 1,024 rows
+            (which keeps the per-chunk GEMMs compute-bound), capped at 2^25 logits on CPU
+            (128 MiB fp32) and 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16 gradient). A chunk holds at least one
             whole row when gradients are computed; without them, rows longer than the chunk
             stream through vocabulary tiles with an online log-sum-exp. When only some rows are
             active, a chunk's rows (and soft targets) are gathered copies of the same size.
