@@ -81,6 +81,15 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
     return run
 
 
+def eval_prompts(target, count: int) -> list[list[int]]:
+    """The first `count` held-out prompts of the corpus (first lines of held-out files, at
+    most 96 tokens; the same list `data.pt` starts with)."""
+    from vsd_ext import data as corpus
+
+    texts = corpus.prompts("heldout", limit=count)
+    return [p[:96] for p in corpus.encode_texts(target.tokenizer, texts)]
+
+
 def evaluate(args, run: Path) -> dict:
     from vsd_ext.draft_tree import TreeConfig
     from vsd_ext.models import load_drafter, load_target
@@ -89,15 +98,20 @@ def evaluate(args, run: Path) -> dict:
     from vsd_ext.training.evaluate import decode_tau, heldout_kl
     from vsd_ext.training.objective import TrainStep
 
+    settings = {"eval_prompts": args.eval_prompts, "eval_new_tokens": args.eval_new_tokens,
+                "eval_seed": args.eval_seed, "tree": EVAL_TREE}
     path = run / "eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings:
+            return cached
     target = load_target(args.target)
     drafter = load_drafter(run, target)
     splits = DataSplits.load(Path(args.out) / "data.pt")
-    prompts = splits.prompts[:args.eval_prompts]
+    prompts = eval_prompts(target, args.eval_prompts)
     step = TrainStep(drafter, target, TrainConfig())
-    result = {"steps": json.loads((run / "summary.json").read_text())["steps"],
+    result = {"settings": settings,
+              "steps": json.loads((run / "summary.json").read_text())["steps"],
               "heldout_kl": heldout_kl(step, splits.heldout)}
     for t in TEMPERATURES:
         stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens,
