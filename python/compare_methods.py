@@ -148,13 +148,20 @@ def report(args, results: dict, out: Path) -> None:
         summary[f"vsd/eagle3 {key}"] = {"mean": mean, "ci95": ci, "per_seed": ratios}
         rows.append(f"| vsd / eagle3 (paired) | {t:g} | {mean:.3f} ± {ci:.3f} | "
                     + ", ".join(f"{v:.3f}" for v in ratios) + " |")
+    extra = ["", "| method | optimizer steps (mean) | held-out step-0 KL mean ± 95% CI |",
+             "|---|---|---|"]
+    for m in methods:
+        steps = [results[s][m]["steps"] for s in args.seeds]
+        mean, ci = mean_ci([results[s][m]["heldout_kl"] for s in args.seeds])
+        summary[f"{m} heldout_kl"] = {"mean": mean, "ci95": ci}
+        extra.append(f"| {m} | {sum(steps) / len(steps):.0f} | {mean:.4f} ± {ci:.4f} |")
     (out / "results.json").write_text(json.dumps(
         {"settings": vars(args), "summary": summary, "runs": results}, indent=2) + "\n")
     table = ["| method | T | τ mean ± 95% CI | per seed |", "|---|---|---|---|", *rows]
     text = (f"τ = accepted + 1 per target forward, {args.eval_prompts} held-out prompts, "
             f"{args.eval_new_tokens} new tokens, tree depth 5 / top-k 4 / 24 nodes; "
             f"budgets {args.base_minutes} + {args.extra_minutes} min ({args.clock} clock), "
-            f"seeds {args.seeds}.\n\n" + "\n".join(table) + "\n")
+            f"seeds {args.seeds}.\n\n" + "\n".join(table + extra) + "\n")
     (out / "results.md").write_text(text)
     print(text)
 
