@@ -81,6 +81,15 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
     return run
 
 
+def eval_prompts(target, count: int) -> list[list[int]]:
+    """The first `count` held-out prompts of the corpus (first lines of held-out files, at
+    most 96 tokens; the same list `data.pt` starts with)."""
+    from vsd_ext import data as corpus
+
+    texts = corpus.prompts("heldout", limit=count)
+    return [p[:96] for p in corpus.encode_texts(target.tokenizer, texts)]
+
+
 def evaluate(args, run: Path) -> dict:
     from vsd_ext.draft_tree import TreeConfig
     from vsd_ext.models import load_drafter, load_target
@@ -89,15 +98,20 @@ def evaluate(args, run: Path) -> dict:
     from vsd_ext.training.evaluate import decode_tau, heldout_kl
     from vsd_ext.training.objective import TrainStep
 
+    settings = {"eval_prompts": args.eval_prompts, "eval_new_tokens": args.eval_new_tokens,
+                "eval_seed": args.eval_seed, "tree": EVAL_TREE}
     path = run / "eval.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        cached = json.loads(path.read_text())
+        if cached.get("settings") == settings:
+            return cached
     target = load_target(args.target)
     drafter = load_drafter(run, target)
     splits = DataSplits.load(Path(args.out) / "data.pt")
-    prompts = splits.prompts[:args.eval_prompts]
+    prompts = eval_prompts(target, args.eval_prompts)
     step = TrainStep(drafter, target, TrainConfig())
-    result = {"steps": json.loads((run / "summary.json").read_text())["steps"],
+    result = {"settings": settings,
+              "steps": json.loads((run / "summary.json").read_text())["steps"],
               "heldout_kl": heldout_kl(step, splits.heldout)}
     for t in TEMPERATURES:
         stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens,
@@ -134,13 +148,20 @@ def report(args, results: dict, out: Path) -> None:
         summary[f"vsd/eagle3 {key}"] = {"mean": mean, "ci95": ci, "per_seed": ratios}
         rows.append(f"| vsd / eagle3 (paired) | {t:g} | {mean:.3f} ± {ci:.3f} | "
                     + ", ".join(f"{v:.3f}" for v in ratios) + " |")
+    extra = ["", "| method | optimizer steps (mean) | held-out step-0 KL mean ± 95% CI |",
+             "|---|---|---|"]
+    for m in methods:
+        steps = [results[s][m]["steps"] for s in args.seeds]
+        mean, ci = mean_ci([results[s][m]["heldout_kl"] for s in args.seeds])
+        summary[f"{m} heldout_kl"] = {"mean": mean, "ci95": ci}
+        extra.append(f"| {m} | {sum(steps) / len(steps):.0f} | {mean:.4f} ± {ci:.4f} |")
     (out / "results.json").write_text(json.dumps(
         {"settings": vars(args), "summary": summary, "runs": results}, indent=2) + "\n")
     table = ["| method | T | τ mean ± 95% CI | per seed |", "|---|---|---|---|", *rows]
     text = (f"τ = accepted + 1 per target forward, {args.eval_prompts} held-out prompts, "
             f"{args.eval_new_tokens} new tokens, tree depth 5 / top-k 4 / 24 nodes; "
             f"budgets {args.base_minutes} + {args.extra_minutes} min ({args.clock} clock), "
-            f"seeds {args.seeds}.\n\n" + "\n".join(table) + "\n")
+            f"seeds {args.seeds}.\n\n" + "\n".join(table + extra) + "\n")
     (out / "results.md").write_text(text)
     print(text)
 

@@ -109,14 +109,15 @@ def test_vsd_e_step_matches_explicit_sequences(tiny, seed):
                 assert bool((rec.emitted[c, s, n + 1:] == -1).all())
 
 
-@pytest.mark.parametrize("utility,arw_target", [("expected", "emitted"), ("realized", "emitted"),
-                                                ("expected", "soft")])
-def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target):
+@pytest.mark.parametrize("utility,arw_target,positions", [
+    ("expected", "emitted", "emitted"), ("realized", "emitted", "emitted"),
+    ("expected", "soft", "emitted"), ("expected", "soft", "all")])
+def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
     _, target, data = tiny
     cfg = TrainConfig(method="vsd", seq_len=20).validate()
     v = cfg.vsd
     v.anchors, v.paths, v.depth, v.utility, v.lambda_car, v.r_min = 3, 4, 3, utility, 0.3, 0.2
-    v.arw_target = arw_target
+    v.arw_target, v.arw_positions = arw_target, positions
     drafter = make_drafter(target, data, seed)
     step = TrainStep(drafter, target, cfg)
     ids, mask = batch_of(data, [5, 6], mask_prefix=3)
@@ -213,6 +214,8 @@ def test_bad_configs_raise_clear_errors(tiny, tmp_path):
         TrainConfig(vsd=vsd_mod_config(utility="best")).validate()
     with pytest.raises(ValueError, match="vsd.arw_target"):
         TrainConfig(vsd=vsd_mod_config(arw_target="both")).validate()
+    with pytest.raises(ValueError, match="vsd.arw_positions.*soft"):
+        TrainConfig(vsd=vsd_mod_config(arw_positions="all")).validate()
     with pytest.raises(ValueError, match="eagle3.steps"):
         TrainConfig.from_dict({"eagle3": {"steps": 0}}).validate()
     with pytest.raises(ValueError, match="unknown fields"):

@@ -136,6 +136,9 @@ def vsd_loss(drafter, target, input_ids, loss_mask, records, cfg):
             for s in range(S):
                 n = int(rec.num_accepted[ci, s])
                 emitted = rec.emitted[ci, s, :n + 1].tolist()
+                if cfg.arw_positions == "all":  # every node of the sampled path
+                    n = K
+                    emitted = ids[rec.z[ci, s]].tolist()
                 results = chain_outputs(drafter, input_ids[rec.b], out.features[0], a - 1,
                                         emitted[:n])
                 reach = 1.0

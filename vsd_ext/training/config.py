@@ -16,6 +16,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "process")
 ARW_TARGETS = ("emitted", "soft")
+ARW_POSITIONS = ("emitted", "all")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -67,7 +68,8 @@ class VSDConfig:
     T_w ≥ `min_temperature`, reach weights clamped at `r_min`) + `lambda_car` · CAR
     (confidence `confidence` ** `car_beta`) + `lambda_tok` · the eagle3 loss (`eagle3`).
     `arw_target`: "emitted" (METHOD.md: hard CE on the emitted tokens) or "soft" (the
-    target's distribution at the same rows; see `training.vsd`).
+    target's distribution at the same rows; see `training.vsd`); `arw_positions`: "emitted"
+    (positions up to the correction token) or "all" (every path node; soft targets only).
     """
 
     anchors: int = 8
@@ -83,6 +85,7 @@ class VSDConfig:
     confidence: str = "maxprob"
     lambda_tok: float = 0.0
     arw_target: str = "emitted"
+    arw_positions: str = "emitted"
     eagle3: Eagle3Config = field(default_factory=Eagle3Config)
 
     def validate(self) -> None:
@@ -105,6 +108,11 @@ class VSDConfig:
         _check(self.lambda_tok >= 0, "vsd.lambda_tok", f"must be >= 0, got {self.lambda_tok}")
         _check(self.arw_target in ARW_TARGETS, "vsd.arw_target",
                f"must be one of {ARW_TARGETS}, got {self.arw_target!r}")
+        _check(self.arw_positions in ARW_POSITIONS, "vsd.arw_positions",
+               f"must be one of {ARW_POSITIONS}, got {self.arw_positions!r}")
+        _check(self.arw_positions == "emitted" or self.arw_target == "soft", "vsd.arw_positions",
+               "'all' needs vsd.arw_target='soft' (positions past the correction token emit "
+               "no token)")
         self.eagle3.validate("vsd.eagle3")
 
 

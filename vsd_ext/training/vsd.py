@@ -30,7 +30,9 @@ emitted token is replaced by the target's whole distribution at that node (alrea
 step 3) — the conditional expectation of the emitted token's one-hot given the path prefix,
 a lower-variance (Rao-Blackwellized) estimate of the same likelihood term when the weights
 do not depend on the emitted token; with ARW weights it is a weighted on-policy distillation
-on the drafter's own accepted paths.
+on the drafter's own accepted paths. `arw_positions="all"` (soft targets only) trains every
+node of the sampled paths, weighted by the probability r_{s,i} that decoding reaches it —
+the expectation over the verification outcome of the emitted-only rows.
 """
 from __future__ import annotations
 
@@ -178,14 +180,19 @@ def arw_rows(record: PathRecord, vocab, cfg):
     """(targets `[C, S, K+1]` draft ids, −100 = ignored; ω = w_s · r_{s,i} `[C, S, K+1]`,
     unnormalized). Row (s, i) is the emitted token e_{s,i+1}, predicted at depth i. With
     `arw_target="soft"` every emitted position is a row (target 0, a placeholder: the row's
-    soft target is `record.teacher`), tokens outside the draft vocabulary included."""
+    soft target is `record.teacher`), tokens outside the draft vocabulary included, and with
+    `arw_positions="all"` every depth 0..K of every path is a row (weighted by its reach
+    probability r_{s,i}), not only the emitted ones."""
     utility = path_utility(record.alphas, cfg.utility, accepted=record.num_accepted)
     w = arw_path_weights(utility, cfg.rho, cfg.min_temperature)                  # [C, S]
     ones = torch.ones_like(record.alphas[..., :1])
     r = arw_position_weights(torch.cat((record.alphas, ones), -1), cfg.r_min)    # [C, S, K+1]
     targets = vocab.draft_targets(record.emitted)
     if cfg.arw_target == "soft":
-        targets = torch.where(record.emitted >= 0, 0, -100)
+        rows = record.emitted >= 0
+        if cfg.arw_positions == "all":
+            rows = torch.ones_like(rows)
+        targets = torch.where(rows, 0, -100)
     targets = torch.where(record.ok[:, None, None], targets, torch.full_like(targets, -100))
     return targets, w[..., None] * r
 
