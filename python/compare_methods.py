@@ -43,31 +43,26 @@ EVAL_TREE = dict(depth=5, topk=4, total_tokens=24)
 def build_data(args, out: Path) -> Path:
     """The shared dataset: corpus rows' first tokens, answered by the target (T = 1)."""
     from vsd_ext.models import load_target
-    from vsd_ext.training.data import DataSplits, corpus_splits, regenerate
+    from vsd_ext.training.data import regenerated_corpus_splits
 
     path = out / "data.pt"
     if path.is_file():
         return path
     target = load_target(args.target)
-    splits = corpus_splits(target.tokenizer, args.seq_len, eval_prompts=args.eval_prompts)
-    pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(1234))
-    train = regenerate(target, splits.train.rows(pick[:args.rows]), temperature=1.0,
-                       prompt_tokens=32, batch_size=64, seed=1234, progress=True)
-    heldout = regenerate(target, splits.heldout.rows(torch.arange(16)), temperature=1.0,
-                         prompt_tokens=32, seed=4321)
-    DataSplits(train, heldout, splits.prompts, "corpus+regenerated").save(path)
+    regenerated_corpus_splits(target, args.seq_len, args.rows, eval_prompts=args.eval_prompts,
+                              progress=True).save(path)
     return path
 
 
 def train(args, name: str, seed: int, method: str, minutes: float, data: Path, out: Path,
-          init: Path | None = None, extra: list[str] = ()) -> Path:
+          init: Path | None = None, extra: list[str] = (), lr: float | None = None) -> Path:
     run = out / f"seed{seed}" / name
     if (run / "summary.json").is_file():
         return run
     cmd = [sys.executable, "-m", "vsd_ext.cli", "train", "--target", args.target,
            "--method", method, "--out", str(run), "--data", str(data), "--seed", str(seed),
            "--max-minutes", str(minutes), "--budget-clock", args.clock,
-           "--max-steps", "1000000", "--schedule", "constant", "--lr", str(args.lr),
+           "--max-steps", "1000000", "--schedule", "constant", "--lr", str(lr or args.lr),
            "--warmup-steps", "10", "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--save-every", "5", "--no-progress",
            "--set", f"eagle3.steps={args.steps}", "--set", f"auf.steps={args.steps}",
@@ -131,7 +126,7 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def report(args, results: dict, out: Path) -> None:
-    methods = ["eagle3_base", "eagle3", "auf", "vsd"]
+    methods = ["eagle3_base", *[m for m in ("eagle3", "auf", "vsd") if m in args.methods]]
     rows, summary = [], {}
     for m in methods:
         for t in TEMPERATURES:
@@ -155,14 +150,15 @@ def report(args, results: dict, out: Path) -> None:
         mean, ci = mean_ci([results[s][m]["heldout_kl"] for s in args.seeds])
         summary[f"{m} heldout_kl"] = {"mean": mean, "ci95": ci}
         extra.append(f"| {m} | {sum(steps) / len(steps):.0f} | {mean:.4f} ± {ci:.4f} |")
-    (out / "results.json").write_text(json.dumps(
+    (out / f"results{args.tag}.json").write_text(json.dumps(
         {"settings": vars(args), "summary": summary, "runs": results}, indent=2) + "\n")
     table = ["| method | T | τ mean ± 95% CI | per seed |", "|---|---|---|---|", *rows]
     text = (f"τ = accepted + 1 per target forward, {args.eval_prompts} held-out prompts, "
             f"{args.eval_new_tokens} new tokens, tree depth 5 / top-k 4 / 24 nodes; "
             f"budgets {args.base_minutes} + {args.extra_minutes} min ({args.clock} clock), "
+            f"lr {args.lr:g} (fine-tunes {args.extra_lr or args.lr:g}), "
             f"seeds {args.seeds}.\n\n" + "\n".join(table + extra) + "\n")
-    (out / "results.md").write_text(text)
+    (out / f"results{args.tag}.md").write_text(text)
     print(text)
 
 
@@ -189,6 +185,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
                    choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
     p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")
+    p.add_argument("--extra-lr", type=float, default=None,
+                   help="learning rate of the eagle3 and vsd fine-tunes (default: --lr)")
+    p.add_argument("--tag", default="",
+                   help="suffix of the fine-tunes' run directories and of results.{json,md} "
+                        "(variants next to the main runs)")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads per run (1: CPU time is compute, not spin-waiting)")
     args = p.parse_args()
@@ -201,17 +202,18 @@ def main() -> None:
     for seed in args.seeds:
         base = train(args, "eagle3_base", seed, "eagle3", args.base_minutes, data, out)
         plan = {
-            "eagle3": lambda: train(args, "eagle3", seed, "eagle3", args.extra_minutes, data,
-                                    out, base),
+            "eagle3": lambda: train(args, "eagle3" + args.tag, seed, "eagle3",
+                                    args.extra_minutes, data, out, base, lr=args.extra_lr),
             "auf": lambda: train(args, "auf", seed, "auf", args.base_minutes + args.extra_minutes,
                                  data, out),
-            "vsd": lambda: train(args, args.vsd_name, seed, "vsd", args.extra_minutes, data, out,
-                                 base, vsd_extra),
+            "vsd": lambda: train(args, args.vsd_name + args.tag, seed, "vsd",
+                                 args.extra_minutes, data, out, base, vsd_extra,
+                                 lr=args.extra_lr),
         }
         runs = {"eagle3_base": base, **{m: plan[m]() for m in args.methods}}
         results[seed] = {name: evaluate(args, run) for name, run in runs.items()}
         print(json.dumps({seed: results[seed]}), flush=True)
-    if set(args.methods) == {"eagle3", "auf", "vsd"}:
+    if {"eagle3", "vsd"} <= set(args.methods):
         report(args, results, out)
 
 

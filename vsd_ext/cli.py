@@ -22,6 +22,16 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    from .demo import DemoConfig, run
+
+    fields = DemoConfig.__dataclass_fields__
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                     progress=not args.no_progress)
+    report = run(cfg)
+    return 0 if all(r["lossless"] is not False for r in report["results"]) else 1
+
+
+def _cmd_verify_demo(args) -> int:
     from . import verify_demo
 
     rows = verify_demo.run(trials=args.trials, vocab=args.vocab, seed=args.seed)
@@ -165,13 +175,40 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="how vsd_ext was built")
     info.set_defaults(func=_cmd_info)
 
-    for name, text in (("demo", "the main job (for now: the verification demo)"),
-                       ("verify-demo", "lossless tree verification on a synthetic tree")):
-        demo = sub.add_parser(name, help=text)
-        demo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
-        demo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
-        demo.add_argument("--seed", type=int, default=0)
-        demo.set_defaults(func=_cmd_demo)
+    from .demo import DemoConfig
+
+    dflt = DemoConfig()
+    demo = sub.add_parser("demo", help="the main job: fine-tune eagle3 and vsd drafters for the "
+                                       "default target, evaluate them against autoregressive "
+                                       "decoding at T = 0 and 1 (report.json + plot)")
+    demo.add_argument("--out", default=dflt.out, help="output directory (reused when re-run)")
+    demo.add_argument("--minutes", type=float, default=dflt.minutes,
+                      help="wall-clock training budget of each fine-tune")
+    demo.add_argument("--rows", type=int, default=dflt.rows, help="regenerated training rows")
+    demo.add_argument("--num-prompts", type=int, default=dflt.num_prompts,
+                      help="held-out prompts of the evaluation")
+    demo.add_argument("--max-new-tokens", type=int, default=dflt.max_new_tokens)
+    demo.add_argument("--depth", type=int, default=dflt.depth, help="draft tree depth")
+    demo.add_argument("--topk", type=int, default=dflt.topk,
+                      help="children per expanded node (1: a chain)")
+    demo.add_argument("--total-tokens", type=int, default=dflt.total_tokens,
+                      help="draft nodes verified per step")
+    demo.add_argument("--threads", type=int, default=dflt.threads,
+                      help="CPU threads of data and training (0: torch's default)")
+    demo.add_argument("--eval-threads", type=int, default=dflt.eval_threads,
+                      help="CPU threads of the timed decoding (0: torch's default; 1 is "
+                           "fastest for the small default target)")
+    demo.add_argument("--seed", type=int, default=dflt.seed)
+    demo.add_argument("--fresh", action="store_true",
+                      help="start over (default: reuse the data and drafters in --out)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_cmd_demo)
+
+    vdemo = sub.add_parser("verify-demo", help="lossless tree verification on a synthetic tree")
+    vdemo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
+    vdemo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+    vdemo.add_argument("--seed", type=int, default=0)
+    vdemo.set_defaults(func=_cmd_verify_demo)
 
     gen = sub.add_parser("generate", help="speculative decoding of prompts (streams the output)")
     gen.add_argument("--target", default="default",

@@ -23,6 +23,12 @@ from .config import CheckpointError, read_config
 from .target import Target
 
 DEFAULT_TARGET_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_target"
+# Drafters trained for the default target, by name (their training_info.json says how):
+# "default" (EAGLE-3) and "default-vsd" (the same EAGLE-3 stage, then VSD for as long as
+# "default" had EAGLE-3 fine-tuning).
+_ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_DRAFTERS = {"default": _ASSETS / "default_drafter",
+                    "default-vsd": _ASSETS / "default_drafter_vsd"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

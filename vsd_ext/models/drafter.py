@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoint import validate_state
+from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
 from .layers import MLP, Attention, AttentionContext, RMSNorm, chain_mask, rope_cos_sin
@@ -304,8 +304,10 @@ class Drafter(nn.Module):
 def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None,
                  device=None) -> Drafter:
     """Load a drafter saved by `Drafter.save_pretrained` (or any EAGLE-3 checkpoint of this
-    layout) and attach it to `target` (sizes checked). dtype/device default to the target's."""
-    directory = Path(directory)
+    layout) and attach it to `target` (sizes checked). dtype/device default to the target's.
+    directory "default" / "default-vsd": the EAGLE-3 / VSD drafter shipped for the default
+    target."""
+    directory = DEFAULT_DRAFTERS.get(str(directory), Path(directory))
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json")

@@ -324,6 +324,26 @@ def regenerate(target, data: TokenDataset, temperature: float = 1.0, prompt_toke
     return _pad_rows(rows, T)
 
 
+def regenerated_corpus_splits(target, seq_len: int, rows: int, heldout_rows: int = 16,
+                              eval_prompts: int = 32, seed: int = 1234,
+                              heldout_seed: int = 4321, progress: bool = False) -> DataSplits:
+    """The embedded corpus answered by the target itself (T = 1): `rows` random training rows
+    (chosen with `seed`) and the first `heldout_rows` held-out rows keep their first 32
+    tokens as the prompt, the rest is the target's continuation (`regenerate`). This is
+    the data that makes a drafter match its target; `vsd demo` and the method comparison
+    train on it."""
+    splits = corpus_splits(target.tokenizer, seq_len, eval_prompts=eval_prompts)
+    if not 1 <= rows <= len(splits.train):
+        raise ValueError(f"rows: expected 1..{len(splits.train)}, got {rows}")
+    pick = torch.randperm(len(splits.train), generator=torch.Generator().manual_seed(seed))
+    train = regenerate(target, splits.train.rows(pick[:rows]), temperature=1.0,
+                       prompt_tokens=32, batch_size=64, seed=seed, progress=progress)
+    heldout = regenerate(target, splits.heldout.rows(torch.arange(min(heldout_rows,
+                                                                      len(splits.heldout)))),
+                         temperature=1.0, prompt_tokens=32, seed=heldout_seed)
+    return DataSplits(train, heldout, splits.prompts, "corpus+regenerated")
+
+
 # ---- batch order ------------------------------------------------------------------------
 class BatchOrder:
     """Deterministic epoch-wise shuffling: epoch e visits the rows in

@@ -1,0 +1,150 @@
+"""`vsd demo`: the main job, end to end, offline, on the embedded default target.
+
+    1. data      512 rows of the built-in corpus answered by the target itself (T = 1): the
+                 data that makes a drafter match its target (`regenerated_corpus_splits`)
+    2. train     the two shipped drafters — one EAGLE-3 stage, then 2 min (CPU) more of EAGLE-3
+                 (`assets/default_drafter`) or of VSD (`assets/default_drafter_vsd`), see
+                 their training_info.json — each trained further with its own method for the
+                 same wall-clock budget on the same data: `eagle3` and `vsd` (the EM objective
+                 of METHOD.md)
+    3. evaluate  autoregressive, eagle3 and vsd decoding at T = 0 and T = 1 on held-out
+                 prompts (`vsd_ext.evaluation.evaluate`: τ, tokens/s, speedup, lossless check)
+    4. report    the table on stdout, ``<out>/report.json`` and ``<out>/report.png``
+
+Sized for about 7 minutes on 2 CPU cores (`--minutes` per fine-tune, `--num-prompts`,
+`--max-new-tokens` scale it). Every stage shows a progress bar. Re-running with the same
+``--out`` reuses finished stages (the dataset and finished drafters), so an interrupted demo
+picks up where it stopped; ``--fresh`` starts over.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+# Training settings of the fine-tunes (those of the shipped drafter's own training, see
+# vsd_ext/assets/default_drafter/training_info.json): short rows, a constant learning rate.
+# The learning rate is a quarter of that training's: a fresh AdamW's first steps move every
+# weight by about lr, which at 2e-3 costs a trained drafter more τ than a short fine-tune wins
+# back.
+FINE_TUNE = dict(seq_len=128, batch_size=8, lr=5e-4, schedule="constant", warmup_steps=5,
+                 max_steps=1_000_000, budget_clock="wall", save_every=5)
+SHIPPED = {"eagle3": "default", "vsd": "default-vsd"}  # the drafter each fine-tune starts from
+UNROLL = 5  # eagle3 training-time-test steps = VSD path depth = the decoding chain's depth
+
+
+@dataclass
+class DemoConfig:
+    """out: output directory. minutes: wall-clock training budget of each fine-tune.
+    rows: regenerated training rows. num_prompts / max_new_tokens: the evaluation.
+    depth / topk / total_tokens: the draft tree (at T = 1 sampled from the drafter; chains,
+    topk 1, are fastest on a CPU, where verifying each extra node costs real compute).
+    threads: CPU threads of data and training (0: torch's default); eval_threads: of the
+    timed decoding (1: fastest for the small default target, whose batch-1 steps are too
+    short to share among threads). seed: training and sampling seed."""
+
+    out: str = "runs/demo"
+    minutes: float = 2.0
+    rows: int = 512
+    num_prompts: int = 8
+    max_new_tokens: int = 64
+    depth: int = 5
+    topk: int = 1
+    total_tokens: int = 5
+    threads: int = 0
+    eval_threads: int = 1
+    seed: int = 0
+    fresh: bool = False
+    progress: bool = True
+
+
+def _stage(number: int, text: str) -> None:
+    print(f"\n[{number}/4] {text}", flush=True)
+
+
+def build_data(target, cfg: DemoConfig, path: Path) -> Path:
+    from .training.data import regenerated_corpus_splits
+
+    if path.is_file():
+        print(f"reusing {path}")
+        return path
+    splits = regenerated_corpus_splits(target, FINE_TUNE["seq_len"], cfg.rows,
+                                       progress=cfg.progress)
+    splits.save(path)
+    print(f"{len(splits.train)} training rows, {len(splits.heldout)} held-out rows -> {path}")
+    return path
+
+
+def fine_tune(target, method: str, data: Path, out: Path, cfg: DemoConfig):
+    """Train the shipped `method` drafter further with `method` for `cfg.minutes` (wall)."""
+    from .models import load_drafter
+    from .models.checkpoint import DEFAULT_DRAFTERS
+    from .training.trainer import train_drafter
+
+    if (out / "summary.json").is_file():
+        print(f"reusing {out}")
+        return load_drafter(out, target)
+    train_drafter(target, out, method=method, data=str(data), seed=cfg.seed,
+                  max_minutes=cfg.minutes, init=DEFAULT_DRAFTERS[SHIPPED[method]],
+                  progress=cfg.progress, **FINE_TUNE,
+                  eagle3={"steps": UNROLL}, vsd={"depth": UNROLL})
+    summary = json.loads((out / "summary.json").read_text())
+    print(f"{method}: {summary['steps']} steps in {summary['train_seconds']:.0f} s -> {out}")
+    return load_drafter(out, target)
+
+
+def run(cfg: DemoConfig) -> dict:
+    """The whole demo; returns the report dict (also written to ``<out>/report.json``)."""
+    import vsd_ext
+    from .draft_tree import TreeConfig
+    from .evaluation import evaluate, format_table, heldout_prompts, write_report
+
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    if cfg.fresh and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    target = vsd_ext.load_target("default")
+    print(f"vsd demo: default target ({sum(p.numel() for p in target.parameters()) / 1e6:.2f} M "
+          f"parameters), {torch.get_num_threads()} CPU threads, output in {out}")
+
+    _stage(1, f"data: {cfg.rows} corpus rows answered by the target (T = 1)")
+    data = build_data(target, cfg, out / "data.pt")
+
+    drafters = {}
+    for i, method in enumerate(("eagle3", "vsd"), 1):
+        _stage(2, f"train ({i}/2): the shipped {method} drafter, {cfg.minutes:g} min more of "
+                       f"{method}")
+        drafters[method] = fine_tune(target, method, data, out / f"drafter_{method}", cfg)
+
+    tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=cfg.total_tokens,
+                      sampled=True)
+    _stage(3, f"evaluate: {cfg.num_prompts} held-out prompts x {cfg.max_new_tokens} tokens, "
+              f"T = 0 and T = 1, tree depth {tree.depth} / topk {tree.topk} / "
+              f"{tree.total_tokens} nodes (sampled from the drafter at T = 1)")
+    results = evaluate(target, drafters, heldout_prompts(cfg.num_prompts),
+                       temperatures=(0.0, 1.0), max_new_tokens=cfg.max_new_tokens, tree=tree,
+                       seeds=(cfg.seed,), threads=cfg.eval_threads or None,
+                       progress=cfg.progress)
+
+    _stage(4, "report")
+    print(format_table(results), flush=True)
+    by = {(r["method"], r["temperature"]): r for r in results}
+    for t in (0.0, 1.0):
+        ratio = by[("vsd", t)]["tau"] / by[("eagle3", t)]["tau"]
+        print(f"T = {t:g}: tau vsd / eagle3 = {ratio:.3f}; speedup over autoregressive: "
+              f"eagle3 {by[('eagle3', t)]['speedup']:.2f}x, vsd {by[('vsd', t)]['speedup']:.2f}x")
+    extra = {"command": "vsd demo", "config": asdict(cfg),
+             "threads": torch.get_num_threads(), "torch": torch.__version__,
+             "vsd_ext": vsd_ext.__version__, "seconds": time.perf_counter() - start}
+    paths = write_report(results, out, extra)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nwrote {paths['json']} and {paths['plot']} ({minutes:.1f} min in all)")
+    return json.loads(paths["json"].read_text())
