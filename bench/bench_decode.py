@@ -6,8 +6,11 @@ variable VSD_TARGET may name another checkpoint directory). Prompts: the
 first lines of held-out standard-library files (`vsd_ext.data.prompts`), cut to PROMPT_TOKENS.
 Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
 the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
-nothing accepted, so the ratio is the drafting + tree-verification overhead) and, when the
-environment variable VSD_DRAFTER names a trained drafter directory, "trained".
+nothing accepted, so the ratio is the drafting + tree-verification overhead) and "trained":
+the EAGLE-3 drafter shipped for the default target, or the drafter directory named by the
+environment variable VSD_DRAFTER. Trees: the default `TreeConfig` for the oracle and the
+untrained head, a depth-5 chain (`CHAIN`, sampled from the drafter at T > 0) for the trained
+drafter — on a CPU, where each verified node costs real compute, chains are the fastest.
 Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per target
 forward), tokens/s and the time split of the measured call.
 
@@ -28,6 +31,7 @@ from vsd_ext.models import Drafter
 MAX_NEW = 48
 PROMPT_TOKENS = 64
 TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
+CHAIN = TreeConfig(depth=5, topk=1, total_tokens=5)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -59,14 +63,14 @@ def make_drafter(kind, target, prompts):
     if kind == "untrained":
         return Drafter.for_target(target, seed=0)
     path = os.environ.get("VSD_DRAFTER")
-    if not path:
-        pytest.skip("set VSD_DRAFTER to a trained drafter directory")
-    return vsd_ext.load_drafter(path, target)
+    if not path and os.environ.get("VSD_TARGET"):
+        pytest.skip("set VSD_DRAFTER to a drafter directory trained for VSD_TARGET")
+    return vsd_ext.load_drafter(path or "default", target)
 
 
 CASES = [(kind, B, T) for kind in ("oracle", "untrained", "trained") for B in (1, 4)
          for T in (0.0,)]
-CASES += [("untrained", 4, 1.0), ("trained", 4, 1.0)]
+CASES += [("untrained", 4, 1.0), ("trained", 1, 1.0), ("trained", 4, 1.0)]
 
 
 @pytest.mark.parametrize("kind,B,T", CASES, ids=[f"{k}-B{B}-T{T:g}" for k, B, T in CASES])
@@ -74,7 +78,8 @@ CASES += [("untrained", 4, 1.0), ("trained", 4, 1.0)]
 def test_decode(benchmark, target, prompt_ids, provider, kind, B, T):
     prompts = prompt_ids[:B]
     drafter = make_drafter(kind, target, prompts)
-    tree = TreeConfig(TREE.depth, TREE.topk, TREE.total_tokens, sampled=T > 0)
+    shape = CHAIN if kind == "trained" else TREE
+    tree = TreeConfig(shape.depth, shape.topk, shape.total_tokens, sampled=T > 0)
     if provider == "torch":
         def run():
             return generate(target, None, prompts, MAX_NEW, T, ignore_eos=True,

@@ -42,12 +42,12 @@ EVAL_TREE = dict(depth=5, topk=4, total_tokens=24)
 
 def build_data(args, out: Path) -> Path:
     """The shared dataset: corpus rows' first tokens, answered by the target (T = 1)."""
-    from vsd_ext.models import load_target
-    from vsd_ext.training.data import regenerated_corpus_splits
-
     path = out / "data.pt"
     if path.is_file():
         return path
+    from vsd_ext.models import load_target
+    from vsd_ext.training.data import regenerated_corpus_splits
+
     target = load_target(args.target)
     regenerated_corpus_splits(target, args.seq_len, args.rows, eval_prompts=args.eval_prompts,
                               progress=True).save(path)

@@ -1,13 +1,15 @@
 """Quickstart: speculative decoding with the small target that ships with vsd_ext.
 
 Loads the embedded default target (a 6-layer Llama trained on the standard library's
-source), an EAGLE-3 drafter (a trained one from a directory, e.g. the output of
-`vsd train`, or an untrained head when none is given), and continues a held-out prompt
-speculatively. τ is tokens emitted per target forward (accepted draft tokens + 1): an
-untrained head gets about 1, the same as plain decoding; a trained one more.
+source), an EAGLE-3 drafter (the one shipped for it, a directory such as the output of
+`vsd train`, or an untrained head), and continues a held-out prompt speculatively. τ is
+tokens emitted per target forward (accepted draft tokens + 1): an untrained head gets about
+1, the same as plain decoding; the shipped drafter about 4 at T = 0.
 
-    python python/quickstart.py                      # untrained drafter
-    python python/quickstart.py runs/vsd/drafter     # a trained drafter directory
+    python python/quickstart.py                      # the shipped drafter ("default")
+    python python/quickstart.py default-vsd          # the shipped VSD drafter
+    python python/quickstart.py runs/vsd             # a drafter directory
+    python python/quickstart.py untrained            # a fresh EAGLE-3 head
     python python/quickstart.py --temperature 1.0 --max-new-tokens 64
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ import vsd_ext
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("drafter", nargs="?", help="drafter directory (default: untrained)")
+    parser.add_argument("drafter", nargs="?", default="default",
+                        help="drafter directory, 'default', 'default-vsd' or 'untrained'")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1,
@@ -30,15 +33,16 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
 
     target = vsd_ext.load_target("default")
-    if args.drafter:
-        drafter = vsd_ext.load_drafter(args.drafter, target)
-    else:
+    if args.drafter == "untrained":
         drafter = vsd_ext.Drafter.for_target(target)
+    else:
+        drafter = vsd_ext.load_drafter(args.drafter, target)
 
     prompt = vsd_ext.data.prompts("heldout", limit=1)[0]  # unseen code, 12 lines
     ids = target.tokenizer.encode(prompt).ids
     out = vsd_ext.generate(target, drafter, ids, args.max_new_tokens, args.temperature,
-                           tree=vsd_ext.TreeConfig(), ignore_eos=True,
+                           tree=vsd_ext.TreeConfig(depth=5, topk=1, total_tokens=5),
+                           ignore_eos=True,
                            generator=torch.Generator().manual_seed(0))
 
     print(prompt + target.tokenizer.decode(out.tokens[0]))

@@ -12,8 +12,8 @@ import vsd_ext
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_example(name, *args, timeout=120):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+def run_example(name, *args, timeout=120, **env_vars):
+    env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join(
         [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     done = subprocess.run([sys.executable, str(ROOT / "python" / name), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -44,3 +44,14 @@ def test_evaluate_drafter(drafter_dir, tmp_path):
         ("autoregressive", 0.0), (name, 0.0), ("autoregressive", 1.0), (name, 1.0)]
     assert all(r["lossless"] for r in report["results"])
     assert name in out and "wrote" in out and (tmp_path / "report.png").is_file()
+
+
+def test_train_drafter(tmp_path):
+    out = run_example("train_drafter.py", "--out", tmp_path, "--minutes", "0.02", "--rows", "8",
+                      "--no-progress", timeout=300, OMP_NUM_THREADS="1")
+    for name in ("eagle3", "vsd"):
+        assert (tmp_path / name / "model.safetensors").is_file()
+        line = next(l for l in out.splitlines() if l.startswith(name))
+        assert float(line.split("T=0 ")[1].split()[0]) >= 1.0
+    summary = (tmp_path / "vsd" / "summary.json").read_text()
+    assert '"method": "vsd"' in summary
