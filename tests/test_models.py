@@ -279,6 +279,51 @@ def test_drafter_tree_steps_match_causal_forward(checkpoints, gen):
             assert (got[b, i] - ref).abs().max() < 1e-4
 
 
+def test_drafter_fast_paths_match_checked_ones(checkpoints, tmp_path, gen):
+    """grow_tree (mask and depths given, nothing re-derived) == tree_step; logits_at gives
+    the same rows as all logits; prefill(logits=False) caches the same keys/values; a bf16
+    drafter (fp32 target features and states cast on entry) stays close to the fp32 one."""
+    from vsd_ext.tree import build_tree_mask, tree_depths
+
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=7)
+    B, P, N, Vd = 2, 6, 9, drafter.draft_vocab_size
+    ctx_ids = torch.randint(0, V, (B, P), generator=gen)
+    ctx_feat = torch.randn(B, P, 3 * 64, generator=gen)
+    cache, quiet = drafter.new_cache(B, 16), drafter.new_cache(B, 16)
+    full = drafter.prefill(ctx_ids, ctx_feat, cache)
+    empty = drafter.prefill(ctx_ids, ctx_feat, quiet, logits=False)
+    assert full.logits.shape == (B, P, Vd) and empty.logits.shape == (B, 0, Vd)
+    assert torch.equal(cache.k, quiet.k) and torch.equal(cache.v, quiet.v)
+    assert torch.equal(cache.lengths, quiet.lengths)
+    parents, tokens = random_tree(gen, B, N)
+    hidden = torch.randn(B, N, 64, generator=gen)
+    first = drafter.tree_step(tokens[:, :4], hidden[:, :4], parents[:, :4], cache)
+    second = drafter.tree_step(tokens[:, 4:], hidden[:, 4:], parents, cache,
+                               past=first.tree_kv)
+    depths = tree_depths(parents)
+    fast1 = drafter.grow_tree(tokens[:, :4], hidden[:, :4], depths[:, :4],
+                              build_tree_mask(parents[:, :4]), cache)
+    at = torch.randint(0, N - 4, (B, 2), generator=gen)
+    fast2 = drafter.grow_tree(tokens[:, 4:], hidden[:, 4:], depths[:, 4:],
+                              build_tree_mask(parents), cache, past=fast1.tree_kv, logits_at=at)
+    assert torch.equal(fast1.logits, first.logits) and torch.equal(fast1.hidden, first.hidden)
+    assert torch.equal(fast2.hidden, second.hidden)
+    picked = second.logits.gather(1, at[..., None].expand(-1, -1, Vd))
+    assert fast2.logits.shape == (B, 2, Vd)
+    assert torch.allclose(fast2.logits, picked, atol=1e-6, rtol=1e-6)
+
+    drafter.save_pretrained(tmp_path / "drafter")
+    half = load_drafter(tmp_path / "drafter", target, dtype=torch.bfloat16)
+    half_cache = half.new_cache(B, 16)
+    assert half_cache.k.dtype == torch.bfloat16
+    half.prefill(ctx_ids, ctx_feat, half_cache, logits=False)
+    got = half.tree_step(tokens, hidden, parents, half_cache).logits
+    ref = drafter.tree_step(tokens, hidden, parents, cache).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 # ---- bad checkpoints --------------------------------------------------------------------
 def copy_checkpoint(checkpoints, tmp_path, arch="llama3"):
     directory = tmp_path / "ckpt"

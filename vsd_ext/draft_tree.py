@@ -54,7 +54,8 @@ from typing import Callable
 
 import torch
 
-from .tree import chain_parents
+from .models.layers import chain_mask
+from .tree import append_nodes
 
 __all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree", "DrafterProposer"]
 
@@ -284,7 +285,8 @@ class DrafterProposer:
         rows = torch.arange(B, device=prompt_ids.device)
         if T > 1:
             shifted = prompt_ids[:, 1:]
-            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1)
+            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1,
+                                 logits=False)
         self.pending = (first_tokens[:, None], features[rows, lengths - 1][:, None],
                         torch.ones(B, dtype=torch.int64, device=prompt_ids.device))
 
@@ -293,33 +295,39 @@ class DrafterProposer:
         tokens (the pending chains end with them)."""
         chain_tokens, chain_feats, chain_len = self.pending
         B, m = chain_tokens.shape
-        idx = torch.arange(m, device=chain_tokens.device)
+        device = chain_tokens.device
+        idx = torch.arange(m, device=device)
         real = idx < chain_len[:, None]
-        chain = torch.where(real, chain_parents(B, m, chain_tokens.device),
-                            torch.full_like(chain_tokens, -1))
-        out = self.drafter.tree_step(torch.where(real, chain_tokens, -1), chain_feats, chain,
-                                     self.cache)
-        rows = torch.arange(B, device=chain_tokens.device)
         root = chain_len - 1
-        state = {"parents": chain, "past": out.tree_kv, "hidden": out.hidden[rows, root],
-                 "start": None, "root": root}
+        # The drafter's tree (chain, then one frontier per level) is grown here, so its mask
+        # and depths are extended level by level instead of being rebuilt from parents.
+        mask = torch.where(real[..., None], chain_mask(m, device).expand(B, -1, -1), 0)
+        depths = torch.where(real, idx, -1)
+        out = self.drafter.grow_tree(torch.where(real, chain_tokens, -1), chain_feats, depths,
+                                     mask, self.cache, logits_at=root[:, None])
+        rows = torch.arange(B, device=device)
+        state = {"mask": mask, "depths": depths, "past": out.tree_kv,
+                 "hidden": out.hidden[rows, root], "start": None}
 
         def expand(tokens, parent_slot, valid):
             if state["start"] is None:  # level 1: children of the root pair
-                par = state["root"][:, None].expand_as(tokens)
+                par = root[:, None].expand_as(tokens)
                 hidden = state["hidden"][:, None].expand(-1, tokens.shape[1], -1)
             else:
                 par = state["start"] + parent_slot
                 hidden = state["hidden"].gather(
                     1, parent_slot[..., None].expand(-1, -1, state["hidden"].shape[-1]))
-            parents = torch.cat((state["parents"], torch.where(valid, par, -1)), 1)
-            step = self.drafter.tree_step(torch.where(valid, tokens, -1), hidden, parents,
-                                          self.cache, past=state["past"])
-            state.update(parents=parents, past=step.tree_kv, hidden=step.hidden,
-                         start=state["parents"].shape[1])
+            start = state["depths"].shape[1]
+            mask, depths = append_nodes(state["mask"], state["depths"],
+                                        torch.where(valid, par, -1))
+            step = self.drafter.grow_tree(torch.where(valid, tokens, -1), hidden,
+                                          depths[:, start:], mask, self.cache,
+                                          past=state["past"])
+            state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
+                         start=start)
             return step.logits
 
-        tree = build_tree(out.logits[rows, root], expand, self.tree_config, roots,
+        tree = build_tree(out.logits[:, 0], expand, self.tree_config, roots,
                           self.temperature, self.generator, self.d2t_ids,
                           self.drafter.model_config.vocab_size)
         # The chain's pairs are final: store their keys/values, past the committed prefix.

@@ -24,6 +24,7 @@ __all__ = [
     "tree_depths",
     "tree_paths",
     "build_tree_mask",
+    "append_nodes",
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
@@ -180,6 +181,30 @@ def build_tree_mask(parents: torch.Tensor, valid: torch.Tensor | None = None) ->
     dense = torch.zeros(B, N, N + 1, dtype=torch.bool, device=parents.device)
     dense.scatter_(2, cols, True)
     return pack_tree_mask(dense[..., :N])
+
+
+def append_nodes(tree_mask: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor):
+    """Extend a tree by n nodes without re-walking it: tree_mask ``[B, P, W]`` and depths
+    ``[B, P]`` of the P nodes so far (as `vsd_ext.tree.build_tree_mask` / `tree_depths` give
+    them), parents ``[B, n]`` of the new nodes, each an earlier node (``< P``) or -1
+    (padding). A new node sees what its parent sees plus itself, one level deeper; padding
+    nodes get an all-zero mask row and depth -1. Returns the mask ``[B, P + n, W']`` and
+    depths ``[B, P + n]``. Unchecked: for trees the caller builds itself."""
+    B, P, W = tree_mask.shape
+    n = parents.shape[1]
+    words = (P + n + 63) // 64
+    if words > W:
+        tree_mask = torch.cat((tree_mask, tree_mask.new_zeros(B, P, words - W)), 2)
+    real = parents >= 0
+    parent = parents.clamp(min=0)
+    inherited = tree_mask.gather(1, parent[..., None].expand(B, n, words))
+    # own[j, w]: node P + j's own bit, in word (P + j) // 64.
+    node = torch.arange(P, P + n, device=parents.device)
+    own = torch.where(torch.arange(words, device=node.device) == (node // 64)[:, None],
+                      _bit_weights(node.device)[node % 64][:, None], 0)
+    rows = torch.where(real[..., None], inherited | own, 0)
+    new_depths = torch.where(real, depths.gather(1, parent) + 1, -1)
+    return torch.cat((tree_mask, rows), 1), torch.cat((depths, new_depths), 1)
 
 
 def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:

@@ -197,15 +197,18 @@ class Drafter(nn.Module):
 
     # ---- forward passes -------------------------------------------------------------
     def _features(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Cast to the drafter's dtype: a bf16 drafter reads the fp32 target's features.
+        dtype = self.fc.weight.dtype
         if hidden.shape[-1] == self.fc.in_features:
-            return self.fc(hidden)
+            return self.fc(hidden.to(dtype))
         if hidden.shape[-1] == self.model_config.hidden_size:
-            return hidden
+            return hidden.to(dtype)
         raise ValueError(f"hidden must end in {self.fc.in_features} (target features) or "
                          f"{self.model_config.hidden_size} (drafter states), got "
                          f"{tuple(hidden.shape)}")
 
-    def _run(self, input_ids, hidden, positions, ctx_args: dict) -> DrafterOutput:
+    def _run(self, input_ids, hidden, positions, ctx_args: dict,
+             logits_at: torch.Tensor | None = None) -> DrafterOutput:
         if self._embed is None:
             raise RuntimeError("drafter has no embedding: call drafter.attach(target)")
         if input_ids.shape != hidden.shape[:2]:
@@ -215,7 +218,10 @@ class Drafter(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
         ctx = AttentionContext(cos=cos, sin=sin, **ctx_args)
         h = self.midlayer(embeds, self._features(hidden), ctx)
-        logits = self.lm_head(self.norm(h))
+        # The LM head is the largest GEMM: run it only where the caller needs logits.
+        head_in = h if logits_at is None else h.gather(
+            1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.lm_head(self.norm(head_in))
         return DrafterOutput(h, logits, ctx.tree_kv if ctx.mode == "tree" else None)
 
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor,
@@ -233,9 +239,11 @@ class Drafter(nn.Module):
                        dtype or self.fc.weight.dtype, device or self.fc.weight.device)
 
     def prefill(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache: KVCache,
-                lengths: torch.Tensor | None = None) -> DrafterOutput:
+                lengths: torch.Tensor | None = None, logits: bool = True) -> DrafterOutput:
         """Append a right-padded chunk (tokens `[B, T]`, their features `[B, T, ·]`, real
-        lengths `[B]`) to the drafter's cache, as `Target.prefill` does."""
+        lengths `[B]`) to the drafter's cache, as `Target.prefill` does. `logits=False`
+        skips the LM head (`logits` is then `[B, 0, Vd]`): filling the cache needs only
+        the keys and values."""
         B, T = input_ids.shape
         if B != cache.batch_size:
             raise ValueError(f"input_ids has {B} rows but the cache has {cache.batch_size}")
@@ -249,7 +257,8 @@ class Drafter(nn.Module):
             args = {"mode": "tree", "cache": cache, "write_positions": positions,
                     "prefix_lens": cache.lengths.clone(),
                     "tree_mask": chain_mask(T, device=cache.device).expand(B, -1, -1)}
-        out = self._run(input_ids, hidden, positions, args)
+        skip = None if logits else torch.zeros(B, 0, dtype=torch.int64, device=cache.device)
+        out = self._run(input_ids, hidden, positions, args, skip)
         cache.advance(lengths.to(device=cache.device, dtype=torch.int64))
         return out
 
@@ -275,17 +284,37 @@ class Drafter(nn.Module):
         if parents.shape != (B, P + n):
             raise ValueError(f"parents must be [{B}, {P + n}] (earlier + new nodes), got "
                              f"{tuple(parents.shape)}")
-        device = input_ids.device
         if prefix_lens is None:
             prefix_lens = (cache.lengths if cache is not None
-                           else torch.zeros(B, dtype=torch.int64, device=device))
-        prefix_lens = prefix_lens.to(device=device, dtype=torch.int64)
+                           else torch.zeros(B, dtype=torch.int64, device=input_ids.device))
+        prefix_lens = prefix_lens.to(device=input_ids.device, dtype=torch.int64)
         if cache is not None:
             cache.reserve(0, prefix_lens)
-        positions = prefix_lens[:, None] + tree_depths(parents)[:, P:].to(device)
+        depths = tree_depths(parents)[:, P:].to(input_ids.device)
+        return self.grow_tree(input_ids, hidden, depths, build_tree_mask(parents), cache,
+                              past, prefix_lens)
+
+    def grow_tree(self, input_ids: torch.Tensor, hidden: torch.Tensor, depths: torch.Tensor,
+                  tree_mask: torch.Tensor, cache: KVCache | None, past: list | None = None,
+                  prefix_lens: torch.Tensor | None = None,
+                  logits_at: torch.Tensor | None = None) -> DrafterOutput:
+        """`tree_step` for a caller that already knows the tree's shape: the new nodes'
+        depths `[B, n]` and the `[B, P + n, W]` tree mask of all nodes (e.g. grown
+        incrementally, as `DrafterProposer` does). Nothing is validated, so that a draft
+        step does not re-walk the tree it built itself on every level.
+
+        logits_at `[B, k]` int64: compute logits only at these new nodes of each row
+        (`logits` `[B, k, Vd]`), e.g. the root of a pending chain, the only node whose
+        distribution is used; None: at every new node.
+        """
+        if prefix_lens is None:
+            prefix_lens = (cache.lengths if cache is not None
+                           else torch.zeros(input_ids.shape[0], dtype=torch.int64,
+                                            device=input_ids.device))
+        positions = prefix_lens[:, None] + depths
         return self._run(input_ids, hidden, positions, {
             "mode": "tree", "cache": cache, "prefix_lens": prefix_lens.clone(),
-            "tree_mask": build_tree_mask(parents), "past": past})
+            "tree_mask": tree_mask, "past": past}, logits_at)
 
     # ---- checkpoints ----------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
