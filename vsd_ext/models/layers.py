@@ -35,10 +35,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # One F.rms_norm call instead of eight small ops (decoding runs thousands of norms
+        # on tiny rows, where per-op overhead dominates). ATen evaluates the same ops,
+        # x · rsqrt(mean(x²) + eps) then · w: bitwise equal in fp32. For half inputs it
+        # would apply w before the cast back, so w is applied here, after the cast.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -52,9 +55,21 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate `x` `[B, T, H, D]`: pairs (x_i, x_{i+D/2}) turn by their angle:
     `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+    return rotate(x, *rope_tables(cos, sin))
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, T, D]` → `[B, T, 1, D]` tables for `rotate`, the sign of rotate_half
+    moved into sin: `rotate_half(x)·sin = roll(x, D/2)·(−sin_1, sin_2)` exactly. Built
+    once for q and k: decoding rotates tiny tensors, where every op costs."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    return cos[:, :, None], signed[:, :, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with tables from `rope_tables`."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class Attention(nn.Module):
@@ -89,7 +104,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        tables = rope_tables(cos, sin)
+        return rotate(q, *tables), rotate(k, *tables), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """`[B, T, Hq, D]` attention output → `[B, T, hidden]`."""
