@@ -324,6 +324,33 @@ def test_drafter_fast_paths_match_checked_ones(checkpoints, tmp_path, gen):
     assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+def test_packed_bf16_linear(gen):
+    """bf16 inference reuses a oneDNN-packed weight: the same result as F.linear, bitwise
+    (when oneDNN runs bf16 here; else the plain path), repacked after the weight changes,
+    and never used with grad enabled."""
+    import torch.nn.functional as F
+
+    from vsd_ext.models.layers import Linear
+
+    lin = Linear(48, 80, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 3, 48, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert lin(x[:, :0]).shape == (2, 0, 80)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the packed copy is stale
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    lin.weight = torch.nn.Parameter(torch.randn(80, 48, generator=gen).to(torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.float().weight.data.add_(1)  # new storage (dtype round trip), then in place
+        lin.to(torch.bfloat16)
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    out = lin(x)
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and "_packed_weight" not in lin.state_dict()
+
+
 # ---- bad checkpoints --------------------------------------------------------------------
 def copy_checkpoint(checkpoints, tmp_path, arch="llama3"):
     directory = tmp_path / "ckpt"

@@ -34,7 +34,7 @@ from torch import nn
 from .checkpoint import validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from .layers import MLP, Attention, AttentionContext, RMSNorm, chain_mask, rope_cos_sin
+from .layers import MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask, rope_cos_sin
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -124,10 +124,10 @@ class Drafter(nn.Module):
         H = cfg.hidden_size
         self.target_hidden_size = config.get("target_hidden_size") or H
         self.draft_vocab_size = config.get("draft_vocab_size") or cfg.vocab_size
-        self.fc = nn.Linear(3 * self.target_hidden_size, H, bias=False)
+        self.fc = Linear(3 * self.target_hidden_size, H, bias=False)
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(H, self.draft_vocab_size, bias=False)
+        self.lm_head = Linear(H, self.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
