@@ -348,7 +348,30 @@ def test_packed_bf16_linear(gen):
         assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     out = lin(x)
     out.float().sum().backward()
-    assert lin.weight.grad is not None and "_packed_weight" not in lin.state_dict()
+    assert lin.weight.grad is not None and not any("packed" in k for k in lin.state_dict())
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "_weight_packed" in lin.__dict__  # the packed path ran
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_drafter_projections(checkpoints, gen, dtype):
+    """The drafter's fused q/k/v and gate/up GEMMs (inference only) give its separate
+    GEMMs' outputs up to rounding, and follow in-place weight updates."""
+    target = load_target(checkpoints["qwen3"][0])
+    layer = Drafter.for_target(target, seed=2).midlayer.to(dtype)
+    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    cos = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    sin = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        with torch.no_grad():
+            fused = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+        separate = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+        for a, b in zip(fused, separate):
+            assert torch.allclose(a.float(), b.detach().float(), atol=tol, rtol=tol)
+        with torch.no_grad():
+            layer.self_attn.k_proj.weight.mul_(-1.5)
+            layer.mlp.up_proj.weight.add_(0.1)
 
 
 # ---- bad checkpoints --------------------------------------------------------------------

@@ -38,34 +38,56 @@ def _onednn_bf16() -> bool:
     return _ONEDNN_BF16
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` whose bf16 inference on a CPU reuses a weight packed once by oneDNN.
+def _cached(owner: nn.Module, name: str, sources: tuple, build):
+    """`build(*sources)`, cached in `owner.__dict__[name]` (out of its state_dict) and rebuilt
+    when a source tensor changes: keyed by storage address and version counter (new storage
+    or an in-place update). The entry keeps its sources alive, so that no new tensor can
+    reuse their addresses."""
+    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        detached = tuple(t.detach() for t in sources)
+        cached = (key, build(*detached), detached)
+        owner.__dict__[name] = cached
+    return cached[1]
 
-    A plain bf16 `F.linear` on a CPU goes through oneDNN, which re-packs the weight into
-    its blocked layout at every call: for decode-sized inputs (a few rows) that costs more
-    than the product (the draft LM head, 256 × 4096: 61 µs per row-vector call, 36 µs
-    packed). The packed copy is kept with the module (not in its state_dict) and rebuilt
-    when the weight changes (new storage or an in-place update); the result is the same
-    oneDNN product, bitwise. Training (grad enabled) and other dtypes take `F.linear`.
-    """
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           owner: nn.Module, name: str) -> torch.Tensor:
+    """`F.linear`, except for bf16 inference on a CPU: a plain bf16 `F.linear` there goes
+    through oneDNN, which re-packs the weight into its blocked layout at every call, and for
+    decode-sized inputs (a few rows) that costs more than the product (the draft LM head,
+    256 × 4096: 61 µs per row-vector call, 36 µs packed). The packed weight is cached on
+    `owner` (see `_cached`); the result is the same oneDNN product, bitwise. Training (grad
+    enabled) and other dtypes take `F.linear`."""
+    if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and weight.dtype is torch.bfloat16 and _onednn_bf16()):
+        packed = _cached(owner, name + "_packed", (weight,),
+                         torch.ops.mkldnn._reorder_linear_weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with `linear`'s packed bf16 inference path."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and self.weight.dtype is torch.bfloat16 and _onednn_bf16()):
-            return torch.ops.mkldnn._linear_pointwise(x, self._packed(), self.bias, "none",
-                                                      [], "")
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self, "_weight")
 
-    def _packed(self) -> torch.Tensor:
-        w = self.weight
-        # Keyed by storage address and version counter; the cache keeps the packed
-        # storage alive, so that no new weight can reuse its address.
-        key = (w.data_ptr(), 0 if w.is_inference() else w._version)
-        cached = self.__dict__.get("_packed_weight")
-        if cached is None or cached[0] != key:
-            cached = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()), w.detach())
-            self.__dict__["_packed_weight"] = cached
-        return cached[1]
+
+def fused_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """The outputs of several `Linear`s that read the same `x`, from one GEMM over their
+    concatenated weights (cached on the first layer, see `_cached`). At decode sizes a GEMM
+    call costs mostly a fixed ~50–90 µs once the target's forward has evicted the weights
+    from the caches, so fewer calls are faster. The rounding may differ from separate
+    GEMMs: for inference of the drafter only (its precision never affects losslessness)."""
+    head = layers[0]
+    weight = _cached(head, "_fused_weight", tuple(m.weight for m in layers),
+                     lambda *w: torch.cat(w))
+    bias = None if head.bias is None else _cached(
+        head, "_fused_bias", tuple(m.bias for m in layers), lambda *b: torch.cat(b))
+    out = linear(x, weight, bias, head, "_fused")
+    return out.split([m.out_features for m in layers], -1)
 
 
 class RMSNorm(nn.Module):
@@ -118,12 +140,14 @@ class Attention(nn.Module):
     """Grouped-query attention with optional qkv/o bias and per-head q/k RMSNorm (Qwen3).
 
     `in_features` is the width the q/k/v projections read (2·hidden in the EAGLE-3 drafter,
-    whose layer input is norm(embedding) ⊕ norm(feature)).
+    whose layer input is norm(embedding) ⊕ norm(feature)). `fuse`: at inference (grad
+    disabled), one GEMM for q, k and v (`fused_linears`); the drafter's, not the target's.
     """
 
-    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None, fuse: bool = False):
         super().__init__()
         d_in = in_features or cfg.hidden_size
+        self.fuse = fuse
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -141,9 +165,13 @@ class Attention(nn.Module):
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        if self.fuse and not torch.is_grad_enabled():
+            q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         tables = rope_tables(cos, sin)
@@ -155,17 +183,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) · up(x))`."""
+    """SwiGLU: `down(silu(gate(x)) · up(x))`. `fuse`: one GEMM for gate and up at inference
+    (as `Attention`'s)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fuse: bool = False):
         super().__init__()
+        self.fuse = fuse
         H, I = cfg.hidden_size, cfg.intermediate_size
         self.gate_proj = Linear(H, I, bias=cfg.mlp_bias)
         self.up_proj = Linear(H, I, bias=cfg.mlp_bias)
         self.down_proj = Linear(I, H, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fuse and not torch.is_grad_enabled():
+            gate, up = fused_linears(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 _CHAIN_MASKS: dict = {}
