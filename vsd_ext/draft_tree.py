@@ -192,10 +192,14 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
         order = torch.sort(-score, dim=1, stable=True).indices[:, :k]
         frontier, front_score, parent_slot = offset + order, score.gather(1, order), order // k
         offset += k * k
-    # Row of q_rows (flattened: root first, then k per expanded frontier) of each candidate.
-    cand_qrow = torch.full((B, offset), -1, dtype=torch.int64, device=device)
-    for level, ids in enumerate(expanded):
-        cand_qrow.scatter_(1, ids, 1 + level * k + torch.arange(k, device=device).expand(B, k))
+    # Row of q_rows (flattened: root first, then k per expanded frontier) of each candidate
+    # (sampled trees only: deterministic ones carry no q).
+    cand_qrow = None
+    if sampled:
+        cand_qrow = torch.full((B, offset), -1, dtype=torch.int64, device=device)
+        for level, ids in enumerate(expanded):
+            cand_qrow.scatter_(1, ids, 1 + level * k
+                               + torch.arange(k, device=device).expand(B, k))
     return _select(torch.cat(scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
                    cand_qrow, q_rows, config, root_tokens, draft_to_target,
                    vocab_size or Vd)
@@ -218,7 +222,6 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     # A kept candidate's parent is kept too and ranks earlier: node index = rank + 1.
     parent = torch.where(parent_cand < 0, torch.zeros_like(parent_cand),
                          rank.gather(1, parent_cand.clamp(min=0)) + 1)
-    qrow = cand_qrow.gather(1, kept)
     missing = config.total_tokens - kept.shape[1]  # > 0 when there are fewer candidates
     pad = torch.full((B, 1), -1, dtype=torch.int64, device=device)
 
@@ -228,7 +231,7 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     tree = DraftTree(nodes(root_tokens.view(B, 1), target_ids), nodes(pad, parent))
     if q_rows:
         q = torch.cat(q_rows, 1)                                    # [B, 1 + (D-1)k, Vd]
-        node_qrow = nodes(torch.zeros_like(pad), qrow)              # the root's q is row 0
+        node_qrow = nodes(torch.zeros_like(pad), cand_qrow.gather(1, kept))  # root: row 0
         gathered = q.gather(1, node_qrow.clamp(min=0)[..., None].expand(-1, -1, q.shape[-1]))
         gathered = gathered * (node_qrow >= 0)[..., None]           # never-expanded: zeros
         if draft_to_target is None and vocab_size == q.shape[-1]:

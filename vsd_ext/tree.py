@@ -183,6 +183,20 @@ def build_tree_mask(parents: torch.Tensor, valid: torch.Tensor | None = None) ->
     return pack_tree_mask(dense[..., :N])
 
 
+_OWN_BITS: dict = {}
+
+
+def _own_bits(start: int, n: int, words: int, device) -> torch.Tensor:
+    """``[n, words]`` int64: row j holds node ``start + j``'s own bit (in word
+    ``(start + j) // 64``). Cached: a draft loop appends the same ranges at every step."""
+    key = (start, n, words, str(device))
+    if key not in _OWN_BITS:
+        node = torch.arange(start, start + n, device=device)
+        _OWN_BITS[key] = torch.where(torch.arange(words, device=device) == (node // 64)[:, None],
+                                     _bit_weights(device)[node % 64][:, None], 0)
+    return _OWN_BITS[key]
+
+
 def append_nodes(tree_mask: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor):
     """Extend a tree by n nodes without re-walking it: tree_mask ``[B, P, W]`` and depths
     ``[B, P]`` of the P nodes so far (as `vsd_ext.tree.build_tree_mask` / `tree_depths` give
@@ -198,11 +212,7 @@ def append_nodes(tree_mask: torch.Tensor, depths: torch.Tensor, parents: torch.T
     real = parents >= 0
     parent = parents.clamp(min=0)
     inherited = tree_mask.gather(1, parent[..., None].expand(B, n, words))
-    # own[j, w]: node P + j's own bit, in word (P + j) // 64.
-    node = torch.arange(P, P + n, device=parents.device)
-    own = torch.where(torch.arange(words, device=node.device) == (node // 64)[:, None],
-                      _bit_weights(node.device)[node % 64][:, None], 0)
-    rows = torch.where(real[..., None], inherited | own, 0)
+    rows = torch.where(real[..., None], inherited | _own_bits(P, n, words, parents.device), 0)
     new_depths = torch.where(real, depths.gather(1, parent) + 1, -1)
     return torch.cat((tree_mask, rows), 1), torch.cat((depths, new_depths), 1)
 

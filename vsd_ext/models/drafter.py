@@ -34,7 +34,8 @@ from torch import nn
 from .checkpoint import validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from .layers import MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask, rope_cos_sin
+from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask,
+                     module_cache, rope_cos_sin, rope_tables)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -208,6 +209,24 @@ class Drafter(nn.Module):
                          f"{self.model_config.hidden_size} (drafter states), got "
                          f"{tuple(hidden.shape)}")
 
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """`rope_tables` of `positions` `[B, T]`, looked up in the tables of every position
+        below max_position_embeddings, built once per dtype (and again if inv_freq is
+        replaced, see `module_cache`): a draft forward would otherwise rebuild them from the
+        angles, a dozen small ops. Other positions (padding nodes' −1, past the end) are
+        computed directly; the values are the same either way."""
+        limit = self.config.get("max_position_embeddings") or 0
+        if positions.numel():
+            low, high = (int(v) for v in torch.aminmax(positions))
+            if 0 <= low and high < limit:
+                def build(inv_freq):
+                    every = torch.arange(limit, device=inv_freq.device)[None]
+                    return rope_tables(*rope_cos_sin(inv_freq, every, dtype))
+
+                cos, sin = module_cache(self, f"_rope_{dtype}", (self.inv_freq,), build)
+                return cos[0, positions], sin[0, positions]
+        return rope_tables(*rope_cos_sin(self.inv_freq, positions, dtype))
+
     def _run(self, input_ids, hidden, positions, ctx_args: dict,
              logits_at: torch.Tensor | None = None) -> DrafterOutput:
         if self._embed is None:
@@ -216,8 +235,8 @@ class Drafter(nn.Module):
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
                              f"{tuple(hidden.shape)} must agree on [B, T]")
         embeds = self._embed(input_ids.clamp(min=0)).to(self.fc.weight.dtype)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, **ctx_args)
+        ctx = AttentionContext(cos=None, sin=None, rope=self._rope(positions, embeds.dtype),
+                               **ctx_args)
         h = self.midlayer(embeds, self._features(hidden), ctx)
         # The LM head is the largest GEMM: run it only where the caller needs logits.
         head_in = h if logits_at is None else h.gather(

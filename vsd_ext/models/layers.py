@@ -38,7 +38,7 @@ def _onednn_bf16() -> bool:
     return _ONEDNN_BF16
 
 
-def _cached(owner: nn.Module, name: str, sources: tuple, build):
+def module_cache(owner: nn.Module, name: str, sources: tuple, build):
     """`build(*sources)`, cached in `owner.__dict__[name]` (out of its state_dict) and rebuilt
     when a source tensor changes: keyed by storage address and version counter (new storage
     or an in-place update). The entry keeps its sources alive, so that no new tensor can
@@ -58,12 +58,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     through oneDNN, which re-packs the weight into its blocked layout at every call, and for
     decode-sized inputs (a few rows) that costs more than the product (the draft LM head,
     256 × 4096: 61 µs per row-vector call, 36 µs packed). The packed weight is cached on
-    `owner` (see `_cached`); the result is the same oneDNN product, bitwise. Training (grad
-    enabled) and other dtypes take `F.linear`."""
+    `owner` (see `module_cache`); the result is the same oneDNN product, bitwise. Training
+    (grad enabled) and other dtypes take `F.linear`."""
     if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
             and weight.dtype is torch.bfloat16 and _onednn_bf16()):
-        packed = _cached(owner, name + "_packed", (weight,),
-                         torch.ops.mkldnn._reorder_linear_weight)
+        packed = module_cache(owner, name + "_packed", (weight,),
+                              torch.ops.mkldnn._reorder_linear_weight)
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -77,14 +77,14 @@ class Linear(nn.Linear):
 
 def fused_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
     """The outputs of several `Linear`s that read the same `x`, from one GEMM over their
-    concatenated weights (cached on the first layer, see `_cached`). At decode sizes a GEMM
-    call costs mostly a fixed ~50–90 µs once the target's forward has evicted the weights
-    from the caches, so fewer calls are faster. The rounding may differ from separate
+    concatenated weights (cached on the first layer, see `module_cache`). At decode sizes a
+    GEMM call costs mostly a fixed ~50–90 µs once the target's forward has evicted the
+    weights from the caches, so fewer calls are faster. The rounding may differ from separate
     GEMMs: for inference of the drafter only (its precision never affects losslessness)."""
     head = layers[0]
-    weight = _cached(head, "_fused_weight", tuple(m.weight for m in layers),
-                     lambda *w: torch.cat(w))
-    bias = None if head.bias is None else _cached(
+    weight = module_cache(head, "_fused_weight", tuple(m.weight for m in layers),
+                          lambda *w: torch.cat(w))
+    bias = None if head.bias is None else module_cache(
         head, "_fused_bias", tuple(m.bias for m in layers), lambda *b: torch.cat(b))
     out = linear(x, weight, bias, head, "_fused")
     return out.split([m.out_features for m in layers], -1)
@@ -162,8 +162,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            tables: tuple | None = None):
+        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k (by `tables`
+        from `rope_tables` if given, else from cos/sin `[B, T, D]`)."""
         B, T, _ = x.shape
         if self.fuse and not torch.is_grad_enabled():
             q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj))
@@ -174,7 +176,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        tables = rope_tables(cos, sin)
+        tables = tables or rope_tables(cos, sin)
         return rotate(q, *tables), rotate(k, *tables), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
@@ -221,7 +223,9 @@ def chain_mask(length: int, device) -> torch.Tensor:
 class AttentionContext:
     """How the attention layers of one forward pass see their keys (module docstring).
 
-    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens.
+    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens; `rope`: the same as the
+      `[B, T, 1, D]` pair of `rope_tables`, built from them once for all layers unless given
+      (then `cos` and `sin` may be None).
     - `cache`: a `KVCache` (or None); `write_positions` `[B, T]`: where each new token's
       k/v go in it (None: nothing is written).
     - tree mode: `prefix_lens` `[B]` cached positions every new token sees, `tree_mask`
@@ -232,8 +236,8 @@ class AttentionContext:
       together, are collected in `tree_kv` for the next level.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
     mode: str = "causal"
     cache: object = None
     write_positions: torch.Tensor | None = None
@@ -241,9 +245,14 @@ class AttentionContext:
     tree_mask: torch.Tensor | None = None
     past: list | None = None
     tree_kv: list = field(default_factory=list)
+    rope: tuple | None = None
+
+    def __post_init__(self):
+        if self.rope is None:
+            self.rope = rope_tables(self.cos, self.sin)
 
     def attend(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = attn.qkv(x, self.cos, self.sin)
+        q, k, v = attn.qkv(x, self.cos, self.sin, self.rope)
         if self.mode == "causal":
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
