@@ -255,6 +255,11 @@ class DrafterProposer:
     logits give level 1. After the tree is built the chain's keys/values are written to the
     cache, so every pair is computed once. Drafter forwards per step: ``depth``.
 
+    Per-step overhead is kept off the drafter's forwards, which at decode sizes cost about as
+    much in small ops as in GEMMs: the tree's mask and depths grow level by level
+    (`vsd_ext.tree.append_nodes`, through the unchecked `Drafter.grow_tree`), the LM head
+    runs only on the chain's root and on the frontier nodes, and the prompt's prefill skips it.
+
     The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
     ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
     verified step), ``keep`` (drop finished rows).

@@ -353,7 +353,12 @@ class Drafter(nn.Module):
 def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None,
                  device=None) -> Drafter:
     """Load a drafter saved by `Drafter.save_pretrained` (or any EAGLE-3 checkpoint of this
-    layout) and attach it to `target` (sizes checked). dtype/device default to the target's."""
+    layout) and attach it to `target` (sizes checked). dtype/device default to the target's.
+
+    The dtype may differ from the target's: a bf16 drafter reads the fp32 target's features
+    (cast on entry) and drafts faster on a CPU with bf16 GEMMs (half the weight bytes, packed
+    oneDNN weights, see `layers.linear`). Decoding stays lossless: verification uses the
+    target's own logits; the drafter's precision only changes which tokens it proposes."""
     directory = Path(directory)
     path = directory / "config.json"
     if not path.is_file():
