@@ -353,6 +353,22 @@ def test_packed_bf16_linear(gen):
         assert "_weight_packed" in lin.__dict__  # the packed path ran
 
 
+def test_drafter_rope_lookup_is_exact(checkpoints):
+    """The drafter's cached RoPE tables give the directly computed values, bitwise, for
+    positions inside the table, a padding node's −1 and positions past its end."""
+    from vsd_ext.models.layers import rope_cos_sin, rope_tables
+
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=1)
+    limit = drafter.config["max_position_embeddings"]
+    for positions in (torch.tensor([[0, 5, 17], [limit - 1, 3, 2]]),
+                      torch.tensor([[-1, 0, 1]]), torch.tensor([[limit, limit + 7]])):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = drafter._rope(positions, dtype)
+            ref = rope_tables(*rope_cos_sin(drafter.inv_freq, positions, dtype))
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_drafter_projections(checkpoints, gen, dtype):
     """The drafter's fused q/k/v and gate/up GEMMs (inference only) give its separate

@@ -214,9 +214,10 @@ class Drafter(nn.Module):
         below max_position_embeddings, built once per dtype (and again if inv_freq is
         replaced, see `module_cache`): a draft forward would otherwise rebuild them from the
         angles, a dozen small ops. Other positions (padding nodes' −1, past the end) are
-        computed directly; the values are the same either way."""
+        computed directly; the values are the same either way. CPU only: checking the range
+        would synchronize a GPU."""
         limit = self.config.get("max_position_embeddings") or 0
-        if positions.numel():
+        if positions.device.type == "cpu" and positions.numel():
             low, high = (int(v) for v in torch.aminmax(positions))
             if 0 <= low and high < limit:
                 def build(inv_freq):
