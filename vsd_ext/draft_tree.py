@@ -301,6 +301,24 @@ class DrafterProposer:
     def propose(self, roots: torch.Tensor) -> DraftTree:
         """One dynamic tree per row (module docstring); roots ``[B]`` are the last emitted
         tokens (the pending chains end with them)."""
+        chain_tokens, _, chain_len = self.pending
+        m = chain_tokens.shape[1]
+        state = self._run_pending()
+        chain = self.config.topk == 1 and not self.sampled
+        tree = (self._grow_chain if chain else self._grow_tree)(state, roots)
+        # The chain's pairs are final: store their keys/values, past the committed prefix.
+        k, v = state["past"][0]
+        self.cache.reserve(m)
+        positions = self.cache.lengths[:, None] + torch.arange(m, device=chain_len.device)
+        self.cache.write(0, k, v, positions)
+        self.cache.advance(chain_len)
+        self.pending = None
+        return tree
+
+    def _run_pending(self) -> dict:
+        """Run the pending chains: the drafter's tree so far (``mask``, ``depths``, ``past``
+        keys/values of its m nodes) and, at each row's root pair (its last real node,
+        ``root`` ``[B]``), ``hidden`` ``[B, 1, H]`` and ``logits`` ``[B, Vd]``."""
         chain_tokens, chain_feats, chain_len = self.pending
         B, m = chain_tokens.shape
         device = chain_tokens.device
@@ -313,14 +331,18 @@ class DrafterProposer:
         depths = torch.where(real, idx, -1)
         out = self.drafter.grow_tree(torch.where(real, chain_tokens, -1), chain_feats, depths,
                                      mask, self.cache, logits_at=root[:, None])
-        rows = torch.arange(B, device=device)
-        state = {"mask": mask, "depths": depths, "past": out.tree_kv,
-                 "hidden": out.hidden[rows, root], "start": None}
+        hidden = out.hidden[torch.arange(B, device=device), root][:, None]
+        return {"mask": mask, "depths": depths, "past": out.tree_kv, "hidden": hidden,
+                "logits": out.logits[:, 0], "root": root}
+
+    def _grow_tree(self, state: dict, roots: torch.Tensor) -> DraftTree:
+        """`build_tree` below the root pairs of `_run_pending`'s ``state``."""
+        state = dict(state, start=None)
 
         def expand(tokens, parent_slot, valid):
             if state["start"] is None:  # level 1: children of the root pair
-                par = root[:, None].expand_as(tokens)
-                hidden = state["hidden"][:, None].expand(-1, tokens.shape[1], -1)
+                par = state["root"][:, None].expand_as(tokens)
+                hidden = state["hidden"].expand(-1, tokens.shape[1], -1)
             else:
                 par = state["start"] + parent_slot
                 hidden = state["hidden"].gather(
@@ -335,16 +357,34 @@ class DrafterProposer:
                          start=start)
             return step.logits
 
-        tree = build_tree(out.logits[:, 0], expand, self.tree_config, roots,
-                          self.temperature, self.generator, self.d2t_ids,
-                          self.drafter.model_config.vocab_size)
-        # The chain's pairs are final: store their keys/values, past the committed prefix.
-        k, v = state["past"][0]
-        self.cache.reserve(m)
-        self.cache.write(0, k[:, :m], v[:, :m], self.cache.lengths[:, None] + idx)
-        self.cache.advance(chain_len)
-        self.pending = None
-        return tree
+        return build_tree(state["logits"], expand, self.tree_config, roots, self.temperature,
+                          self.generator, self.d2t_ids, self.drafter.model_config.vocab_size)
+
+    def _grow_chain(self, state: dict, roots: torch.Tensor) -> DraftTree:
+        """`_grow_tree` for deterministic trees with topk = 1, which are chains: each level
+        is the top draft token below the previous one. Scores only decrease along a chain,
+        so `build_tree`'s ranking keeps the first ``total_tokens`` levels in order: this is
+        the same tree, without the ranking's bookkeeping (dozens of small ops per level),
+        and levels past ``total_tokens`` are not drafted at all."""
+        mask, depths, past, hidden = state["mask"], state["depths"], state["past"], state["hidden"]
+        logits, parent = state["logits"], state["root"][:, None]
+        levels = min(self.config.depth, self.config.total_tokens)
+        drafts = []
+        for level in range(levels):
+            drafts.append(child_slots(logits, 1, sampled=False)[1])  # [B, 1] draft ids
+            if level + 1 == levels:
+                break
+            start = depths.shape[1]
+            mask, depths = append_nodes(mask, depths, parent)
+            step = self.drafter.grow_tree(drafts[-1], hidden, depths[:, start:], mask,
+                                          self.cache, past=past)
+            logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
+            parent = torch.full_like(parent, start)
+        ids = self.d2t_ids[torch.cat(drafts, 1)]
+        B = ids.shape[0]
+        pad = ids.new_full((B, self.config.total_tokens - levels), -1)
+        chain = torch.arange(-1, levels, device=ids.device).expand(B, -1)
+        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1))
 
     def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
                 features: torch.Tensor) -> None:
