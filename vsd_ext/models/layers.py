@@ -75,9 +75,9 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias, self, "_weight")
 
 
-def fused_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
-    """The outputs of several `Linear`s that read the same `x`, from one GEMM over their
-    concatenated weights (cached on the first layer, see `module_cache`). At decode sizes a
+def fused_linear(x: torch.Tensor, layers: tuple[Linear, ...]) -> torch.Tensor:
+    """The outputs of several `Linear`s that read the same `x`, concatenated along the last
+    dimension, from one GEMM over their concatenated weights (cached on the first layer, see `module_cache`). At decode sizes a
     GEMM call costs mostly a fixed ~50–90 µs once the target's forward has evicted the
     weights from the caches, so fewer calls are faster. The rounding may differ from separate
     GEMMs: for inference of the drafter only (its precision never affects losslessness)."""
@@ -86,8 +86,7 @@ def fused_linears(x: torch.Tensor, layers: tuple[Linear, ...]) -> tuple[torch.Te
                           lambda *w: torch.cat(w))
     bias = None if head.bias is None else module_cache(
         head, "_fused_bias", tuple(m.bias for m in layers), lambda *b: torch.cat(b))
-    out = linear(x, weight, bias, head, "_fused")
-    return out.split([m.out_features for m in layers], -1)
+    return linear(x, weight, bias, head, "_fused")
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +140,7 @@ class Attention(nn.Module):
 
     `in_features` is the width the q/k/v projections read (2·hidden in the EAGLE-3 drafter,
     whose layer input is norm(embedding) ⊕ norm(feature)). `fuse`: at inference (grad
-    disabled), one GEMM for q, k and v (`fused_linears`); the drafter's, not the target's.
+    disabled), one GEMM for q, k and v (`fused_linear`); the drafter's, not the target's.
     """
 
     def __init__(self, cfg: ModelConfig, in_features: int | None = None, fuse: bool = False):
@@ -167,16 +166,19 @@ class Attention(nn.Module):
         """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k (by `tables`
         from `rope_tables` if given, else from cos/sin `[B, T, D]`)."""
         B, T, _ = x.shape
-        if self.fuse and not torch.is_grad_enabled():
-            q, k, v = fused_linears(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.view(B, T, self.num_heads, self.head_dim)
-        k = k.view(B, T, self.num_kv_heads, self.head_dim)
-        v = v.view(B, T, self.num_kv_heads, self.head_dim)
+        tables = tables or rope_tables(cos, sin)
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        if self.fuse and self.q_norm is None and not torch.is_grad_enabled():
+            # One GEMM for q | k | v, one rotation for q | k (elementwise per head: exact).
+            heads = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+            heads = heads.view(B, T, Hq + 2 * Hkv, self.head_dim)
+            qk = rotate(heads[:, :, :Hq + Hkv], *tables)
+            return qk[:, :, :Hq], qk[:, :, Hq:], heads[:, :, Hq + Hkv:]
+        q = self.q_proj(x).view(B, T, Hq, self.head_dim)
+        k = self.k_proj(x).view(B, T, Hkv, self.head_dim)
+        v = self.v_proj(x).view(B, T, Hkv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        tables = tables or rope_tables(cos, sin)
         return rotate(q, *tables), rotate(k, *tables), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
@@ -198,7 +200,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse and not torch.is_grad_enabled():
-            gate, up = fused_linears(x, (self.gate_proj, self.up_proj))
+            gate, up = fused_linear(x, (self.gate_proj, self.up_proj)).chunk(2, -1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
