@@ -17,6 +17,7 @@ In both modes the new keys/values can be written into a `KVCache` at given posit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -267,8 +268,6 @@ class AttentionContext:
         return attn.output(out)
 
     def _tree(self, layer: int, q, k, v) -> torch.Tensor:
-        from .. import tree_attention
-
         if self.cache is not None:
             k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         else:  # no context at all: an empty cache of length 0
@@ -282,12 +281,20 @@ class AttentionContext:
             # queries whose outputs are dropped (their keys/values are what matters).
             P = past_k.shape[1]
             q_all = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
-            out, _ = tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
-                                    self.tree_mask)
+            out = _tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
+                                  self.tree_mask)
             return out[:, P:]
         self.tree_kv.append((k, v))
-        out, _ = tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
-        return out
+        return _tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
+
+
+def _tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask):
+    """`vsd_ext.tree_attention`'s output, calling the registered op directly: its kernels
+    check the same metadata as the Python wrapper, whose duplicate checks are a dozen
+    Python-level steps per layer and decode step."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
+                                            tree_mask, scale)[0]
 
 
 class DecoderLayer(nn.Module):
