@@ -78,10 +78,11 @@ class Linear(nn.Linear):
 
 def fused_linear(x: torch.Tensor, layers: tuple[Linear, ...]) -> torch.Tensor:
     """The outputs of several `Linear`s that read the same `x`, concatenated along the last
-    dimension, from one GEMM over their concatenated weights (cached on the first layer, see `module_cache`). At decode sizes a
-    GEMM call costs mostly a fixed ~50–90 µs once the target's forward has evicted the
-    weights from the caches, so fewer calls are faster. The rounding may differ from separate
-    GEMMs: for inference of the drafter only (its precision never affects losslessness)."""
+    dimension, from one GEMM over their concatenated weights (cached on the first layer, see
+    `module_cache`). At decode sizes a GEMM call costs mostly a fixed ~50–90 µs once the
+    target's forward has evicted the weights from the caches, so fewer calls are faster.
+    The rounding may differ from separate GEMMs: for inference of the drafter only (its
+    precision never affects losslessness)."""
     head = layers[0]
     weight = module_cache(head, "_fused_weight", tuple(m.weight for m in layers),
                           lambda *w: torch.cat(w))
@@ -116,12 +117,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, T, H, D]`: pairs (x_i, x_{i+D/2}) turn by their angle:
-    `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
-    return rotate(x, *rope_tables(cos, sin))
-
-
 def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin `[B, T, D]` → `[B, T, 1, D]` tables for `rotate`, the sign of rotate_half
     moved into sin: `rotate_half(x)·sin = roll(x, D/2)·(−sin_1, sin_2)` exactly. Built
@@ -132,7 +127,8 @@ def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` with tables from `rope_tables`."""
+    """RoPE of `x` `[B, T, H, D]` with tables from `rope_tables`: pairs (x_i, x_{i+D/2})
+    turn by their angle, `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
@@ -155,7 +151,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size,
-                                bias=cfg.o_bias)
+                             bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
