@@ -127,6 +127,19 @@ def test_append_nodes_matches_build(device, gen):
     assert torch.equal(depths, tree.tree_depths(parents.to(device)))
 
 
+def test_append_child_is_append_nodes(device, gen):
+    """One child of the same node per row (a chain's next level): append_child ==
+    append_nodes, also where the child opens a new 64-bit word."""
+    for n in (5, 64, 100):
+        parents = tree.random_parents(3, n, generator=gen, device=device)
+        mask, depths = tree.build_tree_mask(parents), tree.tree_depths(parents)
+        parent = int(torch.randint(0, n, (), generator=gen))
+        same = torch.full((3, 1), parent, dtype=torch.int64, device=device)
+        got = tree.append_child(mask, depths, parent)
+        ref = tree.append_nodes(mask, depths, same)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 @pytest.mark.parametrize(
     "parents, match",
     [

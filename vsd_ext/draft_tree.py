@@ -55,7 +55,7 @@ from typing import Callable
 import torch
 
 from .models.layers import chain_mask
-from .tree import append_nodes
+from .tree import append_child, append_nodes
 
 __all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree", "DrafterProposer"]
 
@@ -367,7 +367,7 @@ class DrafterProposer:
         the same tree, without the ranking's bookkeeping (dozens of small ops per level),
         and levels past ``total_tokens`` are not drafted at all."""
         mask, depths, past, hidden = state["mask"], state["depths"], state["past"], state["hidden"]
-        logits, parent = state["logits"], state["root"][:, None]
+        logits = state["logits"]
         levels = min(self.config.depth, self.config.total_tokens)
         drafts = []
         for level in range(levels):
@@ -375,11 +375,13 @@ class DrafterProposer:
             if level + 1 == levels:
                 break
             start = depths.shape[1]
-            mask, depths = append_nodes(mask, depths, parent)
+            if level == 0:  # below each row's root pair
+                mask, depths = append_nodes(mask, depths, state["root"][:, None])
+            else:           # below the previous level's node, node start - 1 in every row
+                mask, depths = append_child(mask, depths, start - 1)
             step = self.drafter.grow_tree(drafts[-1], hidden, depths[:, start:], mask,
                                           self.cache, past=past)
             logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
-            parent = torch.full_like(parent, start)
         ids = self.d2t_ids[torch.cat(drafts, 1)]
         B = ids.shape[0]
         pad = ids.new_full((B, self.config.total_tokens - levels), -1)
