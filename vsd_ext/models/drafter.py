@@ -204,7 +204,7 @@ class Drafter(nn.Module):
         if hidden.shape[-1] == self.fc.in_features:
             return self.fc(hidden.to(dtype))
         if hidden.shape[-1] == self.model_config.hidden_size:
-            return hidden.to(dtype)
+            return hidden if hidden.dtype == dtype else hidden.to(dtype)
         raise ValueError(f"hidden must end in {self.fc.in_features} (target features) or "
                          f"{self.model_config.hidden_size} (drafter states), got "
                          f"{tuple(hidden.shape)}")
@@ -235,7 +235,9 @@ class Drafter(nn.Module):
         if input_ids.shape != hidden.shape[:2]:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
                              f"{tuple(hidden.shape)} must agree on [B, T]")
-        embeds = self._embed(input_ids.clamp(min=0)).to(self.fc.weight.dtype)
+        embeds = self._embed(input_ids.clamp(min=0))
+        if embeds.dtype != self.fc.weight.dtype:  # a bf16 drafter on an fp32 target
+            embeds = embeds.to(self.fc.weight.dtype)
         ctx = AttentionContext(cos=None, sin=None, rope=self._rope(positions, embeds.dtype),
                                **ctx_args)
         h = self.midlayer(embeds, self._features(hidden), ctx)
