@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from vsd_ext.decoding import OracleDrafter, generate
 from vsd_ext.draft_tree import DraftTree, TreeConfig, build_tree
-from vsd_ext.models import Drafter, Target, parse_config
+from vsd_ext.models import Drafter, Target, load_drafter, parse_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -46,6 +46,13 @@ def random_drafter(target, seed, scale=5.0):
         for p in drafter.parameters():
             p.mul_(scale)
     return drafter
+
+
+def bf16_drafter(target, seed, directory):
+    """A random drafter saved and loaded back in bf16 (it reads the fp32 target's features;
+    verification still uses the target's fp32 logits, so decoding stays exact)."""
+    random_drafter(target, seed).save_pretrained(directory)
+    return load_drafter(directory, target, dtype=torch.bfloat16)
 
 
 def greedy_reference(target, prompt, n):
@@ -117,15 +124,19 @@ def references(target):
     return [greedy_reference(target, p, 24) for p in PROMPTS]
 
 
-@pytest.mark.parametrize("kind", ["none", "drafter", "drafter_sampled_flag", "noisy_oracle",
-                                  "oracle"])
+@pytest.mark.parametrize("kind", ["none", "drafter", "drafter_bf16", "drafter_chain",
+                                  "drafter_sampled_flag", "noisy_oracle", "oracle"])
 @pytest.mark.parametrize("rows", [slice(0, 1), slice(0, 4)])
-def test_greedy_is_exact(target, references, kind, rows, gen, seed):
+def test_greedy_is_exact(target, references, kind, rows, gen, seed, tmp_path):
     prompts, refs = PROMPTS[rows], references[rows]
     config = TreeConfig(depth=4, topk=3, total_tokens=12, sampled=kind.endswith("flag"))
+    if kind == "drafter_chain":  # topk 1: the proposer's chain path
+        config = TreeConfig(depth=5, topk=1, total_tokens=5)
     drafter = {
         "none": lambda: None,
         "drafter": lambda: random_drafter(target, seed),
+        "drafter_bf16": lambda: bf16_drafter(target, seed, tmp_path),
+        "drafter_chain": lambda: random_drafter(target, seed),
         "drafter_sampled_flag": lambda: random_drafter(target, seed),
         "noisy_oracle": lambda: NoisyOracle([p + r for p, r in zip(prompts, refs)], config, gen),
         "oracle": lambda: OracleDrafter([p + r for p, r in zip(prompts, refs)], 4),

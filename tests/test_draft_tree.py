@@ -298,3 +298,30 @@ def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
         assert torch.allclose(proposer.cache.k[0, b, :n], ref_cache.k[0, 0, :n], atol=1e-5)
         assert torch.allclose(proposer.cache.v[0, b, :n], ref_cache.v[0, 0, :n], atol=1e-5)
     assert math.isclose(float(proposer.cache.lengths.sum()), float(lengths.sum()))
+
+
+@pytest.mark.parametrize("depth,total", [(4, 4), (5, 3), (3, 6)])
+def test_chain_fast_path_is_the_tree_builders_chain(depth, total, gen, seed):
+    """topk = 1 at T = 0: `_grow_chain` gives `build_tree`'s tree (through `_grow_tree`)
+    from the same pending chains (ragged: rows of 3, 1 and 2 pairs)."""
+    target = tiny_target(seed % 1000)
+    drafter = Drafter.for_target(target, seed=seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.mul_(6)
+    config = TreeConfig(depth=depth, topk=1, total_tokens=total)
+    proposer = DrafterProposer(drafter, config)
+    ids = torch.tensor([[3, 9, 4, 17, 1], [8, 2, -1, -1, -1], [5, 6, 7, -1, -1]])
+    lengths = torch.tensor([5, 2, 3])
+    with torch.no_grad():
+        feats = target.prefill(ids, target.new_cache(3, 32), lengths).features
+        proposer.start(ids, lengths - 1, feats, ids[:, 0], 32)
+        chain_len = torch.tensor([3, 1, 2])
+        proposer.pending = (ids[:, :3], feats[:, 1:4], chain_len)
+        roots = ids[torch.arange(3), chain_len - 1]
+        state = proposer._run_pending()
+        fast = proposer._grow_chain(state, roots)
+        full = proposer._grow_tree(state, roots)
+    check_topology(fast, config, target.vocab_size)
+    assert torch.equal(fast.tokens, full.tokens) and torch.equal(fast.parents, full.parents)
+    assert fast.draft_probs is None and full.draft_probs is None

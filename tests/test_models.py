@@ -279,6 +279,117 @@ def test_drafter_tree_steps_match_causal_forward(checkpoints, gen):
             assert (got[b, i] - ref).abs().max() < 1e-4
 
 
+def test_drafter_fast_paths_match_checked_ones(checkpoints, tmp_path, gen):
+    """grow_tree (mask and depths given, nothing re-derived) == tree_step; logits_at gives
+    the same rows as all logits; prefill(logits=False) caches the same keys/values; a bf16
+    drafter (fp32 target features and states cast on entry) stays close to the fp32 one."""
+    from vsd_ext.tree import build_tree_mask, tree_depths
+
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=7)
+    B, P, N, Vd = 2, 6, 9, drafter.draft_vocab_size
+    ctx_ids = torch.randint(0, V, (B, P), generator=gen)
+    ctx_feat = torch.randn(B, P, 3 * 64, generator=gen)
+    cache, quiet = drafter.new_cache(B, 16), drafter.new_cache(B, 16)
+    full = drafter.prefill(ctx_ids, ctx_feat, cache)
+    empty = drafter.prefill(ctx_ids, ctx_feat, quiet, logits=False)
+    assert full.logits.shape == (B, P, Vd) and empty.logits.shape == (B, 0, Vd)
+    assert torch.equal(cache.k, quiet.k) and torch.equal(cache.v, quiet.v)
+    assert torch.equal(cache.lengths, quiet.lengths)
+    parents, tokens = random_tree(gen, B, N)
+    hidden = torch.randn(B, N, 64, generator=gen)
+    first = drafter.tree_step(tokens[:, :4], hidden[:, :4], parents[:, :4], cache)
+    second = drafter.tree_step(tokens[:, 4:], hidden[:, 4:], parents, cache,
+                               past=first.tree_kv)
+    depths = tree_depths(parents)
+    fast1 = drafter.grow_tree(tokens[:, :4], hidden[:, :4], depths[:, :4],
+                              build_tree_mask(parents[:, :4]), cache)
+    at = torch.randint(0, N - 4, (B, 2), generator=gen)
+    fast2 = drafter.grow_tree(tokens[:, 4:], hidden[:, 4:], depths[:, 4:],
+                              build_tree_mask(parents), cache, past=fast1.tree_kv, logits_at=at)
+    assert torch.equal(fast1.logits, first.logits) and torch.equal(fast1.hidden, first.hidden)
+    assert torch.equal(fast2.hidden, second.hidden)
+    picked = second.logits.gather(1, at[..., None].expand(-1, -1, Vd))
+    assert fast2.logits.shape == (B, 2, Vd)
+    assert torch.allclose(fast2.logits, picked, atol=1e-6, rtol=1e-6)
+
+    drafter.save_pretrained(tmp_path / "drafter")
+    half = load_drafter(tmp_path / "drafter", target, dtype=torch.bfloat16)
+    half_cache = half.new_cache(B, 16)
+    assert half_cache.k.dtype == torch.bfloat16
+    half.prefill(ctx_ids, ctx_feat, half_cache, logits=False)
+    got = half.tree_step(tokens, hidden, parents, half_cache).logits
+    ref = drafter.tree_step(tokens, hidden, parents, cache).logits
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_packed_bf16_linear(gen):
+    """bf16 inference reuses a oneDNN-packed weight: the same result as F.linear, bitwise
+    (when oneDNN runs bf16 here; else the plain path), repacked after the weight changes,
+    and never used with grad enabled."""
+    import torch.nn.functional as F
+
+    from vsd_ext.models.layers import Linear
+
+    lin = Linear(48, 80, bias=True).to(torch.bfloat16)
+    x = torch.randn(2, 3, 48, generator=gen).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert lin(x[:, :0]).shape == (2, 0, 80)
+    with torch.no_grad():
+        lin.weight.mul_(2)  # in place: the packed copy is stale
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    lin.weight = torch.nn.Parameter(torch.randn(80, 48, generator=gen).to(torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        lin.float().weight.data.add_(1)  # new storage (dtype round trip), then in place
+        lin.to(torch.bfloat16)
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    out = lin(x)
+    out.float().sum().backward()
+    assert lin.weight.grad is not None and not any("packed" in k for k in lin.state_dict())
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert "_weight_packed" in lin.__dict__  # the packed path ran
+
+
+def test_drafter_rope_lookup_is_exact(checkpoints):
+    """The drafter's cached RoPE tables give the directly computed values, bitwise, for
+    positions inside the table, a padding node's −1 and positions past its end."""
+    from vsd_ext.models.layers import rope_cos_sin, rope_tables
+
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=1)
+    limit = drafter.config["max_position_embeddings"]
+    for positions in (torch.tensor([[0, 5, 17], [limit - 1, 3, 2]]),
+                      torch.tensor([[-1, 0, 1]]), torch.tensor([[limit, limit + 7]])):
+        for dtype in (torch.float32, torch.bfloat16):
+            got = drafter._rope(positions, dtype)
+            ref = rope_tables(*rope_cos_sin(drafter.inv_freq, positions, dtype))
+            assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_drafter_projections(checkpoints, gen, dtype):
+    """The drafter's fused q/k/v and gate/up GEMMs (inference only) give its separate
+    GEMMs' outputs up to rounding, and follow in-place weight updates."""
+    target = load_target(checkpoints["qwen3"][0])
+    layer = Drafter.for_target(target, seed=2).midlayer.to(dtype)
+    x = torch.randn(2, 5, 128, generator=gen).to(dtype)
+    cos = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    sin = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for _ in range(2):
+        with torch.no_grad():
+            fused = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+        separate = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+        for a, b in zip(fused, separate):
+            assert torch.allclose(a.float(), b.detach().float(), atol=tol, rtol=tol)
+        with torch.no_grad():
+            layer.self_attn.k_proj.weight.mul_(-1.5)
+            layer.mlp.up_proj.weight.add_(0.1)
+
+
 # ---- bad checkpoints --------------------------------------------------------------------
 def copy_checkpoint(checkpoints, tmp_path, arch="llama3"):
     directory = tmp_path / "ckpt"

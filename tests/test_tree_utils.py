@@ -104,6 +104,42 @@ def test_pack_unpack_roundtrip(device, gen):
     assert torch.equal(bit.bool(), dense[..., j])
 
 
+def test_append_nodes_matches_build(device, gen):
+    """Growing a tree in chunks (each node's parent in an earlier chunk, some padding, across
+    the 64-node word boundaries) gives build_tree_mask's mask and tree_depths' depths."""
+    B, sizes = 3, [1, 5, 1, 40, 30, 3, 60]
+    parents = torch.full((B, 1), -1, dtype=torch.int64)
+    mask = tree.build_tree_mask(parents.to(device))
+    depths = tree.tree_depths(parents.to(device))
+    for n in sizes:
+        P = parents.shape[1]
+        real = parents >= 0
+        real[:, 0] = True
+        # Each new node picks a random real earlier node; about one in five is padding.
+        weights = real.float().repeat_interleave(n, 0)
+        new = torch.multinomial(weights, 1, generator=gen).view(B, n)
+        new[torch.rand(B, n, generator=gen) < 0.2] = -1
+        parents = torch.cat((parents, new), 1)
+        mask, depths = tree.append_nodes(mask, depths, new.to(device))
+        assert mask.shape == (B, P + n, (P + n + 63) // 64)
+    assert parents.shape[1] > 128
+    assert torch.equal(mask, tree.build_tree_mask(parents.to(device)))
+    assert torch.equal(depths, tree.tree_depths(parents.to(device)))
+
+
+def test_append_child_is_append_nodes(device, gen):
+    """One child of the same node per row (a chain's next level): append_child ==
+    append_nodes, also where the child opens a new 64-bit word."""
+    for n in (5, 64, 100):
+        parents = tree.random_parents(3, n, generator=gen, device=device)
+        mask, depths = tree.build_tree_mask(parents), tree.tree_depths(parents)
+        parent = int(torch.randint(0, n, (), generator=gen))
+        same = torch.full((3, 1), parent, dtype=torch.int64, device=device)
+        got = tree.append_child(mask, depths, parent)
+        ref = tree.append_nodes(mask, depths, same)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+
+
 @pytest.mark.parametrize(
     "parents, match",
     [

@@ -54,7 +54,8 @@ from typing import Callable
 
 import torch
 
-from .tree import chain_parents
+from .models.layers import chain_mask
+from .tree import append_child, append_nodes
 
 __all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree", "DrafterProposer"]
 
@@ -191,10 +192,14 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
         order = torch.sort(-score, dim=1, stable=True).indices[:, :k]
         frontier, front_score, parent_slot = offset + order, score.gather(1, order), order // k
         offset += k * k
-    # Row of q_rows (flattened: root first, then k per expanded frontier) of each candidate.
-    cand_qrow = torch.full((B, offset), -1, dtype=torch.int64, device=device)
-    for level, ids in enumerate(expanded):
-        cand_qrow.scatter_(1, ids, 1 + level * k + torch.arange(k, device=device).expand(B, k))
+    # Row of q_rows (flattened: root first, then k per expanded frontier) of each candidate
+    # (sampled trees only: deterministic ones carry no q).
+    cand_qrow = None
+    if sampled:
+        cand_qrow = torch.full((B, offset), -1, dtype=torch.int64, device=device)
+        for level, ids in enumerate(expanded):
+            cand_qrow.scatter_(1, ids, 1 + level * k
+                               + torch.arange(k, device=device).expand(B, k))
     return _select(torch.cat(scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
                    cand_qrow, q_rows, config, root_tokens, draft_to_target,
                    vocab_size or Vd)
@@ -217,7 +222,6 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     # A kept candidate's parent is kept too and ranks earlier: node index = rank + 1.
     parent = torch.where(parent_cand < 0, torch.zeros_like(parent_cand),
                          rank.gather(1, parent_cand.clamp(min=0)) + 1)
-    qrow = cand_qrow.gather(1, kept)
     missing = config.total_tokens - kept.shape[1]  # > 0 when there are fewer candidates
     pad = torch.full((B, 1), -1, dtype=torch.int64, device=device)
 
@@ -227,7 +231,7 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     tree = DraftTree(nodes(root_tokens.view(B, 1), target_ids), nodes(pad, parent))
     if q_rows:
         q = torch.cat(q_rows, 1)                                    # [B, 1 + (D-1)k, Vd]
-        node_qrow = nodes(torch.zeros_like(pad), qrow)              # the root's q is row 0
+        node_qrow = nodes(torch.zeros_like(pad), cand_qrow.gather(1, kept))  # root: row 0
         gathered = q.gather(1, node_qrow.clamp(min=0)[..., None].expand(-1, -1, q.shape[-1]))
         gathered = gathered * (node_qrow >= 0)[..., None]           # never-expanded: zeros
         if draft_to_target is None and vocab_size == q.shape[-1]:
@@ -250,6 +254,11 @@ class DrafterProposer:
     the first nodes of the drafter's tree: the chain's last node is the root pair, whose
     logits give level 1. After the tree is built the chain's keys/values are written to the
     cache, so every pair is computed once. Drafter forwards per step: ``depth``.
+
+    Per-step overhead is kept off the drafter's forwards, which at decode sizes cost about as
+    much in small ops as in GEMMs: the tree's mask and depths grow level by level
+    (`vsd_ext.tree.append_nodes`, through the unchecked `Drafter.grow_tree`), the LM head
+    runs only on the chain's root and on the frontier nodes, and the prompt's prefill skips it.
 
     The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
     ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
@@ -284,51 +293,100 @@ class DrafterProposer:
         rows = torch.arange(B, device=prompt_ids.device)
         if T > 1:
             shifted = prompt_ids[:, 1:]
-            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1)
+            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1,
+                                 logits=False)
         self.pending = (first_tokens[:, None], features[rows, lengths - 1][:, None],
                         torch.ones(B, dtype=torch.int64, device=prompt_ids.device))
 
     def propose(self, roots: torch.Tensor) -> DraftTree:
         """One dynamic tree per row (module docstring); roots ``[B]`` are the last emitted
         tokens (the pending chains end with them)."""
+        chain_tokens, _, chain_len = self.pending
+        m = chain_tokens.shape[1]
+        state = self._run_pending()
+        chain = self.config.topk == 1 and not self.sampled
+        tree = (self._grow_chain if chain else self._grow_tree)(state, roots)
+        # The chain's pairs are final: store their keys/values, past the committed prefix.
+        k, v = state["past"][0]
+        self.cache.reserve(m)
+        positions = self.cache.lengths[:, None] + torch.arange(m, device=chain_len.device)
+        self.cache.write(0, k, v, positions)
+        self.cache.advance(chain_len)
+        self.pending = None
+        return tree
+
+    def _run_pending(self) -> dict:
+        """Run the pending chains: the drafter's tree so far (``mask``, ``depths``, ``past``
+        keys/values of its m nodes) and, at each row's root pair (its last real node,
+        ``root`` ``[B]``), ``hidden`` ``[B, 1, H]`` and ``logits`` ``[B, Vd]``."""
         chain_tokens, chain_feats, chain_len = self.pending
         B, m = chain_tokens.shape
-        idx = torch.arange(m, device=chain_tokens.device)
+        device = chain_tokens.device
+        idx = torch.arange(m, device=device)
         real = idx < chain_len[:, None]
-        chain = torch.where(real, chain_parents(B, m, chain_tokens.device),
-                            torch.full_like(chain_tokens, -1))
-        out = self.drafter.tree_step(torch.where(real, chain_tokens, -1), chain_feats, chain,
-                                     self.cache)
-        rows = torch.arange(B, device=chain_tokens.device)
         root = chain_len - 1
-        state = {"parents": chain, "past": out.tree_kv, "hidden": out.hidden[rows, root],
-                 "start": None, "root": root}
+        # The drafter's tree (chain, then one frontier per level) is grown here, so its mask
+        # and depths are extended level by level instead of being rebuilt from parents.
+        mask = torch.where(real[..., None], chain_mask(m, device).expand(B, -1, -1), 0)
+        depths = torch.where(real, idx, -1)
+        out = self.drafter.grow_tree(torch.where(real, chain_tokens, -1), chain_feats, depths,
+                                     mask, self.cache, logits_at=root[:, None])
+        hidden = out.hidden[torch.arange(B, device=device), root][:, None]
+        return {"mask": mask, "depths": depths, "past": out.tree_kv, "hidden": hidden,
+                "logits": out.logits[:, 0], "root": root}
+
+    def _grow_tree(self, state: dict, roots: torch.Tensor) -> DraftTree:
+        """`build_tree` below the root pairs of `_run_pending`'s ``state``."""
+        state = dict(state, start=None)
 
         def expand(tokens, parent_slot, valid):
             if state["start"] is None:  # level 1: children of the root pair
                 par = state["root"][:, None].expand_as(tokens)
-                hidden = state["hidden"][:, None].expand(-1, tokens.shape[1], -1)
+                hidden = state["hidden"].expand(-1, tokens.shape[1], -1)
             else:
                 par = state["start"] + parent_slot
                 hidden = state["hidden"].gather(
                     1, parent_slot[..., None].expand(-1, -1, state["hidden"].shape[-1]))
-            parents = torch.cat((state["parents"], torch.where(valid, par, -1)), 1)
-            step = self.drafter.tree_step(torch.where(valid, tokens, -1), hidden, parents,
-                                          self.cache, past=state["past"])
-            state.update(parents=parents, past=step.tree_kv, hidden=step.hidden,
-                         start=state["parents"].shape[1])
+            start = state["depths"].shape[1]
+            mask, depths = append_nodes(state["mask"], state["depths"],
+                                        torch.where(valid, par, -1))
+            step = self.drafter.grow_tree(torch.where(valid, tokens, -1), hidden,
+                                          depths[:, start:], mask, self.cache,
+                                          past=state["past"])
+            state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
+                         start=start)
             return step.logits
 
-        tree = build_tree(out.logits[rows, root], expand, self.tree_config, roots,
-                          self.temperature, self.generator, self.d2t_ids,
-                          self.drafter.model_config.vocab_size)
-        # The chain's pairs are final: store their keys/values, past the committed prefix.
-        k, v = state["past"][0]
-        self.cache.reserve(m)
-        self.cache.write(0, k[:, :m], v[:, :m], self.cache.lengths[:, None] + idx)
-        self.cache.advance(chain_len)
-        self.pending = None
-        return tree
+        return build_tree(state["logits"], expand, self.tree_config, roots, self.temperature,
+                          self.generator, self.d2t_ids, self.drafter.model_config.vocab_size)
+
+    def _grow_chain(self, state: dict, roots: torch.Tensor) -> DraftTree:
+        """`_grow_tree` for deterministic trees with topk = 1, which are chains: each level
+        is the top draft token below the previous one. Scores only decrease along a chain,
+        so `build_tree`'s ranking keeps the first ``total_tokens`` levels in order: this is
+        the same tree, without the ranking's bookkeeping (dozens of small ops per level),
+        and levels past ``total_tokens`` are not drafted at all."""
+        mask, depths, past, hidden = state["mask"], state["depths"], state["past"], state["hidden"]
+        logits = state["logits"]
+        levels = min(self.config.depth, self.config.total_tokens)
+        drafts = []
+        for level in range(levels):
+            drafts.append(child_slots(logits, 1, sampled=False)[1])  # [B, 1] draft ids
+            if level + 1 == levels:
+                break
+            start = depths.shape[1]
+            if level == 0:  # below each row's root pair
+                mask, depths = append_nodes(mask, depths, state["root"][:, None])
+            else:           # below the previous level's node, node start - 1 in every row
+                mask, depths = append_child(mask, depths, start - 1)
+            step = self.drafter.grow_tree(drafts[-1], hidden, depths[:, start:], mask,
+                                          self.cache, past=past)
+            logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
+        ids = self.d2t_ids[torch.cat(drafts, 1)]
+        B = ids.shape[0]
+        pad = ids.new_full((B, self.config.total_tokens - levels), -1)
+        chain = torch.arange(-1, levels, device=ids.device).expand(B, -1)
+        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1))
 
     def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
                 features: torch.Tensor) -> None:

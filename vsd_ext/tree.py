@@ -24,6 +24,8 @@ __all__ = [
     "tree_depths",
     "tree_paths",
     "build_tree_mask",
+    "append_nodes",
+    "append_child",
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
@@ -180,6 +182,52 @@ def build_tree_mask(parents: torch.Tensor, valid: torch.Tensor | None = None) ->
     dense = torch.zeros(B, N, N + 1, dtype=torch.bool, device=parents.device)
     dense.scatter_(2, cols, True)
     return pack_tree_mask(dense[..., :N])
+
+
+_OWN_BITS: dict = {}
+
+
+def _own_bits(start: int, n: int, words: int, device) -> torch.Tensor:
+    """``[n, words]`` int64: row j holds node ``start + j``'s own bit (in word
+    ``(start + j) // 64``). Cached: a draft loop appends the same ranges at every step."""
+    key = (start, n, words, str(device))
+    if key not in _OWN_BITS:
+        node = torch.arange(start, start + n, device=device)
+        _OWN_BITS[key] = torch.where(torch.arange(words, device=device) == (node // 64)[:, None],
+                                     _bit_weights(device)[node % 64][:, None], 0)
+    return _OWN_BITS[key]
+
+
+def append_nodes(tree_mask: torch.Tensor, depths: torch.Tensor, parents: torch.Tensor):
+    """Extend a tree by n nodes without re-walking it: tree_mask ``[B, P, W]`` and depths
+    ``[B, P]`` of the P nodes so far (as `vsd_ext.tree.build_tree_mask` / `tree_depths` give
+    them), parents ``[B, n]`` of the new nodes, each an earlier node (``< P``) or -1
+    (padding). A new node sees what its parent sees plus itself, one level deeper; padding
+    nodes get an all-zero mask row and depth -1. Returns the mask ``[B, P + n, W']`` and
+    depths ``[B, P + n]``. Unchecked: for trees the caller builds itself."""
+    B, P, W = tree_mask.shape
+    n = parents.shape[1]
+    words = (P + n + 63) // 64
+    if words > W:
+        tree_mask = torch.cat((tree_mask, tree_mask.new_zeros(B, P, words - W)), 2)
+    real = parents >= 0
+    parent = parents.clamp(min=0)
+    inherited = tree_mask.gather(1, parent[..., None].expand(B, n, words))
+    rows = torch.where(real[..., None], inherited | _own_bits(P, n, words, parents.device), 0)
+    new_depths = torch.where(real, depths.gather(1, parent) + 1, -1)
+    return torch.cat((tree_mask, rows), 1), torch.cat((depths, new_depths), 1)
+
+
+def append_child(tree_mask: torch.Tensor, depths: torch.Tensor, parent: int):
+    """`append_nodes` for one new node per row whose parent is the same real node of every
+    row (the next level of a chain): slices instead of gathers, a few ops fewer per level."""
+    B, P, W = tree_mask.shape
+    words = (P + 64) // 64
+    if words > W:
+        tree_mask = torch.cat((tree_mask, tree_mask.new_zeros(B, P, words - W)), 2)
+    row = tree_mask[:, parent:parent + 1] | _own_bits(P, 1, words, tree_mask.device)
+    return (torch.cat((tree_mask, row), 1),
+            torch.cat((depths, depths[:, parent:parent + 1] + 1), 1))
 
 
 def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:

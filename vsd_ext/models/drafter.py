@@ -34,7 +34,8 @@ from torch import nn
 from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from .layers import MLP, Attention, AttentionContext, RMSNorm, chain_mask, rope_cos_sin
+from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask,
+                     module_cache, rope_cos_sin, rope_tables)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -81,9 +82,10 @@ class DraftLayer(nn.Module):
         H = cfg.hidden_size
         self.hidden_norm = RMSNorm(H, cfg.rms_norm_eps)
         self.input_layernorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, in_features=2 * H)
+        # Fused q/k/v and gate/up GEMMs at inference: fewer calls per draft step.
+        self.self_attn = Attention(cfg, in_features=2 * H, fuse=True)
         self.post_attention_layernorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, fuse=True)
 
     def forward(self, embeds, hidden, ctx: AttentionContext) -> torch.Tensor:
         x = torch.cat((self.input_layernorm(embeds), self.hidden_norm(hidden)), -1)
@@ -124,10 +126,10 @@ class Drafter(nn.Module):
         H = cfg.hidden_size
         self.target_hidden_size = config.get("target_hidden_size") or H
         self.draft_vocab_size = config.get("draft_vocab_size") or cfg.vocab_size
-        self.fc = nn.Linear(3 * self.target_hidden_size, H, bias=False)
+        self.fc = Linear(3 * self.target_hidden_size, H, bias=False)
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(H, self.draft_vocab_size, bias=False)
+        self.lm_head = Linear(H, self.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
@@ -197,25 +199,52 @@ class Drafter(nn.Module):
 
     # ---- forward passes -------------------------------------------------------------
     def _features(self, hidden: torch.Tensor) -> torch.Tensor:
+        # Cast to the drafter's dtype: a bf16 drafter reads the fp32 target's features.
+        dtype = self.fc.weight.dtype
         if hidden.shape[-1] == self.fc.in_features:
-            return self.fc(hidden)
+            return self.fc(hidden.to(dtype))
         if hidden.shape[-1] == self.model_config.hidden_size:
-            return hidden
+            return hidden if hidden.dtype == dtype else hidden.to(dtype)
         raise ValueError(f"hidden must end in {self.fc.in_features} (target features) or "
                          f"{self.model_config.hidden_size} (drafter states), got "
                          f"{tuple(hidden.shape)}")
 
-    def _run(self, input_ids, hidden, positions, ctx_args: dict) -> DrafterOutput:
+    def _rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """`rope_tables` of `positions` `[B, T]`, looked up in the tables of every position
+        below max_position_embeddings, built once per dtype (and again if inv_freq is
+        replaced, see `module_cache`): a draft forward would otherwise rebuild them from the
+        angles, a dozen small ops. Other positions (padding nodes' −1, past the end) are
+        computed directly; the values are the same either way. CPU only: checking the range
+        would synchronize a GPU."""
+        limit = self.config.get("max_position_embeddings") or 0
+        if positions.device.type == "cpu" and positions.numel():
+            low, high = (int(v) for v in torch.aminmax(positions))
+            if 0 <= low and high < limit:
+                def build(inv_freq):
+                    every = torch.arange(limit, device=inv_freq.device)[None]
+                    return rope_tables(*rope_cos_sin(inv_freq, every, dtype))
+
+                cos, sin = module_cache(self, f"_rope_{dtype}", (self.inv_freq,), build)
+                return cos[0, positions], sin[0, positions]
+        return rope_tables(*rope_cos_sin(self.inv_freq, positions, dtype))
+
+    def _run(self, input_ids, hidden, positions, ctx_args: dict,
+             logits_at: torch.Tensor | None = None) -> DrafterOutput:
         if self._embed is None:
             raise RuntimeError("drafter has no embedding: call drafter.attach(target)")
         if input_ids.shape != hidden.shape[:2]:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
                              f"{tuple(hidden.shape)} must agree on [B, T]")
-        embeds = self._embed(input_ids.clamp(min=0)).to(self.fc.weight.dtype)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, embeds.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, **ctx_args)
+        embeds = self._embed(input_ids.clamp(min=0))
+        if embeds.dtype != self.fc.weight.dtype:  # a bf16 drafter on an fp32 target
+            embeds = embeds.to(self.fc.weight.dtype)
+        ctx = AttentionContext(cos=None, sin=None, rope=self._rope(positions, embeds.dtype),
+                               **ctx_args)
         h = self.midlayer(embeds, self._features(hidden), ctx)
-        logits = self.lm_head(self.norm(h))
+        # The LM head is the largest GEMM: run it only where the caller needs logits.
+        head_in = h if logits_at is None else h.gather(
+            1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
+        logits = self.lm_head(self.norm(head_in))
         return DrafterOutput(h, logits, ctx.tree_kv if ctx.mode == "tree" else None)
 
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor,
@@ -233,9 +262,11 @@ class Drafter(nn.Module):
                        dtype or self.fc.weight.dtype, device or self.fc.weight.device)
 
     def prefill(self, input_ids: torch.Tensor, hidden: torch.Tensor, cache: KVCache,
-                lengths: torch.Tensor | None = None) -> DrafterOutput:
+                lengths: torch.Tensor | None = None, logits: bool = True) -> DrafterOutput:
         """Append a right-padded chunk (tokens `[B, T]`, their features `[B, T, ·]`, real
-        lengths `[B]`) to the drafter's cache, as `Target.prefill` does."""
+        lengths `[B]`) to the drafter's cache, as `Target.prefill` does. `logits=False`
+        skips the LM head (`logits` is then `[B, 0, Vd]`): filling the cache needs only
+        the keys and values."""
         B, T = input_ids.shape
         if B != cache.batch_size:
             raise ValueError(f"input_ids has {B} rows but the cache has {cache.batch_size}")
@@ -249,7 +280,8 @@ class Drafter(nn.Module):
             args = {"mode": "tree", "cache": cache, "write_positions": positions,
                     "prefix_lens": cache.lengths.clone(),
                     "tree_mask": chain_mask(T, device=cache.device).expand(B, -1, -1)}
-        out = self._run(input_ids, hidden, positions, args)
+        skip = None if logits else torch.zeros(B, 0, dtype=torch.int64, device=cache.device)
+        out = self._run(input_ids, hidden, positions, args, skip)
         cache.advance(lengths.to(device=cache.device, dtype=torch.int64))
         return out
 
@@ -275,17 +307,37 @@ class Drafter(nn.Module):
         if parents.shape != (B, P + n):
             raise ValueError(f"parents must be [{B}, {P + n}] (earlier + new nodes), got "
                              f"{tuple(parents.shape)}")
-        device = input_ids.device
         if prefix_lens is None:
             prefix_lens = (cache.lengths if cache is not None
-                           else torch.zeros(B, dtype=torch.int64, device=device))
-        prefix_lens = prefix_lens.to(device=device, dtype=torch.int64)
+                           else torch.zeros(B, dtype=torch.int64, device=input_ids.device))
+        prefix_lens = prefix_lens.to(device=input_ids.device, dtype=torch.int64)
         if cache is not None:
             cache.reserve(0, prefix_lens)
-        positions = prefix_lens[:, None] + tree_depths(parents)[:, P:].to(device)
+        depths = tree_depths(parents)[:, P:].to(input_ids.device)
+        return self.grow_tree(input_ids, hidden, depths, build_tree_mask(parents), cache,
+                              past, prefix_lens)
+
+    def grow_tree(self, input_ids: torch.Tensor, hidden: torch.Tensor, depths: torch.Tensor,
+                  tree_mask: torch.Tensor, cache: KVCache | None, past: list | None = None,
+                  prefix_lens: torch.Tensor | None = None,
+                  logits_at: torch.Tensor | None = None) -> DrafterOutput:
+        """`tree_step` for a caller that already knows the tree's shape: the new nodes'
+        depths `[B, n]` and the `[B, P + n, W]` tree mask of all nodes (e.g. grown
+        incrementally, as `DrafterProposer` does). Nothing is validated, so that a draft
+        step does not re-walk the tree it built itself on every level.
+
+        logits_at `[B, k]` int64: compute logits only at these new nodes of each row
+        (`logits` `[B, k, Vd]`), e.g. the root of a pending chain, the only node whose
+        distribution is used; None: at every new node.
+        """
+        if prefix_lens is None:
+            prefix_lens = (cache.lengths if cache is not None
+                           else torch.zeros(input_ids.shape[0], dtype=torch.int64,
+                                            device=input_ids.device))
+        positions = prefix_lens[:, None] + depths
         return self._run(input_ids, hidden, positions, {
             "mode": "tree", "cache": cache, "prefix_lens": prefix_lens.clone(),
-            "tree_mask": build_tree_mask(parents), "past": past})
+            "tree_mask": tree_mask, "past": past}, logits_at)
 
     # ---- checkpoints ----------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
@@ -306,7 +358,12 @@ def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None
     """Load a drafter saved by `Drafter.save_pretrained` (or any EAGLE-3 checkpoint of this
     layout) and attach it to `target` (sizes checked). dtype/device default to the target's.
     directory "default" / "default-vsd": the EAGLE-3 / VSD drafter shipped for the default
-    target."""
+    target.
+
+    The dtype may differ from the target's: a bf16 drafter reads the fp32 target's features
+    (cast on entry) and drafts faster on a CPU with bf16 GEMMs (half the weight bytes, packed
+    oneDNN weights, see `layers.linear`). Decoding stays lossless: verification uses the
+    target's own logits; the drafter's precision only changes which tokens it proposes."""
     directory = DEFAULT_DRAFTERS.get(str(directory), Path(directory))
     path = directory / "config.json"
     if not path.is_file():

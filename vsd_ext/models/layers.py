@@ -17,6 +17,7 @@ In both modes the new keys/values can be written into a `KVCache` at given posit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,70 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+
+
+_ONEDNN_BF16: bool | None = None
+
+
+def _onednn_bf16() -> bool:
+    """Whether oneDNN runs bf16 GEMMs on this CPU (checked once)."""
+    global _ONEDNN_BF16
+    if _ONEDNN_BF16 is None:
+        _ONEDNN_BF16 = bool(torch.backends.mkldnn.is_available()
+                            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return _ONEDNN_BF16
+
+
+def module_cache(owner: nn.Module, name: str, sources: tuple, build):
+    """`build(*sources)`, cached in `owner.__dict__[name]` (out of its state_dict) and rebuilt
+    when a source tensor changes: keyed by storage address and version counter (new storage
+    or an in-place update). The entry keeps its sources alive, so that no new tensor can
+    reuse their addresses."""
+    key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources)
+    cached = owner.__dict__.get(name)
+    if cached is None or cached[0] != key:
+        detached = tuple(t.detach() for t in sources)
+        cached = (key, build(*detached), detached)
+        owner.__dict__[name] = cached
+    return cached[1]
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           owner: nn.Module, name: str) -> torch.Tensor:
+    """`F.linear`, except for bf16 inference on a CPU: a plain bf16 `F.linear` there goes
+    through oneDNN, which re-packs the weight into its blocked layout at every call, and for
+    decode-sized inputs (a few rows) that costs more than the product (the draft LM head,
+    256 × 4096: 61 µs per row-vector call, 36 µs packed). The packed weight is cached on
+    `owner` (see `module_cache`); the result is the same oneDNN product, bitwise. Training
+    (grad enabled) and other dtypes take `F.linear`."""
+    if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and weight.dtype is torch.bfloat16 and _onednn_bf16()):
+        packed = module_cache(owner, name + "_packed", (weight,),
+                              torch.ops.mkldnn._reorder_linear_weight)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` with `linear`'s packed bf16 inference path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self, "_weight")
+
+
+def fused_linear(x: torch.Tensor, layers: tuple[Linear, ...]) -> torch.Tensor:
+    """The outputs of several `Linear`s that read the same `x`, concatenated along the last
+    dimension, from one GEMM over their concatenated weights (cached on the first layer, see
+    `module_cache`). At decode sizes a GEMM call costs mostly a fixed ~50–90 µs once the
+    target's forward has evicted the weights from the caches, so fewer calls are faster.
+    The rounding may differ from separate GEMMs: for inference of the drafter only (its
+    precision never affects losslessness)."""
+    head = layers[0]
+    weight = module_cache(head, "_fused_weight", tuple(m.weight for m in layers),
+                          lambda *w: torch.cat(w))
+    bias = None if head.bias is None else module_cache(
+        head, "_fused_bias", tuple(m.bias for m in layers), lambda *b: torch.cat(b))
+    return linear(x, weight, bias, head, "_fused")
 
 
 class RMSNorm(nn.Module):
@@ -35,10 +100,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # One F.rms_norm call instead of eight small ops (decoding runs thousands of norms
+        # on tiny rows, where per-op overhead dominates). ATen evaluates the same ops,
+        # x · rsqrt(mean(x²) + eps) then · w: bitwise equal in fp32. For half inputs it
+        # would apply w before the cast back, so w is applied here, after the cast.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -49,47 +117,66 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` `[B, T, H, D]`: pairs (x_i, x_{i+D/2}) turn by their angle:
-    `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, :, None] + rotated * sin[:, :, None]
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, T, D]` → `[B, T, 1, D]` tables for `rotate`, the sign of rotate_half
+    moved into sin: `rotate_half(x)·sin = roll(x, D/2)·(−sin_1, sin_2)` exactly. Built
+    once for q and k: decoding rotates tiny tensors, where every op costs."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), -1)
+    return cos[:, :, None], signed[:, :, None]
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of `x` `[B, T, H, D]` with tables from `rope_tables`: pairs (x_i, x_{i+D/2})
+    turn by their angle, `x·cos + rotate_half(x)·sin` with `rotate_half(x) = (−x_2, x_1)`."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class Attention(nn.Module):
     """Grouped-query attention with optional qkv/o bias and per-head q/k RMSNorm (Qwen3).
 
     `in_features` is the width the q/k/v projections read (2·hidden in the EAGLE-3 drafter,
-    whose layer input is norm(embedding) ⊕ norm(feature)).
+    whose layer input is norm(embedding) ⊕ norm(feature)). `fuse`: at inference (grad
+    disabled), one GEMM for q, k and v (`fused_linear`); the drafter's, not the target's.
     """
 
-    def __init__(self, cfg: ModelConfig, in_features: int | None = None):
+    def __init__(self, cfg: ModelConfig, in_features: int | None = None, fuse: bool = False):
         super().__init__()
         d_in = in_features or cfg.hidden_size
+        self.fuse = fuse
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(d_in, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size,
-                                bias=cfg.o_bias)
+        self.q_proj = Linear(d_in, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d_in, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, cfg.hidden_size,
+                             bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+            tables: tuple | None = None):
+        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k (by `tables`
+        from `rope_tables` if given, else from cos/sin `[B, T, D]`)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        tables = tables or rope_tables(cos, sin)
+        Hq, Hkv = self.num_heads, self.num_kv_heads
+        if self.fuse and self.q_norm is None and not torch.is_grad_enabled():
+            # One GEMM for q | k | v, one rotation for q | k (elementwise per head: exact).
+            heads = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+            heads = heads.view(B, T, Hq + 2 * Hkv, self.head_dim)
+            qk = rotate(heads[:, :, :Hq + Hkv], *tables)
+            return qk[:, :, :Hq], qk[:, :, Hq:], heads[:, :, Hq + Hkv:]
+        q = self.q_proj(x).view(B, T, Hq, self.head_dim)
+        k = self.k_proj(x).view(B, T, Hkv, self.head_dim)
+        v = self.v_proj(x).view(B, T, Hkv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        return rotate(q, *tables), rotate(k, *tables), v
 
     def output(self, attn: torch.Tensor) -> torch.Tensor:
         """`[B, T, Hq, D]` attention output → `[B, T, hidden]`."""
@@ -97,17 +184,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: `down(silu(gate(x)) · up(x))`."""
+    """SwiGLU: `down(silu(gate(x)) · up(x))`. `fuse`: one GEMM for gate and up at inference
+    (as `Attention`'s)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, fuse: bool = False):
         super().__init__()
+        self.fuse = fuse
         H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(H, I, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(I, H, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(H, I, bias=cfg.mlp_bias)
+        self.up_proj = Linear(H, I, bias=cfg.mlp_bias)
+        self.down_proj = Linear(I, H, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fuse and not torch.is_grad_enabled():
+            gate, up = fused_linear(x, (self.gate_proj, self.up_proj)).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 _CHAIN_MASKS: dict = {}
@@ -129,7 +222,9 @@ def chain_mask(length: int, device) -> torch.Tensor:
 class AttentionContext:
     """How the attention layers of one forward pass see their keys (module docstring).
 
-    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens.
+    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens; `rope`: the same as the
+      `[B, T, 1, D]` pair of `rope_tables`, built from them once for all layers unless given
+      (then `cos` and `sin` may be None).
     - `cache`: a `KVCache` (or None); `write_positions` `[B, T]`: where each new token's
       k/v go in it (None: nothing is written).
     - tree mode: `prefix_lens` `[B]` cached positions every new token sees, `tree_mask`
@@ -140,8 +235,8 @@ class AttentionContext:
       together, are collected in `tree_kv` for the next level.
     """
 
-    cos: torch.Tensor
-    sin: torch.Tensor
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
     mode: str = "causal"
     cache: object = None
     write_positions: torch.Tensor | None = None
@@ -149,9 +244,14 @@ class AttentionContext:
     tree_mask: torch.Tensor | None = None
     past: list | None = None
     tree_kv: list = field(default_factory=list)
+    rope: tuple | None = None
+
+    def __post_init__(self):
+        if self.rope is None:
+            self.rope = rope_tables(self.cos, self.sin)
 
     def attend(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = attn.qkv(x, self.cos, self.sin)
+        q, k, v = attn.qkv(x, self.cos, self.sin, self.rope)
         if self.mode == "causal":
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -164,8 +264,6 @@ class AttentionContext:
         return attn.output(out)
 
     def _tree(self, layer: int, q, k, v) -> torch.Tensor:
-        from .. import tree_attention
-
         if self.cache is not None:
             k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         else:  # no context at all: an empty cache of length 0
@@ -179,12 +277,20 @@ class AttentionContext:
             # queries whose outputs are dropped (their keys/values are what matters).
             P = past_k.shape[1]
             q_all = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
-            out, _ = tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
-                                    self.tree_mask)
+            out = _tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
+                                  self.tree_mask)
             return out[:, P:]
         self.tree_kv.append((k, v))
-        out, _ = tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
-        return out
+        return _tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
+
+
+def _tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask):
+    """`vsd_ext.tree_attention`'s output, calling the registered op directly: its kernels
+    check the same metadata as the Python wrapper, whose duplicate checks are a dozen
+    Python-level steps per layer and decode step."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
+                                            tree_mask, scale)[0]
 
 
 class DecoderLayer(nn.Module):
