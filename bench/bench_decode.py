@@ -8,7 +8,7 @@ Drafters: "oracle" (the target's own greedy continuation: every draft accepted, 
 the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
 nothing accepted, so the ratio is the drafting + tree-verification overhead) and "trained":
 the EAGLE-3 drafter shipped for the default target, or the drafter directory named by the
-environment variable VSD_DRAFTER. Trees: the default `TreeConfig` for the oracle and the
+environment variable VSD_DRAFTER, run in bf16 (the target stays fp32; decoding stays lossless). Trees: the default `TreeConfig` for the oracle and the
 untrained head, a depth-5 chain (`CHAIN`, sampled from the drafter at T > 0) for the trained
 drafter — on a CPU, where each verified node costs real compute, chains are the fastest.
 Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per target
@@ -65,7 +65,7 @@ def make_drafter(kind, target, prompts):
     path = os.environ.get("VSD_DRAFTER")
     if not path and os.environ.get("VSD_TARGET"):
         pytest.skip("set VSD_DRAFTER to a drafter directory trained for VSD_TARGET")
-    return vsd_ext.load_drafter(path or "default", target)
+    return vsd_ext.load_drafter(path or "default", target, dtype=torch.bfloat16)
 
 
 CASES = [(kind, B, T) for kind in ("oracle", "untrained", "trained") for B in (1, 4)

@@ -45,7 +45,9 @@ class DemoConfig:
     topk 1, are fastest on a CPU, where verifying each extra node costs real compute).
     threads: CPU threads of data and training (0: torch's default); eval_threads: of the
     timed decoding (1: fastest for the small default target, whose batch-1 steps are too
-    short to share among threads). seed: training and sampling seed."""
+    short to share among threads). draft_dtype: the drafters' dtype while decoding
+    ("bfloat16": faster drafting on CPUs with bf16 GEMMs; the target stays fp32 and decoding
+    stays lossless). seed: training and sampling seed."""
 
     out: str = "runs/demo"
     minutes: float = 2.0
@@ -57,6 +59,7 @@ class DemoConfig:
     total_tokens: int = 5
     threads: int = 0
     eval_threads: int = 1
+    draft_dtype: str = "bfloat16"
     seed: int = 0
     fresh: bool = False
     progress: bool = True
@@ -87,14 +90,14 @@ def fine_tune(target, method: str, data: Path, out: Path, cfg: DemoConfig):
 
     if (out / "summary.json").is_file():
         print(f"reusing {out}")
-        return load_drafter(out, target)
+        return load_drafter(out, target, dtype=getattr(torch, cfg.draft_dtype))
     train_drafter(target, out, method=method, data=str(data), seed=cfg.seed,
                   max_minutes=cfg.minutes, init=DEFAULT_DRAFTERS[SHIPPED[method]],
                   progress=cfg.progress, **FINE_TUNE,
                   eagle3={"steps": UNROLL}, vsd={"depth": UNROLL})
     summary = json.loads((out / "summary.json").read_text())
     print(f"{method}: {summary['steps']} steps in {summary['train_seconds']:.0f} s -> {out}")
-    return load_drafter(out, target)
+    return load_drafter(out, target, dtype=getattr(torch, cfg.draft_dtype))
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -103,6 +106,9 @@ def run(cfg: DemoConfig) -> dict:
     from .draft_tree import TreeConfig
     from .evaluation import evaluate, format_table, heldout_prompts, write_report
 
+    if cfg.draft_dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"draft_dtype: expected float32, bfloat16 or float16, got "
+                         f"{cfg.draft_dtype!r}")
     start = time.perf_counter()
     out = Path(cfg.out)
     if cfg.fresh and out.exists():
@@ -128,7 +134,8 @@ def run(cfg: DemoConfig) -> dict:
                       sampled=True)
     _stage(3, f"evaluate: {cfg.num_prompts} held-out prompts x {cfg.max_new_tokens} tokens, "
               f"T = 0 and T = 1, tree depth {tree.depth} / topk {tree.topk} / "
-              f"{tree.total_tokens} nodes (sampled from the drafter at T = 1)")
+              f"{tree.total_tokens} nodes (sampled from the drafter at T = 1), "
+              f"{cfg.draft_dtype} drafters")
     results = evaluate(target, drafters, heldout_prompts(cfg.num_prompts),
                        temperatures=(0.0, 1.0), max_new_tokens=cfg.max_new_tokens, tree=tree,
                        seeds=(cfg.seed,), threads=cfg.eval_threads or None,
