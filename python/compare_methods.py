@@ -180,8 +180,10 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=24)
     p.add_argument("--eval-new-tokens", type=int, default=64)
     p.add_argument("--eval-seed", type=int, default=7)
-    p.add_argument("--vsd-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="TrainConfig overrides of the vsd runs (e.g. vsd.lambda_tok=1.0)")
+    p.add_argument("--vsd-set", action="append", default=None, metavar="KEY=VALUE",
+                   help="TrainConfig overrides of the vsd runs (default: the settings of "
+                        "vsd_ext.demo.VSD_SETTINGS except depth: 4 anchors x 4 paths, "
+                        "lambda_tok 1, soft ARW targets; give 'none' for METHOD.md's defaults)")
     p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
                    choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
     p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")
@@ -197,7 +199,10 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args, out)
-    vsd_extra = [x for kv in args.vsd_set for x in ("--set", kv)]
+    if args.vsd_set is None:
+        args.vsd_set = ["vsd.anchors=4", "vsd.paths=4", "vsd.lambda_tok=1.0",
+                        "vsd.arw_target=soft"]
+    vsd_extra = [x for kv in args.vsd_set if kv != "none" for x in ("--set", kv)]
     results = {}
     for seed in args.seeds:
         base = train(args, "eagle3_base", seed, "eagle3", args.base_minutes, data, out)
