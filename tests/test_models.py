@@ -510,3 +510,24 @@ def test_default_target_matches_transformers_and_generates(gen):
         seq = torch.cat((seq, nxt[:, None]), 1)
         if step < 7:
             nxt = target.decode(nxt, cache).logits[:, -1].argmax(-1)
+
+
+def test_decoding_then_training_same_process():
+    from vsd_ext.models.layers import chain_mask
+
+    """Caches filled while decoding (under torch.inference_mode: RoPE tables, chain masks,
+    tree bitmask rows) must not break a later training step that reads them."""
+    target = load_target("default")
+    drafter = Drafter.for_target(target, seed=1)
+    vsd_ext.generate(target, drafter, [5, 6, 7, 8], 6, tree=vsd_ext.TreeConfig(3, 1, 3))
+    with torch.inference_mode():  # as a decode loop over prompts of any length would
+        for n in range(1, 9):
+            chain_mask(n, torch.device("cpu"))
+    ids = torch.randint(1, target.vocab_size, (1, 12))
+    feats = torch.randn(1, 12, drafter.fc.in_features)
+    out = drafter(ids, feats)
+    out.hidden.square().sum().backward()
+    assert drafter.fc.weight.grad is not None
+    cache = drafter.new_cache(1, 16)  # chunks of 2, 3, 4, 3: chain masks decoding cached
+    for start, end in ((0, 2), (2, 5), (5, 9), (9, 12)):
+        drafter.prefill(ids[:, start:end], feats[:, start:end], cache)

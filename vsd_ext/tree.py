@@ -35,12 +35,21 @@ __all__ = [
 _BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
 
 
+def persistent(build):
+    """``build()`` run outside inference mode and without autograd: for tensors cached across
+    calls. A tensor made under `torch.inference_mode` (e.g. while decoding) is an inference
+    tensor, which autograd refuses to save, so a cache filled while decoding would break a
+    later training step that reads it."""
+    with torch.inference_mode(False), torch.no_grad():
+        return build()
+
+
 def _bit_weights(device: torch.device) -> torch.Tensor:
     """``[64]`` int64 with entry t equal to ``1 << t`` (entry 63 is the sign bit)."""
     if device not in _BIT_WEIGHTS:
-        _BIT_WEIGHTS[device] = torch.ones(64, dtype=torch.int64, device=device) << torch.arange(
-            64, device=device
-        )
+        _BIT_WEIGHTS[device] = persistent(lambda: torch.ones(64, dtype=torch.int64,
+                                                             device=device)
+                                          << torch.arange(64, device=device))
     return _BIT_WEIGHTS[device]
 
 
@@ -192,9 +201,12 @@ def _own_bits(start: int, n: int, words: int, device) -> torch.Tensor:
     ``(start + j) // 64``). Cached: a draft loop appends the same ranges at every step."""
     key = (start, n, words, str(device))
     if key not in _OWN_BITS:
-        node = torch.arange(start, start + n, device=device)
-        _OWN_BITS[key] = torch.where(torch.arange(words, device=device) == (node // 64)[:, None],
-                                     _bit_weights(device)[node % 64][:, None], 0)
+        def build():
+            node = torch.arange(start, start + n, device=device)
+            return torch.where(torch.arange(words, device=device) == (node // 64)[:, None],
+                               _bit_weights(device)[node % 64][:, None], 0)
+
+        _OWN_BITS[key] = persistent(build)
     return _OWN_BITS[key]
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tree import persistent
 from .config import ModelConfig
 
 
@@ -48,7 +49,7 @@ def module_cache(owner: nn.Module, name: str, sources: tuple, build):
     cached = owner.__dict__.get(name)
     if cached is None or cached[0] != key:
         detached = tuple(t.detach() for t in sources)
-        cached = (key, build(*detached), detached)
+        cached = (key, persistent(lambda: build(*detached)), detached)
         owner.__dict__[name] = cached
     return cached[1]
 
@@ -213,8 +214,8 @@ def chain_mask(length: int, device) -> torch.Tensor:
     if key not in _CHAIN_MASKS:
         from ..tree import pack_tree_mask
 
-        dense = torch.ones(length, length, dtype=torch.bool, device=device).tril()
-        _CHAIN_MASKS[key] = pack_tree_mask(dense[None])
+        _CHAIN_MASKS[key] = persistent(lambda: pack_tree_mask(
+            torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]))
     return _CHAIN_MASKS[key]
 
 
