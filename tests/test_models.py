@@ -513,10 +513,10 @@ def test_default_target_matches_transformers_and_generates(gen):
 
 
 def test_decoding_then_training_same_process():
-    from vsd_ext.models.layers import chain_mask
-
     """Caches filled while decoding (under torch.inference_mode: RoPE tables, chain masks,
     tree bitmask rows) must not break a later training step that reads them."""
+    from vsd_ext.models.layers import chain_mask
+
     target = load_target("default")
     drafter = Drafter.for_target(target, seed=1)
     vsd_ext.generate(target, drafter, [5, 6, 7, 8], 6, tree=vsd_ext.TreeConfig(3, 1, 3))
