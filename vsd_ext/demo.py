@@ -11,7 +11,7 @@
                  prompts (`vsd_ext.evaluation.evaluate`: τ, tokens/s, speedup, lossless check)
     4. report    the table on stdout, ``<out>/report.json`` and ``<out>/report.png``
 
-Sized for about 7 minutes on 2 CPU cores (`--minutes` per fine-tune, `--num-prompts`,
+Sized for about 5 minutes on 2 CPU cores (`--minutes` per fine-tune, `--num-prompts`,
 `--max-new-tokens` scale it). Every stage shows a progress bar. Re-running with the same
 ``--out`` reuses finished stages (the dataset and finished drafters), so an interrupted demo
 picks up where it stopped; ``--fresh`` starts over.
@@ -57,7 +57,7 @@ class DemoConfig:
     out: str = "runs/demo"
     minutes: float = 2.0
     rows: int = 512
-    num_prompts: int = 8
+    num_prompts: int = 24
     max_new_tokens: int = 64
     depth: int = 5
     topk: int = 1
