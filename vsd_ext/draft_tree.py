@@ -76,7 +76,10 @@ class TreeConfig:
     drafter forward about a fifth to a third of a target forward. Measured there at B = 1
     (drafting cost of an untrained EAGLE-3 head, τ of an emulated drafter with ~70% top-1
     acceptance), depth 4 / topk 4 / 12 nodes was the fastest of trees with 6 to 24 nodes;
-    at B = 4 smaller trees (depth 3, topk 2) win. On a GPU, where verification is
+    at B = 4 smaller trees (depth 3, topk 2) win. With the trained drafters shipped for that
+    target (2026-11-29, after the drafting-overhead cuts), a depth-5 chain (topk 1,
+    total_tokens 5) is the fastest there: 1.3–1.5× autoregressive decoding at T = 0 against
+    1.0–1.1× for these defaults (`vsd demo` and the decode benchmark use the chain). On a GPU, where verification is
     memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8, 48–64 nodes).
     """
 
