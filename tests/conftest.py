@@ -34,3 +34,15 @@ def seed(request):
 def gen(seed):
     """A CPU torch.Generator seeded from `seed`."""
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single-threaded torch for a module (restored afterwards): tiny models run hundreds of
+    small ops per generation, and on a shared, loaded machine OpenMP barriers between
+    intra-op threads stall each op for a scheduler slice. Use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,15 +11,7 @@ from vsd_ext.models import Drafter, Target, parse_config
 from vsd_ext.tree import tree_depths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run hundreds of small ops per generation: on a shared, loaded machine
-    OpenMP barriers between intra-op threads stall each op for a scheduler slice, so these
-    tests run single-threaded (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MarkovDrafter:

@@ -21,13 +21,7 @@ REPORT_KEYS = {"method": str, "temperature": float, "tau": float, "tokens_per_se
                "speedup": float, "lossless": bool}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The small default target runs fastest single-threaded on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
