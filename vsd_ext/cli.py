@@ -42,7 +42,7 @@ def _cmd_generate(args) -> int:
     import torch
 
     import vsd_ext
-    from .decoding import OracleDrafter, TreeConfig, generate
+    from .decoding import OracleDrafter, generate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,8 +64,7 @@ def _cmd_generate(args) -> int:
         print("vsd generate: give --prompt TEXT or --prompts-file FILE", file=sys.stderr)
         return 2
     prompts = [target.tokenizer.encode(t).ids for t in texts]
-    sizes = {"depth": args.depth, "topk": args.topk, "total_tokens": args.total_tokens}
-    tree = TreeConfig(sampled=args.sampled, **{k: v for k, v in sizes.items() if v is not None})
+    tree = _tree_from_args(args)
     if drafter == "oracle":
         drafter = OracleDrafter.from_target(target, prompts, args.max_new_tokens, tree.depth)
     decode = target.tokenizer.decode
@@ -101,6 +100,23 @@ def _cmd_generate(args) -> int:
                 f"({rate:.1f} tok/s)"
     print(line, file=sys.stderr)
     return 0
+
+
+def _add_tree_args(parser) -> None:
+    """The draft-tree options of `vsd generate` and `vsd eval` (unset: TreeConfig's)."""
+    parser.add_argument("--depth", type=int, help="draft tree depth (default: TreeConfig's)")
+    parser.add_argument("--topk", type=int,
+                        help="children per expanded node and nodes expanded per level")
+    parser.add_argument("--total-tokens", type=int, help="draft nodes verified per step")
+    parser.add_argument("--sampled", action="store_true",
+                        help="sample trees from the drafter at T > 0 (verified against its q)")
+
+
+def _tree_from_args(args):
+    from .draft_tree import TreeConfig
+
+    sizes = {"depth": args.depth, "topk": args.topk, "total_tokens": args.total_tokens}
+    return TreeConfig(sampled=args.sampled, **{k: v for k, v in sizes.items() if v is not None})
 
 
 def _parse_drafts(specs: list[str]) -> list[tuple[str, str]]:
@@ -151,9 +167,7 @@ def _cmd_eval(args) -> int:
         else:
             drafters[name] = vsd_ext.load_drafter(
                 what, target, dtype=getattr(torch, args.draft_dtype) if args.draft_dtype else None)
-    sizes = {"depth": args.depth, "topk": args.topk, "total_tokens": args.total_tokens}
-    tree = vsd_ext.TreeConfig(sampled=args.sampled,
-                              **{k: v for k, v in sizes.items() if v is not None})
+    tree = _tree_from_args(args)
     check = False if args.no_lossless_check else LosslessConfig(samples=args.lossless_samples)
     results = evaluate(target, drafters, texts, temperatures=args.temperature,
                        max_new_tokens=args.max_new_tokens, tree=tree, seeds=args.seeds,
@@ -224,12 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", help="one prompt per line (\\n for a newline)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    gen.add_argument("--depth", type=int, help="draft tree depth (default: TreeConfig's)")
-    gen.add_argument("--topk", type=int,
-                     help="children per expanded node and nodes expanded per level")
-    gen.add_argument("--total-tokens", type=int, help="draft nodes verified per step")
-    gen.add_argument("--sampled", action="store_true",
-                     help="sample the tree from the drafter (verified against its q; T > 0)")
+    _add_tree_args(gen)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--compare", action="store_true",
@@ -256,12 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-prompts", type=int, default=8)
     ev.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
     ev.add_argument("--max-new-tokens", type=int, default=64)
-    ev.add_argument("--depth", type=int, help="draft tree depth (default: TreeConfig's)")
-    ev.add_argument("--topk", type=int,
-                    help="children per expanded node and nodes expanded per level")
-    ev.add_argument("--total-tokens", type=int, help="draft nodes verified per step")
-    ev.add_argument("--sampled", action="store_true",
-                    help="sample trees from the drafter at T > 0 (verified against its q)")
+    _add_tree_args(ev)
     ev.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="drafters' dtype (default: the target's; bfloat16 drafts faster on "
                          "CPUs with bf16 GEMMs and stays lossless)")
