@@ -95,13 +95,13 @@ def fine_tune(target, method: str, data: Path, out: Path, cfg: DemoConfig):
 
     if (out / "summary.json").is_file():
         print(f"reusing {out}")
-        return load_drafter(out, target, dtype=getattr(torch, cfg.draft_dtype))
-    train_drafter(target, out, method=method, data=str(data), seed=cfg.seed,
-                  max_minutes=cfg.minutes, init=DEFAULT_DRAFTERS[SHIPPED[method]],
-                  progress=cfg.progress, **FINE_TUNE,
-                  eagle3={"steps": UNROLL}, vsd=VSD_SETTINGS)
-    summary = json.loads((out / "summary.json").read_text())
-    print(f"{method}: {summary['steps']} steps in {summary['train_seconds']:.0f} s -> {out}")
+    else:
+        train_drafter(target, out, method=method, data=str(data), seed=cfg.seed,
+                      max_minutes=cfg.minutes, init=DEFAULT_DRAFTERS[SHIPPED[method]],
+                      progress=cfg.progress, **FINE_TUNE,
+                      eagle3={"steps": UNROLL}, vsd=VSD_SETTINGS)
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"{method}: {summary['steps']} steps in {summary['train_seconds']:.0f} s -> {out}")
     return load_drafter(out, target, dtype=getattr(torch, cfg.draft_dtype))
 
 
