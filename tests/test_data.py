@@ -74,3 +74,25 @@ def test_prompts_are_heldout_file_openings():
     assert len(prompts) == 3
     first = [t for t in data.stdlib_texts("heldout") if len(t.splitlines()) > 10][0]
     assert prompts[0] == "".join(first.splitlines(keepends=True)[:5])
+
+
+def test_include_tests_adds_the_test_suites_of_the_same_split(tmp_path):
+    root = fake_stdlib(tmp_path)
+    names = [p.relative_to(root).as_posix() for p in data.stdlib_files("all", root, True)]
+    assert names == ["a.py", "pkg/b.py", "test/t.py"]
+    for split in ("train", "heldout"):
+        plain = set(data.stdlib_files(split))
+        with_tests = set(data.stdlib_files(split, include_tests=True))
+        assert plain < with_tests or (split == "heldout" and plain <= with_tests)
+        extra = with_tests - plain
+        assert all(set(p.relative_to(data.stdlib_root()).parts[:-1]) & data.TEST_DIRS
+                   for p in extra)
+        assert all(data.split_of(p.relative_to(data.stdlib_root()).as_posix()) == split
+                   for p in extra)
+
+
+def test_external_files_are_outside_the_corpus():
+    external = data.external_files()
+    assert len(external) > 20 and all(p.suffix == ".py" for p in external)
+    assert not set(external) & set(data.stdlib_files("all", include_tests=True))
+    assert external == data.external_files()

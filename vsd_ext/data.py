@@ -8,6 +8,13 @@ the drafters and benchmarks use it too, so nothing needs to be downloaded.
   (`sysconfig.get_paths()["stdlib"]`), except third-party packages (`site-packages`), test
   suites (`test`, `tests`, `idle_test` directories) and machine-generated tables or data
   (`encodings`, `pydoc_data`, `_sysconfigdata*`, `config-*`, `lib-dynload`).
+- Test suites: `include_tests=True` adds the `test` / `tests` / `idle_test` files (the same
+  split rule applies to them; the default target trains on the train split with them, which
+  about triples its text). The held-out figures the project reports use the default
+  (no tests), so they compare across targets.
+- External code: `external_files()` is Python code that is not in the corpus at all, present
+  wherever vsd_ext runs: the sources of a few subpackages of the installed torch
+  (`EXTERNAL_PACKAGES`). It measures how a model does on code a user brings.
 - Split: deterministic, by file. `sha256(relative POSIX path)` read as an integer decides:
   `value % 1000 < HELDOUT_PER_MILLE` puts the file in `heldout`, else in `train`. The split
   of a file never changes, on any machine; different Python versions have (slightly)
@@ -24,8 +31,10 @@ from pathlib import Path
 import torch
 
 HELDOUT_PER_MILLE = 50
-EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test",
-                           "__pycache__", "lib-dynload", "encodings", "pydoc_data"})
+TEST_DIRS = frozenset({"test", "tests", "idle_test"})
+EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload",
+                           "encodings", "pydoc_data"}) | TEST_DIRS
+EXTERNAL_PACKAGES = ("torch/nn/modules", "torch/optim", "torch/utils/data")
 SPLITS = ("train", "heldout", "all")
 
 
@@ -40,15 +49,18 @@ def split_of(relative_path: str) -> str:
     return "heldout" if int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE else "train"
 
 
-def _excluded(relative: Path) -> bool:
+def _excluded(relative: Path, include_tests: bool = False) -> bool:
     parts = relative.parts
-    if any(p in EXCLUDED_DIRS or p.startswith("config-") for p in parts[:-1]):
+    excluded = EXCLUDED_DIRS - TEST_DIRS if include_tests else EXCLUDED_DIRS
+    if any(p in excluded or p.startswith("config-") for p in parts[:-1]):
         return True
     return parts[-1].startswith("_sysconfigdata")
 
 
-def stdlib_files(split: str = "train", root: str | Path | None = None) -> list[Path]:
-    """Source files of one split (`train`, `heldout` or `all`), sorted by relative path."""
+def stdlib_files(split: str = "train", root: str | Path | None = None,
+                 include_tests: bool = False) -> list[Path]:
+    """Source files of one split (`train`, `heldout` or `all`), sorted by relative path;
+    `include_tests` adds the test suites' files of that split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     base = Path(root) if root is not None else stdlib_root()
@@ -57,7 +69,7 @@ def stdlib_files(split: str = "train", root: str | Path | None = None) -> list[P
     files = []
     for path in base.rglob("*.py"):
         relative = path.relative_to(base)
-        if not path.is_file() or _excluded(relative):
+        if not path.is_file() or _excluded(relative, include_tests):
             continue
         if split == "all" or split_of(relative.as_posix()) == split:
             files.append(path)
@@ -69,9 +81,33 @@ def read_source(path: str | Path) -> str:
     return Path(path).read_bytes().decode("utf-8", errors="replace")
 
 
-def stdlib_texts(split: str = "train", root: str | Path | None = None) -> list[str]:
-    """The texts of `stdlib_files(split, root)`, same order."""
-    return [read_source(p) for p in stdlib_files(split, root)]
+def stdlib_texts(split: str = "train", root: str | Path | None = None,
+                 include_tests: bool = False) -> list[str]:
+    """The texts of `stdlib_files(split, root, include_tests)`, same order."""
+    return [read_source(p) for p in stdlib_files(split, root, include_tests)]
+
+
+def external_files() -> list[Path]:
+    """Python files outside the corpus (module docstring): every `*.py` under the
+    `EXTERNAL_PACKAGES` directories of the installed torch, sorted by relative path."""
+    import torch as _torch
+
+    base = Path(_torch.__file__).parent.parent
+    files = [p for package in EXTERNAL_PACKAGES for p in (base / package).rglob("*.py")
+             if "__pycache__" not in p.parts]
+    if not files:
+        raise FileNotFoundError(f"no Python sources under {base} for {EXTERNAL_PACKAGES}")
+    return sorted(files, key=lambda p: p.relative_to(base).as_posix())
+
+
+def texts_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Texts as one int64 stream `[n]`, each followed by end-of-text."""
+    end = eos_id(tokenizer)
+    ids: list[int] = []
+    for seq in encode_texts(tokenizer, texts):
+        ids.extend(seq)
+        ids.append(end)
+    return torch.tensor(ids, dtype=torch.int64)
 
 
 def eos_id(tokenizer) -> int:
@@ -87,14 +123,10 @@ def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def token_stream(tokenizer, split: str = "train", root: str | Path | None = None) -> torch.Tensor:
+def token_stream(tokenizer, split: str = "train", root: str | Path | None = None,
+                 include_tests: bool = False) -> torch.Tensor:
     """All files of a split as one int64 stream `[n]`, each file followed by end-of-text."""
-    end = eos_id(tokenizer)
-    ids: list[int] = []
-    for seq in encode_texts(tokenizer, stdlib_texts(split, root)):
-        ids.extend(seq)
-        ids.append(end)
-    return torch.tensor(ids, dtype=torch.int64)
+    return texts_stream(tokenizer, stdlib_texts(split, root, include_tests))
 
 
 def chunk_stream(stream: torch.Tensor, seq_len: int) -> torch.Tensor:
