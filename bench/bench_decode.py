@@ -3,7 +3,7 @@ target through the same loop (provider "torch": `generate(target, None, ...)`).
 
 Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU; the environment
 variable VSD_TARGET may name another checkpoint directory). Prompts: the
-first lines of held-out standard-library files (`vsd_ext.data.prompts`), cut to PROMPT_TOKENS.
+first lines of held-out standard-library files (`vsd_ext.corpus.prompts`), cut to PROMPT_TOKENS.
 Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
 the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
 nothing accepted, so the ratio is the drafting + tree-verification overhead) and "trained":
@@ -26,7 +26,7 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext import data
+from vsd_ext import corpus
 from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
 from vsd_ext.models import Drafter
 
@@ -51,7 +51,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def prompt_ids(target):
-    texts = data.prompts("heldout", num_lines=12, limit=4)
+    texts = corpus.prompts("heldout", num_lines=12, limit=4)
     return [target.tokenizer.encode(t).ids[-PROMPT_TOKENS:] for t in texts]
 
 

@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 
 import vsd_ext
-from vsd_ext.evaluation import (LosslessConfig, evaluate, format_table, heldout_prompts,
+from vsd_ext.eval import (LosslessConfig, evaluate, format_table, heldout_prompts,
                                 write_report)
 
 

@@ -52,7 +52,7 @@ def main(argv=None) -> None:
     vsd = vsd_ext.train_drafter(target, out / "vsd", method="vsd", init=out / "eagle3",
                                 **common)
 
-    texts = vsd_ext.data.prompts("heldout", limit=4)
+    texts = vsd_ext.corpus.prompts("heldout", limit=4)
     prompts = [target.tokenizer.encode(t).ids[-64:] for t in texts]
     for name, drafter in (("eagle3", eagle3), ("vsd", vsd)):
         taus = {t: tau(target, drafter, t, prompts) for t in (0.0, 1.0)}

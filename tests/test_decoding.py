@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from vsd_ext.decoding import OracleDrafter, generate
-from vsd_ext.draft_tree import DraftTree, TreeConfig, build_tree
+from vsd_ext.decoding import DraftTree, TreeConfig, build_tree
 from vsd_ext.models import Drafter, Target, load_drafter, parse_config
 
 
@@ -271,7 +271,7 @@ def test_cli_generate(target, references, tmp_path, capsys, seed):
 
     from safetensors.torch import save_file
 
-    from vsd_ext.cli import main
+    from vsd_ext.app.cli import main
 
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
               "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,

@@ -1,4 +1,4 @@
-"""Draft tree builder (vsd_ext.draft_tree): topology, best-k selection against a brute-force
+"""Draft tree builder (vsd_ext.decoding.draft_tree): topology, best-k selection against a brute-force
 EAGLE-2 reference, sampled children (distinct, distributed as draws without replacement),
 draft_probs, and the EAGLE-3 drafter driven through it (feature alignment, cache writes)."""
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from vsd_ext.draft_tree import DrafterProposer, TreeConfig, build_tree, child_slots
+from vsd_ext.decoding import DrafterProposer, TreeConfig, build_tree, child_slots
 from vsd_ext.models import Drafter, Target, parse_config
 from vsd_ext.tree import tree_depths
 

@@ -32,7 +32,7 @@ def test_quickstart(drafter_dir):
     out = run_example("quickstart.py", drafter_dir, "--max-new-tokens", "12")
     tau = float(out.split("tau = ")[1].split()[0])
     assert tau >= 1.0 and "12 tokens in" in out
-    assert out.startswith(vsd_ext.data.prompts("heldout", limit=1)[0])
+    assert out.startswith(vsd_ext.corpus.prompts("heldout", limit=1)[0])
 
 
 def test_evaluate_drafter(drafter_dir, tmp_path):

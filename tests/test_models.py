@@ -495,8 +495,8 @@ def test_default_target_matches_transformers_and_generates(gen):
         assert (target(ids) - hf(ids).logits).abs().max() < 1e-4
     # Held-out perplexity on 16 windows spread over the held-out stream stays near the
     # reported value (all windows); a broken model is off by orders of magnitude.
-    stream = vsd_ext.data.token_stream(target.tokenizer, "heldout")
-    rows = vsd_ext.data.chunk_stream(stream, 257)
+    stream = vsd_ext.corpus.token_stream(target.tokenizer, "heldout")
+    rows = vsd_ext.corpus.chunk_stream(stream, 257)
     rows = rows[torch.linspace(0, rows.shape[0] - 1, 16).long()]
     nll = torch.nn.functional.cross_entropy(target(rows[:, :-1]).flatten(0, 1),
                                             rows[:, 1:].flatten())

@@ -1,6 +1,6 @@
 """The drafter's training-time passes, shared by every objective (no logits are formed here).
 
-Alignment (the same as `vsd_ext.draft_tree.DrafterProposer`): for a sequence x_0..x_{T−1}
+Alignment (the same as `vsd_ext.decoding.proposer.DrafterProposer`): for a sequence x_0..x_{T−1}
 with target features f_t and target logits l_t (l_t is the distribution of x_{t+1}), the
 drafter's column c (c = 0..T−2) is the pair (token x_{c+1}, feature f_c) at position c;
 its step-0 output predicts x_{c+2}, whose target distribution is l_{c+1}.

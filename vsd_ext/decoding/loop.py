@@ -3,8 +3,8 @@
 One step, for every unfinished row at once:
 
     1. draft      the proposer grows a tree per row below the last emitted token (the root):
-                  `vsd_ext.draft_tree.DrafterProposer` for an EAGLE-3 drafter, or any object
-                  with the same four methods (e.g. `OracleDrafter`); no drafter: the root alone
+                  `DrafterProposer` (proposer.py) for an EAGLE-3 drafter, or any object with
+                  the same four methods (e.g. `OracleDrafter`); no drafter: the root alone
     2. verify     one target forward over all tree nodes (`Target.tree_verify`: tree-mask
                   attention over the cached prefix), then `vsd_ext.verify_tree` walks each
                   row: accepted draft tokens + one correction/bonus token
@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .draft_tree import DraftTree, DrafterProposer, TreeConfig, keep_cache_rows
-from .ops.verify import verify_tree
+from ..ops.verify import verify_tree
+from .draft_tree import DraftTree, TreeConfig, keep_cache_rows
+from .proposer import DrafterProposer
 
-__all__ = ["TreeConfig", "GenerationOutput", "OracleDrafter", "generate"]
+__all__ = ["GenerationOutput", "generate"]
 
 
 @dataclass
@@ -45,59 +46,7 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)
 
 
-class OracleDrafter:
-    """A drafter-like proposer whose drafts are known continuations, e.g. the target's own
-    greedy output (`from_target`): a chain of the next ``depth`` reference tokens per row.
-
-    At T = 0 with the target's greedy continuation every draft is accepted, so τ reaches
-    depth + 1 and the measured speed is the decoding loop's ceiling (drafting costs nothing).
-    Row b of the batch must be generated from a prefix of ``references[b]``.
-    """
-
-    def __init__(self, references: list[list[int]], depth: int):
-        self.references = [list(r) for r in references]
-        self.depth = depth
-        self.ref = None  # [B, L + depth] int64, -1 padded
-        self.pos = None  # [B] index of the next token each row will generate
-        self.num_nodes = depth + 1
-
-    @classmethod
-    def from_target(cls, target, prompts, max_new_tokens: int, depth: int) -> "OracleDrafter":
-        """Oracle of the target's greedy continuation of ``prompts`` (decoded once, plainly)."""
-        prompts = _as_batch(prompts)
-        out = generate(target, None, prompts, max_new_tokens, ignore_eos=True)
-        return cls([p + t for p, t in zip(prompts, out.tokens)], depth)
-
-    def start(self, prompt_ids, lengths, features, first_tokens, capacity) -> None:
-        B = prompt_ids.shape[0]
-        if B != len(self.references):
-            raise ValueError(f"OracleDrafter holds {len(self.references)} references, the "
-                             f"batch has {B} rows")
-        width = max(len(r) for r in self.references) + self.depth
-        self.ref = torch.full((B, width), -1, dtype=torch.int64, device=prompt_ids.device)
-        for b, r in enumerate(self.references):
-            self.ref[b, :len(r)] = torch.tensor(r, dtype=torch.int64)
-        self.pos = lengths.to(prompt_ids.device) + 1
-
-    def propose(self, roots: torch.Tensor) -> DraftTree:
-        B = roots.shape[0]
-        idx = self.pos[:, None] + torch.arange(self.depth, device=roots.device)
-        draft = self.ref.gather(1, idx.clamp(max=self.ref.shape[1] - 1))
-        # A chain: node i's parent is i - 1; the chain stops at the first missing token.
-        real = torch.cumprod((draft >= 0).long(), 1).bool()
-        tokens = torch.cat((roots[:, None], torch.where(real, draft, -1)), 1)
-        parents = torch.arange(-1, self.depth, device=roots.device).expand(B, -1)
-        parents = torch.cat((parents[:, :1], torch.where(real, parents[:, 1:], -1)), 1)
-        return DraftTree(tokens, parents)
-
-    def advance(self, emitted, num_accepted, features) -> None:
-        self.pos = self.pos + num_accepted + 1
-
-    def keep(self, rows: torch.Tensor) -> None:
-        self.ref, self.pos = self.ref[rows], self.pos[rows]
-
-
-def _as_batch(prompts) -> list[list[int]]:
+def as_batch(prompts) -> list[list[int]]:
     """One prompt (a list of ints) or a list of them → list of lists (each non-empty)."""
     if isinstance(prompts, torch.Tensor):
         prompts = prompts.tolist()
@@ -190,7 +139,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = _as_batch(prompts)
+    prompts = as_batch(prompts)
     tree = tree or TreeConfig()
     stop = list(stop or [])
     stop_strings = [s for s in stop if isinstance(s, str)]

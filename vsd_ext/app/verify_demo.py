@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.verify import verify_tree
-from .reference.verify_tree import verify_tree as verify_tree_reference
-from .stats import chi_square_p_value
+from ..eval.stats import chi_square_p_value
+from ..ops.verify import verify_tree
+from ..reference.verify_tree import verify_tree as verify_tree_reference
 
 
 @dataclass
@@ -65,6 +65,19 @@ def draft_children(tree: DemoTree, trials: int, mode: str, g: torch.Generator) -
             logq = logq - (-u.log()).log().float()
         tokens[:, kids] = logq.topk(len(kids), dim=-1).indices
     return tokens
+
+
+def add_verify_demo_command(sub) -> None:
+    vdemo = sub.add_parser("verify-demo", help="lossless tree verification on a synthetic tree")
+    vdemo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
+    vdemo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+    vdemo.add_argument("--seed", type=int, default=0)
+    vdemo.set_defaults(func=run_verify_demo)
+
+
+def run_verify_demo(args) -> int:
+    rows = run(trials=args.trials, vocab=args.vocab, seed=args.seed)
+    return 0 if all(r["lossless"] for r in rows) else 1
 
 
 def _tv_noise_level(probs: torch.Tensor, trials: int) -> float:

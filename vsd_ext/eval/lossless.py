@@ -23,7 +23,7 @@ which is exactly U(0, 1) when x ~ p (the randomization spreads each token's atom
 own interval of width p(x)). Given the tokens before it, u_k is uniform whatever they were, so
 all ``rows × tokens`` values are independent uniforms under losslessness, pooled over
 contexts and positions. Pearson's chi-square of their histogram (``bins`` equal bins,
-`vsd_ext.stats.chi_square_p_value`) against the uniform decides. A decoder that samples too
+`vsd_ext.eval.stats.chi_square_p_value`) against the uniform decides. A decoder that samples too
 sharply (e.g. at a lower temperature, or accepting drafts too often) piles u up near 0; one
 that samples too flatly piles it near 1.
 
