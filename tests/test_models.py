@@ -515,14 +515,12 @@ def test_default_target_matches_transformers_and_generates(gen):
 def test_decoding_then_training_same_process():
     """Caches filled while decoding (under torch.inference_mode: RoPE tables, chain masks,
     tree bitmask rows) must not break a later training step that reads them."""
-    from vsd_ext.models.layers import chain_mask
-
     target = load_target("default")
     drafter = Drafter.for_target(target, seed=1)
     vsd_ext.generate(target, drafter, [5, 6, 7, 8], 6, tree=vsd_ext.TreeConfig(3, 1, 3))
     with torch.inference_mode():  # as a decode loop over prompts of any length would
         for n in range(1, 9):
-            chain_mask(n, torch.device("cpu"))
+            vsd_ext.tree.chain_mask(n, torch.device("cpu"))
     ids = torch.randint(1, target.vocab_size, (1, 12))
     feats = torch.randn(1, 12, drafter.fc.in_features)
     out = drafter(ids, feats)

@@ -7,7 +7,6 @@ import torch
 
 import vsd_ext
 from vsd_ext.models import Drafter, load_target, token_counts
-from vsd_ext.reference import training_objectives as ref
 from vsd_ext.training import vsd as vsd_mod
 from vsd_ext.training.config import TrainConfig
 from vsd_ext.training.data import DataSplits
@@ -16,6 +15,7 @@ from vsd_ext.training.evaluate import decode_tau, heldout_kl
 from vsd_ext.training.objective import LossHead, TrainStep, target_pass
 from vsd_ext.training.trainer import Trainer
 
+import reference_objectives as ref
 from training_utils import random_dataset, write_tiny_target
 
 

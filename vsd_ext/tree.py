@@ -1,5 +1,6 @@
 """Tree utilities shared by decoding and training: parents array -> depths, root-to-node paths,
-the bit-packed visibility mask that `vsd_ext.tree_attention` takes, and its dense form.
+the bit-packed visibility mask that `vsd_ext.tree_attention` takes, its dense form, masks grown
+node by node, and the masks of chains.
 
 Conventions (the same as `vsd_ext.verify_tree`):
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_tree_mask",
     "append_nodes",
     "append_child",
+    "chain_mask",
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
@@ -240,6 +242,27 @@ def append_child(tree_mask: torch.Tensor, depths: torch.Tensor, parent: int):
     row = tree_mask[:, parent:parent + 1] | _own_bits(P, 1, words, tree_mask.device)
     return (torch.cat((tree_mask, row), 1),
             torch.cat((depths, depths[:, parent:parent + 1] + 1), 1))
+
+
+_CHAIN_MASKS: dict = {}
+
+
+def chain_mask(levels: int, device, paths: int = 1) -> torch.Tensor:
+    """``[1, levels·paths, W]`` bitmask of ``paths`` disjoint chains of ``levels`` nodes,
+    stored level-major: node (l, s) at index ``l·paths + s`` sees the nodes (l', s) with
+    l' ≤ l. One chain (``paths=1``) is causal attention over a chunk appended to the cache;
+    S chains are S sampled paths under one root that lives in the cache. Cached per
+    (levels, paths, device): decoding builds one every step."""
+    key = (levels, paths, str(device))
+    if key not in _CHAIN_MASKS:
+        def build():
+            idx = torch.arange(levels * paths, device=device)
+            level, path = idx // paths, idx % paths
+            dense = (path[:, None] == path[None, :]) & (level[None, :] <= level[:, None])
+            return pack_tree_mask(dense[None])
+
+        _CHAIN_MASKS[key] = persistent(build)
+    return _CHAIN_MASKS[key]
 
 
 def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:

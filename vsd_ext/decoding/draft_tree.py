@@ -243,9 +243,3 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
             tree.draft_probs[..., ids] = gathered
     return tree
 
-
-def keep_cache_rows(cache, rows: torch.Tensor) -> None:
-    """Drop the rows of a `KVCache` not in ``rows`` (finished sequences of a batch)."""
-    cache.k = cache.k[:, rows]
-    cache.v = cache.v[:, rows]
-    cache.lengths = cache.lengths[rows]

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.verify import verify_tree
-from .draft_tree import DraftTree, TreeConfig, keep_cache_rows
+from .draft_tree import DraftTree, TreeConfig
 from .proposer import DrafterProposer
 
 __all__ = ["GenerationOutput", "generate"]
@@ -183,7 +183,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     hist = torch.zeros(nodes, dtype=torch.int64)
     forwards = 0
     if len(active) < B:
-        keep_cache_rows(cache, keep)
+        cache.keep_rows(keep)
         roots = roots[keep]
         if proposer is not None:
             proposer.keep(keep)
@@ -218,7 +218,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
             kept = [i for i, f in enumerate(finished) if not f]
             active = [active[i] for i in kept]
             keep = torch.tensor(kept, dtype=torch.int64, device=device)
-            keep_cache_rows(cache, keep)
+            cache.keep_rows(keep)
             roots = roots[keep]
             if proposer is not None and active:
                 proposer.keep(keep)

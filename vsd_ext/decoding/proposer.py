@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import chain_mask
-from ..tree import append_child, append_nodes
-from .draft_tree import DraftTree, TreeConfig, build_tree, child_slots, keep_cache_rows
+from ..tree import append_child, append_nodes, chain_mask
+from .draft_tree import DraftTree, TreeConfig, build_tree, child_slots
 
 
 class DrafterProposer:
@@ -164,6 +163,6 @@ class DrafterProposer:
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the given rows (indices into the current batch)."""
-        keep_cache_rows(self.cache, rows)
+        self.cache.keep_rows(rows)
         if self.pending is not None:
             self.pending = tuple(t[rows] for t in self.pending)

@@ -34,8 +34,9 @@ from torch import nn
 from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask,
-                     module_cache, rope_cos_sin, rope_tables)
+from ..tree import build_tree_mask, chain_mask, tree_depths
+from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, module_cache,
+                     rope_cos_sin, rope_tables)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -300,8 +301,6 @@ class Drafter(nn.Module):
         and itself, at position `prefix + depth`. Nothing is written to the cache; the
         returned `tree_kv` (earlier and new nodes) feeds the next call.
         """
-        from ..tree import build_tree_mask, tree_depths
-
         B, n = input_ids.shape
         P = 0 if past is None else past[0][0].shape[1]
         if parents.shape != (B, P + n):

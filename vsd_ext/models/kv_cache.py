@@ -15,6 +15,8 @@ The gather reads every source before anything is written, so overlapping moves a
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -51,6 +53,20 @@ class KVCache:
     def reset(self) -> None:
         """Forget every row's content (lengths back to 0)."""
         self.lengths.zero_()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in ``rows`` (indices into the batch), e.g. finished sequences."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.lengths = self.lengths[rows]
+
+    def row(self, b: int) -> "KVCache":
+        """A view of row b as a one-row cache (e.g. one sequence's prefix, shared by many
+        tree rows through `prefix_lens`); writes to it land in this cache."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]
+        view.lengths = self.lengths[b:b + 1]
+        return view
 
     def reserve(self, extra: int, prefix_lens: torch.Tensor | None = None) -> None:
         """Check that `extra` more positions fit after `prefix_lens` (default `lengths`)."""

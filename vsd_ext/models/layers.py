@@ -204,21 +204,6 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-_CHAIN_MASKS: dict = {}
-
-
-def chain_mask(length: int, device) -> torch.Tensor:
-    """`[1, T, W]` tree mask of a chain (node i sees nodes 0..i): causal attention over a
-    chunk appended to the cache. Cached per (T, device): decode builds it every step."""
-    key = (length, str(device))
-    if key not in _CHAIN_MASKS:
-        from ..tree import pack_tree_mask
-
-        _CHAIN_MASKS[key] = persistent(lambda: pack_tree_mask(
-            torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]))
-    return _CHAIN_MASKS[key]
-
-
 @dataclass
 class AttentionContext:
     """How the attention layers of one forward pass see their keys (module docstring).

@@ -33,7 +33,8 @@ from torch import nn
 
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import AttentionContext, DecoderLayer, RMSNorm, chain_mask, rope_cos_sin
+from ..tree import build_tree_mask, chain_mask, tree_depths
+from .layers import AttentionContext, DecoderLayer, RMSNorm, rope_cos_sin
 
 
 @dataclass
@@ -221,8 +222,6 @@ class Target(nn.Module):
           nothing is written; the cache may then hold one row shared by all B rows (e.g.
           many anchor positions of one training sequence).
         """
-        from ..tree import build_tree_mask, tree_depths
-
         self._check_ids(input_ids)
         self._check_ids(parents, "parents")
         B, N = input_ids.shape

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..models.layers import rope_cos_sin
 from ..ops.attention import tree_attention
-from ..tree import pack_tree_mask
+from ..tree import chain_mask
 
 
 class _Attend:
@@ -104,21 +104,6 @@ def tree_level(drafter, embed, tokens, hidden, positions, cache, prefix_lens, ma
                   {"cache": cache, "prefix_lens": prefix_lens, "past": past, "mask": mask})
 
 
-def chain_masks(n: int, device) -> torch.Tensor:
-    """`[1, n, W]` bitmask of one chain (node i sees nodes 0..i)."""
-    return pack_tree_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril()[None])
-
-
-def chains_mask(levels: int, paths: int, device) -> torch.Tensor:
-    """`[1, levels·paths, W]` bitmask of `paths` disjoint chains stored level-major (node
-    (l, s) at index l·paths + s sees (l', s) for l' ≤ l): S sampled paths under one root
-    that is not itself a node (it lives in the cache)."""
-    idx = torch.arange(levels * paths, device=device)
-    level, path = idx // paths, idx % paths
-    dense = (path[:, None] == path[None, :]) & (level[None, :] <= level[:, None])
-    return pack_tree_mask(dense[None])
-
-
 def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, steps: int,
            step0=None) -> list[torch.Tensor]:
     """EAGLE-3 training-time test (module docstring) over a batch `[B, T]`.
@@ -141,7 +126,7 @@ def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, step
     for j in range(1, steps):
         tokens = shifted[:, 1 + j:1 + j + L].reshape(B * L, 1)
         hj, past = tree_level(drafter, embed, tokens, outs[-1].reshape(B * L, 1, -1),
-                              positions + j, (k0, v0), prefix, chain_masks(j, device), past)
+                              positions + j, (k0, v0), prefix, chain_mask(j, device), past)
         outs.append(hj.view(B, L, -1))
     return outs
 

@@ -41,8 +41,9 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.verify import verify_tree
-from .drafting import causal_pass, chains_mask, draft_logits, step_rows, tree_level
-from .objective import cache_row
+from ..tree import chain_mask
+from .drafting import causal_pass, draft_logits, step_rows, tree_level
+from .eagle3 import eagle3_loss
 from .weights import arw_path_weights, arw_position_weights, car_confidence, path_utility
 
 
@@ -77,7 +78,7 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
     for d in range(1, K + 1):
         positions = (prefix - 1 + d)[:, None].expand(R, S)
         h, past = tree_level(drafter, embed, vocab.target_ids[z], hs[-1], positions, kv,
-                             prefix, chains_mask(d, S, anchors.device), past)
+                             prefix, chain_mask(d, anchors.device, S), past)
         hs.append(h)
         if d < K:
             q = torch.softmax(draft_logits(drafter, h) / tau, -1)      # [R, S, Vd]
@@ -107,7 +108,7 @@ def score_and_verify(step, batch, b, anchors, z, q, cfg, gen):
     parents[node.flatten()] = parent.flatten()
     with torch.autocast(device.type, enabled=False):  # the target runs in its own dtype
         scored = target.tree_verify(tokens, parents.expand(C, -1).contiguous(),
-                                    cache_row(batch.cache, b), prefix_lens=anchors)
+                                    batch.cache.row(b), prefix_lens=anchors)
     # Each path as a chain: root, z_1..z_K; q at chain node i drew node i + 1.
     chain = torch.cat((torch.zeros(S, 1, dtype=torch.int64, device=device), node), 1)
     logits = scored.logits[:, chain]                                   # [C, S, K+1, V]
@@ -219,8 +220,6 @@ def m_step(step, batch, head, h0, kv, records, gen):
         loss = loss + cfg.lambda_car * car
         metrics["car_kl"] = car_kl
     if cfg.lambda_tok > 0:
-        from .eagle3 import eagle3_loss
-
         tok, _ = eagle3_loss(step, batch, head, gen, False, cfg.eagle3, (h0, kv))
         loss = loss + cfg.lambda_tok * tok
         metrics["tok"] = float(tok.detach())
