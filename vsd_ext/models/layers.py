@@ -17,13 +17,13 @@ In both modes the new keys/values can be written into a `KVCache` at given posit
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import tree_attention
 from ..tree import persistent
 from .config import ModelConfig
 
@@ -263,20 +263,11 @@ class AttentionContext:
             # queries whose outputs are dropped (their keys/values are what matters).
             P = past_k.shape[1]
             q_all = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
-            out = _tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
-                                  self.tree_mask)
+            out, _ = tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
+                                    self.tree_mask)
             return out[:, P:]
         self.tree_kv.append((k, v))
-        return _tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
-
-
-def _tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask):
-    """`vsd_ext.tree_attention`'s output, calling the registered op directly: its kernels
-    check the same metadata as the Python wrapper, whose duplicate checks are a dozen
-    Python-level steps per layer and decode step."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
-                                            tree_mask, scale)[0]
+        return tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)[0]
 
 
 class DecoderLayer(nn.Module):

@@ -1,4 +1,4 @@
-"""vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (OPS.md section 3).
+"""vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (docs/design/OPS.md section 3).
 
 Per-row weighted cross-entropy with hard or soft (teacher-logit) targets, returning per-row losses
 and the log-sum-exp of the drafter's logits. The fused linear variant computes the logits
@@ -11,84 +11,64 @@ fused forward computes the gradients of ``sum(loss_rows)`` while the logits chun
 backward rescales them when the upstream gradient of ``loss_rows`` is the same on every
 contributing row (the usual ``loss_rows.sum() / norm``) and nothing flows into ``lse``, and
 otherwise recomputes the logits once (see ``weighted_linear_cross_entropy``).
+
+The C++ ops check every argument and value; the wrappers add what only Python sees
+(``chunk_size=None``, which gradients to precompute). The fake kernels check the metadata
+themselves (the same checks as csrc/weighted_ce_args.h): fake and meta tensors never reach C++.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .checks import FLOATS, check_dtype, check_positive, check_rank, check_tensor, fail
+
 _OPS = torch.ops.vsd_ext
-
-
-def _fail(arg: str, msg: str):
-    raise ValueError(f"vsd_ext: argument '{arg}': {msg}")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dtypes(dtypes) -> str:
-    return " or ".join(str(d) for d in dtypes)
-
-
-def _check_tensor(t, arg: str, shape, dtypes, ref: Tensor, ref_name: str):
-    if not isinstance(t, Tensor):
-        _fail(arg, f"expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        _fail(arg, f"expected shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        _fail(arg, f"expected dtype {_dtypes(dtypes)}, got {t.dtype}")
-    if t.device != ref.device:
-        _fail(arg, f"expected device {ref.device} (that of '{ref_name}'), got {t.device}")
-
-
-def _check_2d(t, arg: str, dtypes):
-    if not isinstance(t, Tensor) or t.dim() != 2:
-        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        _fail(arg, f"expected a 2-D tensor, got {shape}")
-    if t.dtype not in dtypes:
-        _fail(arg, f"expected dtype {_dtypes(dtypes)}, got {t.dtype}")
-
-
-def _check_rows(targets, row_weights, soft_targets, M, V, ref, ref_name, ignore_index, soft_temperature):
-    _check_tensor(targets, "targets", (M,), (torch.int64,), ref, ref_name)
-    _check_tensor(row_weights, "row_weights", (M,), (torch.float32,), ref, ref_name)
+def _check_rows(targets, row_weights, soft_targets, M, V, ref, ref_name, ignore_index,
+                soft_temperature):
+    check_tensor(targets, "targets", (M,), (torch.int64,), ref, ref_name)
+    check_tensor(row_weights, "row_weights", (M,), (torch.float32,), ref, ref_name)
     if soft_targets is not None:
-        _check_tensor(soft_targets, "soft_targets", (M, V), _FLOAT_DTYPES, ref, ref_name)
+        check_tensor(soft_targets, "soft_targets", (M, V), FLOATS, ref, ref_name)
     if not isinstance(ignore_index, int):
-        _fail("ignore_index", f"expected an int, got {type(ignore_index).__name__}")
-    if not (isinstance(soft_temperature, (int, float)) and math.isfinite(soft_temperature) and soft_temperature > 0):
-        _fail("soft_temperature", f"expected a finite value > 0, got {soft_temperature}")
+        fail("ignore_index", f"expected an int, got {type(ignore_index).__name__}")
+    check_positive(soft_temperature, "soft_temperature")
 
 
-def _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index, soft_temperature):
-    _check_2d(logits, "logits", _FLOAT_DTYPES)
-    M, V = logits.shape
+def _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index,
+                       soft_temperature):
+    """The fake kernels' checks (`vsd_ext.ops.checks`) of the non-fused op."""
+    M, V = check_rank(logits, "logits", 2, "[M, V]")
+    check_dtype(logits, "logits", FLOATS)
     if V < 1:
-        _fail("logits", f"expected at least one class, got shape {list(logits.shape)}")
-    _check_rows(targets, row_weights, soft_targets, M, V, logits, "logits", ignore_index, soft_temperature)
+        fail("logits", f"expected at least one class, got shape {list(logits.shape)}")
+    _check_rows(targets, row_weights, soft_targets, M, V, logits, "logits", ignore_index,
+                soft_temperature)
 
 
-def _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk_size):
-    _check_2d(hidden, "hidden", _FLOAT_DTYPES)
-    M, H = hidden.shape
-    _check_2d(weight, "weight", (hidden.dtype,))
-    if weight.device != hidden.device:
-        _fail("weight", f"expected device {hidden.device} (that of 'hidden'), got {weight.device}")
-    V = weight.shape[0]
-    if weight.shape[1] != H or V < 1:
-        _fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' {list(hidden.shape)}), "
-              f"got {list(weight.shape)}")
+def _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                       soft_temperature, chunk_size):
+    """The fake kernels' checks (`vsd_ext.ops.checks`) of the fused op."""
+    M, H = check_rank(hidden, "hidden", 2, "[M, H]")
+    check_dtype(hidden, "hidden", FLOATS)
+    V, Hw = check_rank(weight, "weight", 2, "[V, H]")
+    check_dtype(weight, "weight", (hidden.dtype,))
+    if Hw != H or V < 1:
+        fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' "
+             f"{list(hidden.shape)}), got {list(weight.shape)}")
+    check_tensor(weight, "weight", (V, H), (hidden.dtype,), hidden, "hidden")
     if bias is not None:
-        _check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
-    _check_rows(targets, row_weights, soft_targets, M, V, hidden, "hidden", ignore_index, soft_temperature)
+        check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
+    _check_rows(targets, row_weights, soft_targets, M, V, hidden, "hidden", ignore_index,
+                soft_temperature)
     if not (isinstance(chunk_size, int) and chunk_size >= 0):
-        _fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
 
 
 # ---- non-fused variant --------------------------------------------------------------------------
@@ -120,7 +100,6 @@ def weighted_cross_entropy(
         ignored rows. ``lse``: ``[M]`` same dtype, ``logsumexp(logits)`` of every row (ignored ones
         too); differentiable (``d lse / d logits = softmax``), e.g. for a z-loss.
     """
-    _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index, soft_temperature)
     loss, lse, _ = _OPS.weighted_cross_entropy_forward(
         logits, targets, row_weights, soft_targets, ignore_index, float(soft_temperature))
     return loss, lse
@@ -224,11 +203,9 @@ def weighted_linear_cross_entropy(
         ignored rows. ``lse``: ``[M]`` same dtype, log-sum-exp of every row's logits;
         differentiable.
     """
-    chunk = 0 if chunk_size is None else chunk_size
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        _fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
-    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk)
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")  # the op's 0 = None
+    chunk = 0 if chunk_size is None else chunk_size
     track = precompute_grad and torch.is_grad_enabled()
     grad_mask = [track and hidden.requires_grad, track and weight.requires_grad,
                  track and bias is not None and bias.requires_grad]
