@@ -3,13 +3,15 @@ decoding) and at T > 0 (chi-square of the first tokens against the target's exac
 distribution), for both tree flavours and batches of mixed prompt lengths; the oracle's τ;
 rows finishing independently (stop ids, stop strings, max tokens); statistics; errors."""
 import dataclasses
+import json
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from vsd_ext.decoding import OracleDrafter, generate
-from vsd_ext.decoding import DraftTree, TreeConfig, build_tree
+from vsd_ext.app.cli import main
+from vsd_ext.decoding import DraftTree, OracleDrafter, TreeConfig, build_tree, generate
 from vsd_ext.models import Drafter, Target, load_drafter, parse_config
 
 
@@ -267,12 +269,6 @@ def test_sampling_distribution_is_the_targets(sampled, temperature, gen, seed):
 # ---- the `vsd generate` command ----------------------------------------------------------
 
 def test_cli_generate(target, references, tmp_path, capsys, seed):
-    import json
-
-    from safetensors.torch import save_file
-
-    from vsd_ext.app.cli import main
-
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
               "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
               "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,

@@ -9,12 +9,15 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import vsd_ext
 from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
+from vsd_ext.models.layers import Linear, rope_cos_sin, rope_tables
+from vsd_ext.tree import build_tree_mask, tree_depths
 
 V = 97
 ARCHS = {
@@ -283,8 +286,6 @@ def test_drafter_fast_paths_match_checked_ones(checkpoints, tmp_path, gen):
     """grow_tree (mask and depths given, nothing re-derived) == tree_step; logits_at gives
     the same rows as all logits; prefill(logits=False) caches the same keys/values; a bf16
     drafter (fp32 target features and states cast on entry) stays close to the fp32 one."""
-    from vsd_ext.tree import build_tree_mask, tree_depths
-
     target = load_target(checkpoints["llama3"][0])
     drafter = Drafter.for_target(target, seed=7)
     B, P, N, Vd = 2, 6, 9, drafter.draft_vocab_size
@@ -328,10 +329,6 @@ def test_packed_bf16_linear(gen):
     """bf16 inference reuses a oneDNN-packed weight: the same result as F.linear, bitwise
     (when oneDNN runs bf16 here; else the plain path), repacked after the weight changes,
     and never used with grad enabled."""
-    import torch.nn.functional as F
-
-    from vsd_ext.models.layers import Linear
-
     lin = Linear(48, 80, bias=True).to(torch.bfloat16)
     x = torch.randn(2, 3, 48, generator=gen).to(torch.bfloat16)
     with torch.inference_mode():
@@ -356,8 +353,6 @@ def test_packed_bf16_linear(gen):
 def test_drafter_rope_lookup_is_exact(checkpoints):
     """The drafter's cached RoPE tables give the directly computed values, bitwise, for
     positions inside the table, a padding node's −1 and positions past its end."""
-    from vsd_ext.models.layers import rope_cos_sin, rope_tables
-
     target = load_target(checkpoints["llama3"][0])
     drafter = Drafter.for_target(target, seed=1)
     limit = drafter.config["max_position_embeddings"]
@@ -378,11 +373,12 @@ def test_fused_drafter_projections(checkpoints, gen, dtype):
     x = torch.randn(2, 5, 128, generator=gen).to(dtype)
     cos = torch.randn(2, 5, 32, generator=gen).to(dtype)
     sin = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    rope = rope_tables(cos, sin)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for _ in range(2):
         with torch.no_grad():
-            fused = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
-        separate = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+            fused = layer.self_attn.qkv(x, rope) + (layer.mlp(x[..., :64]),)
+        separate = layer.self_attn.qkv(x, rope) + (layer.mlp(x[..., :64]),)
         for a, b in zip(fused, separate):
             assert torch.allclose(a.float(), b.detach().float(), atol=tol, rtol=tol)
         with torch.no_grad():

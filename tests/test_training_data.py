@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from vsd_ext import train_drafter
 from vsd_ext.decoding import generate
 from vsd_ext.training.data import (BatchOrder, ChatRenderer, DataSplits, TokenDataset,
                                    jsonl_splits, load_chat_template, regenerate)
@@ -139,8 +140,6 @@ def test_saved_splits_roundtrip(tmp_path):
 
 
 def test_trainer_regenerates_once_and_keeps_the_dataset(tiny, tmp_path):
-    from vsd_ext import train_drafter
-
     _, target = tiny
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": words(*range(1, 30, k))} for k in
                                                (1, 2, 3, 4, 5, 1, 2)])

@@ -38,6 +38,15 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.max_length = max_length
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over existing keys/values `[layers, B, L, Hkv, D]`, every position
+        committed: e.g. training's step-0 keys/values, which keep their autograd graph."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_length = k, v, None
+        cache.lengths = torch.full((k.shape[1],), k.shape[2], dtype=torch.int64, device=k.device)
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]

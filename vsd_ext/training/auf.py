@@ -23,7 +23,7 @@ def auf_loss(step, batch, head, gen, want_metrics: bool):
     cfg = step.config.auf
     ids, mask = batch.input_ids, batch.loss_mask
     T = ids.shape[1]
-    hiddens = unroll(step.drafter, step.target.embed_tokens, ids, batch.features, cfg.steps)
+    hiddens = unroll(step.drafter, ids, batch.features, cfg.steps)
     alive = None  # [B, T−1]: every step so far matched (match only exists on kept rows)
     kept_hidden, kept_targets = [], []
     for j, h in enumerate(hiddens):

@@ -30,7 +30,7 @@ def heldout_kl(step, data, batch_size: int = 4) -> float:
         mask = data.loss_mask[start:start + batch_size].to(step.target.device)
         batch = target_pass(step.target, ids, mask)
         with step.autocast():
-            h0, _ = causal_pass(step.drafter, step.target.embed_tokens, ids[:, 1:],
+            h0, _ = causal_pass(step.drafter, ids[:, 1:],
                                 batch.features[:, :-1])
             valid = step_rows(ids, mask, 0)
             soft = step.vocab.restrict(batch.logits[:, 1:][valid])

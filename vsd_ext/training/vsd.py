@@ -64,7 +64,7 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
     anchors `[B, C]`. Returns (z `[B, C, S, K]` draft ids, q `[B, C, S, K, Vd]` the
     distribution each z_i was drawn from, hidden `[B, C, S, K+1, H]`: the root state then
     the level-i node states, with gradient)."""
-    drafter, vocab, embed = step.drafter, step.vocab, step.target.embed_tokens
+    drafter, vocab = step.drafter, step.vocab
     B, C = anchors.shape
     S, K, tau = cfg.paths, cfg.depth, cfg.sample_temperature
     R = B * C
@@ -77,7 +77,7 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
     past = None
     for d in range(1, K + 1):
         positions = (prefix - 1 + d)[:, None].expand(R, S)
-        h, past = tree_level(drafter, embed, vocab.target_ids[z], hs[-1], positions, kv,
+        h, past = tree_level(drafter, vocab.target_ids[z], hs[-1], positions, kv,
                              prefix, chain_mask(d, anchors.device, S), past)
         hs.append(h)
         if d < K:
@@ -236,7 +236,7 @@ def m_step(step, batch, head, h0, kv, records, gen):
 
 
 def vsd_loss(step, batch, head, gen, want_metrics: bool):
-    h0, kv = causal_pass(step.drafter, step.target.embed_tokens, batch.input_ids[:, 1:],
+    h0, kv = causal_pass(step.drafter, batch.input_ids[:, 1:],
                          batch.features[:, :-1])
     records = e_step(step, batch, h0, kv, gen)
     return m_step(step, batch, head, h0, kv, records, gen)
