@@ -1,8 +1,10 @@
 """The package's layout (docs/design/ARCHITECTURE.md): rooms import only the rooms below them,
 no import cycles, no project imports hidden inside functions, references independent of the
-code they check."""
+code they check, and short functions."""
 import ast
 from pathlib import Path
+
+import pytest
 
 
 PACKAGE = Path(__file__).resolve().parent.parent / "vsd_ext"
@@ -17,6 +19,7 @@ LEVELS = {
     "eval": 5, "training": 5,
     "app": 6,
 }
+MAX_FUNCTION_LINES = 100  # the goal is 60
 
 
 def modules():
@@ -122,3 +125,17 @@ def test_references_import_no_code_they_check():
         if room(module) == "reference":
             for name, line, _ in project_imports(module, path):
                 assert room(name) in ("reference", "tree"), f"{module}:{line} imports {name}"
+
+
+@pytest.mark.parametrize("directory", ["vsd_ext", "tests", "bench", "python"])
+def test_functions_are_short(directory):
+    root = PACKAGE.parent / directory
+    long = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(root.parent)}:{node.lineno} "
+                                f"{node.name}: {lines} lines")
+    assert not long, "\n".join(long)

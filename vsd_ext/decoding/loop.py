@@ -1,6 +1,7 @@
 """The speculative decoding loop: `generate(target, drafter, prompts, ...)`.
 
-One step, for every unfinished row at once:
+`prefill` fills the target's cache with the prompts and draws each row's first token; then
+`speculative_step`, for every unfinished row at once:
 
     1. draft      the proposer grows a tree per row below the last emitted token (the root):
                   `DrafterProposer` (proposer.py) for an EAGLE-3 drafter, or any object with
@@ -10,6 +11,9 @@ One step, for every unfinished row at once:
                   row: accepted draft tokens + one correction/bonus token
     3. commit     KV compaction of the accepted path in the target's cache; the proposer gets
                   the emitted tokens and the target features of the accepted nodes
+
+and `drop_finished`:
+
     4. finish     rows stop independently (EOS / stop tokens, stop strings, max_new_tokens)
                   and leave the batch (their cache rows are dropped)
 
@@ -81,14 +85,22 @@ class _Timer:
 
 
 class _Rows:
-    """Per-row outputs and stopping rules (EOS / stop ids, stop strings, max_new_tokens)."""
+    """Per-row outputs and stopping rules (EOS / stop ids, stop strings, max_new_tokens).
+    ``stop``: extra stop ids (ints) and stop strings (str, decoded with the target's
+    tokenizer); the target's EOS ids stop a row unless ``ignore_eos``."""
 
-    def __init__(self, B, max_new_tokens, stop_ids, stop_strings, tokenizer, callback):
+    def __init__(self, target, B, max_new_tokens, stop, ignore_eos, callback):
+        stop = list(stop or [])
+        self.stop_strings = [s for s in stop if isinstance(s, str)]
+        if self.stop_strings and target.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: the target has none")
+        self.stop_ids = {int(s) for s in stop if not isinstance(s, str)}
+        if not ignore_eos:
+            self.stop_ids |= _eos_ids(target)
         self.tokens = [[] for _ in range(B)]
         self.reasons = ["length"] * B
         self.max_new = max_new_tokens
-        self.stop_ids, self.stop_strings = stop_ids, stop_strings
-        self.tokenizer, self.callback = tokenizer, callback
+        self.tokenizer, self.callback = target.tokenizer, callback
 
     def add(self, row: int, new: list[int]) -> bool:
         """Append ``new`` to ``row`` (cut at a stop); True when the row is finished."""
@@ -121,7 +133,8 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
 
     target: a `vsd_ext.models.Target`. drafter: None, a `vsd_ext.Drafter` (trees per
     ``tree``), or a proposer object (`OracleDrafter`, or anything with ``num_nodes``,
-    ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token ids, one list or a list of lists (any lengths).
+    ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token
+    ids, one list or a list of lists (any lengths).
     temperature: 0 → greedy; > 0 → sampling at that temperature (lossless). tree:
     `TreeConfig` (default depth 4, topk 4, total_tokens 12; ``sampled=True`` for trees drawn
     from the drafter). stop: extra stop token ids (ints) and stop strings (str, decoded with
@@ -140,107 +153,131 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = as_batch(prompts)
-    tree = tree or TreeConfig()
-    stop = list(stop or [])
-    stop_strings = [s for s in stop if isinstance(s, str)]
-    if stop_strings and target.tokenizer is None:
-        raise ValueError("stop strings need a tokenizer: the target has none")
-    stop_ids = {int(s) for s in stop if not isinstance(s, str)}
-    if not ignore_eos:
-        stop_ids |= _eos_ids(target)
-    device, B = target.device, len(prompts)
-    timer = _Timer(device)
+    rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
+    timer = _Timer(target.device)
+    state = _Decoding(target, _proposer(drafter, tree or TreeConfig(), temperature, generator),
+                      temperature, generator)
 
-    if drafter is None:
-        proposer = None
-    elif hasattr(drafter, "propose"):
-        proposer = drafter
-    else:
-        proposer = DrafterProposer(drafter, tree, temperature, generator)
-    nodes = 1 if proposer is None else proposer.num_nodes  # N of every verified tree
+    first = prefill(state, prompts, max_new_tokens)
+    drop_finished(state, [rows.add(b, [token]) for b, token in enumerate(first)])
+    timer.lap("prefill")
+    while state.active:
+        emitted = speculative_step(state, timer)
+        drop_finished(state, [rows.add(b, new) for b, new in zip(state.active, emitted)])
+        timer.lap(None)
+    return GenerationOutput(rows.tokens, rows.reasons, _stats(state, rows, timer))
 
-    # ---- prefill: the prompts (right-padded), then the first token from the last logits.
+
+class _Decoding:
+    """The state of one `generate` call: the target, the proposer (None: autoregressive),
+    the sampling settings; the rows still decoding (``active``: indices into the prompts),
+    the target's ``cache`` of those rows and each row's last emitted token (``roots``: the
+    next tree's root); the statistics so far."""
+
+    def __init__(self, target, proposer, temperature: float, generator):
+        self.target, self.proposer = target, proposer
+        self.temperature, self.generator = temperature, generator
+        self.num_nodes = 1 if proposer is None else proposer.num_nodes  # N of every tree
+        self.cache = self.roots = self.root_parents = None
+        self.active: list[int] = []
+        self.hist = torch.zeros(self.num_nodes, dtype=torch.int64)  # row-forwards per accepted
+        self.forwards = 0
+        self.mode = ""
+
+    def verify(self, logits: torch.Tensor, tree: DraftTree):
+        """`verify_tree` of the trees (T = 0: greedy; trees that carry the drafter's q were
+        sampled from it and are verified against it)."""
+        self.mode = ("greedy" if self.temperature == 0 else
+                     "sampled" if tree.draft_probs is not None else "target_only")
+        return verify_tree(logits, tree.tokens, tree.parents, draft_probs=tree.draft_probs,
+                           mode=self.mode, temperature=self.temperature or 1.0,
+                           generator=self.generator)
+
+
+def _proposer(drafter, tree: TreeConfig, temperature: float, generator):
+    """None (autoregressive decoding), the drafter itself when it is a proposer (anything
+    with ``propose``, e.g. `OracleDrafter`), or a `DrafterProposer` of an EAGLE-3 drafter."""
+    if drafter is None or hasattr(drafter, "propose"):
+        return drafter
+    return DrafterProposer(drafter, tree, temperature, generator)
+
+
+def prefill(state: _Decoding, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
+    """Prefill the prompts (right-padded) into a new cache, draw every row's first token from
+    its last logits (a one-node tree: the last prompt token) and start the proposer.
+    Returns the first tokens."""
+    target, device, B = state.target, state.target.device, len(prompts)
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
     ids = torch.full((B, int(lengths.max())), -1, dtype=torch.int64, device=device)
     for b, p in enumerate(prompts):
         ids[b, :len(p)] = torch.tensor(p, dtype=torch.int64)
-    capacity = ids.shape[1] + max_new_tokens + nodes + 1
-    cache = target.new_cache(B, capacity)
-    out = target.prefill(ids, cache, lengths)
-    rows_idx = torch.arange(B, device=device)
-    last = lengths - 1
-    root_only = torch.full((B, 1), -1, dtype=torch.int64, device=device)
-    mode = "greedy" if temperature == 0 else "target_only"
-    _, first, _ = verify_tree(out.logits[rows_idx, last][:, None], ids[rows_idx, last][:, None],
-                              root_only, mode=mode, temperature=temperature or 1.0,
-                              generator=generator)
-    roots = first[:, 0]
-    if proposer is not None:
-        proposer.start(ids, lengths, out.features, roots, capacity)
-    rows = _Rows(B, max_new_tokens, stop_ids, stop_strings, target.tokenizer, callback)
-    active = [b for b, t in enumerate(roots.tolist()) if not rows.add(b, [t])]
-    keep = torch.tensor(active, dtype=torch.int64, device=device)
-    hist = torch.zeros(nodes, dtype=torch.int64)
-    forwards = 0
-    if len(active) < B:
-        cache.keep_rows(keep)
-        roots = roots[keep]
-        if proposer is not None:
-            proposer.keep(keep)
-    timer.lap("prefill")
+    capacity = ids.shape[1] + max_new_tokens + state.num_nodes + 1
+    state.cache = target.new_cache(B, capacity)
+    out = target.prefill(ids, state.cache, lengths)
+    rows, last = torch.arange(B, device=device), lengths - 1
+    state.root_parents = torch.full((B, 1), -1, dtype=torch.int64, device=device)
+    root_only = DraftTree(ids[rows, last][:, None], state.root_parents)
+    _, first, _ = state.verify(out.logits[rows, last][:, None], root_only)
+    state.roots, state.active = first[:, 0], list(range(B))
+    if state.proposer is not None:
+        state.proposer.start(ids, lengths, out.features, state.roots, capacity)
+    return state.roots.tolist()
 
-    # ---- speculative steps
-    while active:
-        if proposer is None:
-            draft = DraftTree(roots[:, None], root_only[: len(active)])
-        else:
-            draft = proposer.propose(roots)
-        timer.lap("draft")
-        # Trees that carry the drafter's q were sampled from it: verify against q.
-        mode = ("greedy" if temperature == 0 else
-                "sampled" if draft.draft_probs is not None else "target_only")
-        scored = target.tree_verify(draft.tokens, draft.parents, cache)
-        accepted, emitted, num = verify_tree(
-            scored.logits, draft.tokens, draft.parents, draft_probs=draft.draft_probs,
-            mode=mode, temperature=temperature or 1.0, generator=generator)
-        target.commit(cache, accepted)
-        timer.lap("verify")
-        if proposer is not None:
-            features = scored.features.gather(1, accepted.clamp(min=0)[..., None].expand(
-                -1, -1, scored.features.shape[-1]))
-            proposer.advance(emitted, num, features)
-        roots = emitted.gather(1, num[:, None])[:, 0]
-        forwards += 1
-        hist += torch.bincount(num.cpu(), minlength=nodes)
-        emitted_lists, counts = emitted.tolist(), (num + 1).tolist()
-        finished = [rows.add(b, emitted_lists[i][:counts[i]]) for i, b in enumerate(active)]
-        if any(finished):
-            kept = [i for i, f in enumerate(finished) if not f]
-            active = [active[i] for i in kept]
-            keep = torch.tensor(kept, dtype=torch.int64, device=device)
-            cache.keep_rows(keep)
-            roots = roots[keep]
-            if proposer is not None and active:
-                proposer.keep(keep)
-        timer.lap(None)
 
+def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
+    """One step for every active row (module docstring): draft a tree below the root,
+    verify all trees with one target forward, commit the accepted paths to the cache, give
+    the proposer what was emitted. Returns each row's emitted tokens (accepted + 1)."""
+    if state.proposer is None:  # autoregressive decoding: the root alone
+        tree = DraftTree(state.roots[:, None], state.root_parents[:len(state.active)])
+    else:
+        tree = state.proposer.propose(state.roots)
+    timer.lap("draft")
+    scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache)
+    accepted, emitted, num = state.verify(scored.logits, tree)
+    state.target.commit(state.cache, accepted)
+    timer.lap("verify")
+    if state.proposer is not None:  # the target features of the accepted nodes, root first
+        features = scored.features.gather(1, accepted.clamp(min=0)[..., None].expand(
+            -1, -1, scored.features.shape[-1]))
+        state.proposer.advance(emitted, num, features)
+    state.roots = emitted.gather(1, num[:, None])[:, 0]
+    state.forwards += 1
+    state.hist += torch.bincount(num.cpu(), minlength=state.num_nodes)
+    return [row[:n] for row, n in zip(emitted.tolist(), (num + 1).tolist())]
+
+
+def drop_finished(state: _Decoding, finished: list[bool]) -> None:
+    """Finished rows leave the batch: their rows of the cache, roots and proposer go."""
+    if not any(finished):
+        return
+    kept = [i for i, done in enumerate(finished) if not done]
+    state.active = [state.active[i] for i in kept]
+    keep = torch.tensor(kept, dtype=torch.int64, device=state.target.device)
+    state.cache.keep_rows(keep)
+    state.roots = state.roots[keep]
+    if state.proposer is not None and state.active:
+        state.proposer.keep(keep)
+
+
+def _stats(state: _Decoding, rows: _Rows, timer: _Timer) -> dict:
     total = time.perf_counter() - timer.t0
     new_tokens = sum(len(t) for t in rows.tokens)
-    row_forwards = int(hist.sum())
+    row_forwards = int(state.hist.sum())
     spent = timer.totals
-    stats = {
-        "tau": float((hist * torch.arange(1, nodes + 1)).sum()) / max(row_forwards, 1),
-        "target_forwards": forwards,
+    emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
+    return {
+        "tau": float(emitted) / max(row_forwards, 1),
+        "target_forwards": state.forwards,
         "row_forwards": row_forwards,
-        "acceptance_histogram": hist.tolist(),
+        "acceptance_histogram": state.hist.tolist(),
         "new_tokens": new_tokens,
         "tokens_per_second": new_tokens / total,
         "time_s": {"prefill": spent["prefill"], "draft": spent["draft"],
                    "verify": spent["verify"],
                    "other": total - spent["prefill"] - spent["draft"] - spent["verify"],
                    "total": total},
-        "mode": mode,
-        "temperature": temperature,
-        "batch_size": B,
+        "mode": state.mode,
+        "temperature": state.temperature,
+        "batch_size": len(rows.tokens),
     }
-    return GenerationOutput(rows.tokens, rows.reasons, stats)

@@ -10,7 +10,25 @@ Autograd (register_autograd on the internal forward ops) gives gradients w.r.t. 
 fused forward computes the gradients of ``sum(loss_rows)`` while the logits chunk is hot; its
 backward rescales them when the upstream gradient of ``loss_rows`` is the same on every
 contributing row (the usual ``loss_rows.sum() / norm``) and nothing flows into ``lse``, and
-otherwise recomputes the logits once (see ``weighted_linear_cross_entropy``).
+otherwise recomputes the logits once.
+
+Chunks (``chunk_size``: logits elements per chunk, rows x vocabulary entries). The default is
+1,024 rows (which keeps the per-chunk GEMMs compute-bound), capped at 2^25 logits on CPU
+(128 MiB fp32) and 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16 gradient). A chunk holds at
+least one whole row when gradients are computed; without them, rows longer than the chunk
+stream through vocabulary tiles with an online log-sum-exp. When only some rows are active, a
+chunk's rows (and soft targets) are gathered copies of the same size.
+
+Precomputed gradients (``precompute_grad``). A backward whose upstream gradient is uniform over
+the rows that contribute (the usual ``loss_rows.sum() / norm``; per-row scales belong in
+``row_weights``) and does not reach ``lse`` then costs no GEMM: 6MHV FLOPs in total.
+Otherwise the backward recomputes the logits once (2MHV, plus 2MHV per gradient it still
+needs: up to 12MHV in total with precomputation, 8MHV without). Gradient GEMMs skip rows that
+cannot have a gradient (ignored targets, zero row weights; 4MHV becomes 4·M_active·HV), at the
+cost of one host synchronization per call. Memory: precomputation keeps fp32 ``[V, H]`` and
+``[M, H]`` unit gradients from forward to backward, where the scaled gradients are allocated
+next to them; without it the backward accumulates straight into the gradients (peak about one
+fp32 ``[V, H]`` + ``[M, H]`` + one chunk).
 
 The C++ ops check every argument and value; the wrappers add what only Python sees
 (``chunk_size=None``, which gradients to precompute). The fake kernels check the metadata
@@ -178,25 +196,13 @@ def weighted_linear_cross_entropy(
         bias: ``[V]`` dtype of ``weight``, or None. Differentiable.
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
-        chunk_size: logits elements per chunk (rows x vocabulary entries); None = 1,024 rows
-            (which keeps the per-chunk GEMMs compute-bound), capped at 2^25 logits on CPU
-            (128 MiB fp32) and 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16 gradient). A chunk holds at least one
-            whole row when gradients are computed; without them, rows longer than the chunk
-            stream through vocabulary tiles with an online log-sum-exp. When only some rows are
-            active, a chunk's rows (and soft targets) are gathered copies of the same size.
+        chunk_size: logits elements per chunk (rows x vocabulary entries); None: 1,024 rows,
+            capped (module docstring).
         precompute_grad: compute the gradients of ``sum(loss_rows)`` in the forward (only when
-            grad mode is on and ``hidden`` / ``weight`` / ``bias`` require grad). Then a backward
-            whose upstream gradient is uniform over the rows that contribute (the usual
-            ``loss_rows.sum() / norm``; per-row scales belong in ``row_weights``) and does not
-            reach ``lse`` costs no GEMM: 6MHV FLOPs in total. Otherwise the backward recomputes
-            the logits once (2MHV, plus 2MHV per gradient it still needs: up to 12MHV in total
-            with precomputation, 8MHV without). Gradient GEMMs skip rows that cannot have a
-            gradient (ignored targets, zero row weights; 4MHV becomes 4·M_active·HV), at the
-            cost of one host synchronization per call. Pass False when the upstream gradient is known to
-            vary per row or to flow into ``lse`` (z-loss). Memory: precomputation keeps fp32
-            ``[V, H]`` and ``[M, H]`` unit gradients from forward to backward, where the scaled
-            gradients are allocated next to them; without it the backward accumulates straight
-            into the gradients (peak about one fp32 ``[V, H]`` + ``[M, H]`` + one chunk).
+            grad mode is on and ``hidden`` / ``weight`` / ``bias`` require grad): a backward
+            with a uniform upstream gradient then costs no GEMM (module docstring). Pass False
+            when the upstream gradient is known to vary per row or to flow into ``lse``
+            (z-loss).
 
     Returns:
         ``loss_rows``: ``[M]`` float32 (float64 for float64 inputs), ``row_weights * CE``, 0 on
