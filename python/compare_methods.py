@@ -183,7 +183,8 @@ def main() -> None:
     p.add_argument("--vsd-set", action="append", default=None, metavar="KEY=VALUE",
                    help="TrainConfig overrides of the vsd runs (default: the settings of "
                         "vsd_ext.app.demo.VSD_SETTINGS except depth: 4 anchors x 4 paths, "
-                        "lambda_tok 1, soft ARW targets; give 'none' for METHOD.md's defaults)")
+                        "lambda_tok 1, soft ARW targets; give 'none' for the defaults of "
+                        "docs/design/METHOD.md)")
     p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
                    choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
     p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")

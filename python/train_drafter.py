@@ -7,7 +7,8 @@
 2. `vsd_ext.train_drafter(target, OUT/eagle3, method="eagle3", data=...)`: an EAGLE-3 drafter
    from scratch.
 3. `vsd_ext.train_drafter(target, OUT/vsd, method="vsd", init=OUT/eagle3)`: the EM objective
-   of METHOD.md, starting from that drafter (every METHOD.md constant is a `vsd` option).
+   of docs/design/METHOD.md, starting from that drafter (every constant there is a `vsd`
+   option).
 4. τ of both at T = 0 and T = 1 (speculative decoding on held-out prompts).
 
 Both runs save an EAGLE-3 checkpoint (`vsd_ext.load_drafter(dir, target)`) and resume exactly

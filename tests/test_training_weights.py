@@ -1,4 +1,5 @@
-"""ARW / CAR weights (METHOD.md): ESS bound, uniform reduction, reach probabilities, confidence."""
+"""ARW / CAR weights (docs/design/METHOD.md): ESS bound, uniform reduction, reach
+probabilities, confidence."""
 import math
 
 import pytest

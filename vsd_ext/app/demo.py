@@ -6,7 +6,7 @@
                  (`assets/default_drafter`) or of VSD (`assets/default_drafter_vsd`), see
                  their training_info.json — each trained further with its own method for the
                  same wall-clock budget on the same data: `eagle3` and `vsd` (the EM objective
-                 of METHOD.md)
+                 of docs/design/METHOD.md)
     3. evaluate  autoregressive, eagle3 and vsd decoding at T = 0 and T = 1 on held-out
                  prompts (`vsd_ext.eval.evaluate`: τ, tokens/s, speedup, lossless check)
     4. report    the table on stdout, ``<out>/report.json`` and ``<out>/report.png``
@@ -46,8 +46,9 @@ SHIPPED = {"eagle3": "default", "vsd": "default-vsd"}  # the drafter each fine-t
 UNROLL = 5  # eagle3 training-time-test steps = VSD path depth = the decoding chain's depth
 # VSD settings of the shipped VSD drafter and of the method comparison's `vsd` runs (the best
 # of the variants tried there on seed 0): 4 anchors × 4 paths, soft (Rao-Blackwellized) ARW
-# targets, and the EAGLE-3 term kept at weight 1 (METHOD.md's defaults — 8 × 8, hard targets,
-# no EAGLE-3 term — lost τ in that comparison; see README, "Training methods compared").
+# targets, and the EAGLE-3 term kept at weight 1 (the defaults of docs/design/METHOD.md — 8 × 8,
+# hard targets, no EAGLE-3 term — lost τ in that comparison; see README, "Training methods
+# compared").
 VSD_SETTINGS = dict(depth=UNROLL, anchors=4, paths=4, lambda_tok=1.0, arw_target="soft")
 
 

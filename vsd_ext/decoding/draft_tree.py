@@ -68,16 +68,12 @@ class TreeConfig:
     sampled: draw children without replacement from the drafter (verified against ``q``)
         instead of taking its top-k (ignored at temperature 0, where trees are top-k).
 
-    Defaults suit the embedded default target on a CPU, where verifying N tree nodes costs
-    about as much as N more tokens (compute-bound; 25 nodes ≈ 2× one token at B = 1) and a
-    drafter forward about a fifth to a third of a target forward. Measured there at B = 1
-    (drafting cost of an untrained EAGLE-3 head, τ of an emulated drafter with ~70% top-1
-    acceptance), depth 4 / topk 4 / 12 nodes was the fastest of trees with 6 to 24 nodes;
-    at B = 4 smaller trees (depth 3, topk 2) win. With the trained drafters shipped for that
-    target (2026-11-29, after the drafting-overhead cuts), a depth-5 chain (topk 1,
-    total_tokens 5) is the fastest there: 1.3–1.5× autoregressive decoding at T = 0 against
-    1.0–1.1× for these defaults (`vsd demo` and the decode benchmark use the chain). On a GPU, where verification is
-    memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8, 48–64 nodes).
+    The defaults suit the embedded default target on a CPU at batch size 1, where verifying
+    each extra tree node costs real compute; with the trained drafters shipped for it a
+    depth-5 chain (topk 1, total_tokens 5) is faster, and `vsd demo` and the decode
+    benchmark use that (measurements: docs/results/decoding_overheads_2026-11-29.md). On a
+    GPU, where verification is memory-bound, EAGLE-style larger trees pay off (e.g. depth 6,
+    topk 8, 48–64 nodes).
     """
 
     depth: int = 4

@@ -48,8 +48,8 @@ class LosslessConfig:
     """Size of the T > 0 test (one per method and temperature).
 
     samples: continuations decoded in all (one batch), split evenly over ``prompts``
-    contexts (256 × 3 tokens: about 2 s for autoregressive decoding and 5 s for an EAGLE-3
-    drafter with the embedded target on one busy CPU core; 38 expected per bin).
+    contexts (256 × 3 tokens: 38 expected per bin; its cost on a CPU:
+    docs/results/decoding_overheads_2026-11-29.md).
     prompts: how many evaluation prompts provide a context. context: the last ``context``
     tokens of each prompt (short, so the batched prefill of every row stays cheap;
     any context tests the decoding machinery). tokens: generated tokens checked per row (the

@@ -59,8 +59,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            owner: nn.Module, name: str) -> torch.Tensor:
     """`F.linear`, except for bf16 inference on a CPU: a plain bf16 `F.linear` there goes
     through oneDNN, which re-packs the weight into its blocked layout at every call, and for
-    decode-sized inputs (a few rows) that costs more than the product (the draft LM head,
-    256 × 4096: 61 µs per row-vector call, 36 µs packed). The packed weight is cached on
+    decode-sized inputs (a few rows) that costs more than the product
+    (docs/results/decoding_overheads_2026-11-29.md). The packed weight is cached on
     `owner` (see `module_cache`); the result is the same oneDNN product, bitwise. Training
     (grad enabled) and other dtypes take `F.linear`."""
     if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -81,8 +81,9 @@ class Linear(nn.Linear):
 def fused_linear(x: torch.Tensor, layers: tuple[Linear, ...]) -> torch.Tensor:
     """The outputs of several `Linear`s that read the same `x`, concatenated along the last
     dimension, from one GEMM over their concatenated weights (cached on the first layer, see
-    `module_cache`). At decode sizes a GEMM call costs mostly a fixed ~50–90 µs once the
-    target's forward has evicted the weights from the caches, so fewer calls are faster.
+    `module_cache`). At decode sizes a GEMM call costs mostly a fixed overhead once the
+    target's forward has evicted the weights from the caches, so fewer calls are faster
+    (docs/results/decoding_overheads_2026-11-29.md).
     The rounding may differ from separate GEMMs: for inference of the drafter only (its
     precision never affects losslessness)."""
     head = layers[0]

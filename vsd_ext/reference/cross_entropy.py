@@ -1,4 +1,4 @@
-"""Pure-PyTorch specification of the weighted cross-entropy ops (OPS.md, section 3).
+"""Pure-PyTorch specification of the weighted cross-entropy ops (docs/design/OPS.md, section 3).
 
 Materializes the [M, V] logits and uses F.cross_entropy(reduction="none"): slow, memory-hungry and
 obviously correct. Computes in float32 (float64 for float64 inputs); pass float64 inputs for an

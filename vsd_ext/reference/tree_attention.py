@@ -1,7 +1,7 @@
 """Reference tree-mask attention: a dense boolean mask over [prefix | tree] keys and plain
 softmax attention, in float64 by default. Slow and obviously correct: the tests' oracle.
 
-Contract: shared/design/OPS.md section 1 (same arguments as `vsd_ext.tree_attention`).
+Contract: docs/design/OPS.md section 1 (same arguments as `vsd_ext.tree_attention`).
 """
 from __future__ import annotations
 

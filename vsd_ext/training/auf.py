@@ -1,4 +1,4 @@
-"""The `auf` objective: Accept-Until-Fail (METHOD.md, baselines).
+"""The `auf` objective: Accept-Until-Fail (docs/design/METHOD.md, baselines).
 
 The same training-time-test unroll as eagle3, with hard targets. At column c the greedy
 draft ĝ_j(c) = argmax q_j(c) either matches the ground truth x_{c+2+j} or not; step j is

@@ -1,4 +1,4 @@
-"""The `eagle3` objective: training-time test with soft targets (METHOD.md, baselines).
+"""The `eagle3` objective: training-time test with soft targets (docs/design/METHOD.md, baselines).
 
     L = Σ_{j<K} decay^j · (1/n_j) Σ_{c valid at j} CE( softmax(l_{c+1+j}|_{Vd} / τ_s), q_j(c) )
 

@@ -1,4 +1,4 @@
-"""The `vsd` objective: one EM step of Variational Speculative Decoding (METHOD.md).
+"""The `vsd` objective: one EM step of Variational Speculative Decoding (docs/design/METHOD.md).
 
 E-step, per sequence of the micro-batch (C = anchors, S = paths, K = depth, τ = sample
 temperature; the sequence's target KV cache comes from the target's pass):
@@ -22,10 +22,11 @@ M-step:
       + λ_tok · eagle3 loss                                           (optional)
 The emitted token e_{s,i} is predicted at the path's node of depth i − 1 (the root for
 i = 1); accepted prefixes coincide with the sampled path, so every row reads a hidden state
-the E-step already computed. CAR's CE differs from METHOD.md's KL by the teacher entropy,
-a constant: metrics report the KL. Both terms are fused weighted CE calls (no logits).
+the E-step already computed. CAR's CE differs from the KL(p‖q) it stands for by the teacher
+entropy, a constant: metrics report the KL. Both terms are fused weighted CE calls (no logits).
+docs/design/METHOD.md, "Known problems", says where this misses the objective it aims at.
 
-Option `arw_target="soft"` (not in METHOD.md; default "emitted"): each ARW row's hard
+Option `arw_target="soft"` (default "emitted"): each ARW row's hard
 emitted token is replaced by the target's whole distribution at that node (already scored in
 step 3) — the conditional expectation of the emitted token's one-hot given the path prefix,
 a lower-variance (Rao-Blackwellized) estimate of the same likelihood term when the weights
