@@ -24,14 +24,15 @@ import os
 
 import pytest
 import torch
+from conftest import DECODE
 
 import vsd_ext
 from vsd_ext import corpus
 from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
 from vsd_ext.models import Drafter
 
-MAX_NEW = 48
-PROMPT_TOKENS = 64
+MAX_NEW = DECODE["max_new_tokens"]
+PROMPT_TOKENS = DECODE["prompt_tokens"]
 TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
 CHAIN = TreeConfig(depth=5, topk=1, total_tokens=5)
 
@@ -68,7 +69,7 @@ def make_drafter(kind, target, prompts):
 # trained drafter only when VSD_DRAFTER names one (no "trained" cases otherwise).
 TRAINED = not os.environ.get("VSD_TARGET") or bool(os.environ.get("VSD_DRAFTER"))
 KINDS = ("oracle", "untrained", "trained") if TRAINED else ("oracle", "untrained")
-CASES = [(kind, B, T) for kind in KINDS for B in (1, 4) for T in (0.0,)]
+CASES = [(kind, B, T) for kind in KINDS for B in DECODE["batch_sizes"] for T in (0.0,)]
 CASES += [("untrained", 4, 1.0)] + ([("trained", 1, 1.0), ("trained", 4, 1.0)] if TRAINED
                                     else [])
 

@@ -4,34 +4,21 @@ The baseline gets its best case: K/V of [cache | tree] concatenated, heads-first
 layouts and the boolean [B, 1, N, L + N] mask (prefix visible, tree bits unpacked) are built
 outside the timed region; SDPA runs with enable_gqa (no K/V expansion). Both providers are
 checked to agree once before timing. Shapes: N = 64 tree nodes, Hq = 32, Hkv = 8, D = 128,
-every row seeing its full prefix L. CPU: float32, B in {1, 8} x L in {512, 2048}; CUDA:
-bfloat16, B in {1, 8} x L in {512, 2048, 8192}, with achieved TFLOP/s and % of the H200
-floor (790 TFLOP/s bf16 dense, 4.3 TB/s) in extra_info.
+every row seeing its full prefix L. Shapes: `TREE_ATTENTION` in bench/conftest.py (CPU
+float32, CUDA bfloat16, with achieved TFLOP/s and % of the H200 floor in extra_info).
 """
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import H200_BYTES_PER_S, H200_FLOPS_PER_S, TREE_ATTENTION, cases, sync
 
 import vsd_ext
 from vsd_ext import tree
 from vsd_ext.reference.tree_attention import dense_visibility
 
-N, HQ, HKV, D = 64, 32, 8, 128
-H200_TFLOPS, H200_TBPS = 790.0, 4.3
-
-CPU_SHAPES = [(1, 512), (1, 2048), (8, 512), (8, 2048)]
-CUDA_SHAPES = [(b, l) for b in (1, 8) for l in (512, 2048, 8192)]
-CASES = [pytest.param("cpu", torch.float32, b, l, id=f"cpu-fp32-B{b}-L{l}") for b, l in CPU_SHAPES] + [
-    pytest.param(
-        "cuda",
-        torch.bfloat16,
-        b,
-        l,
-        id=f"cuda-bf16-B{b}-L{l}",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"),
-    )
-    for b, l in CUDA_SHAPES
-]
+N, HQ, HKV, D = (TREE_ATTENTION[k] for k in ("N", "Hq", "Hkv", "D"))
+CASES = [case for device in ("cpu", "cuda")
+         for case in cases(device, *TREE_ATTENTION[device], lambda s: f"B{s[0]}-L{s[1]}")]
 
 
 def problem(device, dtype, B, L):
@@ -67,11 +54,6 @@ def cost(B, L, dtype, backward):
     return fwd_flops * 7 // 2, fwd_bytes + 3 * q_bytes + kv_bytes
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(benchmark, provider, device, dtype, B, L, fn, backward):
     flops, moved = cost(B, L, dtype, backward)
     kind = "fwd+bwd" if backward else "fwd"
@@ -87,8 +69,8 @@ def run(benchmark, provider, device, dtype, B, L, fn, backward):
     info["tflops"] = flops / seconds / 1e12
     info["tbps"] = moved / seconds / 1e12
     if device == "cuda":
-        info["pct_flop_floor"] = 100 * info["tflops"] / H200_TFLOPS
-        info["pct_bw_floor"] = 100 * info["tbps"] / H200_TBPS
+        info["pct_flop_floor"] = 100 * info["tflops"] * 1e12 / H200_FLOPS_PER_S
+        info["pct_bw_floor"] = 100 * info["tbps"] * 1e12 / H200_BYTES_PER_S
 
 
 def sdpa_fn(sdpa):

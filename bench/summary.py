@@ -16,8 +16,7 @@ import argparse
 import json
 from collections import defaultdict
 
-H200_BYTES_PER_S = 4.3e12   # measured copy bandwidth (docs/design/ARCHITECTURE.md)
-H200_FLOPS_PER_S = 790e12   # measured dense bf16 GEMM rate
+from conftest import H200_BYTES_PER_S, H200_FLOPS_PER_S
 
 
 def _fmt_time(seconds: float) -> str:
