@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import vsd_ext
 from vsd_ext import tree
-from vsd_ext.reference.tree_attention import tree_attention_reference
+from vsd_ext.reference.tree_attention import tree_attention as tree_attention_reference
 
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

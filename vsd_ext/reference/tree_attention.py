@@ -21,7 +21,7 @@ def dense_visibility(prefix_lens: torch.Tensor, tree_mask: torch.Tensor, cache_l
     return torch.cat([prefix, unpack_tree_mask(tree_mask, n)], dim=-1)
 
 
-def tree_attention_reference(
+def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
