@@ -3,7 +3,7 @@ import hashlib
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
 
 from vsd_ext import corpus
 
@@ -45,19 +45,16 @@ def fake_stdlib(tmp_path):
     return tmp_path
 
 
-def word_tokenizer():
-    vocab = {w: i for i, w in enumerate(["<|endoftext|>", "x", "=", "1", "y", "2", "z", "3",
-                                         "[UNK]"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return tok
+def small_tokenizer():
+    words = ["<|endoftext|>", "x", "=", "1", "y", "2", "z", "3", "[UNK]"]
+    return word_tokenizer({w: i for i, w in enumerate(words)}, "[UNK]")
 
 
 def test_token_helpers_on_a_fake_root(tmp_path):
     root = fake_stdlib(tmp_path)
     names = [p.relative_to(root).as_posix() for p in corpus.stdlib_files("all", root)]
     assert names == ["a.py", "pkg/b.py"]
-    tok = word_tokenizer()
+    tok = small_tokenizer()
     stream = corpus.token_stream(tok, "all", root)
     assert stream.tolist() == [1, 2, 3, 0, 4, 2, 5, 6, 2, 7, 0]  # files end with EOT (0)
     assert stream.dtype == torch.int64

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from helpers import word_tokenizer
+from tokenizers import Tokenizer
 
 import vsd_ext
 from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
@@ -39,15 +40,9 @@ ARCHS = {
 }
 
 
-def write_tokenizer(directory):
-    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def make_checkpoint(directory, arch: str, seed: int, layers: int = 4):
-    """A random HF checkpoint (weights scaled up so logits are O(1), not ~0)."""
+    """A random HF checkpoint written by `transformers` (the reference the logits are
+    compared with; weights scaled up so logits are O(1), not ~0)."""
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(vocab_size=V, hidden_size=64, intermediate_size=96,
                         num_hidden_layers=layers, max_position_embeddings=512,
@@ -62,7 +57,8 @@ def make_checkpoint(directory, arch: str, seed: int, layers: int = 4):
                 p.copy_(torch.randn_like(p) * (0.3 if "bias" in name else 0.12))
     shard = {"max_shard_size": "40KB"} if arch.endswith("sharded") else {}
     model.save_pretrained(directory, **shard)
-    write_tokenizer(directory)
+    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
+    word_tokenizer(vocab, "[UNK]").save(str(directory / "tokenizer.json"))
     return model
 
 

@@ -16,7 +16,7 @@ from vsd_ext.training.objective import LossHead, TrainStep, target_pass
 from vsd_ext.training.trainer import Trainer
 
 import reference_objectives as ref
-from training_utils import random_dataset, write_tiny_target
+from helpers import random_dataset, write_tiny_target
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from vsd_ext.decoding import generate
 from vsd_ext.training.data import (BatchOrder, ChatRenderer, DataSplits, TokenDataset,
                                    jsonl_splits, load_chat_template, regenerate)
 
-from training_utils import write_tiny_target
+from helpers import write_tiny_target
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
             "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from vsd_ext.app.cli import main
 from vsd_ext.training.data import DataSplits
 
-from training_utils import random_dataset, write_tiny_target
+from helpers import random_dataset, write_tiny_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
