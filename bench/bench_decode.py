@@ -24,12 +24,13 @@ import os
 
 import pytest
 import torch
-from conftest import DECODE
 
 import vsd_ext
 from vsd_ext import corpus
 from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
 from vsd_ext.models import Drafter
+
+from conftest import DECODE
 
 MAX_NEW = DECODE["max_new_tokens"]
 PROMPT_TOKENS = DECODE["prompt_tokens"]

@@ -6,10 +6,11 @@ with draft tokens drawn from a noisy copy of the target, so walks accept a few t
 """
 import pytest
 import torch
-from conftest import VERIFY_TREE, cases, sync
 
 import vsd_ext
 from vsd_ext.reference.verify_tree import verify_tree as reference
+
+from conftest import VERIFY_TREE, cases, sync
 
 LEVELS = VERIFY_TREE["levels"]
 N_NODES = 1 + sum(n for n, _ in LEVELS)

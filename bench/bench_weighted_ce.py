@@ -3,19 +3,22 @@
 Providers (benchmark.extra_info["provider"]):
   vsd_ext          the fused op: loss_rows (and lse), never materializing the [M, V] logits
   torch            h @ W.T -> F.cross_entropy(reduction="none") * w  (the PyTorch way)
-  torch_linear_ce  F.linear_cross_entropy(h, W, t, reduction="none", options=LinearCrossEntropyOptions()) * w,
-                   PyTorch's chunked fused op (when the installed torch has it; it has no per-row weights,
-                   so the rows are weighted after it)
-Modes: "fwd" runs under torch.no_grad (evaluation); "fwd+bwd" is a training step: loss_rows.sum() and
-backward into hidden and weight (FLOPs 6MHV for every provider; the chunked torch op recomputes, 8MHV).
+  torch_linear_ce  F.linear_cross_entropy(h, W, t, reduction="none",
+                   options=LinearCrossEntropyOptions()) * w, PyTorch's chunked fused op (when the
+                   installed torch has it; it has no per-row weights, so the rows are weighted
+                   after it)
+Modes: "fwd" runs under torch.no_grad (evaluation); "fwd+bwd" is a training step: loss_rows.sum()
+and backward into hidden and weight (FLOPs 6MHV for every provider; the chunked torch op
+recomputes, 8MHV).
 
-Peak memory (extra_info["peak_bytes"]): the extra memory one call needs on top of its inputs, including
-the gradients it leaves in .grad. CUDA: torch.cuda.max_memory_allocated() minus the allocation before
-the call, after a warm-up call, in this process. CPU: each (provider, shape, mode) runs in a fresh
-Python subprocess (`python bench/bench_weighted_ce.py --peak ...`): inputs, one warm-up call, outputs
-and gradients freed, then the kernel's peak-RSS counter is reset (`5` into /proc/self/clear_refs) and the
-measured call's VmHWM minus the VmRSS before it is the peak extra resident memory (a page never
-touched does not count; freed memory is not double-counted). extra_info["peak_method"] says which.
+Peak memory (extra_info["peak_bytes"]): the extra memory one call needs on top of its inputs,
+including the gradients it leaves in .grad. CUDA: torch.cuda.max_memory_allocated() minus the
+allocation before the call, after a warm-up call, in this process. CPU: each (provider, shape,
+mode) runs in a fresh Python subprocess (`python bench/bench_weighted_ce.py --peak ...`): inputs,
+one warm-up call, outputs and gradients freed, then the kernel's peak-RSS counter is reset (`5`
+into /proc/self/clear_refs) and the measured call's VmHWM minus the VmRSS before it is the peak
+extra resident memory (a page never touched does not count; freed memory is not double-counted).
+extra_info["peak_method"] says which.
 
 extra_info["cpu_seconds_min"]: the least process CPU time (all threads) of one call: on a machine
 shared with other jobs, wall times of providers measured minutes apart differ by the load of the
@@ -38,9 +41,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from conftest import WEIGHTED_CE, cases, sync
 
 import vsd_ext
+
+from conftest import WEIGHTED_CE, cases, sync
 
 HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy")
 PROVIDERS = ["vsd_ext", "torch"] + (["torch_linear_ce"] if HAS_LINEAR_CE else [])
@@ -115,15 +119,18 @@ def peak_bytes(provider, mode, M, H, V, dtype, device, call):
         call()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
                 "peak_method": "torch.cuda.max_memory_allocated delta after a warm-up call"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode, str(M), str(H), str(V),
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode,
+           str(M), str(H), str(V),
            str(dtype).removeprefix("torch.")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def validate(M, H, V, dtype, device):
-    """The providers agree (loss rows and gradients) on the first rows of the shape, outside timing."""
+    """The providers agree (loss rows and gradients) on the first rows of the shape, outside
+    timing."""
     rows = min(M, 512)
     h, W, t, w = make_inputs(M, H, V, dtype, device, True)
     h = h.detach()[:rows].requires_grad_(True)
@@ -142,9 +149,11 @@ def validate(M, H, V, dtype, device):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
-    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"), required=True)
+    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
+                        required=True)
     provider, mode, M, H, V, dtype = parser.parse_args().peak
-    print(json.dumps(measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))))
+    peak = measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))
+    print(json.dumps(peak))
     sys.exit(0)
 
 import pytest  # noqa: E402  (not needed by the --peak subprocess)
@@ -182,8 +191,8 @@ def test_weighted_linear_ce(benchmark, provider, mode, device, dtype, M, H, V):
     inputs = make_inputs(M, H, V, dtype, device, mode == "fwd+bwd")
     call = make_call(provider, mode, inputs)
     benchmark.group = f"weighted_linear_ce {mode} M={M} H={H} V={V} {str(dtype)[6:]} {device}"
-    benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, dtype=str(dtype)[6:], device=device,
-                                flops=(2 if mode == "fwd" else 6) * M * H * V)
+    benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, device=device,
+                                dtype=str(dtype)[6:], flops=(2 if mode == "fwd" else 6) * M * H * V)
     benchmark.extra_info.update(peak_bytes(provider, mode, M, H, V, dtype, device, call))
     _timed(benchmark, call, device)
 

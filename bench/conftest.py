@@ -17,7 +17,7 @@ H200_FLOPS_PER_S = 790e12   # measured dense bf16 GEMM rate
 TREE_ATTENTION = {
     "N": 64, "Hq": 32, "Hkv": 8, "D": 128,
     "cpu": (torch.float32, [(1, 512), (1, 2048), (8, 512), (8, 2048)]),
-    "cuda": (torch.bfloat16, [(b, l) for b in (1, 8) for l in (512, 2048, 8192)]),
+    "cuda": (torch.bfloat16, [(b, n) for b in (1, 8) for n in (512, 2048, 8192)]),
 }
 # verify_tree: EAGLE-style trees, level sizes and how many nodes of the previous level get
 # children (1 + 8 + 16 + 16 + 12 + 8 + 3 = 64 nodes); (mode, B rows, V vocabulary) per device.

@@ -79,7 +79,8 @@ def summarize(data: dict) -> list[dict]:
 
 def render(rows: list[dict], markdown: bool) -> str:
     cols = ["group", "baseline", "vsd_ext", "baseline_time", "speedup", "memory", "rate"]
-    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "peak memory", "vsd_ext rate"]
+    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "peak memory",
+             "vsd_ext rate"]
     table = [heads] + [[r[c] for c in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(cols)]

@@ -3,9 +3,10 @@ import hashlib
 
 import pytest
 import torch
-from helpers import word_tokenizer
 
 from vsd_ext import corpus
+
+from helpers import word_tokenizer
 
 
 def test_split_is_deterministic_and_disjoint():

@@ -6,12 +6,12 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import chi2_pvalue, save_checkpoint, tiny_target, word_tokenizer
 
 from vsd_ext.app.cli import main
-from vsd_ext.decoding import DraftTree, OracleDrafter, TreeConfig, build_tree, generate
+from vsd_ext.decoding import OracleDrafter, TreeConfig, build_tree, generate
 from vsd_ext.models import Drafter, load_drafter
 
+from helpers import chi2_pvalue, save_checkpoint, tiny_target, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

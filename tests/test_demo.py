@@ -4,7 +4,6 @@ import json
 
 from vsd_ext.app.cli import main
 
-
 TINY = ["--minutes", "0.03", "--rows", "8", "--num-prompts", "1", "--max-new-tokens", "6",
         "--no-progress"]
 

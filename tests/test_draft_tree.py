@@ -1,16 +1,17 @@
-"""Draft tree builder (vsd_ext.decoding.draft_tree): topology, best-k selection against a brute-force
-EAGLE-2 reference, sampled children (distinct, distributed as draws without replacement),
-draft_probs, and the EAGLE-3 drafter driven through it (feature alignment, cache writes)."""
+"""Draft tree builder (vsd_ext.decoding.draft_tree): topology, best-k selection against a
+brute-force EAGLE-2 reference, sampled children (distinct, distributed as draws without
+replacement), draft_probs, and the EAGLE-3 drafter driven through it (feature alignment, cache
+writes)."""
 import math
 
 import pytest
 import torch
-from helpers import chi2_pvalue, tiny_target
 
 from vsd_ext.decoding import DrafterProposer, TreeConfig, build_tree, child_slots
 from vsd_ext.models import Drafter
 from vsd_ext.tree import tree_depths
 
+from helpers import chi2_pvalue, tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext.eval import harness
 from vsd_ext.app.cli import main
 from vsd_ext.decoding import generate
-from vsd_ext.eval import (LosslessConfig, evaluate, format_table, heldout_prompts,
-                                read_prompts_jsonl, write_report)
+from vsd_ext.eval import (
+    LosslessConfig,
+    evaluate,
+    format_table,
+    harness,
+    heldout_prompts,
+    read_prompts_jsonl,
+    write_report,
+)
 from vsd_ext.eval.stats import bootstrap_ratio_ci
 
 CHECK = LosslessConfig(samples=128, prompts=2)

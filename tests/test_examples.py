@@ -51,7 +51,7 @@ def test_train_drafter(tmp_path):
                       "--no-progress", timeout=300, OMP_NUM_THREADS="1")
     for name in ("eagle3", "vsd"):
         assert (tmp_path / name / "model.safetensors").is_file()
-        line = next(l for l in out.splitlines() if l.startswith(name))
+        line = next(row for row in out.splitlines() if row.startswith(name))
         assert float(line.split("T=0 ")[1].split()[0]) >= 1.0
     summary = (tmp_path / "vsd" / "summary.json").read_text()
     assert '"method": "vsd"' in summary

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
 PACKAGE = Path(__file__).resolve().parent.parent / "vsd_ext"
 
 # Rooms, bottom to top: a module may import its own room and the rooms of lower levels only.

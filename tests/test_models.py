@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
-from helpers import word_tokenizer
 from tokenizers import Tokenizer
 
 import vsd_ext
 from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
 from vsd_ext.models.layers import Linear, rope_cos_sin, rope_tables
 from vsd_ext.tree import build_tree_mask, tree_depths
+
+from helpers import word_tokenizer
 
 V = 97
 ARCHS = {

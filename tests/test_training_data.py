@@ -7,8 +7,15 @@ import torch
 
 from vsd_ext import train_drafter
 from vsd_ext.decoding import generate
-from vsd_ext.training.data import (BatchOrder, ChatRenderer, DataSplits, TokenDataset,
-                                   jsonl_splits, load_chat_template, regenerate)
+from vsd_ext.training.data import (
+    BatchOrder,
+    ChatRenderer,
+    DataSplits,
+    TokenDataset,
+    jsonl_splits,
+    load_chat_template,
+    regenerate,
+)
 
 from helpers import write_tiny_target
 

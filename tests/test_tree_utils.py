@@ -59,7 +59,8 @@ def test_chain_is_causal(device):
     n = 130
     parents = tree.chain_parents(2, n, device=device)
     dense = tree.unpack_tree_mask(tree.build_tree_mask(parents), n)
-    assert torch.equal(dense, torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(2, n, n))
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    assert torch.equal(dense, causal.expand(2, n, n))
     assert torch.equal(tree.tree_depths(parents), torch.arange(n, device=device).expand(2, n))
     paths = tree.tree_paths(parents)
     assert torch.equal(paths[:, -1], torch.arange(n, device=device).expand(2, n))

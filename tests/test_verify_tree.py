@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-from helpers import chi2_pvalue
 
 import vsd_ext
 from vsd_ext.reference.verify_tree import verify_tree as reference
+
+from helpers import chi2_pvalue
 
 MODES = ["greedy", "target_only", "sampled"]
 P_THRESHOLD = 1e-4  # chi-square tests: a correct kernel fails with probability ~1e-4 per test

@@ -6,8 +6,8 @@ straight down, each using only those below it (docs/design/ARCHITECTURE.md):
 
     app → {eval, training} → decoding → models → tree → ops
 """
-from ._version import __version__
 from ._loader import build_info, load_extension
+from ._version import __version__
 
 load_extension()
 
@@ -15,8 +15,7 @@ from . import corpus, tree  # noqa: E402
 from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
 from .eval import evaluate  # noqa: E402
 from .models import Drafter, load_drafter, load_target  # noqa: E402
-from .ops import (tree_attention, verify_tree, weighted_cross_entropy,  # noqa: E402
-                  weighted_linear_cross_entropy)
+from .ops import tree_attention, verify_tree, weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
 from .training.trainer import train_drafter  # noqa: E402
 
 __all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",

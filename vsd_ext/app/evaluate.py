@@ -8,8 +8,14 @@ from pathlib import Path
 import torch
 
 from .._version import __version__
-from ..eval import (LosslessConfig, evaluate, format_table, heldout_prompts, read_prompts_jsonl,
-                    write_report)
+from ..eval import (
+    LosslessConfig,
+    evaluate,
+    format_table,
+    heldout_prompts,
+    read_prompts_jsonl,
+    write_report,
+)
 from ..models import Drafter, load_drafter, load_target
 from .options import add_tree_args, tree_from_args
 

@@ -106,7 +106,8 @@ def run(trials: int = 20000, vocab: int = 256, seed: int = 0, print_fn=print) ->
                                     None if q is None else q[sub], mode=mode,
                                     temperature=max(temperature, 1.0))
         ref_seconds = (time.perf_counter() - t0) * trials / logits[sub].shape[0]
-        agrees = all(torch.equal(a, b) for a, b in zip((nodes[sub], emitted[sub], accepted[sub]), ref))
+        outputs = (nodes[sub], emitted[sub], accepted[sub])
+        agrees = all(torch.equal(a, b) for a, b in zip(outputs, ref))
         first = emitted[:, 0]
         if mode == "greedy":
             expected = torch.zeros(vocab)
@@ -122,7 +123,8 @@ def run(trials: int = 20000, vocab: int = 256, seed: int = 0, print_fn=print) ->
                      "chi_square_p": p_value,
                      "lossless": p_value > 1e-4 and agrees,
                      "matches_reference": agrees,
-                     "op_rows_per_s": trials / op_seconds, "reference_rows_per_s": trials / ref_seconds})
+                     "op_rows_per_s": trials / op_seconds,
+                     "reference_rows_per_s": trials / ref_seconds})
     print_fn(f"verify_tree on one {n}-node tree, vocab {vocab}, {trials} trials per mode "
              f"(τ = accepted + 1 per verification)")
     print_fn(f"{'mode':<12} {'T':>3} {'τ':>6} {'TV(first token, p)':>20} {'noise':>7} "

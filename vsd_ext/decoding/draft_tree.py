@@ -49,8 +49,8 @@ builder; `vsd_ext.decoding.generate` uses it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -25,7 +25,7 @@ class OracleDrafter:
         self.num_nodes = depth + 1
 
     @classmethod
-    def from_target(cls, target, prompts, max_new_tokens: int, depth: int) -> "OracleDrafter":
+    def from_target(cls, target, prompts, max_new_tokens: int, depth: int) -> OracleDrafter:
         """Oracle of the target's greedy continuation of ``prompts`` (decoded once, plainly)."""
         prompts = as_batch(prompts)
         out = generate(target, None, prompts, max_new_tokens, ignore_eos=True)

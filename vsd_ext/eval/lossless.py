@@ -33,8 +33,8 @@ accepting drafter one verify step emits several of them at once.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -27,16 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..tree import build_tree_mask, chain_mask, tree_depths
 from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from ..tree import build_tree_mask, chain_mask, tree_depths
-from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, module_cache,
-                     rope_cos_sin, rope_tables)
+from .layers import (
+    MLP,
+    Attention,
+    AttentionContext,
+    Linear,
+    RMSNorm,
+    module_cache,
+    rope_cos_sin,
+    rope_tables,
+)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -141,7 +148,7 @@ class Drafter(nn.Module):
     def for_target(cls, target, draft_vocab_size: int | None = None,
                    token_counts: torch.Tensor | None = None,
                    intermediate_size: int | None = None, seed: int = 0,
-                   init_lm_head_from_target: bool = True) -> "Drafter":
+                   init_lm_head_from_target: bool = True) -> Drafter:
         """A freshly initialized drafter for `target`.
 
         draft_vocab_size: size of the reduced vocabulary (default: the full vocabulary);
@@ -168,7 +175,7 @@ class Drafter(nn.Module):
             drafter.lm_head.weight.data.copy_(target.output_weight.detach().float().cpu()[ids])
         return drafter.to(device=target.device, dtype=target.dtype).attach(target)
 
-    def attach(self, target) -> "Drafter":
+    def attach(self, target) -> Drafter:
         """Use `target`'s token embedding (checked against this drafter's sizes)."""
         emb = target.embed_tokens
         if emb.weight.shape != (self.model_config.vocab_size, self.model_config.hidden_size):

@@ -39,7 +39,7 @@ class KVCache:
         self.max_length = max_length
 
     @classmethod
-    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
         """A cache over existing keys/values `[layers, B, L, Hkv, D]`, every position
         committed: e.g. training's step-0 keys/values, which keep their autograd graph."""
         cache = cls.__new__(cls)
@@ -69,7 +69,7 @@ class KVCache:
         self.v = self.v[:, rows]
         self.lengths = self.lengths[rows]
 
-    def row(self, b: int) -> "KVCache":
+    def row(self, b: int) -> KVCache:
         """A view of row b as a one-row cache (e.g. one sequence's prefix, shared by many
         tree rows through `prefix_lens`); writes to it land in this cache."""
         view = copy.copy(self)

@@ -28,7 +28,6 @@ from ..ops import tree_attention
 from ..tree import persistent
 from .config import ModelConfig
 
-
 _ONEDNN_BF16: bool | None = None
 
 
@@ -191,10 +190,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fuse: bool = False):
         super().__init__()
         self.fuse = fuse
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = Linear(H, I, bias=cfg.mlp_bias)
-        self.down_proj = Linear(I, H, bias=cfg.mlp_bias)
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(hidden, inner, bias=cfg.mlp_bias)
+        self.up_proj = Linear(hidden, inner, bias=cfg.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse and not torch.is_grad_enabled():

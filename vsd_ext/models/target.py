@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tree import build_tree_mask, chain_mask, tree_depths
 from .config import ModelConfig
 from .kv_cache import KVCache
-from ..tree import build_tree_mask, chain_mask, tree_depths
 from .layers import AttentionContext, DecoderLayer, RMSNorm, rope_cos_sin, rope_tables
 
 

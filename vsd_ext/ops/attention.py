@@ -100,10 +100,11 @@ def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_
 
 
 @torch.library.register_fake("vsd_ext::tree_attention_backward")
-def _tree_attention_backward_fake(grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
-                                  tree_mask, out, lse, sm_scale):
+def _tree_attention_backward_fake(grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree,
+                                  v_tree, tree_mask, out, lse, sm_scale):
     _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_cache, v_cache, k_tree, v_tree))
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                 for t in (q, k_cache, v_cache, k_tree, v_tree))
 
 
 def _setup_context(ctx, inputs, output):
@@ -120,7 +121,8 @@ def _backward(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     dq, dk_cache, dv_cache, dk_tree, dv_tree = torch.ops.vsd_ext.tree_attention_backward(
-        grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, out, lse, ctx.sm_scale
+        grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, out, lse,
+        ctx.sm_scale
     )
     return dq, dk_cache, dv_cache, None, dk_tree, dv_tree, None, None
 

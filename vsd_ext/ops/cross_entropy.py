@@ -104,12 +104,13 @@ def weighted_cross_entropy(
 
     Args:
         logits: ``[M, V]`` float16 / bfloat16 / float32 / float64 (any row stride). Differentiable.
-        targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get loss
-            0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test is used.
-            An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+        targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get
+            loss 0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test
+            is used. An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
         row_weights: ``[M]`` float32 per-row (not per-class) weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None.
-            Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v log softmax(logits[m])_v``.
+            Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v
+            log softmax(logits[m])_v``.
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
 
@@ -132,8 +133,8 @@ def _ce_forward_fake(logits, targets, row_weights, soft_targets, ignore_index, s
 
 
 @torch.library.register_fake("vsd_ext::weighted_cross_entropy_backward")
-def _ce_backward_fake(grad_loss_rows, grad_lse, logits, targets, row_weights, soft_targets, lse, soft_lse,
-                      ignore_index, soft_temperature):
+def _ce_backward_fake(grad_loss_rows, grad_lse, logits, targets, row_weights, soft_targets, lse,
+                      soft_lse, ignore_index, soft_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -216,16 +217,16 @@ def weighted_linear_cross_entropy(
     grad_mask = [track and hidden.requires_grad, track and weight.requires_grad,
                  track and bias is not None and bias.requires_grad]
     loss, lse, *_ = _OPS.weighted_linear_cross_entropy_forward(
-        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, float(soft_temperature), chunk,
-        grad_mask)
+        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+        float(soft_temperature), chunk, grad_mask)
     return loss, lse
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_forward")
-def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                      chunk_size, grad_mask):
-    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk_size)
+def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                      soft_temperature, chunk_size, grad_mask):
+    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                       soft_temperature, chunk_size)
     (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
     return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
             hidden.new_empty(M if soft_targets is not None else 0, dtype=acc),
@@ -235,9 +236,9 @@ def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, 
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_backward")
-def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets, bias, lse,
-                       soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index, soft_temperature, chunk_size,
-                       output_mask):
+def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets,
+                       bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index,
+                       soft_temperature, chunk_size, output_mask):
     acc = _acc(hidden.dtype)
     return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
             weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
@@ -245,13 +246,13 @@ def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_we
 
 
 def _lce_setup_context(ctx, inputs, output):
-    (hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature, chunk_size,
-     _grad_mask) = inputs
+    (hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
+     chunk_size, _grad_mask) = inputs
     _, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit = output
     ctx.mark_non_differentiable(soft_lse, dhidden_unit, dweight_unit, dbias_unit)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, targets, row_weights, soft_targets, bias, lse, soft_lse, dhidden_unit,
-                          dweight_unit, dbias_unit)
+    ctx.save_for_backward(hidden, weight, targets, row_weights, soft_targets, bias, lse, soft_lse,
+                          dhidden_unit, dweight_unit, dbias_unit)
     ctx.scalars = (ignore_index, soft_temperature, chunk_size)
 
 
@@ -262,10 +263,11 @@ def _lce_backward(ctx, grad_loss_rows, grad_lse, *_unused):
     if not any(mask) or (grad_loss_rows is None and grad_lse is None):
         return none
     saved = ctx.saved_tensors
-    dh, dw, db = _OPS.weighted_linear_cross_entropy_backward(grad_loss_rows, grad_lse, *saved, *ctx.scalars, mask)
-    return (dh if mask[0] else None, dw if mask[1] else None, None, None, None, db if mask[2] else None,
-            None, None, None, None)
+    dh, dw, db = _OPS.weighted_linear_cross_entropy_backward(grad_loss_rows, grad_lse, *saved,
+                                                             *ctx.scalars, mask)
+    return (dh if mask[0] else None, dw if mask[1] else None, None, None, None,
+            db if mask[2] else None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "vsd_ext::weighted_linear_cross_entropy_forward", _lce_backward, setup_context=_lce_setup_context)
+torch.library.register_autograd("vsd_ext::weighted_linear_cross_entropy_forward", _lce_backward,
+                                setup_context=_lce_setup_context)

@@ -177,7 +177,7 @@ class TrainConfig:
     auf: AUFConfig = field(default_factory=AUFConfig)
     vsd: VSDConfig = field(default_factory=VSDConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "save_every",
                      "eval_prompts", "eval_new_tokens", "heldout_sequences"):
@@ -235,7 +235,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Inverse of `to_dict` (unknown keys raise ValueError naming them)."""
         values = dict(values)
         nested = {"eagle3": Eagle3Config, "auf": AUFConfig, "vsd": VSDConfig}

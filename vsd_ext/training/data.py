@@ -62,7 +62,7 @@ class TokenDataset:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    def rows(self, index: torch.Tensor) -> "TokenDataset":
+    def rows(self, index: torch.Tensor) -> TokenDataset:
         return TokenDataset(self.input_ids[index], self.loss_mask[index])
 
     def num_targets(self) -> int:
@@ -89,7 +89,7 @@ class DataSplits:
                     "prompts": self.prompts, "source": self.source}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DataSplits":
+    def load(cls, path: str | Path) -> DataSplits:
         state = torch.load(str(path), weights_only=True)
         try:
             return cls(TokenDataset(*state["train"]), TokenDataset(*state["heldout"]),
