@@ -1,2 +1,3 @@
-"""The `vsd` command line: `cli.py` (entry point and parser), one module per larger command
-(`demo.py`, `verify_demo.py`, `train.py`)."""
+"""The `vsd` command line: `cli.py` (the entry point and parser) and one module per command
+(`demo.py`, `verify_demo.py`, `generate.py`, `evaluate.py`, `train.py`); `options.py` holds the
+options several commands share."""
