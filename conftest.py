@@ -15,7 +15,8 @@ def _under(item, directory: Path) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    unwanted = _DIRS["tests"] if config.getoption("benchmark_only", default=False) else _DIRS["bench"]
+    benchmark_only = config.getoption("benchmark_only", default=False)
+    unwanted = _DIRS["tests"] if benchmark_only else _DIRS["bench"]
     keep = [item for item in items if not _under(item, unwanted)]
     dropped = [item for item in items if _under(item, unwanted)]
     if dropped:

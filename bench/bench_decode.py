@@ -3,7 +3,7 @@ target through the same loop (provider "torch": `generate(target, None, ...)`).
 
 Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU; the environment
 variable VSD_TARGET may name another checkpoint directory). Prompts: the
-first lines of held-out standard-library files (`vsd_ext.data.prompts`), cut to PROMPT_TOKENS.
+first lines of held-out standard-library files (`vsd_ext.corpus.prompts`), cut to PROMPT_TOKENS.
 Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
 the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
 nothing accepted, so the ratio is the drafting + tree-verification overhead) and "trained":
@@ -26,12 +26,14 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext import data
+from vsd_ext import corpus
 from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
 from vsd_ext.models import Drafter
 
-MAX_NEW = 48
-PROMPT_TOKENS = 64
+from conftest import DECODE
+
+MAX_NEW = DECODE["max_new_tokens"]
+PROMPT_TOKENS = DECODE["prompt_tokens"]
 TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
 CHAIN = TreeConfig(depth=5, topk=1, total_tokens=5)
 
@@ -51,7 +53,7 @@ def target():
 
 @pytest.fixture(scope="module")
 def prompt_ids(target):
-    texts = data.prompts("heldout", num_lines=12, limit=4)
+    texts = corpus.prompts("heldout", num_lines=12, limit=4)
     return [target.tokenizer.encode(t).ids[-PROMPT_TOKENS:] for t in texts]
 
 
@@ -68,7 +70,7 @@ def make_drafter(kind, target, prompts):
 # trained drafter only when VSD_DRAFTER names one (no "trained" cases otherwise).
 TRAINED = not os.environ.get("VSD_TARGET") or bool(os.environ.get("VSD_DRAFTER"))
 KINDS = ("oracle", "untrained", "trained") if TRAINED else ("oracle", "untrained")
-CASES = [(kind, B, T) for kind in KINDS for B in (1, 4) for T in (0.0,)]
+CASES = [(kind, B, T) for kind in KINDS for B in DECODE["batch_sizes"] for T in (0.0,)]
 CASES += [("untrained", 4, 1.0)] + ([("trained", 1, 1.0), ("trained", 4, 1.0)] if TRAINED
                                     else [])
 

@@ -4,9 +4,8 @@ The baseline gets its best case: K/V of [cache | tree] concatenated, heads-first
 layouts and the boolean [B, 1, N, L + N] mask (prefix visible, tree bits unpacked) are built
 outside the timed region; SDPA runs with enable_gqa (no K/V expansion). Both providers are
 checked to agree once before timing. Shapes: N = 64 tree nodes, Hq = 32, Hkv = 8, D = 128,
-every row seeing its full prefix L. CPU: float32, B in {1, 8} x L in {512, 2048}; CUDA:
-bfloat16, B in {1, 8} x L in {512, 2048, 8192}, with achieved TFLOP/s and % of the H200
-floor (790 TFLOP/s bf16 dense, 4.3 TB/s) in extra_info.
+every row seeing its full prefix L. Shapes: `TREE_ATTENTION` in bench/conftest.py (CPU
+float32, CUDA bfloat16, with achieved TFLOP/s and % of the H200 floor in extra_info).
 """
 import pytest
 import torch
@@ -16,22 +15,11 @@ import vsd_ext
 from vsd_ext import tree
 from vsd_ext.reference.tree_attention import dense_visibility
 
-N, HQ, HKV, D = 64, 32, 8, 128
-H200_TFLOPS, H200_TBPS = 790.0, 4.3
+from conftest import H200_BYTES_PER_S, H200_FLOPS_PER_S, TREE_ATTENTION, cases, sync
 
-CPU_SHAPES = [(1, 512), (1, 2048), (8, 512), (8, 2048)]
-CUDA_SHAPES = [(b, l) for b in (1, 8) for l in (512, 2048, 8192)]
-CASES = [pytest.param("cpu", torch.float32, b, l, id=f"cpu-fp32-B{b}-L{l}") for b, l in CPU_SHAPES] + [
-    pytest.param(
-        "cuda",
-        torch.bfloat16,
-        b,
-        l,
-        id=f"cuda-bf16-B{b}-L{l}",
-        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"),
-    )
-    for b, l in CUDA_SHAPES
-]
+N, HQ, HKV, D = (TREE_ATTENTION[k] for k in ("N", "Hq", "Hkv", "D"))
+CASES = [case for device in ("cpu", "cuda")
+         for case in cases(device, *TREE_ATTENTION[device], lambda s: f"B{s[0]}-L{s[1]}")]
 
 
 def problem(device, dtype, B, L):
@@ -43,7 +31,8 @@ def problem(device, dtype, B, L):
     q, k_tree, v_tree = randn(B, N, HQ, D), randn(B, N, HKV, D), randn(B, N, HKV, D)
     k_cache, v_cache = randn(B, L, HKV, D), randn(B, L, HKV, D)
     lens = torch.full((B,), L, dtype=torch.int64, device=device)
-    mask = tree.build_tree_mask(tree.random_parents(B, N, generator=torch.Generator().manual_seed(0)).to(device))
+    parents = tree.random_parents(B, N, generator=torch.Generator().manual_seed(0))
+    mask = tree.build_tree_mask(parents.to(device))
     ours = (q, k_cache, v_cache, lens, k_tree, v_tree, mask)
     sdpa = (
         q.transpose(1, 2).contiguous(),
@@ -67,28 +56,23 @@ def cost(B, L, dtype, backward):
     return fwd_flops * 7 // 2, fwd_bytes + 3 * q_bytes + kv_bytes
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(benchmark, provider, device, dtype, B, L, fn, backward):
     flops, moved = cost(B, L, dtype, backward)
     kind = "fwd+bwd" if backward else "fwd"
-    benchmark.group = f"tree_attention {kind} B={B} L={L} N={N} Hq={HQ} Hkv={HKV} D={D} {dtype} {device}"
+    benchmark.group = (f"tree_attention {kind} B={B} L={L} N={N} Hq={HQ} Hkv={HKV} D={D} "
+                       f"{dtype} {device}")
     info = benchmark.extra_info
     info.update(provider=provider, flops=flops, bytes=moved)
     sync(device)
     slow = device == "cpu"
-    benchmark.pedantic(
-        lambda: (fn(), sync(device)), rounds=5 if slow else 20, iterations=1, warmup_rounds=1 if slow else 3
-    )
+    benchmark.pedantic(lambda: (fn(), sync(device)), rounds=5 if slow else 20, iterations=1,
+                       warmup_rounds=1 if slow else 3)
     seconds = benchmark.stats.stats.min
     info["tflops"] = flops / seconds / 1e12
     info["tbps"] = moved / seconds / 1e12
     if device == "cuda":
-        info["pct_flop_floor"] = 100 * info["tflops"] / H200_TFLOPS
-        info["pct_bw_floor"] = 100 * info["tbps"] / H200_TBPS
+        info["pct_flop_floor"] = 100 * info["tflops"] * 1e12 / H200_FLOPS_PER_S
+        info["pct_bw_floor"] = 100 * info["tbps"] * 1e12 / H200_BYTES_PER_S
 
 
 def sdpa_fn(sdpa):
@@ -102,8 +86,14 @@ def test_forward(benchmark, provider, device, dtype, B, L):
     ours, sdpa = problem(device, dtype, B, L)
     with torch.no_grad():
         expected = sdpa_fn(sdpa).transpose(1, 2).float()
-        torch.testing.assert_close(vsd_ext.tree_attention(*ours)[0].float(), expected, atol=2e-2, rtol=2e-2)
-        fn = (lambda: vsd_ext.tree_attention(*ours)) if provider == "vsd_ext" else (lambda: sdpa_fn(sdpa))
+        torch.testing.assert_close(vsd_ext.tree_attention(*ours)[0].float(), expected, atol=2e-2,
+                                   rtol=2e-2)
+        if provider == "vsd_ext":
+            def fn():
+                return vsd_ext.tree_attention(*ours)
+        else:
+            def fn():
+                return sdpa_fn(sdpa)
         run(benchmark, provider, device, dtype, B, L, fn, backward=False)
 
 
@@ -114,7 +104,8 @@ def test_forward_backward(benchmark, provider, device, dtype, B, L):
     ours = [t.requires_grad_() if t.is_floating_point() else t for t in ours]
     sdpa = [t.requires_grad_() if t.is_floating_point() else t for t in sdpa]
     ours_inputs = [ours[i] for i in (0, 1, 2, 4, 5)]
-    grad = torch.randn(B, N, HQ, D, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    grad = torch.randn(B, N, HQ, D, generator=torch.Generator(device=device).manual_seed(1),
+                       device=device).to(dtype)
 
     def ours_step():
         out, _ = vsd_ext.tree_attention(*ours)
@@ -125,5 +116,7 @@ def test_forward_backward(benchmark, provider, device, dtype, B, L):
         return torch.autograd.grad(out, sdpa[:3], grad.transpose(1, 2))
 
     dq_ours, dq_torch = ours_step()[0], torch_step()[0]
-    torch.testing.assert_close(dq_ours.float(), dq_torch.transpose(1, 2).float(), atol=3e-2, rtol=3e-2)
-    run(benchmark, provider, device, dtype, B, L, ours_step if provider == "vsd_ext" else torch_step, backward=True)
+    torch.testing.assert_close(dq_ours.float(), dq_torch.transpose(1, 2).float(), atol=3e-2,
+                               rtol=3e-2)
+    run(benchmark, provider, device, dtype, B, L,
+        ours_step if provider == "vsd_ext" else torch_step, backward=True)

@@ -10,8 +10,9 @@ import torch
 import vsd_ext
 from vsd_ext.reference.verify_tree import verify_tree as reference
 
-# Level sizes and how many nodes of the previous level get children: 1 + 8 + 16 + 16 + 12 + 8 + 3.
-LEVELS = [(8, 1), (16, 4), (16, 4), (12, 4), (8, 4), (3, 3)]
+from conftest import VERIFY_TREE, cases, sync
+
+LEVELS = VERIFY_TREE["levels"]
 N_NODES = 1 + sum(n for n, _ in LEVELS)
 
 
@@ -48,21 +49,8 @@ def make_inputs(B, V, dtype, device, mode, seed=0):
     return dev(logits.to(dtype)), dev(tokens), dev(parents), dev(uniforms), dev(q)
 
 
-SHAPES = [(B, V) for V in (32_000, 128_256) for B in (1, 8, 64)]
-CASES = [("cpu", torch.float32, "target_only", B, V) for B, V in SHAPES]
-CASES += [("cpu", torch.float32, "sampled", 64, 32_000)]
-CASES += [("cuda", torch.bfloat16, mode, B, V)
-          for mode in ("target_only", "sampled") for B, V in SHAPES]
-
-
-def _skip_without(device):
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device visible")
-
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+CASES = [case for device in ("cpu", "cuda")
+         for case in cases(device, *VERIFY_TREE[device], lambda s: f"{s[0]}-B{s[1]}-V{s[2]}")]
 
 
 def _rounds(B, V, provider):
@@ -71,11 +59,9 @@ def _rounds(B, V, provider):
     return 20 if B * V <= 8 * 128_256 else 5
 
 
-@pytest.mark.parametrize("device,dtype,mode,B,V", CASES,
-                         ids=[f"{d}-{str(t)[6:]}-{m}-B{B}-V{V}" for d, t, m, B, V in CASES])
+@pytest.mark.parametrize("device,dtype,mode,B,V", CASES)
 @pytest.mark.parametrize("provider", ["vsd_ext", "torch"])
 def test_verify_tree(benchmark, provider, device, dtype, mode, B, V):
-    _skip_without(device)
     args = make_inputs(B, V, dtype, device, mode)
     op_out = vsd_ext.verify_tree(*args, mode=mode)
     # Validate before timing: rows are independent, so two rows of the reference suffice.
@@ -87,12 +73,12 @@ def test_verify_tree(benchmark, provider, device, dtype, mode, B, V):
     if provider == "vsd_ext":
         def run():
             out = vsd_ext.verify_tree(*args, mode=mode)
-            _sync(device)
+            sync(device)
             return out
     else:
         def run():
             out = reference(*args, mode=mode)
-            _sync(device)
+            sync(device)
             return out
 
     benchmark.group = f"verify_tree {device} {str(dtype)[6:]} {mode} B={B} N={N_NODES} V={V}"

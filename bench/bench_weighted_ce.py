@@ -3,26 +3,30 @@
 Providers (benchmark.extra_info["provider"]):
   vsd_ext          the fused op: loss_rows (and lse), never materializing the [M, V] logits
   torch            h @ W.T -> F.cross_entropy(reduction="none") * w  (the PyTorch way)
-  torch_linear_ce  F.linear_cross_entropy(h, W, t, reduction="none", options=LinearCrossEntropyOptions()) * w,
-                   PyTorch's chunked fused op (when the installed torch has it; it has no per-row weights,
-                   so the rows are weighted after it)
-Modes: "fwd" runs under torch.no_grad (evaluation); "fwd+bwd" is a training step: loss_rows.sum() and
-backward into hidden and weight (FLOPs 6MHV for every provider; the chunked torch op recomputes, 8MHV).
+  torch_linear_ce  F.linear_cross_entropy(h, W, t, reduction="none",
+                   options=LinearCrossEntropyOptions()) * w, PyTorch's chunked fused op (when the
+                   installed torch has it; it has no per-row weights, so the rows are weighted
+                   after it)
+Modes: "fwd" runs under torch.no_grad (evaluation); "fwd+bwd" is a training step: loss_rows.sum()
+and backward into hidden and weight (FLOPs 6MHV for every provider; the chunked torch op
+recomputes, 8MHV).
 
-Peak memory (extra_info["peak_bytes"]): the extra memory one call needs on top of its inputs, including
-the gradients it leaves in .grad. CUDA: torch.cuda.max_memory_allocated() minus the allocation before
-the call, after a warm-up call, in this process. CPU: each (provider, shape, mode) runs in a fresh
-Python subprocess (`python bench/bench_weighted_ce.py --peak ...`): inputs, one warm-up call, outputs
-and gradients freed, then the kernel's peak-RSS counter is reset (`5` into /proc/self/clear_refs) and the
-measured call's VmHWM minus the VmRSS before it is the peak extra resident memory (a page never
-touched does not count; freed memory is not double-counted). extra_info["peak_method"] says which.
+Peak memory (extra_info["peak_bytes"]): the extra memory one call needs on top of its inputs,
+including the gradients it leaves in .grad. CUDA: torch.cuda.max_memory_allocated() minus the
+allocation before the call, after a warm-up call, in this process. CPU: each (provider, shape,
+mode) runs in a fresh Python subprocess (`python bench/bench_weighted_ce.py --peak ...`): inputs,
+one warm-up call, outputs and gradients freed, then the kernel's peak-RSS counter is reset (`5`
+into /proc/self/clear_refs) and the measured call's VmHWM minus the VmRSS before it is the peak
+extra resident memory (a page never touched does not count; freed memory is not double-counted).
+extra_info["peak_method"] says which.
 
 extra_info["cpu_seconds_min"]: the least process CPU time (all threads) of one call: on a machine
 shared with other jobs, wall times of providers measured minutes apart differ by the load of the
 moment, while CPU seconds compare the work done.
 
-CPU shapes are a subset that finishes in a few minutes and includes M=8192, H=1024, V=32000 fp32;
-CUDA shapes (bf16) are M in {2048, 8192} x H in {1024, 4096} x V in {32000, 128256}.
+Shapes: `WEIGHTED_CE` in bench/conftest.py (the CPU set finishes in a few minutes and includes
+M=8192, H=1024, V=32000 fp32; CUDA: bf16). `test_weighted_ce` times the non-fused op on given
+logits against F.cross_entropy(reduction="none") * w.
 """
 from __future__ import annotations
 
@@ -40,11 +44,11 @@ import torch.nn.functional as F
 
 import vsd_ext
 
+from conftest import WEIGHTED_CE, cases, sync
+
 HAS_LINEAR_CE = hasattr(F, "linear_cross_entropy")
 PROVIDERS = ["vsd_ext", "torch"] + (["torch_linear_ce"] if HAS_LINEAR_CE else [])
 MODES = ["fwd", "fwd+bwd"]
-CPU_SHAPES = [(2048, 1024, 32000, torch.float32), (8192, 1024, 32000, torch.float32)]
-CUDA_SHAPES = [(M, H, V, torch.bfloat16) for M in (2048, 8192) for H in (1024, 4096) for V in (32000, 128256)]
 
 
 def make_inputs(M, H, V, dtype, device, requires_grad):
@@ -70,17 +74,16 @@ def loss_rows(provider, h, W, t, w):
 
 def make_call(provider, mode, inputs):
     h, W, t, w = inputs
-    sync = torch.cuda.synchronize if h.is_cuda else (lambda: None)
     if mode == "fwd":
         def call():
             with torch.no_grad():
                 loss_rows(provider, h, W, t, w)
-            sync()
+            sync(h.device)
     else:
         def call():
             h.grad = W.grad = None
             loss_rows(provider, h, W, t, w).sum().backward()
-            sync()
+            sync(h.device)
     return call
 
 
@@ -116,15 +119,18 @@ def peak_bytes(provider, mode, M, H, V, dtype, device, call):
         call()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
                 "peak_method": "torch.cuda.max_memory_allocated delta after a warm-up call"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode, str(M), str(H), str(V),
+    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode,
+           str(M), str(H), str(V),
            str(dtype).removeprefix("torch.")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def validate(M, H, V, dtype, device):
-    """The providers agree (loss rows and gradients) on the first rows of the shape, outside timing."""
+    """The providers agree (loss rows and gradients) on the first rows of the shape, outside
+    timing."""
     rows = min(M, 512)
     h, W, t, w = make_inputs(M, H, V, dtype, device, True)
     h = h.detach()[:rows].requires_grad_(True)
@@ -143,38 +149,25 @@ def validate(M, H, V, dtype, device):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
-    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"), required=True)
+    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
+                        required=True)
     provider, mode, M, H, V, dtype = parser.parse_args().peak
-    print(json.dumps(measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))))
+    peak = measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))
+    print(json.dumps(peak))
     sys.exit(0)
 
 import pytest  # noqa: E402  (not needed by the --peak subprocess)
 
 _validated = set()
+LINEAR_CASES = [case for device in ("cpu", "cuda")
+                for case in cases(device, *WEIGHTED_CE[device], lambda s: "M{}-H{}-V{}".format(*s))]
+LOGITS_CASES = [case for device in ("cpu", "cuda")
+                for case in cases(device, *WEIGHTED_CE[f"logits_{device}"],
+                                  lambda s: "M{}-V{}".format(*s))]
 
 
-def _cases():
-    for M, H, V, dtype in CPU_SHAPES:
-        yield pytest.param("cpu", M, H, V, dtype, id=f"cpu-M{M}-H{H}-V{V}-{str(dtype)[6:]}")
-    for M, H, V, dtype in CUDA_SHAPES:
-        yield pytest.param("cuda", M, H, V, dtype, id=f"cuda-M{M}-H{H}-V{V}-{str(dtype)[6:]}",
-                           marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible"))
-
-
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("device,M,H,V,dtype", list(_cases()))
-def test_weighted_linear_ce(benchmark, provider, mode, device, M, H, V, dtype):
-    key = (device, M, H, V, dtype)
-    if key not in _validated:
-        validate(M, H, V, dtype, device)
-        _validated.add(key)
-    inputs = make_inputs(M, H, V, dtype, device, mode == "fwd+bwd")
-    call = make_call(provider, mode, inputs)
-    benchmark.group = f"weighted_linear_ce {mode} M={M} H={H} V={V} {str(dtype)[6:]} {device}"
-    benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, dtype=str(dtype)[6:], device=device,
-                                flops=(2 if mode == "fwd" else 6) * M * H * V)
-    benchmark.extra_info.update(peak_bytes(provider, mode, M, H, V, dtype, device, call))
+def _timed(benchmark, call, device):
+    """Time `call` (wall, and the least process CPU time of one call in extra_info)."""
     cpu_seconds = []
 
     def timed():
@@ -185,3 +178,55 @@ def test_weighted_linear_ce(benchmark, provider, mode, device, M, H, V, dtype):
     rounds = 2 if device == "cpu" else 10
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info["cpu_seconds_min"] = min(cpu_seconds)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,dtype,M,H,V", LINEAR_CASES)
+def test_weighted_linear_ce(benchmark, provider, mode, device, dtype, M, H, V):
+    key = (device, M, H, V, dtype)
+    if key not in _validated:
+        validate(M, H, V, dtype, device)
+        _validated.add(key)
+    inputs = make_inputs(M, H, V, dtype, device, mode == "fwd+bwd")
+    call = make_call(provider, mode, inputs)
+    benchmark.group = f"weighted_linear_ce {mode} M={M} H={H} V={V} {str(dtype)[6:]} {device}"
+    benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, device=device,
+                                dtype=str(dtype)[6:], flops=(2 if mode == "fwd" else 6) * M * H * V)
+    benchmark.extra_info.update(peak_bytes(provider, mode, M, H, V, dtype, device, call))
+    _timed(benchmark, call, device)
+
+
+def _ce_rows(provider, logits, t, w):
+    if provider == "vsd_ext":
+        return vsd_ext.weighted_cross_entropy(logits, t, w)[0]
+    return F.cross_entropy(logits.float(), t, reduction="none") * w
+
+
+@pytest.mark.parametrize("provider", ["vsd_ext", "torch"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("device,dtype,M,V", LOGITS_CASES)
+def test_weighted_ce(benchmark, provider, mode, device, dtype, M, V):
+    """The non-fused op on given logits `[M, V]` (hard targets, every 16th row ignored)."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    logits = (torch.randn(M, V, generator=gen, device=device) * 2).to(dtype)
+    logits.requires_grad_(mode == "fwd+bwd")
+    t = torch.randint(0, V, (M,), generator=gen, device=device)
+    t[::16] = -100
+    w = torch.rand(M, generator=gen, device=device)
+    want, got = (_ce_rows(p, logits.detach(), t, w) for p in ("torch", "vsd_ext"))
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+    def call():
+        if mode == "fwd":
+            with torch.no_grad():
+                _ce_rows(provider, logits, t, w)
+        else:
+            logits.grad = None
+            _ce_rows(provider, logits, t, w).sum().backward()
+        sync(device)
+
+    benchmark.group = f"weighted_ce {mode} M={M} V={V} {str(dtype)[6:]} {device}"
+    benchmark.extra_info.update(provider=provider, mode=mode, M=M, V=V, dtype=str(dtype)[6:],
+                                device=device, bytes=logits.numel() * logits.element_size())
+    _timed(benchmark, call, device)

@@ -16,8 +16,7 @@ import argparse
 import json
 from collections import defaultdict
 
-H200_BYTES_PER_S = 4.3e12   # measured copy bandwidth (shared/design/ARCHITECTURE.md)
-H200_FLOPS_PER_S = 790e12   # measured dense bf16 GEMM rate
+from conftest import H200_BYTES_PER_S, H200_FLOPS_PER_S
 
 
 def _fmt_time(seconds: float) -> str:
@@ -80,7 +79,8 @@ def summarize(data: dict) -> list[dict]:
 
 def render(rows: list[dict], markdown: bool) -> str:
     cols = ["group", "baseline", "vsd_ext", "baseline_time", "speedup", "memory", "rate"]
-    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "peak memory", "vsd_ext rate"]
+    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "peak memory",
+             "vsd_ext rate"]
     table = [heads] + [[r[c] for c in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(cols)]

@@ -59,7 +59,7 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
     run = out / f"seed{seed}" / name
     if (run / "summary.json").is_file():
         return run
-    cmd = [sys.executable, "-m", "vsd_ext.cli", "train", "--target", args.target,
+    cmd = [sys.executable, "-m", "vsd_ext", "train", "--target", args.target,
            "--method", method, "--out", str(run), "--data", str(data), "--seed", str(seed),
            "--max-minutes", str(minutes), "--budget-clock", args.clock,
            "--max-steps", "1000000", "--schedule", "constant", "--lr", str(lr or args.lr),
@@ -79,14 +79,14 @@ def train(args, name: str, seed: int, method: str, minutes: float, data: Path, o
 def eval_prompts(target, count: int) -> list[list[int]]:
     """The first `count` held-out prompts of the corpus (first lines of held-out files, at
     most 96 tokens; the same list `data.pt` starts with)."""
-    from vsd_ext import data as corpus
+    from vsd_ext import corpus
 
     texts = corpus.prompts("heldout", limit=count)
     return [p[:96] for p in corpus.encode_texts(target.tokenizer, texts)]
 
 
 def evaluate(args, run: Path) -> dict:
-    from vsd_ext.draft_tree import TreeConfig
+    from vsd_ext.decoding import TreeConfig
     from vsd_ext.models import load_drafter, load_target
     from vsd_ext.training.config import TrainConfig
     from vsd_ext.training.data import DataSplits
@@ -182,8 +182,9 @@ def main() -> None:
     p.add_argument("--eval-seed", type=int, default=7)
     p.add_argument("--vsd-set", action="append", default=None, metavar="KEY=VALUE",
                    help="TrainConfig overrides of the vsd runs (default: the settings of "
-                        "vsd_ext.demo.VSD_SETTINGS except depth: 4 anchors x 4 paths, "
-                        "lambda_tok 1, soft ARW targets; give 'none' for METHOD.md's defaults)")
+                        "vsd_ext.app.demo.VSD_SETTINGS except depth: 4 anchors x 4 paths, "
+                        "lambda_tok 1, soft ARW targets; give 'none' for the defaults of "
+                        "docs/design/METHOD.md)")
     p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
                    choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
     p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")

@@ -17,8 +17,7 @@ import argparse
 from pathlib import Path
 
 import vsd_ext
-from vsd_ext.evaluation import (LosslessConfig, evaluate, format_table, heldout_prompts,
-                                write_report)
+from vsd_ext.eval import LosslessConfig, evaluate, format_table, heldout_prompts, write_report
 
 
 def main(argv=None) -> None:

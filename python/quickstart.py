@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     else:
         drafter = vsd_ext.load_drafter(args.drafter, target)
 
-    prompt = vsd_ext.data.prompts("heldout", limit=1)[0]  # unseen code, 12 lines
+    prompt = vsd_ext.corpus.prompts("heldout", limit=1)[0]  # unseen code, 12 lines
     ids = target.tokenizer.encode(prompt).ids
     out = vsd_ext.generate(target, drafter, ids, args.max_new_tokens, args.temperature,
                            tree=vsd_ext.TreeConfig(depth=5, topk=1, total_tokens=5),

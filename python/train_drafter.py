@@ -7,7 +7,8 @@
 2. `vsd_ext.train_drafter(target, OUT/eagle3, method="eagle3", data=...)`: an EAGLE-3 drafter
    from scratch.
 3. `vsd_ext.train_drafter(target, OUT/vsd, method="vsd", init=OUT/eagle3)`: the EM objective
-   of METHOD.md, starting from that drafter (every METHOD.md constant is a `vsd` option).
+   of docs/design/METHOD.md, starting from that drafter (every constant there is a `vsd`
+   option).
 4. τ of both at T = 0 and T = 1 (speculative decoding on held-out prompts).
 
 Both runs save an EAGLE-3 checkpoint (`vsd_ext.load_drafter(dir, target)`) and resume exactly
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     vsd = vsd_ext.train_drafter(target, out / "vsd", method="vsd", init=out / "eagle3",
                                 **common)
 
-    texts = vsd_ext.data.prompts("heldout", limit=4)
+    texts = vsd_ext.corpus.prompts("heldout", limit=4)
     prompts = [target.tokenizer.encode(t).ids[-64:] for t in texts]
     for name, drafter in (("eagle3", eagle3), ("vsd", vsd)):
         taus = {t: tau(target, drafter, t, prompts) for t in (0.0, 1.0)}

@@ -1,6 +1,6 @@
 """Train the small default target that ships in vsd_ext/assets/default_target.
 
-The corpus is the running interpreter's standard library (`vsd_ext.data`, deterministic
+The corpus is the running interpreter's standard library (`vsd_ext.corpus`, deterministic
 train/held-out split by file), its test suites included for training (`--no-tests` leaves
 them out). Steps:
 
@@ -10,7 +10,7 @@ them out). Steps:
    linear warmup then cosine decay to `--min-lr-ratio`·lr, gradient clipping, bf16 autocast
    (CPU or CUDA), `torch.compile` of the loss (`--no-compile` to skip);
 3. held-out perplexity over the whole held-out stream (non-overlapping windows), on the
-   corpus split and on code outside the corpus (`vsd_ext.data.external_files`), and how
+   corpus split and on code outside the corpus (`vsd_ext.corpus.external_files`), and how
    peaked the model is: the mean max-probability of the model on its own T = 1 samples;
 4. a Hugging Face checkpoint directory: config.json, model.safetensors (bf16 by default),
    tokenizer.json, tokenizer_config.json, plus training_info.json (the command, sizes,
@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from vsd_ext import data
+from vsd_ext import corpus
 from vsd_ext.models import Target, parse_config
 
 EOT = "<|endoftext|>"
@@ -168,7 +168,7 @@ def heldout_perplexity(model: Target, stream: torch.Tensor, args,
                        max_windows: int | None = None) -> tuple[float, int]:
     """exp(mean next-token NLL) over non-overlapping windows of a held-out stream (the
     first `max_windows` of them if given)."""
-    rows = data.chunk_stream(stream, args.seq_len + 1)[:max_windows]
+    rows = corpus.chunk_stream(stream, args.seq_len + 1)[:max_windows]
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -238,7 +238,7 @@ def load_or_train_tokenizer(work: Path, vocab_size: int):
     path = work / "tokenizer.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
-    tokenizer = train_tokenizer(data.stdlib_texts("train"), vocab_size)
+    tokenizer = train_tokenizer(corpus.stdlib_texts("train"), vocab_size)
     tokenizer.save(str(path))
     return tokenizer
 
@@ -334,13 +334,13 @@ def evaluate(model: Target, streams: dict, tokenizer, args) -> dict:
     """Final figures: held-out perplexity (corpus split, external code), confidence."""
     ppl, n_eval = heldout_perplexity(model, streams["heldout"], args)
     ext_ppl, n_ext = heldout_perplexity(model, streams["external"], args)
-    prompts = [tokenizer.encode(t).ids[-64:] for t in data.prompts("heldout", limit=8)]
+    prompts = [tokenizer.encode(t).ids[-64:] for t in corpus.prompts("heldout", limit=8)]
     confidence = own_sample_confidence(model.float(), prompts)
     print(f"held-out perplexity {ppl:.2f} ({n_eval} tokens); external code {ext_ppl:.2f} "
           f"({n_ext} tokens); mean max-probability on own T=1 samples {confidence:.3f}")
     return {"heldout_perplexity": round(ppl, 3), "heldout_tokens": n_eval,
             "external_perplexity": round(ext_ppl, 3), "external_tokens": n_ext,
-            "external_code": f"torch {torch.__version__}: {', '.join(data.EXTERNAL_PACKAGES)}",
+            "external_code": f"torch {torch.__version__}: {', '.join(corpus.EXTERNAL_PACKAGES)}",
             "own_sample_mean_max_prob": round(confidence, 4)}
 
 
@@ -354,10 +354,10 @@ def main(argv=None):
     work.mkdir(parents=True, exist_ok=True)
 
     tokenizer = load_or_train_tokenizer(work, args.vocab_size)
-    streams = {"train": data.token_stream(tokenizer, "train", include_tests=not args.no_tests),
-               "heldout": data.token_stream(tokenizer, "heldout"),
-               "external": data.texts_stream(tokenizer, [data.read_source(p) for p in
-                                                         data.external_files()])}
+    streams = {"train": corpus.token_stream(tokenizer, "train", include_tests=not args.no_tests),
+               "heldout": corpus.token_stream(tokenizer, "heldout"),
+               "external": corpus.texts_stream(tokenizer, [corpus.read_source(p) for p in
+                                                         corpus.external_files()])}
     print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; train {streams['train'].numel()}, "
           f"held-out {streams['heldout'].numel()}, external {streams['external'].numel()} tokens")
 

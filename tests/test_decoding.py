@@ -6,30 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-from vsd_ext.decoding import OracleDrafter, generate
-from vsd_ext.draft_tree import DraftTree, TreeConfig, build_tree
-from vsd_ext.models import Drafter, Target, load_drafter, parse_config
+from vsd_ext.app.cli import main
+from vsd_ext.decoding import OracleDrafter, TreeConfig, build_tree, generate
+from vsd_ext.models import Drafter, load_drafter
 
+from helpers import chi2_pvalue, save_checkpoint, tiny_target, word_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_target(seed, V=97, layers=4, hidden=64, scale=0.12):
-    """A random fp32 Llama target (weights scaled so logits are O(1))."""
-    cfg = parse_config({"architectures": ["LlamaForCausalLM"], "vocab_size": V,
-                        "hidden_size": hidden, "intermediate_size": hidden * 3 // 2,
-                        "num_hidden_layers": layers, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-                        "max_position_embeddings": 512})
-    target = Target(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in target.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else scale * torch.randn(p.shape, generator=g))
-    return target
 
 
 def random_drafter(target, seed, scale=5.0):
@@ -182,9 +166,7 @@ def test_rows_finish_independently(target, references, gen):
 
 
 def test_stop_strings_and_streaming(target, references):
-    vocab = {f"t{i}": i for i in range(97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = word_tokenizer({f"t{i}": i for i in range(97)}, unk="t0")
     target.tokenizer = tok
     try:
         stop = tok.decode(references[2][5:7])
@@ -216,18 +198,6 @@ def test_bad_arguments(target):
 
 # ---- T > 0: the output distribution is the target's ----------------------------------------
 
-def chi2_pvalue(observed, expected):
-    """Pearson chi-square p-value; cells with expected count < 5 are merged into one."""
-    small = expected < 5
-    obs = torch.cat((observed[~small], observed[small].sum().view(1)))
-    exp = torch.cat((expected[~small], expected[small].sum().view(1)))
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = float(((obs - exp) ** 2 / exp).sum())
-    df = obs.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
-
-
 def exact_first_tokens(target, prompt, n, temperature):
     """P(x_1 .. x_n | prompt) at this temperature for all V^n continuations (flattened)."""
     V = target.vocab_size
@@ -243,7 +213,7 @@ def exact_first_tokens(target, prompt, n, temperature):
 def test_sampling_distribution_is_the_targets(sampled, temperature, gen, seed):
     V, n, R = 8, 3, 6000
     # Fixed models (their trees are accepted 1-3 deep), fresh randomness of the sampling.
-    target = tiny_target(2345, V=V, layers=2, hidden=32, scale=0.5)
+    target = tiny_target(2345, vocab=V, layers=2, hidden=32, scale=0.5)
     drafter = random_drafter(target, 12345, scale=3.0)
     prompts = [[2, 5, 1], [7, 3, 3, 0, 6, 4]]
     batch = [prompts[i % 2] for i in range(2 * R)]
@@ -267,23 +237,8 @@ def test_sampling_distribution_is_the_targets(sampled, temperature, gen, seed):
 # ---- the `vsd generate` command ----------------------------------------------------------
 
 def test_cli_generate(target, references, tmp_path, capsys, seed):
-    import json
-
-    from safetensors.torch import save_file
-
-    from vsd_ext.cli import main
-
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 97,
-              "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-              "max_position_embeddings": 512, "tie_word_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in target.state_dict().items()},
-              str(tmp_path / "model.safetensors"))
-    vocab = {f"t{i}": i for i in range(97)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(tmp_path / "tokenizer.json"))
+    tok = word_tokenizer({f"t{i}": i for i in range(97)}, unk="t0")
+    save_checkpoint(target, tmp_path, tok)
     prompt = " ".join(f"t{i}" for i in PROMPTS[2])
     greedy = tok.decode(references[2][:10])
     capsys.readouterr()  # drop the seed fixture's line

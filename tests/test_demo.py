@@ -2,8 +2,7 @@
 the plot is written, and a re-run reuses the finished stages."""
 import json
 
-from vsd_ext.cli import main
-
+from vsd_ext.app.cli import main
 
 TINY = ["--minutes", "0.03", "--rows", "8", "--num-prompts", "1", "--max-new-tokens", "6",
         "--no-progress"]

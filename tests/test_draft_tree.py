@@ -1,15 +1,17 @@
-"""Draft tree builder (vsd_ext.draft_tree): topology, best-k selection against a brute-force
-EAGLE-2 reference, sampled children (distinct, distributed as draws without replacement),
-draft_probs, and the EAGLE-3 drafter driven through it (feature alignment, cache writes)."""
+"""Draft tree builder (vsd_ext.decoding.draft_tree): topology, best-k selection against a
+brute-force EAGLE-2 reference, sampled children (distinct, distributed as draws without
+replacement), draft_probs, and the EAGLE-3 drafter driven through it (feature alignment, cache
+writes)."""
 import math
 
 import pytest
 import torch
 
-from vsd_ext.draft_tree import DrafterProposer, TreeConfig, build_tree, child_slots
-from vsd_ext.models import Drafter, Target, parse_config
+from vsd_ext.decoding import DrafterProposer, TreeConfig, build_tree, child_slots
+from vsd_ext.models import Drafter
 from vsd_ext.tree import tree_depths
 
+from helpers import chi2_pvalue, tiny_target
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,18 +170,6 @@ def test_sampled_tree_topology_and_draft_probs(gen):
                 assert torch.allclose(q[b, i], ref, atol=1e-6)
 
 
-def chi2_pvalue(observed, expected):
-    """Pearson chi-square p-value; cells with expected count < 5 are merged into one."""
-    small = expected < 5
-    obs = torch.cat((observed[~small], observed[small].sum().view(1)))
-    exp = torch.cat((expected[~small], expected[small].sum().view(1)))
-    obs, exp = obs[exp > 0], exp[exp > 0]
-    stat = ((obs - exp) ** 2 / exp).sum()
-    df = obs.numel() - 1
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         stat.double() / 2))
-
-
 def test_sampled_children_are_draws_without_replacement(gen):
     """The first two children of the root, (c1, c2), have P = q(c1) q(c2) / (1 - q(c1))."""
     B, V, T = 30000, 6, 1.3
@@ -221,26 +211,15 @@ def test_tree_config_validation():
 
 # ---- the EAGLE-3 drafter through the builder ---------------------------------------------
 
-def tiny_target(seed, V=41, layers=3):
-    cfg = parse_config({"architectures": ["LlamaForCausalLM"], "vocab_size": V,
-                        "hidden_size": 32, "intermediate_size": 48,
-                        "num_hidden_layers": layers, "num_attention_heads": 4,
-                        "num_key_value_heads": 2, "rms_norm_eps": 1e-6,
-                        "max_position_embeddings": 256})
-    target = Target(cfg).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in target.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g) if "norm" in name
-                    else 0.15 * torch.randn(p.shape, generator=g))
-    return target
+def small_target(seed):
+    return tiny_target(seed, vocab=41, layers=3, hidden=32, scale=0.15, max_positions=256)
 
 
 @pytest.mark.parametrize("sampled", [False, True])
 def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
     """Level-1 children come from the drafter's causal forward over the pairs
     (x_{t+1}, f_t); after a draft the drafter's cache equals a prefill of every pair."""
-    target = tiny_target(seed % 1000)
+    target = small_target(seed % 1000)
     V = target.vocab_size
     counts = torch.randint(0, 100, (V,), generator=gen)
     drafter = Drafter.for_target(target, draft_vocab_size=29, token_counts=counts, seed=seed)
@@ -296,7 +275,7 @@ def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
 def test_chain_fast_path_is_the_tree_builders_chain(depth, total, gen, seed):
     """topk = 1 at T = 0: `_grow_chain` gives `build_tree`'s tree (through `_grow_tree`)
     from the same pending chains (ragged: rows of 3, 1 and 2 pairs)."""
-    target = tiny_target(seed % 1000)
+    target = small_target(seed % 1000)
     drafter = Drafter.for_target(target, seed=seed)
     with torch.no_grad():
         for p in drafter.parameters():

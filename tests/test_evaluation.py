@@ -1,4 +1,4 @@
-"""The evaluation harness (vsd_ext.evaluation): results and report.json schema, the baseline's
+"""The evaluation harness (vsd_ext.eval.harness): results and report.json schema, the baseline's
 speedup of exactly 1, the oracle above an untrained drafter, the lossless checks passing for
 real decoders and FAILING for deliberately broken ones (T = 0 and T > 0), the plot, the
 bootstrap intervals, `vsd eval` end to end."""
@@ -8,12 +8,18 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext import evaluation
-from vsd_ext.cli import main
+from vsd_ext.app.cli import main
 from vsd_ext.decoding import generate
-from vsd_ext.evaluation import (LosslessConfig, evaluate, format_table, heldout_prompts,
-                                read_prompts_jsonl, write_report)
-from vsd_ext.stats import bootstrap_ratio_ci
+from vsd_ext.eval import (
+    LosslessConfig,
+    evaluate,
+    format_table,
+    harness,
+    heldout_prompts,
+    read_prompts_jsonl,
+    write_report,
+)
+from vsd_ext.eval.stats import bootstrap_ratio_ci
 
 CHECK = LosslessConfig(samples=128, prompts=2)
 NEW = 16
@@ -123,7 +129,7 @@ def test_greedy_check_fails_on_a_broken_decoder(target, prompts, monkeypatch):
                 out.tokens[0][-1] = (out.tokens[0][-1] + 1) % target.vocab_size
         return out
 
-    monkeypatch.setattr(evaluation, "generate", broken)
+    monkeypatch.setattr(harness, "generate", broken)
     res = by_key(evaluate(target, {"oracle": "oracle"}, prompts, temperatures=(0.0,),
                           max_new_tokens=NEW, progress=False))
     assert res[("autoregressive", 0.0)]["lossless"] is True
@@ -141,7 +147,7 @@ def test_sampling_check_fails_on_a_broken_decoder(target, prompts, monkeypatch, 
             temperature *= factor
         return generate(target, drafter, prompts, max_new_tokens, temperature, tree, **kw)
 
-    monkeypatch.setattr(evaluation, "generate", broken)
+    monkeypatch.setattr(harness, "generate", broken)
     res = by_key(evaluate(target, {"oracle": "oracle"}, prompts[:2], temperatures=(1.0,),
                           max_new_tokens=4, seeds=(seed,), lossless_check=CHECK,
                           progress=False))

@@ -32,7 +32,7 @@ def test_quickstart(drafter_dir):
     out = run_example("quickstart.py", drafter_dir, "--max-new-tokens", "12")
     tau = float(out.split("tau = ")[1].split()[0])
     assert tau >= 1.0 and "12 tokens in" in out
-    assert out.startswith(vsd_ext.data.prompts("heldout", limit=1)[0])
+    assert out.startswith(vsd_ext.corpus.prompts("heldout", limit=1)[0])
 
 
 def test_evaluate_drafter(drafter_dir, tmp_path):
@@ -51,7 +51,7 @@ def test_train_drafter(tmp_path):
                       "--no-progress", timeout=300, OMP_NUM_THREADS="1")
     for name in ("eagle3", "vsd"):
         assert (tmp_path / name / "model.safetensors").is_file()
-        line = next(l for l in out.splitlines() if l.startswith(name))
+        line = next(row for row in out.splitlines() if row.startswith(name))
         assert float(line.split("T=0 ")[1].split()[0]) >= 1.0
     summary = (tmp_path / "vsd" / "summary.json").read_text()
     assert '"method": "vsd"' in summary

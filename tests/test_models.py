@@ -9,12 +9,17 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 import vsd_ext
 from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
+from vsd_ext.models.layers import Linear, rope_cos_sin, rope_tables
+from vsd_ext.tree import build_tree_mask, tree_depths
+
+from helpers import word_tokenizer
 
 V = 97
 ARCHS = {
@@ -36,15 +41,9 @@ ARCHS = {
 }
 
 
-def write_tokenizer(directory):
-    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(directory / "tokenizer.json"))
-
-
 def make_checkpoint(directory, arch: str, seed: int, layers: int = 4):
-    """A random HF checkpoint (weights scaled up so logits are O(1), not ~0)."""
+    """A random HF checkpoint written by `transformers` (the reference the logits are
+    compared with; weights scaled up so logits are O(1), not ~0)."""
     config_cls, model_cls, extra = ARCHS[arch]
     config = config_cls(vocab_size=V, hidden_size=64, intermediate_size=96,
                         num_hidden_layers=layers, max_position_embeddings=512,
@@ -59,7 +58,8 @@ def make_checkpoint(directory, arch: str, seed: int, layers: int = 4):
                 p.copy_(torch.randn_like(p) * (0.3 if "bias" in name else 0.12))
     shard = {"max_shard_size": "40KB"} if arch.endswith("sharded") else {}
     model.save_pretrained(directory, **shard)
-    write_tokenizer(directory)
+    vocab = {f"t{i}": i for i in range(V - 1)} | {"[UNK]": V - 1}
+    word_tokenizer(vocab, "[UNK]").save(str(directory / "tokenizer.json"))
     return model
 
 
@@ -283,8 +283,6 @@ def test_drafter_fast_paths_match_checked_ones(checkpoints, tmp_path, gen):
     """grow_tree (mask and depths given, nothing re-derived) == tree_step; logits_at gives
     the same rows as all logits; prefill(logits=False) caches the same keys/values; a bf16
     drafter (fp32 target features and states cast on entry) stays close to the fp32 one."""
-    from vsd_ext.tree import build_tree_mask, tree_depths
-
     target = load_target(checkpoints["llama3"][0])
     drafter = Drafter.for_target(target, seed=7)
     B, P, N, Vd = 2, 6, 9, drafter.draft_vocab_size
@@ -328,10 +326,6 @@ def test_packed_bf16_linear(gen):
     """bf16 inference reuses a oneDNN-packed weight: the same result as F.linear, bitwise
     (when oneDNN runs bf16 here; else the plain path), repacked after the weight changes,
     and never used with grad enabled."""
-    import torch.nn.functional as F
-
-    from vsd_ext.models.layers import Linear
-
     lin = Linear(48, 80, bias=True).to(torch.bfloat16)
     x = torch.randn(2, 3, 48, generator=gen).to(torch.bfloat16)
     with torch.inference_mode():
@@ -356,8 +350,6 @@ def test_packed_bf16_linear(gen):
 def test_drafter_rope_lookup_is_exact(checkpoints):
     """The drafter's cached RoPE tables give the directly computed values, bitwise, for
     positions inside the table, a padding node's −1 and positions past its end."""
-    from vsd_ext.models.layers import rope_cos_sin, rope_tables
-
     target = load_target(checkpoints["llama3"][0])
     drafter = Drafter.for_target(target, seed=1)
     limit = drafter.config["max_position_embeddings"]
@@ -378,11 +370,12 @@ def test_fused_drafter_projections(checkpoints, gen, dtype):
     x = torch.randn(2, 5, 128, generator=gen).to(dtype)
     cos = torch.randn(2, 5, 32, generator=gen).to(dtype)
     sin = torch.randn(2, 5, 32, generator=gen).to(dtype)
+    rope = rope_tables(cos, sin)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for _ in range(2):
         with torch.no_grad():
-            fused = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
-        separate = layer.self_attn.qkv(x, cos, sin) + (layer.mlp(x[..., :64]),)
+            fused = layer.self_attn.qkv(x, rope) + (layer.mlp(x[..., :64]),)
+        separate = layer.self_attn.qkv(x, rope) + (layer.mlp(x[..., :64]),)
         for a, b in zip(fused, separate):
             assert torch.allclose(a.float(), b.detach().float(), atol=tol, rtol=tol)
         with torch.no_grad():
@@ -495,8 +488,8 @@ def test_default_target_matches_transformers_and_generates(gen):
         assert (target(ids) - hf(ids).logits).abs().max() < 1e-4
     # Held-out perplexity on 16 windows spread over the held-out stream stays near the
     # reported value (all windows); a broken model is off by orders of magnitude.
-    stream = vsd_ext.data.token_stream(target.tokenizer, "heldout")
-    rows = vsd_ext.data.chunk_stream(stream, 257)
+    stream = vsd_ext.corpus.token_stream(target.tokenizer, "heldout")
+    rows = vsd_ext.corpus.chunk_stream(stream, 257)
     rows = rows[torch.linspace(0, rows.shape[0] - 1, 16).long()]
     nll = torch.nn.functional.cross_entropy(target(rows[:, :-1]).flatten(0, 1),
                                             rows[:, 1:].flatten())
@@ -515,14 +508,12 @@ def test_default_target_matches_transformers_and_generates(gen):
 def test_decoding_then_training_same_process():
     """Caches filled while decoding (under torch.inference_mode: RoPE tables, chain masks,
     tree bitmask rows) must not break a later training step that reads them."""
-    from vsd_ext.models.layers import chain_mask
-
     target = load_target("default")
     drafter = Drafter.for_target(target, seed=1)
     vsd_ext.generate(target, drafter, [5, 6, 7, 8], 6, tree=vsd_ext.TreeConfig(3, 1, 3))
     with torch.inference_mode():  # as a decode loop over prompts of any length would
         for n in range(1, 9):
-            chain_mask(n, torch.device("cpu"))
+            vsd_ext.tree.chain_mask(n, torch.device("cpu"))
     ids = torch.randint(1, target.vocab_size, (1, 12))
     feats = torch.randn(1, 12, drafter.fc.in_features)
     out = drafter(ids, feats)

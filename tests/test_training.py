@@ -7,16 +7,16 @@ import torch
 
 import vsd_ext
 from vsd_ext.models import Drafter, load_target, token_counts
-from vsd_ext.reference import training_objectives as ref
 from vsd_ext.training import vsd as vsd_mod
-from vsd_ext.training.config import TrainConfig
+from vsd_ext.training.config import TrainConfig, VSDConfig
 from vsd_ext.training.data import DataSplits
 from vsd_ext.training.drafting import causal_pass
 from vsd_ext.training.evaluate import decode_tau, heldout_kl
 from vsd_ext.training.objective import LossHead, TrainStep, target_pass
 from vsd_ext.training.trainer import Trainer
 
-from training_utils import random_dataset, write_tiny_target
+import reference_objectives as ref
+from helpers import random_dataset, write_tiny_target
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_vsd_e_step_matches_explicit_sequences(tiny, seed):
     step = TrainStep(drafter, target, cfg)
     ids, mask = batch_of(data, [3, 4], mask_prefix=4)
     batch = target_pass(target, ids, mask, with_cache=True)
-    h0, kv = causal_pass(drafter, target.embed_tokens, ids[:, 1:], batch.features[:, :-1])
+    h0, kv = causal_pass(drafter, ids[:, 1:], batch.features[:, :-1])
     records = vsd_mod.e_step(step, batch, h0, kv, torch.Generator().manual_seed(seed))
     ids_d = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size))
     for rec in records:
@@ -122,7 +122,7 @@ def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
     step = TrainStep(drafter, target, cfg)
     ids, mask = batch_of(data, [5, 6], mask_prefix=3)
     batch = target_pass(target, ids, mask, with_cache=True)
-    h0, kv = causal_pass(drafter, target.embed_tokens, ids[:, 1:], batch.features[:, :-1])
+    h0, kv = causal_pass(drafter, ids[:, 1:], batch.features[:, :-1])
     gen = torch.Generator().manual_seed(seed)
     records = vsd_mod.e_step(step, batch, h0, kv, gen)
     loss, metrics = vsd_mod.m_step(step, batch, LossHead(drafter, torch.float32), h0, kv,
@@ -234,8 +234,6 @@ def test_bad_configs_raise_clear_errors(tiny, tmp_path):
 
 
 def vsd_mod_config(**kw):
-    from vsd_ext.training.config import VSDConfig
-
     return VSDConfig(**kw)
 
 

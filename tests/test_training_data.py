@@ -5,11 +5,19 @@ import json
 import pytest
 import torch
 
+from vsd_ext import train_drafter
 from vsd_ext.decoding import generate
-from vsd_ext.training.data import (BatchOrder, ChatRenderer, DataSplits, TokenDataset,
-                                   jsonl_splits, load_chat_template, regenerate)
+from vsd_ext.training.data import (
+    BatchOrder,
+    ChatRenderer,
+    DataSplits,
+    TokenDataset,
+    jsonl_splits,
+    load_chat_template,
+    regenerate,
+)
 
-from training_utils import write_tiny_target
+from helpers import write_tiny_target
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {{ eos_token }} "
             "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
@@ -139,8 +147,6 @@ def test_saved_splits_roundtrip(tmp_path):
 
 
 def test_trainer_regenerates_once_and_keeps_the_dataset(tiny, tmp_path):
-    from vsd_ext import train_drafter
-
     _, target = tiny
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": words(*range(1, 30, k))} for k in
                                                (1, 2, 3, 4, 5, 1, 2)])

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from vsd_ext.cli import main
+from vsd_ext.app.cli import main
 from vsd_ext.training.data import DataSplits
 
-from training_utils import random_dataset, write_tiny_target
+from helpers import random_dataset, write_tiny_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_torchrun_gloo_two_processes_equal_one(tmp_path):
         [str(ROOT), os.environ.get("PYTHONPATH", "")])}
     for name, extra in (("ddp", []), ("fsdp", ["--fsdp-target"])):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", "-m", "vsd_ext.cli", "train",
+               "--nproc-per-node", "2", "-m", "vsd_ext", "train",
                "--out", str(tmp_path / name), *extra, *common]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]

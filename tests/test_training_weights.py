@@ -1,11 +1,18 @@
-"""ARW / CAR weights (METHOD.md): ESS bound, uniform reduction, reach probabilities, confidence."""
+"""ARW / CAR weights (docs/design/METHOD.md): ESS bound, uniform reduction, reach
+probabilities, confidence."""
 import math
 
 import pytest
 import torch
 
-from vsd_ext.training.weights import (arw_path_weights, arw_position_weights, car_confidence,
-                                      effective_sample_size, normalize_mean_one, path_utility)
+from vsd_ext.training.weights import (
+    arw_path_weights,
+    arw_position_weights,
+    car_confidence,
+    effective_sample_size,
+    normalize_mean_one,
+    path_utility,
+)
 
 
 def test_expected_utility_is_the_expected_accepted_length():

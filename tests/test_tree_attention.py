@@ -11,14 +11,15 @@ import torch.nn.functional as F
 
 import vsd_ext
 from vsd_ext import tree
-from vsd_ext.reference.tree_attention import tree_attention_reference
+from vsd_ext.reference.tree_attention import tree_attention as tree_attention_reference
 
 EPS = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, dtype, prefix="random", parents=None):
     def randn(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+        values = torch.randn(*shape, generator=gen, dtype=torch.float32)
+        return values.to(device=device, dtype=dtype)
 
     q, k_tree, v_tree = randn(B, N, Hq, D), randn(B, N, Hkv, D), randn(B, N, Hkv, D)
     k_cache, v_cache = randn(Bc, L, Hkv, D), randn(Bc, L, Hkv, D)
@@ -81,7 +82,8 @@ def test_random_trees(device, gen, config):
 
 # Low precision: every config but the largest (its reference in bf16/fp16 alone takes seconds).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c[6] < 3000], ids=lambda c: CONFIG_IDS(*c))
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c[6] < 3000],
+                         ids=lambda c: CONFIG_IDS(*c))
 def test_random_trees_low_precision(device, gen, config, dtype):
     check_forward(make_inputs(gen, device, *config, dtype), dtype)
 
@@ -95,7 +97,8 @@ def test_any_head_dim_cpu(gen, D):
 def test_chain_is_causal_attention(device, gen, L):
     B, N, Hq, Hkv, D = 2, 75, 8, 2, 64
     parents = tree.chain_parents(B, N)
-    args = make_inputs(gen, device, B, B, N, Hq, Hkv, D, L, torch.float32, prefix="full", parents=parents)
+    args = make_inputs(gen, device, B, B, N, Hq, Hkv, D, L, torch.float32, prefix="full",
+                       parents=parents)
     q, k_cache, v_cache, _, k_tree, v_tree, _ = args
     out, _ = vsd_ext.tree_attention(*args)
     # Plain causal attention over the sequence [cache | tree]: query i sits at position L + i.
@@ -137,7 +140,8 @@ def check_grads(args, dtype):
     gen = torch.Generator().manual_seed(0)
 
     def grads_of(fn, inputs, cast):
-        inputs = [a.detach().to(cast).requires_grad_() if i in diff else a for i, a in enumerate(inputs)]
+        inputs = [a.detach().to(cast).requires_grad_() if i in diff else a
+                  for i, a in enumerate(inputs)]
         out, lse = fn(*inputs)
         go = torch.randn(out.shape, generator=gen).to(out.device, cast)
         gl = torch.randn(lse.shape, generator=gen).to(lse.device, lse.dtype)
@@ -150,7 +154,8 @@ def check_grads(args, dtype):
     names = ["q", "k_cache", "v_cache", "k_tree", "v_tree"]
     if dtype == torch.float32:
         for name, g, r in zip(names, got, ref):
-            torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4, msg=lambda m: f"d{name}: {m}")
+            torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4,
+                                       msg=lambda m: f"d{name}: {m}")
         return
     low = grads_of(lambda *a: tree_attention_reference(*a, compute_dtype=dtype), args, dtype)
     for name, g, r, lo in zip(names, got, ref, low):
@@ -159,7 +164,8 @@ def check_grads(args, dtype):
 
 @pytest.mark.parametrize(
     "config",
-    [(3, 3, 40, 8, 2, 64, 300), (4, 1, 33, 4, 1, 128, 600), (1, 1, 70, 4, 4, 64, 0), (3, 1, 9, 6, 3, 37, 520)],
+    [(3, 3, 40, 8, 2, 64, 300), (4, 1, 33, 4, 1, 128, 600), (1, 1, 70, 4, 4, 64, 0),
+     (3, 1, 9, 6, 3, 37, 520)],
     ids=lambda c: CONFIG_IDS(*c),
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -171,7 +177,8 @@ def test_gradients(device, gen, config, dtype):
 def test_gradcheck_float64(device, gen, Bc):
     args = make_inputs(gen, device, 2, Bc, 5, 4, 2, 8, 3, torch.float64)
     args = [a.requires_grad_() if a.is_floating_point() else a for a in args]
-    assert torch.autograd.gradcheck(lambda *a: vsd_ext.tree_attention(*a), args, eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda *a: vsd_ext.tree_attention(*a), args, eps=1e-6,
+                                    atol=1e-6)
 
 
 def test_opcheck(device, gen):
@@ -179,8 +186,8 @@ def test_opcheck(device, gen):
     args = [a.requires_grad_() if a.is_floating_point() else a for a in args]
     torch.library.opcheck(torch.ops.vsd_ext.tree_attention.default, (*args, 0.125))
     out, lse = vsd_ext.tree_attention(*args)
-    grad_args = (torch.randn_like(out), torch.randn_like(lse), *[a.detach() for a in args], out.detach(),
-                 lse.detach(), 0.125)
+    grad_args = (torch.randn_like(out), torch.randn_like(lse), *[a.detach() for a in args],
+                 out.detach(), lse.detach(), 0.125)
     torch.library.opcheck(torch.ops.vsd_ext.tree_attention_backward.default, grad_args)
 
 
@@ -273,7 +280,8 @@ def test_bad_inputs(device, case):
             torch.ops.vsd_ext.tree_attention(*args, 0.125)
 
 
-@pytest.mark.parametrize("lens, match", [([3, 11], r"\[0, L = 10\].*\[3, 11\]"), ([-1, 4], r"\[-1, 4\]")])
+@pytest.mark.parametrize("lens, match", [([3, 11], r"\[0, L = 10\].*\[3, 11\]"),
+                                         ([-1, 4], r"\[-1, 4\]")])
 def test_bad_prefix_lens_values(device, lens, match):
     good, _ = bad_cases(device)
     good[3] = torch.tensor(lens, device=device)

@@ -59,7 +59,8 @@ def test_chain_is_causal(device):
     n = 130
     parents = tree.chain_parents(2, n, device=device)
     dense = tree.unpack_tree_mask(tree.build_tree_mask(parents), n)
-    assert torch.equal(dense, torch.ones(n, n, dtype=torch.bool, device=device).tril().expand(2, n, n))
+    causal = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    assert torch.equal(dense, causal.expand(2, n, n))
     assert torch.equal(tree.tree_depths(parents), torch.arange(n, device=device).expand(2, n))
     paths = tree.tree_paths(parents)
     assert torch.equal(paths[:, -1], torch.arange(n, device=device).expand(2, n))
@@ -162,3 +163,17 @@ def test_bad_valid():
         tree.build_tree_mask(parents, torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="argument 'valid'"):
         tree.build_tree_mask(parents, torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("levels,paths", [(1, 1), (5, 1), (3, 4), (70, 1), (9, 8)])
+def test_chain_mask_is_the_tree_mask_of_its_chains(levels, paths):
+    """chain_mask(levels, paths): S chains below a root that is not a node (it lives in the
+    cache), level-major; build_tree_mask of the same chains below an explicit root agrees."""
+    n = levels * paths
+    node = torch.arange(n)
+    parents = torch.where(node < paths, 0, node - paths + 1)  # node i is tree node i + 1
+    parents = torch.cat((torch.tensor([-1]), parents))[None]
+    expected = tree.unpack_tree_mask(tree.build_tree_mask(parents), n + 1)[:, 1:, 1:]
+    got = tree.unpack_tree_mask(tree.chain_mask(levels, "cpu", paths), n)
+    assert torch.equal(got, expected)
+    assert tree.chain_mask(levels, "cpu", paths) is tree.chain_mask(levels, "cpu", paths)

@@ -1,7 +1,7 @@
 """The verification demo's lossless check must accept the target distribution and reject others."""
 import torch
 
-from vsd_ext import verify_demo
+from vsd_ext.app import verify_demo
 
 
 def test_chi_square_p_value_separates_right_from_wrong(gen):

@@ -3,10 +3,11 @@ import math
 
 import pytest
 import torch
-from scipy import stats
 
 import vsd_ext
 from vsd_ext.reference.verify_tree import verify_tree as reference
+
+from helpers import chi2_pvalue
 
 MODES = ["greedy", "target_only", "sampled"]
 P_THRESHOLD = 1e-4  # chi-square tests: a correct kernel fails with probability ~1e-4 per test
@@ -236,23 +237,6 @@ def test_root_only_and_empty_batch(device, gen):
 
 
 # ---- statistical losslessness ----------------------------------------------------------------
-
-def chi2_pvalue(observed, expected, groups):
-    """Pearson chi-square over groups of cells (each group's expected total equals its observed
-    total); cells with expected count < 5 are pooled per group. Returns the p-value."""
-    stat, dof = 0.0, 0
-    for cells in groups:
-        o, e = observed[cells].double(), expected[cells].double()
-        if e.sum() <= 0:
-            continue
-        small = e < 5
-        if small.any():
-            o = torch.cat([o[~small], o[small].sum()[None]])
-            e = torch.cat([e[~small], e[small].sum()[None]])
-        stat += float(((o - e) ** 2 / e.clamp_min(1e-300)).sum())
-        dof += o.numel() - 1
-    return float(stats.chi2.sf(stat, max(dof, 1)))
-
 
 def gumbel_topk(logp, k, gen):
     g = -torch.log(-torch.log(torch.rand(logp.shape, generator=gen, dtype=torch.float64)))

@@ -11,7 +11,8 @@ OPS = torch.ops.vsd_ext
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
 
-def make_linear(gen, M, H, V, *, dtype=torch.float32, soft=False, bias=False, ignore_every=4, scale=1.0):
+def make_linear(gen, M, H, V, *, dtype=torch.float32, soft=False, bias=False, ignore_every=4,
+                scale=1.0):
     """Random fused-op inputs on CPU: logits hidden @ weight.T of std ~ 2 * scale."""
     hidden = torch.randn(M, H, generator=gen) * (2.0 * scale / H ** 0.5)
     weight = torch.randn(V, H, generator=gen)
@@ -21,7 +22,10 @@ def make_linear(gen, M, H, V, *, dtype=torch.float32, soft=False, bias=False, ig
     row_weights = torch.rand(M, generator=gen) + 0.25
     soft_targets = torch.randn(M, V, generator=gen) * 3 if soft else None
     b = torch.randn(V, generator=gen) if bias else None
-    cast = (lambda t: None if t is None else t.to(dtype))
+
+    def cast(t):
+        return None if t is None else t.to(dtype)
+
     return cast(hidden), cast(weight), targets, row_weights, soft_targets, cast(b)
 
 
@@ -34,9 +38,9 @@ def leaf(t):
 
 
 def close(actual, expected, tol, scale=None):
-    """assert_close with absolute tolerance relative to `scale` (default: the magnitude of the expected
-    values, at least 1). A cross-entropy lse - z_t cancels, so its error scales with the logits: compare losses
-    and log-sum-exps with logit_scale()."""
+    """assert_close with absolute tolerance relative to `scale` (default: the magnitude of the
+    expected values, at least 1). A cross-entropy lse - z_t cancels, so its error scales with
+    the logits: compare losses and log-sum-exps with logit_scale()."""
     expected = expected.to(actual.dtype) if actual.dtype == torch.float64 else expected.float()
     if scale is None:  # inputs are O(1): rounding errors are O(tol) even where the values are tiny
         scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
@@ -56,7 +60,7 @@ def reference_grads(fn, inputs, upstream):
     return loss.detach(), lse.detach(), grads
 
 
-# ---- fused linear variant: values and gradients vs the reference on odd shapes --------------------
+# ---- fused linear variant: values and gradients vs the reference on odd shapes -------------------
 
 
 @pytest.mark.parametrize("M", [1, 3, 257])
@@ -66,12 +70,14 @@ def test_linear_matches_reference(device, gen, M, V, H):
     for soft, bias in ((False, (M + V) % 2 == 1), (True, (M + V) % 2 == 0)):
         h, w, t, rw, s, b = to(device, *make_linear(gen, M, H, V, soft=soft, bias=bias))
         hl, wl, bl = leaf(h), leaf(w), leaf(b)
-        loss, lse = vsd_ext.weighted_linear_cross_entropy(hl, wl, t, rw, s, bl, soft_temperature=0.7)
+        loss, lse = vsd_ext.weighted_linear_cross_entropy(hl, wl, t, rw, s, bl,
+                                                          soft_temperature=0.7)
         params = [p for p in (hl, wl, bl) if p is not None]
         grads = torch.autograd.grad(loss.sum() * 0.5, params)
 
         def fn(h_, w_, b_):
-            return ref.weighted_linear_cross_entropy(h_, w_, t, rw, None if s is None else s.double(), b_,
+            return ref.weighted_linear_cross_entropy(h_, w_, t, rw,
+                                                     None if s is None else s.double(), b_,
                                                      soft_temperature=0.7)
 
         rl, rlse, rgrads = reference_grads(fn, [h, w, b], lambda a, _: a.sum() * 0.5)
@@ -82,7 +88,7 @@ def test_linear_matches_reference(device, gen, M, V, H):
             close(g, rg, 1e-4)
 
 
-# ---- every kind of upstream gradient (the reduction="none" bug class) ---------------------------
+# ---- every kind of upstream gradient (the reduction="none" bug class) ----------------------------
 
 UPSTREAM = {
     "uniform": lambda loss, lse, g, gl: loss.sum() * 1.7,
@@ -99,9 +105,11 @@ UPSTREAM = {
 @pytest.mark.parametrize("soft", [False, True])
 def test_linear_gradients_any_upstream(device, gen, case, precompute, soft):
     M, H, V = 23, 12, 37
-    h, w, t, rw, s, b = make_linear(gen, M, H, V, dtype=torch.float64, soft=soft, bias=True, ignore_every=3)
+    h, w, t, rw, s, b = make_linear(gen, M, H, V, dtype=torch.float64, soft=soft, bias=True,
+                                    ignore_every=3)
     rw[5] = 0.0  # a zero row weight contributes nothing either
-    g, gl = torch.randn(M, generator=gen, dtype=torch.float64), torch.randn(M, generator=gen, dtype=torch.float64)
+    g = torch.randn(M, generator=gen, dtype=torch.float64)
+    gl = torch.randn(M, generator=gen, dtype=torch.float64)
     if case == "uniform_on_active_only":
         inactive = (t == -100) | (rw == 0)
         g_used = torch.where(inactive, g, torch.full_like(g, 0.3))
@@ -141,15 +149,16 @@ def test_linear_only_hidden_or_only_weight(device, gen):
 
 
 def test_nonfinite_upstream_on_ignored_rows(device, gen):
-    """An ignored row's loss is a constant 0: its upstream gradient, even inf/NaN, changes nothing."""
+    """An ignored row's loss is a constant 0: its upstream gradient, even inf/NaN, changes
+    nothing."""
     h, w, t, rw, _, _ = to(device, *make_linear(gen, 8, 5, 11, dtype=torch.float64, ignore_every=4))
     g = torch.ones(8, dtype=torch.float64, device=device)
     g[0], g[4] = float("nan"), float("inf")  # rows 0 and 4 are ignored
     hl, wl = leaf(h), leaf(w)
     loss, _ = vsd_ext.weighted_linear_cross_entropy(hl, wl, t, rw)
     grads = torch.autograd.grad((loss * g).sum(), [hl, wl])
-    _, _, want = reference_grads(lambda a, c: ref.weighted_linear_cross_entropy(a, c, t, rw), [h, w],
-                                 lambda a, _: (a * g).sum())
+    _, _, want = reference_grads(lambda a, c: ref.weighted_linear_cross_entropy(a, c, t, rw),
+                                 [h, w], lambda a, _: (a * g).sum())
     for got, ref_grad in zip(grads, want):
         close(got, ref_grad, 1e-10)
 
@@ -164,18 +173,19 @@ def test_retain_graph_backward_twice(device, gen):
         torch.testing.assert_close(c, 2 * a)
 
 
-# ---- gradcheck (float64, tiny shapes: one-hot upstream gradients into loss_rows and lse) ----------
+# ---- gradcheck (float64, tiny shapes: one-hot upstream gradients into loss_rows and lse) ---------
 
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_gradcheck(device, gen, soft):
     M, H, V = 4, 3, 5
-    h, w, t, rw, s, b = to(device, *make_linear(gen, M, H, V, dtype=torch.float64, soft=soft, bias=True,
-                                                ignore_every=3))
+    h, w, t, rw, s, b = to(device, *make_linear(gen, M, H, V, dtype=torch.float64, soft=soft,
+                                                bias=True, ignore_every=3))
     s = None if s is None else s.double()
     for precompute in (True, False):
         assert torch.autograd.gradcheck(
-            lambda h_, w_, b_: vsd_ext.weighted_linear_cross_entropy(h_, w_, t, rw, s, b_, soft_temperature=1.3,
+            lambda h_, w_, b_: vsd_ext.weighted_linear_cross_entropy(h_, w_, t, rw, s, b_,
+                                                                     soft_temperature=1.3,
                                                                      precompute_grad=precompute),
             (leaf(h), leaf(w), leaf(b)))
     logits = leaf(torch.randn(M, V, generator=gen, dtype=torch.float64).to(device))
@@ -183,7 +193,7 @@ def test_gradcheck(device, gen, soft):
         lambda z: vsd_ext.weighted_cross_entropy(z, t, rw, s, soft_temperature=1.3), (logits,))
 
 
-# ---- non-fused variant ----------------------------------------------------------------------------
+# ---- non-fused variant ---------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
@@ -199,15 +209,18 @@ def test_cross_entropy_matches_reference(device, gen, dtype, M, V):
         g, gl = torch.randn(M, generator=gen), torch.randn(M, generator=gen)
         logits, t, rw, s, g, gl = to(device, logits, t, rw, s, g, gl)
         z = leaf(logits)
-        loss, lse = vsd_ext.weighted_cross_entropy(z, t, rw, s, ignore_index=-7, soft_temperature=2.0)
-        (dz,) = torch.autograd.grad((loss * g.to(loss.dtype)).sum() + (lse * gl.to(lse.dtype)).sum(), [z])
+        loss, lse = vsd_ext.weighted_cross_entropy(z, t, rw, s, ignore_index=-7,
+                                                   soft_temperature=2.0)
+        upstream = (loss * g.to(loss.dtype)).sum() + (lse * gl.to(lse.dtype)).sum()
+        (dz,) = torch.autograd.grad(upstream, [z])
         assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert dz.dtype == dtype and dz.shape == (M, V)
 
         def fn(z_):
             return ref.weighted_cross_entropy(z_, t, rw, None if s is None else s.double(), -7, 2.0)
 
-        rl, rlse, (rdz,) = reference_grads(fn, [logits], lambda a, c: (a * g.double()).sum() + (c * gl.double()).sum())
+        rl, rlse, (rdz,) = reference_grads(
+            fn, [logits], lambda a, c: (a * g.double()).sum() + (c * gl.double()).sum())
         close(loss, rl, tol, scale=logit_scale(rlse))
         close(lse, rlse, tol, scale=logit_scale(rlse))
         close(dz.double(), rdz, tol * 4)
@@ -225,7 +238,7 @@ def test_cross_entropy_strided_logits(device, gen):
     close(lse, rlse, 1e-12, scale=logit_scale(rlse))
 
 
-# ---- edge cases -----------------------------------------------------------------------------------
+# ---- edge cases ----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -264,8 +277,9 @@ def test_logits_times_1000_are_stable(device, gen, soft):
     assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
     grads = torch.autograd.grad(loss.sum(), [hl, wl])
     assert all(torch.isfinite(g).all() for g in grads)
-    rl, rlse, rgrads = reference_grads(lambda a, c: ref.weighted_linear_cross_entropy(a, c, t, rw, s), [h, w],
-                                       lambda a, _: a.sum())
+    rl, rlse, rgrads = reference_grads(
+        lambda a, c: ref.weighted_linear_cross_entropy(a, c, t, rw, s), [h, w],
+        lambda a, _: a.sum())
     close(loss, rl, 1e-6, scale=logit_scale(rlse))
     close(lse, rlse, 1e-6, scale=logit_scale(rlse))
     for g, rg in zip(grads, rgrads):
@@ -287,11 +301,12 @@ def test_masked_vocabulary_entries(device, gen):
     assert torch.isfinite(loss).all() and torch.isfinite(lse).all()
     dh, dw = torch.autograd.grad(loss.sum(), [hl, wl])
     assert torch.isfinite(dh).all() and torch.equal(dw[7], torch.zeros_like(dw[7]))
-    rl, rlse = ref.weighted_linear_cross_entropy(h.double(), w.double(), t.clamp(max=6), rw, s.double(), b.double())
+    rl, rlse = ref.weighted_linear_cross_entropy(h.double(), w.double(), t.clamp(max=6), rw,
+                                                 s.double(), b.double())
     close(loss, rl, 1e-5, scale=logit_scale(rlse))
 
 
-# ---- chunking, dtypes, determinism -----------------------------------------------------------------
+# ---- chunking, dtypes, determinism ---------------------------------------------------------------
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -299,8 +314,8 @@ def test_chunk_sizes_agree(device, gen, soft):
     """Whole-row chunks (gradients) and vocabulary tiles with online log-sum-exp (no gradients)."""
     M, H, V = 29, 10, 97
     h, w, t, rw, s, b = to(device, *make_linear(gen, M, H, V, soft=soft, bias=True))
-    rl, rlse = ref.weighted_linear_cross_entropy(h.double(), w.double(), t, rw, None if s is None else s.double(),
-                                                 b.double())
+    rl, rlse = ref.weighted_linear_cross_entropy(h.double(), w.double(), t, rw,
+                                                 None if s is None else s.double(), b.double())
     results = []
     for chunk in (None, 1, 40, V, 3 * V + 5, M * V):
         with torch.no_grad():
@@ -326,8 +341,9 @@ def test_linear_half_precision(device, gen, dtype):
     assert loss.dtype == lse.dtype == torch.float32
     grads = torch.autograd.grad(loss.sum(), [hl, wl, bl])
     assert [g.dtype for g in grads] == [dtype] * 3
-    rl, rlse, rgrads = reference_grads(lambda a, c, d: ref.weighted_linear_cross_entropy(a, c, t, rw, s, d),
-                                       [h, w, b], lambda a, _: a.sum())
+    rl, rlse, rgrads = reference_grads(
+        lambda a, c, d: ref.weighted_linear_cross_entropy(a, c, t, rw, s, d), [h, w, b],
+        lambda a, _: a.sum())
     close(loss, rl, 2e-3, scale=logit_scale(rlse))
     close(lse, rlse, 2e-3, scale=logit_scale(rlse))
     for g, rg in zip(grads, rgrads):
@@ -349,7 +365,8 @@ def test_no_gradient_work_without_grad(device, gen):
     """The forward computes unit gradients only for tensors that require grad, in grad mode."""
     h, w, t, rw, _, _ = to(device, *make_linear(gen, 8, 4, 10))
     hl = leaf(h)
-    out = OPS.weighted_linear_cross_entropy_forward(h, w, t, rw, None, None, -100, 1.0, 0, [False, False, False])
+    out = OPS.weighted_linear_cross_entropy_forward(h, w, t, rw, None, None, -100, 1.0, 0,
+                                                    [False, False, False])
     assert [o.numel() for o in out[3:]] == [0, 0, 0]
     _, lse = vsd_ext.weighted_linear_cross_entropy(hl, w, t, rw)
     assert lse.grad_fn is not None
@@ -365,14 +382,15 @@ def test_cpu_cuda_agree(gen, dtype):
     outs = {}
     for dev in ("cpu", "cuda"):
         hl, wl, bl = [leaf(x.to(dev)) for x in (h, w, b)]
-        loss, lse = vsd_ext.weighted_linear_cross_entropy(hl, wl, t.to(dev), rw.to(dev), s.to(dev), bl)
+        loss, lse = vsd_ext.weighted_linear_cross_entropy(hl, wl, t.to(dev), rw.to(dev), s.to(dev),
+                                                          bl)
         outs[dev] = [loss, lse, *torch.autograd.grad(loss.sum(), [hl, wl, bl])]
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for a, c in zip(outs["cpu"], outs["cuda"]):
         close(c.cpu().double(), a.double(), tol)
 
 
-# ---- registration ---------------------------------------------------------------------------------
+# ---- registration --------------------------------------------------------------------------------
 
 
 def test_opcheck(device, gen):
@@ -384,19 +402,23 @@ def test_opcheck(device, gen):
     cases = [
         (OPS.weighted_cross_entropy_forward, (zl, t, rw, s, -100, 1.0)),
         (OPS.weighted_cross_entropy_forward, (zl, t, rw, None, -100, 1.0)),
-        (OPS.weighted_cross_entropy_backward, (torch.rand_like(rw), None, z, t, rw, s, lse, soft_lse, -100, 1.0)),
-        (OPS.weighted_linear_cross_entropy_forward, (hl, wl, t, rw, s, bl, -100, 1.0, 20, [True, True, True])),
-        (OPS.weighted_linear_cross_entropy_forward, (hl, wl, t, rw, None, None, -100, 1.0, 0, [False, True, False])),
+        (OPS.weighted_cross_entropy_backward, (torch.rand_like(rw), None, z, t, rw, s, lse,
+                                               soft_lse, -100, 1.0)),
+        (OPS.weighted_linear_cross_entropy_forward, (hl, wl, t, rw, s, bl, -100, 1.0, 20,
+                                                     [True, True, True])),
+        (OPS.weighted_linear_cross_entropy_forward, (hl, wl, t, rw, None, None, -100, 1.0, 0,
+                                                     [False, True, False])),
         (OPS.weighted_linear_cross_entropy_backward,
-         (torch.rand_like(rw), torch.rand_like(rw), h, w, t, rw, s, b, lse, soft_lse, h.new_empty(0),
-          h.new_empty(0), h.new_empty(0), -100, 1.0, 0, [True, True, True])),
+         (torch.rand_like(rw), torch.rand_like(rw), h, w, t, rw, s, b, lse, soft_lse,
+          h.new_empty(0), h.new_empty(0), h.new_empty(0), -100, 1.0, 0, [True, True, True])),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
 def test_torch_compile_fullgraph(device, gen):
-    """The wrappers trace into one graph (fake kernels, autograd registration) and agree with eager."""
+    """The wrappers trace into one graph (fake kernels, autograd registration) and agree with
+    eager."""
     h, w, t, rw, s, _ = to(device, *make_linear(gen, 16, 8, 50, soft=True))
     g = torch.randn(16, generator=gen).to(device)
 
@@ -414,7 +436,7 @@ def test_torch_compile_fullgraph(device, gen):
         torch.testing.assert_close(a, c)
 
 
-# ---- bad inputs -----------------------------------------------------------------------------------
+# ---- bad inputs ----------------------------------------------------------------------------------
 
 
 def test_bad_inputs(device, gen):
@@ -445,7 +467,8 @@ def test_bad_inputs(device, gen):
     with pytest.raises(ValueError, match="'row_weights'.*expected dtype"):
         OPS.weighted_cross_entropy_forward(h @ w.T, t, rw.double(), None, -100, 1.0)
     with pytest.raises(ValueError, match="'weight'.*expected shape"):
-        OPS.weighted_linear_cross_entropy_forward(h, w[:, :2], t, rw, None, None, -100, 1.0, 0, [False] * 3)
+        OPS.weighted_linear_cross_entropy_forward(h, w[:, :2], t, rw, None, None, -100, 1.0, 0,
+                                                  [False] * 3)
     if device.type == "cpu":
         bad = t.clone()
         bad[2] = 5

@@ -1,23 +1,24 @@
 """vsd_ext: kernels and training for Variational Speculative Decoding (VSD) drafters.
 
 Importing the package loads the compiled op library `vsd_ext._C` (which registers
-`torch.ops.vsd_ext.*`) and exposes typed wrappers for every op.
+`torch.ops.vsd_ext.*`) and exposes typed wrappers for every op. The subpackages read
+straight down, each using only those below it (docs/design/ARCHITECTURE.md):
+
+    app → {eval, training} → decoding → models → tree → ops
 """
-from ._version import __version__
 from ._loader import build_info, load_extension
+from ._version import __version__
 
 load_extension()
 
-from . import tree  # noqa: E402,F401
-from .ops import (tree_attention, verify_tree, weighted_cross_entropy,  # noqa: E402
-                  weighted_linear_cross_entropy)
-from . import data  # noqa: E402,F401  (the built-in corpus: vsd_ext.data)
-from .models import Drafter, load_drafter, load_target  # noqa: E402
+from . import corpus, tree  # noqa: E402
 from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
-from .evaluation import evaluate  # noqa: E402
+from .eval import evaluate  # noqa: E402
+from .models import Drafter, load_drafter, load_target  # noqa: E402
+from .ops import tree_attention, verify_tree, weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
 from .training.trainer import train_drafter  # noqa: E402
 
 __all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",
-           "weighted_linear_cross_entropy", "data", "Drafter",
+           "weighted_linear_cross_entropy", "corpus", "tree", "Drafter",
            "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter", "evaluate",
            "train_drafter"]

@@ -1,5 +1,6 @@
 """Tree utilities shared by decoding and training: parents array -> depths, root-to-node paths,
-the bit-packed visibility mask that `vsd_ext.tree_attention` takes, and its dense form.
+the bit-packed visibility mask that `vsd_ext.tree_attention` takes, its dense form, masks grown
+node by node, and the masks of chains.
 
 Conventions (the same as `vsd_ext.verify_tree`):
 
@@ -26,6 +27,7 @@ __all__ = [
     "build_tree_mask",
     "append_nodes",
     "append_child",
+    "chain_mask",
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
@@ -53,28 +55,28 @@ def _bit_weights(device: torch.device) -> torch.Tensor:
     return _BIT_WEIGHTS[device]
 
 
+def _fail(arg: str, msg: str):
+    raise ValueError(f"vsd_ext.tree: argument '{arg}': {msg}")
+
+
 def _check_parents(parents: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """Validates the tree and returns ``real`` ``[B, N]`` bool (False on padding nodes)."""
     if not isinstance(parents, torch.Tensor) or parents.dim() != 2:
-        raise ValueError(
-            f"vsd_ext.tree: argument 'parents': expected a [B, N] tensor, got "
-            f"{tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents)}"
-        )
+        got = tuple(parents.shape) if isinstance(parents, torch.Tensor) else type(parents)
+        _fail("parents", f"expected a [B, N] tensor, got {got}")
     if parents.dtype != torch.int64:
-        raise ValueError(f"vsd_ext.tree: argument 'parents': expected dtype torch.int64, got {parents.dtype}")
+        _fail("parents", f"expected dtype torch.int64, got {parents.dtype}")
     B, N = parents.shape
     if N == 0:
-        raise ValueError("vsd_ext.tree: argument 'parents': expected N >= 1 nodes, got 0")
+        _fail("parents", "expected N >= 1 nodes, got 0")
     idx = torch.arange(N, device=parents.device)
     real = (parents >= 0) | (idx == 0)
     if valid is not None:
         if valid.shape != parents.shape or valid.dtype != torch.bool:
-            raise ValueError(
-                f"vsd_ext.tree: argument 'valid': expected a bool tensor of shape {tuple(parents.shape)}, "
-                f"got {valid.dtype} {tuple(valid.shape)}"
-            )
+            _fail("valid", f"expected a bool tensor of shape {tuple(parents.shape)}, "
+                  f"got {valid.dtype} {tuple(valid.shape)}")
         if valid.device != parents.device:
-            raise ValueError(f"vsd_ext.tree: argument 'valid': expected device {parents.device}, got {valid.device}")
+            _fail("valid", f"expected device {parents.device}, got {valid.device}")
         real = real & valid
     root_ok = parents[:, 0] == -1
     topo_ok = (parents < idx) | ~real | (idx == 0)
@@ -83,18 +85,14 @@ def _check_parents(parents: torch.Tensor, valid: torch.Tensor | None) -> torch.T
     parent_ok = parent_real | ~real | (idx == 0)
     if not bool(root_ok.all() & topo_ok.all() & parent_ok.all()):
         if not bool(root_ok.all()):
-            raise ValueError("vsd_ext.tree: argument 'parents': expected parents[:, 0] == -1 (node 0 is the root)")
+            _fail("parents", "expected parents[:, 0] == -1 (node 0 is the root)")
         if not bool(topo_ok.all()):
             b, i = (~topo_ok).nonzero()[0].tolist()
-            raise ValueError(
-                f"vsd_ext.tree: argument 'parents': expected parents[b, i] < i (topological order), "
-                f"got parents[{b}, {i}] = {int(parents[b, i])}"
-            )
+            _fail("parents", f"expected parents[b, i] < i (topological order), "
+                  f"got parents[{b}, {i}] = {int(parents[b, i])}")
         b, i = (~parent_ok).nonzero()[0].tolist()
-        raise ValueError(
-            f"vsd_ext.tree: argument 'parents': real node {i} of row {b} has padding node "
-            f"{int(parents[b, i])} as its parent"
-        )
+        _fail("parents", f"real node {i} of row {b} has padding node {int(parents[b, i])} as its "
+              f"parent")
     return real
 
 
@@ -133,7 +131,8 @@ def _paths(parents: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, tor
     d = torch.arange(max_depth + 1, device=parents.device)
     # path[b, i, d] is the (depth(i) - d)-th ancestor of i: jump by the set bits of that count.
     steps = depth.unsqueeze(-1) - d  # [B, N, D+1]; < 0 past the node itself (and on padding)
-    cur = torch.arange(N, device=parents.device).view(1, N, 1).expand(B, N, max_depth + 1).reshape(B, -1)
+    cur = torch.arange(N, device=parents.device).view(1, N, 1)
+    cur = cur.expand(B, N, max_depth + 1).reshape(B, -1)
     flat_steps = steps.clamp(min=0).reshape(B, -1)
     for k, up in enumerate(table):
         jump = ((flat_steps >> k) & 1).bool()
@@ -154,9 +153,7 @@ def pack_tree_mask(dense: torch.Tensor) -> torch.Tensor:
     """Packs a ``[B, N, N]`` bool visibility matrix into the ``[B, N, ceil(N/64)]`` int64 bitmask
     (bit ``j % 64`` of word ``j // 64`` = column j)."""
     if dense.dim() != 3 or dense.dtype != torch.bool:
-        raise ValueError(
-            f"vsd_ext.tree: argument 'dense': expected a [B, N, N] bool tensor, got {dense.dtype} {tuple(dense.shape)}"
-        )
+        _fail("dense", f"expected a [B, N, N] bool tensor, got {dense.dtype} {tuple(dense.shape)}")
     B, N, M = dense.shape
     W = (M + 63) // 64
     padded = torch.zeros(B, N, W * 64, dtype=torch.int64, device=dense.device)
@@ -168,14 +165,10 @@ def pack_tree_mask(dense: torch.Tensor) -> torch.Tensor:
 def unpack_tree_mask(tree_mask: torch.Tensor, n: int) -> torch.Tensor:
     """The inverse of `pack_tree_mask`: ``[B, N, W]`` int64 -> ``[B, N, n]`` bool."""
     if tree_mask.dim() != 3 or tree_mask.dtype != torch.int64:
-        raise ValueError(
-            f"vsd_ext.tree: argument 'tree_mask': expected a [B, N, W] int64 tensor, got "
-            f"{tree_mask.dtype} {tuple(tree_mask.shape)}"
-        )
+        _fail("tree_mask", f"expected a [B, N, W] int64 tensor, got {tree_mask.dtype} "
+              f"{tuple(tree_mask.shape)}")
     if tree_mask.shape[-1] * 64 < n:
-        raise ValueError(
-            f"vsd_ext.tree: argument 'tree_mask': {tree_mask.shape[-1]} words hold fewer than n = {n} bits"
-        )
+        _fail("tree_mask", f"{tree_mask.shape[-1]} words hold fewer than n = {n} bits")
     bits = (tree_mask.unsqueeze(-1) & _bit_weights(tree_mask.device)) != 0
     return bits.flatten(-2)[..., :n]
 
@@ -242,6 +235,27 @@ def append_child(tree_mask: torch.Tensor, depths: torch.Tensor, parent: int):
             torch.cat((depths, depths[:, parent:parent + 1] + 1), 1))
 
 
+_CHAIN_MASKS: dict = {}
+
+
+def chain_mask(levels: int, device, paths: int = 1) -> torch.Tensor:
+    """``[1, levels·paths, W]`` bitmask of ``paths`` disjoint chains of ``levels`` nodes,
+    stored level-major: node (l, s) at index ``l·paths + s`` sees the nodes (l', s) with
+    l' ≤ l. One chain (``paths=1``) is causal attention over a chunk appended to the cache;
+    S chains are S sampled paths under one root that lives in the cache. Cached per
+    (levels, paths, device): decoding builds one every step."""
+    key = (levels, paths, str(device))
+    if key not in _CHAIN_MASKS:
+        def build():
+            idx = torch.arange(levels * paths, device=device)
+            level, path = idx // paths, idx % paths
+            dense = (path[:, None] == path[None, :]) & (level[None, :] <= level[:, None])
+            return pack_tree_mask(dense[None])
+
+        _CHAIN_MASKS[key] = persistent(build)
+    return _CHAIN_MASKS[key]
+
+
 def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:
     """Parents of B chains of n nodes (``[-1, 0, 1, ..., n-2]``): a chain tree's mask is causal."""
     row = torch.arange(-1, n - 1, dtype=torch.int64, device=device)
@@ -249,7 +263,8 @@ def chain_parents(batch: int, n: int, device: torch.device | str | None = None) 
 
 
 def random_parents(
-    batch: int, n: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    batch: int, n: int, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None
 ) -> torch.Tensor:
     """Parents of B random recursive trees of n nodes: node i > 0 picks its parent uniformly
     among nodes 0..i-1 (drawn on the CPU with ``generator``, then moved to ``device``)."""

@@ -2,12 +2,12 @@
 
 One `ModelConfig` describes every supported architecture; the differences are flags:
 
-| architecture          | model_type | qkv bias            | q/k RMSNorm | notes                      |
-|-----------------------|------------|---------------------|-------------|----------------------------|
-| LlamaForCausalLM      | llama      | `attention_bias`    | no          | Llama 2/3, llama3 RoPE     |
-| MistralForCausalLM    | mistral    | no                  | no          | `sliding_window`           |
-| Qwen2ForCausalLM      | qwen2      | yes (q, k, v; not o)| no          | optional sliding window    |
-| Qwen3ForCausalLM      | qwen3      | `attention_bias`    | yes         | explicit `head_dim`        |
+| architecture       | model_type | qkv bias             | q/k RMSNorm | notes                   |
+|--------------------|------------|----------------------|-------------|-------------------------|
+| LlamaForCausalLM   | llama      | `attention_bias`     | no          | Llama 2/3, llama3 RoPE  |
+| MistralForCausalLM | mistral    | no                   | no          | `sliding_window`        |
+| Qwen2ForCausalLM   | qwen2      | yes (q, k, v; not o) | no          | optional sliding window |
+| Qwen3ForCausalLM   | qwen3      | `attention_bias`     | yes         | explicit `head_dim`     |
 
 Both config formats are read: the `transformers` >= 5 one (`rope_parameters` holding
 `rope_theta` and the scaling) and the older one (top-level `rope_theta` plus `rope_scaling`).

@@ -27,15 +27,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..tree import build_tree_mask, chain_mask, tree_depths
 from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
 from .kv_cache import KVCache
-from .layers import (MLP, Attention, AttentionContext, Linear, RMSNorm, chain_mask,
-                     module_cache, rope_cos_sin, rope_tables)
+from .layers import (
+    MLP,
+    Attention,
+    AttentionContext,
+    Linear,
+    RMSNorm,
+    module_cache,
+    rope_cos_sin,
+    rope_tables,
+)
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 
@@ -140,7 +148,7 @@ class Drafter(nn.Module):
     def for_target(cls, target, draft_vocab_size: int | None = None,
                    token_counts: torch.Tensor | None = None,
                    intermediate_size: int | None = None, seed: int = 0,
-                   init_lm_head_from_target: bool = True) -> "Drafter":
+                   init_lm_head_from_target: bool = True) -> Drafter:
         """A freshly initialized drafter for `target`.
 
         draft_vocab_size: size of the reduced vocabulary (default: the full vocabulary);
@@ -167,7 +175,7 @@ class Drafter(nn.Module):
             drafter.lm_head.weight.data.copy_(target.output_weight.detach().float().cpu()[ids])
         return drafter.to(device=target.device, dtype=target.dtype).attach(target)
 
-    def attach(self, target) -> "Drafter":
+    def attach(self, target) -> Drafter:
         """Use `target`'s token embedding (checked against this drafter's sizes)."""
         emb = target.embed_tokens
         if emb.weight.shape != (self.model_config.vocab_size, self.model_config.hidden_size):
@@ -198,8 +206,10 @@ class Drafter(nn.Module):
         return out
 
     # ---- forward passes -------------------------------------------------------------
-    def _features(self, hidden: torch.Tensor) -> torch.Tensor:
-        # Cast to the drafter's dtype: a bf16 drafter reads the fp32 target's features.
+    def features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The layer input g (module docstring): `fc` of target features `[..., 3·Ht]`, or
+        drafter states `[..., H]` as they are; cast to the drafter's dtype first (a bf16
+        drafter reads the fp32 target's features)."""
         dtype = self.fc.weight.dtype
         if hidden.shape[-1] == self.fc.in_features:
             return self.fc(hidden.to(dtype))
@@ -228,24 +238,38 @@ class Drafter(nn.Module):
                 return cos[0, positions], sin[0, positions]
         return rope_tables(*rope_cos_sin(self.inv_freq, positions, dtype))
 
-    def _run(self, input_ids, hidden, positions, ctx_args: dict,
-             logits_at: torch.Tensor | None = None) -> DrafterOutput:
+    def layer(self, input_ids: torch.Tensor, g: torch.Tensor, positions: torch.Tensor,
+              ctx: AttentionContext) -> torch.Tensor:
+        """The draft decoder layer (module docstring: x, then h) on tokens `[B, T]` with layer
+        inputs g `[B, T, H]` (`features`) at positions `[B, T]`, attending as `ctx` says
+        (its RoPE tables are set here). Decoding (the passes below) and training
+        (`vsd_ext.training.drafting`) both run it. Returns h `[B, T, H]` (pre-norm)."""
         if self._embed is None:
             raise RuntimeError("drafter has no embedding: call drafter.attach(target)")
-        if input_ids.shape != hidden.shape[:2]:
-            raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
-                             f"{tuple(hidden.shape)} must agree on [B, T]")
         embeds = self._embed(input_ids.clamp(min=0))
         if embeds.dtype != self.fc.weight.dtype:  # a bf16 drafter on an fp32 target
             embeds = embeds.to(self.fc.weight.dtype)
-        ctx = AttentionContext(cos=None, sin=None, rope=self._rope(positions, embeds.dtype),
-                               **ctx_args)
-        h = self.midlayer(embeds, self._features(hidden), ctx)
+        # Under autocast (mixed-precision training) the projections return the autocast
+        # dtype: the RoPE tables follow it so that q and k keep one dtype.
+        device = embeds.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else embeds.dtype)
+        ctx.rope = self._rope(positions, dtype)
+        return self.midlayer(embeds, g, ctx)
+
+    def _run(self, input_ids, hidden, positions, ctx_args: dict,
+             logits_at: torch.Tensor | None = None) -> DrafterOutput:
+        if input_ids.shape != hidden.shape[:2]:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and hidden "
+                             f"{tuple(hidden.shape)} must agree on [B, T]")
+        tree = ctx_args.get("mode") == "tree"
+        ctx = AttentionContext(keep_kv=tree, **ctx_args)
+        h = self.layer(input_ids, self.features(hidden), positions, ctx)
         # The LM head is the largest GEMM: run it only where the caller needs logits.
         head_in = h if logits_at is None else h.gather(
             1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
         logits = self.lm_head(self.norm(head_in))
-        return DrafterOutput(h, logits, ctx.tree_kv if ctx.mode == "tree" else None)
+        return DrafterOutput(h, logits, ctx.kv if tree else None)
 
     def forward(self, input_ids: torch.Tensor, hidden: torch.Tensor,
                 positions: torch.Tensor | None = None) -> DrafterOutput:
@@ -300,8 +324,6 @@ class Drafter(nn.Module):
         and itself, at position `prefix + depth`. Nothing is written to the cache; the
         returned `tree_kv` (earlier and new nodes) feeds the next call.
         """
-        from ..tree import build_tree_mask, tree_depths
-
         B, n = input_ids.shape
         P = 0 if past is None else past[0][0].shape[1]
         if parents.shape != (B, P + n):

@@ -15,6 +15,8 @@ The gather reads every source before anything is written, so overlapping moves a
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -36,6 +38,15 @@ class KVCache:
         self.lengths = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.max_length = max_length
 
+    @classmethod
+    def wrap(cls, k: torch.Tensor, v: torch.Tensor) -> KVCache:
+        """A cache over existing keys/values `[layers, B, L, Hkv, D]`, every position
+        committed: e.g. training's step-0 keys/values, which keep their autograd graph."""
+        cache = cls.__new__(cls)
+        cache.k, cache.v, cache.max_length = k, v, None
+        cache.lengths = torch.full((k.shape[1],), k.shape[2], dtype=torch.int64, device=k.device)
+        return cache
+
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
@@ -51,6 +62,20 @@ class KVCache:
     def reset(self) -> None:
         """Forget every row's content (lengths back to 0)."""
         self.lengths.zero_()
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in ``rows`` (indices into the batch), e.g. finished sequences."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.lengths = self.lengths[rows]
+
+    def row(self, b: int) -> KVCache:
+        """A view of row b as a one-row cache (e.g. one sequence's prefix, shared by many
+        tree rows through `prefix_lens`); writes to it land in this cache."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, b:b + 1], self.v[:, b:b + 1]
+        view.lengths = self.lengths[b:b + 1]
+        return view
 
     def reserve(self, extra: int, prefix_lens: torch.Tensor | None = None) -> None:
         """Check that `extra` more positions fit after `prefix_lens` (default `lengths`)."""

@@ -13,20 +13,20 @@ Attention runs in one of two modes, chosen by an `AttentionContext`:
   `prefix_lens[b]` cached positions plus the tree nodes their bitmask allows, through
   `vsd_ext.tree_attention`; RoPE positions are supplied by the caller (prefix + depth).
 
-In both modes the new keys/values can be written into a `KVCache` at given positions.
+In both modes the new keys/values can be written into a `KVCache` at given positions, and
+collected for the caller (the drafter's next tree level, training's step-0 cache).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops import tree_attention
 from ..tree import persistent
 from .config import ModelConfig
-
 
 _ONEDNN_BF16: bool | None = None
 
@@ -58,8 +58,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
            owner: nn.Module, name: str) -> torch.Tensor:
     """`F.linear`, except for bf16 inference on a CPU: a plain bf16 `F.linear` there goes
     through oneDNN, which re-packs the weight into its blocked layout at every call, and for
-    decode-sized inputs (a few rows) that costs more than the product (the draft LM head,
-    256 × 4096: 61 µs per row-vector call, 36 µs packed). The packed weight is cached on
+    decode-sized inputs (a few rows) that costs more than the product
+    (docs/results/decoding_overheads_2026-11-29.md). The packed weight is cached on
     `owner` (see `module_cache`); the result is the same oneDNN product, bitwise. Training
     (grad enabled) and other dtypes take `F.linear`."""
     if (x.dtype is torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
@@ -80,8 +80,9 @@ class Linear(nn.Linear):
 def fused_linear(x: torch.Tensor, layers: tuple[Linear, ...]) -> torch.Tensor:
     """The outputs of several `Linear`s that read the same `x`, concatenated along the last
     dimension, from one GEMM over their concatenated weights (cached on the first layer, see
-    `module_cache`). At decode sizes a GEMM call costs mostly a fixed ~50–90 µs once the
-    target's forward has evicted the weights from the caches, so fewer calls are faster.
+    `module_cache`). At decode sizes a GEMM call costs mostly a fixed overhead once the
+    target's forward has evicted the weights from the caches, so fewer calls are faster
+    (docs/results/decoding_overheads_2026-11-29.md).
     The rounding may differ from separate GEMMs: for inference of the drafter only (its
     precision never affects losslessness)."""
     head = layers[0]
@@ -159,12 +160,10 @@ class Attention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def qkv(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-            tables: tuple | None = None):
-        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k (by `tables`
-        from `rope_tables` if given, else from cos/sin `[B, T, D]`)."""
+    def qkv(self, x: torch.Tensor, tables: tuple):
+        """q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`, RoPE applied to q and k by `tables`
+        (the `[B, T, 1, D]` pair of `rope_tables`)."""
         B, T, _ = x.shape
-        tables = tables or rope_tables(cos, sin)
         Hq, Hkv = self.num_heads, self.num_kv_heads
         if self.fuse and self.q_norm is None and not torch.is_grad_enabled():
             # One GEMM for q | k | v, one rotation for q | k (elementwise per head: exact).
@@ -191,10 +190,10 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, fuse: bool = False):
         super().__init__()
         self.fuse = fuse
-        H, I = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = Linear(H, I, bias=cfg.mlp_bias)
-        self.up_proj = Linear(H, I, bias=cfg.mlp_bias)
-        self.down_proj = Linear(I, H, bias=cfg.mlp_bias)
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = Linear(hidden, inner, bias=cfg.mlp_bias)
+        self.up_proj = Linear(hidden, inner, bias=cfg.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fuse and not torch.is_grad_enabled():
@@ -204,56 +203,40 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-_CHAIN_MASKS: dict = {}
-
-
-def chain_mask(length: int, device) -> torch.Tensor:
-    """`[1, T, W]` tree mask of a chain (node i sees nodes 0..i): causal attention over a
-    chunk appended to the cache. Cached per (T, device): decode builds it every step."""
-    key = (length, str(device))
-    if key not in _CHAIN_MASKS:
-        from ..tree import pack_tree_mask
-
-        _CHAIN_MASKS[key] = persistent(lambda: pack_tree_mask(
-            torch.ones(length, length, dtype=torch.bool, device=device).tril()[None]))
-    return _CHAIN_MASKS[key]
-
-
 @dataclass
 class AttentionContext:
     """How the attention layers of one forward pass see their keys (module docstring).
 
-    - `cos`, `sin`: RoPE tables `[B, T, D]` of the new tokens; `rope`: the same as the
-      `[B, T, 1, D]` pair of `rope_tables`, built from them once for all layers unless given
-      (then `cos` and `sin` may be None).
+    - `rope`: the `(cos, signed sin)` tables `[B, T, 1, D]` of the new tokens (`rope_tables`),
+      built once for all layers.
     - `cache`: a `KVCache` (or None); `write_positions` `[B, T]`: where each new token's
       k/v go in it (None: nothing is written).
     - tree mode: `prefix_lens` `[B]` cached positions every new token sees, `tree_mask`
-      `[B, N, W]` int64 bitmask over the new tokens (and `past` nodes first, see below).
+      `[B, N, W]` int64 bitmask over the new tokens (and `past` nodes first, see below). The
+      cache holds one row shared by all B rows, one row per row, or G rows each shared by a
+      group of B / G consecutive rows (training: many tree rows per sequence).
     - `past`: per layer `(k, v)` `[B, P, Hkv, D]` of P earlier tree nodes that are not in
       the cache (the drafter grows its tree level by level without recomputing them); the
-      mask then covers P + T nodes, the earlier ones first. Their new (k, v), past and new
-      together, are collected in `tree_kv` for the next level.
+      mask then covers P + T nodes, the earlier ones first.
+    - `keep_kv`: collect every layer's keys/values in `kv` (past and new together): the
+      next tree level's `past`, or training's step-0 cache.
     """
 
-    cos: torch.Tensor | None
-    sin: torch.Tensor | None
+    rope: tuple | None = None
     mode: str = "causal"
     cache: object = None
     write_positions: torch.Tensor | None = None
     prefix_lens: torch.Tensor | None = None
     tree_mask: torch.Tensor | None = None
     past: list | None = None
-    tree_kv: list = field(default_factory=list)
-    rope: tuple | None = None
-
-    def __post_init__(self):
-        if self.rope is None:
-            self.rope = rope_tables(self.cos, self.sin)
+    keep_kv: bool = False
+    kv: list = field(default_factory=list)
 
     def attend(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = attn.qkv(x, self.cos, self.sin, self.rope)
+        q, k, v = attn.qkv(x, self.rope)
         if self.mode == "causal":
+            if self.keep_kv:
+                self.kv.append((k, v))
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                 is_causal=True, enable_gqa=attn.num_heads != attn.num_kv_heads,
@@ -265,33 +248,38 @@ class AttentionContext:
         return attn.output(out)
 
     def _tree(self, layer: int, q, k, v) -> torch.Tensor:
+        P = 0
+        if self.past is not None:
+            past_k, past_v = self.past[layer]
+            P = past_k.shape[1]
+            k, v = torch.cat((past_k, k), 1), torch.cat((past_v, v), 1)
+            # The op takes as many queries as tree nodes: the earlier nodes get zero
+            # queries whose outputs are dropped (their keys/values are what matters).
+            q = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
+        if self.keep_kv:
+            self.kv.append((k, v))
         if self.cache is not None:
             k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
         else:  # no context at all: an empty cache of length 0
-            k_cache = k.new_zeros(1, 0, *k.shape[2:])
-            v_cache = k_cache
-        if self.past is not None:
-            past_k, past_v = self.past[layer]
-            k_all, v_all = torch.cat((past_k, k), 1), torch.cat((past_v, v), 1)
-            self.tree_kv.append((k_all, v_all))
-            # The op takes as many queries as tree nodes: the earlier nodes get zero
-            # queries whose outputs are dropped (their keys/values are what matters).
-            P = past_k.shape[1]
-            q_all = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
-            out = _tree_attention(q_all, k_cache, v_cache, self.prefix_lens, k_all, v_all,
-                                  self.tree_mask)
-            return out[:, P:]
-        self.tree_kv.append((k, v))
-        return _tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v, self.tree_mask)
+            k_cache = v_cache = k.new_zeros(1, 0, *k.shape[2:])
+        out = grouped_tree_attention(q, k_cache, v_cache, self.prefix_lens, k, v,
+                                     self.tree_mask)
+        return out[:, P:] if P else out
 
 
-def _tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask):
-    """`vsd_ext.tree_attention`'s output, calling the registered op directly: its kernels
-    check the same metadata as the Python wrapper, whose duplicate checks are a dozen
-    Python-level steps per layer and decode step."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
-                                            tree_mask, scale)[0]
+def grouped_tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask):
+    """`vsd_ext.tree_attention`'s output where the cache has 1 row (shared), B rows, or G
+    rows each read by a group of B / G consecutive rows: one op call per group then, its
+    rows split (not sliced), so that the backward is one concatenation."""
+    B, G = q.shape[0], k_cache.shape[0]
+    if G in (1, B):
+        return tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)[0]
+    if B % G:
+        raise ValueError(f"a cache of {G} rows cannot be shared by {B} rows in equal groups")
+    R = B // G
+    groups = zip(q.split(R), k_cache.split(1), v_cache.split(1), prefix_lens.split(R),
+                 k_tree.split(R), v_tree.split(R), tree_mask.split(R))
+    return torch.cat([tree_attention(*args)[0] for args in groups])
 
 
 class DecoderLayer(nn.Module):

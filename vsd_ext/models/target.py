@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tree import build_tree_mask, chain_mask, tree_depths
 from .config import ModelConfig
 from .kv_cache import KVCache
-from .layers import AttentionContext, DecoderLayer, RMSNorm, chain_mask, rope_cos_sin
+from .layers import AttentionContext, DecoderLayer, RMSNorm, rope_cos_sin, rope_tables
 
 
 @dataclass
@@ -138,8 +139,8 @@ class Target(nn.Module):
             raise ValueError(f"input_ids: token id {int(input_ids.max())} is outside the "
                              f"vocabulary [0, {self.vocab_size})")
         x = self.model.embed_tokens(input_ids.clamp(min=0))
-        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)
-        ctx = AttentionContext(cos=cos, sin=sin, **ctx_args)
+        rope = rope_tables(*rope_cos_sin(self.inv_freq, positions, x.dtype))
+        ctx = AttentionContext(rope=rope, **ctx_args)
         wanted = set(self.feature_layers)
         captured = {}
         for i, layer in enumerate(self.model.layers):
@@ -221,8 +222,6 @@ class Target(nn.Module):
           nothing is written; the cache may then hold one row shared by all B rows (e.g.
           many anchor positions of one training sequence).
         """
-        from ..tree import build_tree_mask, tree_depths
-
         self._check_ids(input_ids)
         self._check_ids(parents, "parents")
         B, N = input_ids.shape

@@ -1,62 +1,47 @@
 """Tree-mask attention: typed wrapper, fake (meta) kernels and autograd of
-``torch.ops.vsd_ext.tree_attention`` (contract: shared/design/OPS.md section 1)."""
+``torch.ops.vsd_ext.tree_attention`` (contract: docs/design/OPS.md section 1).
+
+The C++ op checks every argument and value; the wrapper adds only the default scale. The fake
+kernels check the metadata themselves: fake and meta tensors (torch.compile tracing, a call
+with a meta tensor) never reach the C++ checks."""
 from __future__ import annotations
 
 import math
 
 import torch
 
+from .checks import FLOATS, check_device, check_dtype, check_rank, check_tensor, fail
+
 __all__ = ["tree_attention"]
-
-_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _fail(arg: str, msg: str) -> None:
-    raise ValueError(f"vsd_ext.tree_attention: argument '{arg}': {msg}")
 
 
 def _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask) -> None:
-    """Metadata checks (shapes, dtypes, devices, strides): no data access, so they also run in
-    the fake kernel under torch.compile. Value checks (prefix_lens in [0, L]) are the kernels'."""
-    named = dict(q=q, k_cache=k_cache, v_cache=v_cache, prefix_lens=prefix_lens, k_tree=k_tree,
-                 v_tree=v_tree, tree_mask=tree_mask)
-    for name, t in named.items():
-        if not isinstance(t, torch.Tensor):
-            _fail(name, f"expected a torch.Tensor, got {type(t).__name__}")
-    if q.dim() != 4:
-        _fail("q", f"expected a 4-D tensor [B, N, Hq, D], got shape {tuple(q.shape)}")
-    if q.dtype not in _FLOATS:
-        _fail("q", f"expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
-    B, N, Hq, D = q.shape
-    if k_cache.dim() != 4:
-        _fail("k_cache", f"expected a 4-D tensor [Bc, L, Hkv, D], got shape {tuple(k_cache.shape)}")
-    Bc, L, Hkv, Dk = k_cache.shape
+    """The fake kernels' checks (`vsd_ext.ops.checks`): shapes, dtypes, devices, strides.
+    Value checks (prefix_lens in [0, L]) need the data: the kernels make them."""
+    B, N, Hq, D = check_rank(q, "q", 4, "[B, N, Hq, D]")
+    check_dtype(q, "q", FLOATS)
+    Bc, L, Hkv, Dk = check_rank(k_cache, "k_cache", 4, "[Bc, L, Hkv, D]")
+    shape = list(k_cache.shape)
     if Bc not in (1, B):
-        _fail("k_cache", f"expected batch size 1 (shared cache) or B = {B}, got shape {tuple(k_cache.shape)}")
+        fail("k_cache", f"expected batch size 1 (shared cache) or B = {B}, got shape {shape}")
     if Dk != D:
-        _fail("k_cache", f"expected head dim D = {D} (that of 'q'), got shape {tuple(k_cache.shape)}")
+        fail("k_cache", f"expected head dim D = {D} (that of 'q'), got shape {shape}")
     if Hkv < 1 or Hq % Hkv != 0:
-        _fail("k_cache", f"expected a number of kv heads that divides Hq = {Hq}, got shape {tuple(k_cache.shape)}")
+        fail("k_cache", f"expected a number of kv heads that divides Hq = {Hq}, got shape {shape}")
+    check_device(k_cache, "k_cache", q, "q")
     W = (N + 63) // 64
-    expected = dict(v_cache=(Bc, L, Hkv, D), k_tree=(B, N, Hkv, D), v_tree=(B, N, Hkv, D),
-                    tree_mask=(B, N, W), prefix_lens=(B,))
-    for name, shape in expected.items():
-        if tuple(named[name].shape) != shape:
-            _fail(name, f"expected shape {list(shape)}, got {list(named[name].shape)}")
-    if tree_mask.dtype != torch.int64:
-        _fail("tree_mask", f"expected dtype torch.int64, got {tree_mask.dtype}")
-    if prefix_lens.dtype not in (torch.int32, torch.int64):
-        _fail("prefix_lens", f"expected dtype torch.int32 or torch.int64, got {prefix_lens.dtype}")
-    for name in ("k_cache", "v_cache", "k_tree", "v_tree"):
-        if named[name].dtype != q.dtype:
-            _fail(name, f"expected the dtype of 'q' ({q.dtype}), got {named[name].dtype}")
-    for name, t in named.items():
-        if t.device != q.device:
-            _fail(name, f"expected device {q.device} (that of 'q'), got {t.device}")
-    for name in ("q", "k_cache", "v_cache", "k_tree", "v_tree", "tree_mask"):
-        t = named[name]
+    named = dict(v_cache=(v_cache, (Bc, L, Hkv, D), (q.dtype,)),
+                 k_tree=(k_tree, (B, N, Hkv, D), (q.dtype,)),
+                 v_tree=(v_tree, (B, N, Hkv, D), (q.dtype,)),
+                 tree_mask=(tree_mask, (B, N, W), (torch.int64,)),
+                 prefix_lens=(prefix_lens, (B,), (torch.int32, torch.int64)))
+    check_dtype(k_cache, "k_cache", (q.dtype,))
+    for name, (t, expected, dtypes) in named.items():
+        check_tensor(t, name, expected, dtypes, q, "q")
+    for name, t in dict(q=q, k_cache=k_cache, v_cache=v_cache, k_tree=k_tree, v_tree=v_tree,
+                        tree_mask=tree_mask).items():
         if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-            _fail(name, f"expected a contiguous last dimension, got strides {t.stride()}")
+            fail(name, f"expected a contiguous last dimension, got strides {t.stride()}")
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -99,9 +84,11 @@ def tree_attention(
         ``out = 0`` and ``lse = -inf``. Differentiable w.r.t. q and the four K/V tensors
         (with ``Bc = 1`` the cache gradients sum over rows).
     """
-    _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
-    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, scale)
+    if sm_scale is None:  # (a q the op rejects gets its error there)
+        head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() else 1
+        sm_scale = 1.0 / math.sqrt(head_dim)
+    return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
+                                            tree_mask, float(sm_scale))
 
 
 @torch.library.register_fake("vsd_ext::tree_attention")
@@ -113,10 +100,11 @@ def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_
 
 
 @torch.library.register_fake("vsd_ext::tree_attention_backward")
-def _tree_attention_backward_fake(grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
-                                  tree_mask, out, lse, sm_scale):
+def _tree_attention_backward_fake(grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree,
+                                  v_tree, tree_mask, out, lse, sm_scale):
     _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)
-    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k_cache, v_cache, k_tree, v_tree))
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                 for t in (q, k_cache, v_cache, k_tree, v_tree))
 
 
 def _setup_context(ctx, inputs, output):
@@ -133,7 +121,8 @@ def _backward(ctx, grad_out, grad_lse):
     grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
     grad_lse = None if grad_lse is None else grad_lse.contiguous()
     dq, dk_cache, dv_cache, dk_tree, dv_tree = torch.ops.vsd_ext.tree_attention_backward(
-        grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, out, lse, ctx.sm_scale
+        grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, out, lse,
+        ctx.sm_scale
     )
     return dq, dk_cache, dv_cache, None, dk_tree, dv_tree, None, None
 

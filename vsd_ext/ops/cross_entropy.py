@@ -1,4 +1,4 @@
-"""vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (OPS.md section 3).
+"""vsd_ext.weighted_cross_entropy / weighted_linear_cross_entropy (docs/design/OPS.md section 3).
 
 Per-row weighted cross-entropy with hard or soft (teacher-logit) targets, returning per-row losses
 and the log-sum-exp of the drafter's logits. The fused linear variant computes the logits
@@ -10,85 +10,83 @@ Autograd (register_autograd on the internal forward ops) gives gradients w.r.t. 
 fused forward computes the gradients of ``sum(loss_rows)`` while the logits chunk is hot; its
 backward rescales them when the upstream gradient of ``loss_rows`` is the same on every
 contributing row (the usual ``loss_rows.sum() / norm``) and nothing flows into ``lse``, and
-otherwise recomputes the logits once (see ``weighted_linear_cross_entropy``).
+otherwise recomputes the logits once.
+
+Chunks (``chunk_size``: logits elements per chunk, rows x vocabulary entries). The default is
+1,024 rows (which keeps the per-chunk GEMMs compute-bound), capped at 2^25 logits on CPU
+(128 MiB fp32) and 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16 gradient). A chunk holds at
+least one whole row when gradients are computed; without them, rows longer than the chunk
+stream through vocabulary tiles with an online log-sum-exp. When only some rows are active, a
+chunk's rows (and soft targets) are gathered copies of the same size.
+
+Precomputed gradients (``precompute_grad``). A backward whose upstream gradient is uniform over
+the rows that contribute (the usual ``loss_rows.sum() / norm``; per-row scales belong in
+``row_weights``) and does not reach ``lse`` then costs no GEMM: 6MHV FLOPs in total.
+Otherwise the backward recomputes the logits once (2MHV, plus 2MHV per gradient it still
+needs: up to 12MHV in total with precomputation, 8MHV without). Gradient GEMMs skip rows that
+cannot have a gradient (ignored targets, zero row weights; 4MHV becomes 4·M_active·HV), at the
+cost of one host synchronization per call. Memory: precomputation keeps fp32 ``[V, H]`` and
+``[M, H]`` unit gradients from forward to backward, where the scaled gradients are allocated
+next to them; without it the backward accumulates straight into the gradients (peak about one
+fp32 ``[V, H]`` + ``[M, H]`` + one chunk).
+
+The C++ ops check every argument and value; the wrappers add what only Python sees
+(``chunk_size=None``, which gradients to precompute). The fake kernels check the metadata
+themselves (the same checks as csrc/weighted_ce_args.h): fake and meta tensors never reach C++.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from .checks import FLOATS, check_dtype, check_positive, check_rank, check_tensor, fail
+
 _OPS = torch.ops.vsd_ext
-
-
-def _fail(arg: str, msg: str):
-    raise ValueError(f"vsd_ext: argument '{arg}': {msg}")
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dtypes(dtypes) -> str:
-    return " or ".join(str(d) for d in dtypes)
-
-
-def _check_tensor(t, arg: str, shape, dtypes, ref: Tensor, ref_name: str):
-    if not isinstance(t, Tensor):
-        _fail(arg, f"expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        _fail(arg, f"expected shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        _fail(arg, f"expected dtype {_dtypes(dtypes)}, got {t.dtype}")
-    if t.device != ref.device:
-        _fail(arg, f"expected device {ref.device} (that of '{ref_name}'), got {t.device}")
-
-
-def _check_2d(t, arg: str, dtypes):
-    if not isinstance(t, Tensor) or t.dim() != 2:
-        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
-        _fail(arg, f"expected a 2-D tensor, got {shape}")
-    if t.dtype not in dtypes:
-        _fail(arg, f"expected dtype {_dtypes(dtypes)}, got {t.dtype}")
-
-
-def _check_rows(targets, row_weights, soft_targets, M, V, ref, ref_name, ignore_index, soft_temperature):
-    _check_tensor(targets, "targets", (M,), (torch.int64,), ref, ref_name)
-    _check_tensor(row_weights, "row_weights", (M,), (torch.float32,), ref, ref_name)
+def _check_rows(targets, row_weights, soft_targets, M, V, ref, ref_name, ignore_index,
+                soft_temperature):
+    check_tensor(targets, "targets", (M,), (torch.int64,), ref, ref_name)
+    check_tensor(row_weights, "row_weights", (M,), (torch.float32,), ref, ref_name)
     if soft_targets is not None:
-        _check_tensor(soft_targets, "soft_targets", (M, V), _FLOAT_DTYPES, ref, ref_name)
+        check_tensor(soft_targets, "soft_targets", (M, V), FLOATS, ref, ref_name)
     if not isinstance(ignore_index, int):
-        _fail("ignore_index", f"expected an int, got {type(ignore_index).__name__}")
-    if not (isinstance(soft_temperature, (int, float)) and math.isfinite(soft_temperature) and soft_temperature > 0):
-        _fail("soft_temperature", f"expected a finite value > 0, got {soft_temperature}")
+        fail("ignore_index", f"expected an int, got {type(ignore_index).__name__}")
+    check_positive(soft_temperature, "soft_temperature")
 
 
-def _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index, soft_temperature):
-    _check_2d(logits, "logits", _FLOAT_DTYPES)
-    M, V = logits.shape
+def _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index,
+                       soft_temperature):
+    """The fake kernels' checks (`vsd_ext.ops.checks`) of the non-fused op."""
+    M, V = check_rank(logits, "logits", 2, "[M, V]")
+    check_dtype(logits, "logits", FLOATS)
     if V < 1:
-        _fail("logits", f"expected at least one class, got shape {list(logits.shape)}")
-    _check_rows(targets, row_weights, soft_targets, M, V, logits, "logits", ignore_index, soft_temperature)
+        fail("logits", f"expected at least one class, got shape {list(logits.shape)}")
+    _check_rows(targets, row_weights, soft_targets, M, V, logits, "logits", ignore_index,
+                soft_temperature)
 
 
-def _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk_size):
-    _check_2d(hidden, "hidden", _FLOAT_DTYPES)
-    M, H = hidden.shape
-    _check_2d(weight, "weight", (hidden.dtype,))
-    if weight.device != hidden.device:
-        _fail("weight", f"expected device {hidden.device} (that of 'hidden'), got {weight.device}")
-    V = weight.shape[0]
-    if weight.shape[1] != H or V < 1:
-        _fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' {list(hidden.shape)}), "
-              f"got {list(weight.shape)}")
+def _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                       soft_temperature, chunk_size):
+    """The fake kernels' checks (`vsd_ext.ops.checks`) of the fused op."""
+    M, H = check_rank(hidden, "hidden", 2, "[M, H]")
+    check_dtype(hidden, "hidden", FLOATS)
+    V, Hw = check_rank(weight, "weight", 2, "[V, H]")
+    check_dtype(weight, "weight", (hidden.dtype,))
+    if Hw != H or V < 1:
+        fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' "
+             f"{list(hidden.shape)}), got {list(weight.shape)}")
+    check_tensor(weight, "weight", (V, H), (hidden.dtype,), hidden, "hidden")
     if bias is not None:
-        _check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
-    _check_rows(targets, row_weights, soft_targets, M, V, hidden, "hidden", ignore_index, soft_temperature)
+        check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
+    _check_rows(targets, row_weights, soft_targets, M, V, hidden, "hidden", ignore_index,
+                soft_temperature)
     if not (isinstance(chunk_size, int) and chunk_size >= 0):
-        _fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
 
 
 # ---- non-fused variant --------------------------------------------------------------------------
@@ -106,12 +104,13 @@ def weighted_cross_entropy(
 
     Args:
         logits: ``[M, V]`` float16 / bfloat16 / float32 / float64 (any row stride). Differentiable.
-        targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get loss
-            0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test is used.
-            An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+        targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get
+            loss 0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test
+            is used. An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
         row_weights: ``[M]`` float32 per-row (not per-class) weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None.
-            Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v log softmax(logits[m])_v``.
+            Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v
+            log softmax(logits[m])_v``.
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
 
@@ -120,7 +119,6 @@ def weighted_cross_entropy(
         ignored rows. ``lse``: ``[M]`` same dtype, ``logsumexp(logits)`` of every row (ignored ones
         too); differentiable (``d lse / d logits = softmax``), e.g. for a z-loss.
     """
-    _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index, soft_temperature)
     loss, lse, _ = _OPS.weighted_cross_entropy_forward(
         logits, targets, row_weights, soft_targets, ignore_index, float(soft_temperature))
     return loss, lse
@@ -135,8 +133,8 @@ def _ce_forward_fake(logits, targets, row_weights, soft_targets, ignore_index, s
 
 
 @torch.library.register_fake("vsd_ext::weighted_cross_entropy_backward")
-def _ce_backward_fake(grad_loss_rows, grad_lse, logits, targets, row_weights, soft_targets, lse, soft_lse,
-                      ignore_index, soft_temperature):
+def _ce_backward_fake(grad_loss_rows, grad_lse, logits, targets, row_weights, soft_targets, lse,
+                      soft_lse, ignore_index, soft_temperature):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -199,50 +197,36 @@ def weighted_linear_cross_entropy(
         bias: ``[V]`` dtype of ``weight``, or None. Differentiable.
         ignore_index: the target value of ignored rows.
         soft_temperature: > 0, divides ``soft_targets``.
-        chunk_size: logits elements per chunk (rows x vocabulary entries); None = 1,024 rows
-            (which keeps the per-chunk GEMMs compute-bound), capped at 2^25 logits on CPU
-            (128 MiB fp32) and 2^27 on CUDA (512 MiB fp32 + 256 MiB fp16/bf16 gradient). A chunk holds at least one
-            whole row when gradients are computed; without them, rows longer than the chunk
-            stream through vocabulary tiles with an online log-sum-exp. When only some rows are
-            active, a chunk's rows (and soft targets) are gathered copies of the same size.
+        chunk_size: logits elements per chunk (rows x vocabulary entries); None: 1,024 rows,
+            capped (module docstring).
         precompute_grad: compute the gradients of ``sum(loss_rows)`` in the forward (only when
-            grad mode is on and ``hidden`` / ``weight`` / ``bias`` require grad). Then a backward
-            whose upstream gradient is uniform over the rows that contribute (the usual
-            ``loss_rows.sum() / norm``; per-row scales belong in ``row_weights``) and does not
-            reach ``lse`` costs no GEMM: 6MHV FLOPs in total. Otherwise the backward recomputes
-            the logits once (2MHV, plus 2MHV per gradient it still needs: up to 12MHV in total
-            with precomputation, 8MHV without). Gradient GEMMs skip rows that cannot have a
-            gradient (ignored targets, zero row weights; 4MHV becomes 4·M_active·HV), at the
-            cost of one host synchronization per call. Pass False when the upstream gradient is known to
-            vary per row or to flow into ``lse`` (z-loss). Memory: precomputation keeps fp32
-            ``[V, H]`` and ``[M, H]`` unit gradients from forward to backward, where the scaled
-            gradients are allocated next to them; without it the backward accumulates straight
-            into the gradients (peak about one fp32 ``[V, H]`` + ``[M, H]`` + one chunk).
+            grad mode is on and ``hidden`` / ``weight`` / ``bias`` require grad): a backward
+            with a uniform upstream gradient then costs no GEMM (module docstring). Pass False
+            when the upstream gradient is known to vary per row or to flow into ``lse``
+            (z-loss).
 
     Returns:
         ``loss_rows``: ``[M]`` float32 (float64 for float64 inputs), ``row_weights * CE``, 0 on
         ignored rows. ``lse``: ``[M]`` same dtype, log-sum-exp of every row's logits;
         differentiable.
     """
-    chunk = 0 if chunk_size is None else chunk_size
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        _fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
-    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk)
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")  # the op's 0 = None
+    chunk = 0 if chunk_size is None else chunk_size
     track = precompute_grad and torch.is_grad_enabled()
     grad_mask = [track and hidden.requires_grad, track and weight.requires_grad,
                  track and bias is not None and bias.requires_grad]
     loss, lse, *_ = _OPS.weighted_linear_cross_entropy_forward(
-        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, float(soft_temperature), chunk,
-        grad_mask)
+        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+        float(soft_temperature), chunk, grad_mask)
     return loss, lse
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_forward")
-def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                      chunk_size, grad_mask):
-    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
-                       chunk_size)
+def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                      soft_temperature, chunk_size, grad_mask):
+    _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
+                       soft_temperature, chunk_size)
     (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
     return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
             hidden.new_empty(M if soft_targets is not None else 0, dtype=acc),
@@ -252,9 +236,9 @@ def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, 
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_backward")
-def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets, bias, lse,
-                       soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index, soft_temperature, chunk_size,
-                       output_mask):
+def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets,
+                       bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index,
+                       soft_temperature, chunk_size, output_mask):
     acc = _acc(hidden.dtype)
     return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
             weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
@@ -262,13 +246,13 @@ def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_we
 
 
 def _lce_setup_context(ctx, inputs, output):
-    (hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature, chunk_size,
-     _grad_mask) = inputs
+    (hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, soft_temperature,
+     chunk_size, _grad_mask) = inputs
     _, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit = output
     ctx.mark_non_differentiable(soft_lse, dhidden_unit, dweight_unit, dbias_unit)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(hidden, weight, targets, row_weights, soft_targets, bias, lse, soft_lse, dhidden_unit,
-                          dweight_unit, dbias_unit)
+    ctx.save_for_backward(hidden, weight, targets, row_weights, soft_targets, bias, lse, soft_lse,
+                          dhidden_unit, dweight_unit, dbias_unit)
     ctx.scalars = (ignore_index, soft_temperature, chunk_size)
 
 
@@ -279,10 +263,11 @@ def _lce_backward(ctx, grad_loss_rows, grad_lse, *_unused):
     if not any(mask) or (grad_loss_rows is None and grad_lse is None):
         return none
     saved = ctx.saved_tensors
-    dh, dw, db = _OPS.weighted_linear_cross_entropy_backward(grad_loss_rows, grad_lse, *saved, *ctx.scalars, mask)
-    return (dh if mask[0] else None, dw if mask[1] else None, None, None, None, db if mask[2] else None,
-            None, None, None, None)
+    dh, dw, db = _OPS.weighted_linear_cross_entropy_backward(grad_loss_rows, grad_lse, *saved,
+                                                             *ctx.scalars, mask)
+    return (dh if mask[0] else None, dw if mask[1] else None, None, None, None,
+            db if mask[2] else None, None, None, None, None)
 
 
-torch.library.register_autograd(
-    "vsd_ext::weighted_linear_cross_entropy_forward", _lce_backward, setup_context=_lce_setup_context)
+torch.library.register_autograd("vsd_ext::weighted_linear_cross_entropy_forward", _lce_backward,
+                                setup_context=_lce_setup_context)

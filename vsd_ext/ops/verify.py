@@ -1,13 +1,17 @@
-"""vsd_ext.verify_tree: batched lossless tree verification (OPS.md section 2).
+"""vsd_ext.verify_tree: batched lossless tree verification (docs/design/OPS.md section 2).
 
 The rule (modes, tie-breaks, zero-mass cases, the final inverse-CDF draw) is specified in
 :mod:`vsd_ext.reference.verify_tree`. Verification is not differentiable: no autograd.
+
+The C++ op checks every argument and value; the wrapper adds what only Python sees (mode
+names, uniforms drawn from a generator). The fake kernel checks the metadata itself: fake and
+meta tensors never reach the C++ checks.
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .checks import check_dtype, check_positive, check_rank, check_tensor, fail
 
 MODES = {"greedy": 0, "target_only": 1, "sampled": 2}
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -15,51 +19,33 @@ _UNIFORM_DTYPES = (torch.float32, torch.float64)
 _DRAFT_PROBS_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _fail(arg: str, msg: str):
-    raise ValueError(f"vsd_ext: argument '{arg}': {msg}")
-
-
-def _check_tensor(t, arg, shape, dtypes, device):
-    if not isinstance(t, torch.Tensor):
-        _fail(arg, f"expected a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(shape):
-        _fail(arg, f"expected shape {list(shape)}, got {list(t.shape)}")
-    if t.dtype not in dtypes:
-        _fail(arg, f"expected dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-    if t.device != device:
-        _fail(arg, f"expected device {device} (that of 'target_logits'), got {t.device}")
-
-
-def _check_logits(target_logits):
-    """Returns (B, N, V) of a valid target_logits."""
-    if not isinstance(target_logits, torch.Tensor) or target_logits.dim() != 3:
-        shape = list(target_logits.shape) if isinstance(target_logits, torch.Tensor) else None
-        _fail("target_logits", f"expected a 3-D tensor [B, N, V], got shape {shape}")
-    if target_logits.dtype not in _LOGITS_DTYPES:
-        _fail("target_logits",
-              f"expected dtype float16, bfloat16 or float32, got {target_logits.dtype}")
-    B, N, V = target_logits.shape
+def _logits_shape(target_logits) -> tuple[int, int, int]:
+    """(B, N, V) of a valid target_logits: the outputs' shapes, and the uniforms'."""
+    B, N, V = check_rank(target_logits, "target_logits", 3, "[B, N, V]")
+    check_dtype(target_logits, "target_logits", _LOGITS_DTYPES)
     if N < 1 or V < 1:
-        _fail("target_logits", f"expected N >= 1 nodes and V >= 1 tokens, got shape {[B, N, V]}")
+        fail("target_logits", f"expected N >= 1 nodes and V >= 1 tokens, got shape {[B, N, V]}")
     return B, N, V
 
 
 def _check_args(target_logits, draft_tokens, parents, uniforms, draft_probs, mode, temperature):
-    """Shape / dtype / device / mode / temperature checks (the data checks run in the kernels)."""
+    """The fake kernel's checks (`vsd_ext.ops.checks`): shapes, dtypes, devices, mode and
+    temperature. The data checks (parents, tokens, uniforms and probabilities of the rows a
+    walk reads) need the data: the kernels make them."""
     if mode not in (0, 1, 2):
-        _fail("mode", f"expected 0 (greedy), 1 (target_only) or 2 (sampled), got {mode}")
-    if mode != 0 and not (math.isfinite(temperature) and temperature > 0):
-        _fail("temperature", f"expected a finite value > 0, got {temperature}")
-    B, N, V = _check_logits(target_logits)
-    dev = target_logits.device
-    _check_tensor(draft_tokens, "draft_tokens", (B, N), (torch.int64,), dev)
-    _check_tensor(parents, "parents", (B, N), (torch.int64,), dev)
-    _check_tensor(uniforms, "uniforms", (B, N + 1), _UNIFORM_DTYPES, dev)
+        fail("mode", f"expected 0 (greedy), 1 (target_only) or 2 (sampled), got {mode}")
+    if mode != 0:
+        check_positive(temperature, "temperature")
+    B, N, V = _logits_shape(target_logits)
+    ref = (target_logits, "target_logits")
+    check_tensor(draft_tokens, "draft_tokens", (B, N), (torch.int64,), *ref)
+    check_tensor(parents, "parents", (B, N), (torch.int64,), *ref)
+    check_tensor(uniforms, "uniforms", (B, N + 1), _UNIFORM_DTYPES, *ref)
     if draft_probs is not None:
-        _check_tensor(draft_probs, "draft_probs", (B, N, V), _DRAFT_PROBS_DTYPES, dev)
+        check_tensor(draft_probs, "draft_probs", (B, N, V), _DRAFT_PROBS_DTYPES, *ref)
     elif mode == 2:
-        _fail("draft_probs", "required for mode='sampled': the distributions the children were "
-              "drafted from")
+        fail("draft_probs", "required for mode='sampled': the distributions the children were "
+             "drafted from")
 
 
 def verify_tree(
@@ -104,15 +90,13 @@ def verify_tree(
     temperature (greedy: exactly greedy decoding). CPU and CUDA make the same decisions.
     """
     if mode not in MODES:
-        _fail("mode", f"expected one of {sorted(MODES)}, got {mode!r}")
+        fail("mode", f"expected one of {sorted(MODES)}, got {mode!r}")
     mode_id = MODES[mode]
     if uniforms is None:
-        B, N, _ = _check_logits(target_logits)
+        B, N, _ = _logits_shape(target_logits)
         gen_device = generator.device if generator is not None else target_logits.device
         uniforms = torch.rand((B, N + 1), generator=generator, dtype=torch.float64,
                               device=gen_device).to(target_logits.device)
-    _check_args(target_logits, draft_tokens, parents, uniforms, draft_probs, mode_id,
-                float(temperature))
     return torch.ops.vsd_ext.verify_tree(
         target_logits, draft_tokens, parents, uniforms, draft_probs, mode_id, float(temperature)
     )

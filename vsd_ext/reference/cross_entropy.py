@@ -1,4 +1,4 @@
-"""Pure-PyTorch specification of the weighted cross-entropy ops (OPS.md, section 3).
+"""Pure-PyTorch specification of the weighted cross-entropy ops (docs/design/OPS.md, section 3).
 
 Materializes the [M, V] logits and uses F.cross_entropy(reduction="none"): slow, memory-hungry and
 obviously correct. Computes in float32 (float64 for float64 inputs); pass float64 inputs for an
@@ -34,6 +34,7 @@ def weighted_cross_entropy(
     z = logits.to(dtype)
     lse = torch.logsumexp(z, dim=-1)
     active = targets != ignore_index
+    zero = torch.zeros((), dtype=dtype, device=z.device)
     if soft_targets is None:
         ce = F.cross_entropy(z, targets, ignore_index=ignore_index, reduction="none")
     else:
@@ -41,8 +42,8 @@ def weighted_cross_entropy(
         # entries of probability 0 (-inf teacher logits) add nothing, even where z = -inf.
         p = torch.softmax(soft_targets.to(dtype) / soft_temperature, dim=-1)
         log_q = torch.log_softmax(z, dim=-1)
-        ce = -torch.where(p > 0, p * log_q, torch.zeros((), dtype=dtype, device=z.device)).sum(dim=-1)
-    loss = torch.where(active, ce * row_weights.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+        ce = -torch.where(p > 0, p * log_q, zero).sum(dim=-1)
+    loss = torch.where(active, ce * row_weights.to(dtype), zero)
     return loss, lse
 
 
@@ -61,4 +62,5 @@ def weighted_linear_cross_entropy(
     logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         logits = logits + bias.to(dtype)
-    return weighted_cross_entropy(logits, targets, row_weights, soft_targets, ignore_index, soft_temperature)
+    return weighted_cross_entropy(logits, targets, row_weights, soft_targets, ignore_index,
+                                  soft_temperature)

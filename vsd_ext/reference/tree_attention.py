@@ -1,7 +1,7 @@
 """Reference tree-mask attention: a dense boolean mask over [prefix | tree] keys and plain
 softmax attention, in float64 by default. Slow and obviously correct: the tests' oracle.
 
-Contract: shared/design/OPS.md section 1 (same arguments as `vsd_ext.tree_attention`).
+Contract: docs/design/OPS.md section 1 (same arguments as `vsd_ext.tree_attention`).
 """
 from __future__ import annotations
 
@@ -12,16 +12,18 @@ import torch
 from ..tree import unpack_tree_mask
 
 
-def dense_visibility(prefix_lens: torch.Tensor, tree_mask: torch.Tensor, cache_len: int, n: int) -> torch.Tensor:
+def dense_visibility(prefix_lens: torch.Tensor, tree_mask: torch.Tensor, cache_len: int,
+                     n: int) -> torch.Tensor:
     """``[B, N, L + N]`` bool: row b, node i sees cache position p iff ``p < prefix_lens[b]``
     and tree node j iff bit j of ``tree_mask[b, i]`` is set."""
     B = tree_mask.shape[0]
     pos = torch.arange(cache_len, device=tree_mask.device)
-    prefix = (pos < prefix_lens.to(tree_mask.device).view(B, 1)).view(B, 1, cache_len).expand(B, n, cache_len)
+    seen = pos < prefix_lens.to(tree_mask.device).view(B, 1)
+    prefix = seen.view(B, 1, cache_len).expand(B, n, cache_len)
     return torch.cat([prefix, unpack_tree_mask(tree_mask, n)], dim=-1)
 
 
-def tree_attention_reference(
+def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -1,4 +1,4 @@
-"""The `auf` objective: Accept-Until-Fail (METHOD.md, baselines).
+"""The `auf` objective: Accept-Until-Fail (docs/design/METHOD.md, baselines).
 
 The same training-time-test unroll as eagle3, with hard targets. At column c the greedy
 draft ĝ_j(c) = argmax q_j(c) either matches the ground truth x_{c+2+j} or not; step j is
@@ -23,7 +23,7 @@ def auf_loss(step, batch, head, gen, want_metrics: bool):
     cfg = step.config.auf
     ids, mask = batch.input_ids, batch.loss_mask
     T = ids.shape[1]
-    hiddens = unroll(step.drafter, step.target.embed_tokens, ids, batch.features, cfg.steps)
+    hiddens = unroll(step.drafter, ids, batch.features, cfg.steps)
     alive = None  # [B, T−1]: every step so far matched (match only exists on kept rows)
     kept_hidden, kept_targets = [], []
     for j, h in enumerate(hiddens):

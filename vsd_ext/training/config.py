@@ -1,7 +1,7 @@
 """Training configuration: one dataclass per objective and one for the trainer.
 
-Every constant of shared/design/METHOD.md is a field here, with METHOD.md's default, so that a
-run is fully described by its `TrainConfig` (saved next to every checkpoint). `validate()`
+Every constant of docs/design/METHOD.md is a field here, with its default there, so that a run
+is fully described by its `TrainConfig` (saved next to every checkpoint). `validate()`
 raises `ValueError` naming the field for anything out of range.
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ class AUFConfig:
 
 @dataclass
 class VSDConfig:
-    """The EM step of METHOD.md (names follow its notation).
+    """The EM step of docs/design/METHOD.md (names follow its notation).
 
     E-step: `anchors` positions per sequence; at each the drafter samples `paths` (S) i.i.d.
     paths of `depth` (K) tokens from q at `sample_temperature` (a tree: the S chains share
@@ -67,8 +67,8 @@ class VSDConfig:
     M-step: ARW-weighted likelihood of the emitted tokens (utility `utility`, ESS ≥ `rho`·S,
     T_w ≥ `min_temperature`, reach weights clamped at `r_min`) + `lambda_car` · CAR
     (confidence `confidence` ** `car_beta`) + `lambda_tok` · the eagle3 loss (`eagle3`).
-    `arw_target`: "emitted" (METHOD.md: hard CE on the emitted tokens) or "soft" (the
-    target's distribution at the same rows; see `training.vsd`); `arw_positions`: "emitted"
+    `arw_target`: "emitted" (hard CE on the emitted tokens) or "soft" (the target's
+    distribution at the same rows; see `training.vsd`); `arw_positions`: "emitted"
     (positions up to the correction token) or "all" (every path node; soft targets only).
     """
 
@@ -177,7 +177,7 @@ class TrainConfig:
     auf: AUFConfig = field(default_factory=AUFConfig)
     vsd: VSDConfig = field(default_factory=VSDConfig)
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "save_every",
                      "eval_prompts", "eval_new_tokens", "heldout_sequences"):
@@ -235,7 +235,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """Inverse of `to_dict` (unknown keys raise ValueError naming them)."""
         values = dict(values)
         nested = {"eagle3": Eagle3Config, "auf": AUFConfig, "vsd": VSDConfig}

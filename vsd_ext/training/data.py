@@ -6,7 +6,7 @@ every token of plain text). Target features are NOT stored: the trainer computes
 online with the frozen target in every step.
 
 Sources:
-- the embedded corpus (`vsd_ext.data`: stdlib sources, deterministic train/held-out split by
+- the embedded corpus (`vsd_ext.corpus`: stdlib sources, deterministic train/held-out split by
   file), cut into rows of `seq_len` tokens, every token a target;
 - a JSONL file, one record per line: `{"text": ...}` (every token a target, long texts cut
   into several rows), `{"messages"|"conversations": [{"role"|"from": ..., "content"|"value":
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data as corpus
+from .. import corpus
+from ..decoding import generate
 
 HELDOUT_PER_MILLE = corpus.HELDOUT_PER_MILLE
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -61,7 +62,7 @@ class TokenDataset:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
-    def rows(self, index: torch.Tensor) -> "TokenDataset":
+    def rows(self, index: torch.Tensor) -> TokenDataset:
         return TokenDataset(self.input_ids[index], self.loss_mask[index])
 
     def num_targets(self) -> int:
@@ -88,7 +89,7 @@ class DataSplits:
                     "prompts": self.prompts, "source": self.source}, str(path))
 
     @classmethod
-    def load(cls, path: str | Path) -> "DataSplits":
+    def load(cls, path: str | Path) -> DataSplits:
         state = torch.load(str(path), weights_only=True)
         try:
             return cls(TokenDataset(*state["train"]), TokenDataset(*state["heldout"]),
@@ -119,8 +120,8 @@ def _eos(target_or_id) -> int:
 # ---- the embedded corpus ------------------------------------------------------------------
 def corpus_splits(tokenizer, seq_len: int, eval_prompts: int = 32, prompt_tokens: int = 96,
                   root=None) -> DataSplits:
-    """The stdlib corpus (vsd_ext.data): rows of `seq_len` tokens, every token a target;
-    prompts: the first lines of held-out files (`vsd_ext.data.prompts`), at most
+    """The stdlib corpus (vsd_ext.corpus): rows of `seq_len` tokens, every token a target;
+    prompts: the first lines of held-out files (`vsd_ext.corpus.prompts`), at most
     `prompt_tokens` tokens each."""
     def rows(split):
         ids = corpus.token_sequences(tokenizer, split, seq_len, root)
@@ -295,7 +296,6 @@ def regenerate(target, data: TokenDataset, temperature: float = 1.0, prompt_toke
     first target (at most `prompt_tokens`; rows whose first token is a target keep their
     first `prompt_tokens`), the response is the target's continuation at `temperature` up
     to the row length (stopping at EOS). Targets = the response tokens."""
-    from ..decoding import generate
 
     if temperature < 0:
         raise ValueError(f"regenerate: temperature must be >= 0, got {temperature}")

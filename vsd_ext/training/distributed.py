@@ -1,6 +1,6 @@
 """Scale-out: data parallelism for the drafter (DDP) and FSDP sharding of a frozen target.
 
-Under `torchrun --nproc-per-node N -m vsd_ext.cli train ...` every process runs the same
+Under `torchrun --nproc-per-node N -m vsd_ext train ...` every process runs the same
 loop on its share of each global batch (`TrainConfig` docstring); DDP all-reduces the
 drafter's gradients (averaging them: the mean over N equal shares is the mean over all
 micro-batches, the single-process result). Backend: NCCL with CUDA, gloo on CPU.

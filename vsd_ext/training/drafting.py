@@ -1,6 +1,6 @@
 """The drafter's training-time passes, shared by every objective (no logits are formed here).
 
-Alignment (the same as `vsd_ext.draft_tree.DrafterProposer`): for a sequence x_0..x_{T−1}
+Alignment (the same as `vsd_ext.decoding.proposer.DrafterProposer`): for a sequence x_0..x_{T−1}
 with target features f_t and target logits l_t (l_t is the distribution of x_{t+1}), the
 drafter's column c (c = 0..T−2) is the pair (token x_{c+1}, feature f_c) at position c;
 its step-0 output predicts x_{c+2}, whose target distribution is l_{c+1}.
@@ -24,72 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..models.layers import rope_cos_sin
-from ..ops.attention import tree_attention
-from ..tree import pack_tree_mask
+from ..models import KVCache
+from ..models.layers import AttentionContext
+from ..tree import chain_mask
 
 
-class _Attend:
-    """The attention context `DraftLayer.forward` calls (`attend(layer, attn, x)`).
-
-    cache None: causal self-attention over the chunk (SDPA). Else tree attention: the rows
-    come in G equal contiguous groups (one per sequence), group g reading cache row g of
-    `(k, v)` `[G, L, Hkv, D]` as its shared cache (`Bc = 1`), row r seeing `prefix_lens[r]`
-    positions of it plus the tree nodes `mask` allows, the `past` nodes' keys/values first
-    (their queries are zeros and their outputs dropped). The projections run once over all
-    rows; only the attention op is called per group. `kv` holds (past + new) keys/values.
-    """
-
-    def __init__(self, cos, sin, cache=None, prefix_lens=None, past=None, mask=None):
-        self.cos, self.sin = cos, sin
-        self.cache, self.prefix_lens, self.past, self.mask = cache, prefix_lens, past, mask
-        self.kv = None
-
-    def attend(self, layer: int, attn, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = attn.qkv(x, self.cos, self.sin)
-        if self.cache is None:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                enable_gqa=attn.num_heads != attn.num_kv_heads).transpose(1, 2)
-            self.kv = (k, v)
-            return attn.output(out)
-        P = 0
-        if self.past is not None:
-            P = self.past[0].shape[1]
-            k, v = torch.cat((self.past[0], k), 1), torch.cat((self.past[1], v), 1)
-            q = torch.cat((q.new_zeros(q.shape[0], P, *q.shape[2:]), q), 1)
-        self.kv = (k, v)
-        k_cache, v_cache = self.cache
-        G = k_cache.shape[0]
-        R = q.shape[0] // G
-        # split (not slicing per group): its backward is one concatenation
-        groups = zip(q.split(R), k_cache.split(1), v_cache.split(1), self.prefix_lens.split(R),
-                     k.split(R), v.split(R), self.mask.split(R))
-        outs = [tree_attention(*args)[0] for args in groups]
-        out = torch.cat(outs) if G > 1 else outs[0]
-        return attn.output(out[:, P:])
-
-
-def _layer(drafter, embed, tokens, hidden, positions, ctx_args):
-    embeds = embed(tokens.clamp(min=0)).to(drafter.fc.weight.dtype)
-    device = tokens.device.type
-    # Under autocast the projections return the autocast dtype: RoPE tables follow it so q/k
-    # keep one dtype for the attention op.
-    dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-             else embeds.dtype)
-    cos, sin = rope_cos_sin(drafter.inv_freq, positions, dtype)
-    ctx = _Attend(cos, sin, **ctx_args)
-    return drafter.midlayer(embeds, hidden, ctx), ctx.kv
-
-
-def causal_pass(drafter, embed, tokens: torch.Tensor, features: torch.Tensor):
+def causal_pass(drafter, tokens: torch.Tensor, features: torch.Tensor):
     """Step 0: tokens `[B, L]` (x_{c+1}), features `[B, L, F]` (f_c) at positions 0..L−1 →
     (hidden `[B, L, H]` pre-norm, (k, v) `[B, L, Hkv, D]`)."""
     positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
-    return _layer(drafter, embed, tokens, drafter.fc(features), positions, {})
+    ctx = AttentionContext(keep_kv=True)
+    hidden = drafter.layer(tokens, drafter.features(features), positions, ctx)
+    return hidden, ctx.kv[0]
 
 
-def tree_level(drafter, embed, tokens, hidden, positions, cache, prefix_lens, mask, past=None):
+def tree_level(drafter, tokens, hidden, positions, cache, prefix_lens, mask, past=None):
     """One level of n new draft nodes for R rows: G sequences × R/G rows each.
 
     tokens `[R, n]` (target ids), hidden `[R, n, H]` (the parents' drafter states),
@@ -98,28 +47,14 @@ def tree_level(drafter, embed, tokens, hidden, positions, cache, prefix_lens, ma
     over past + new nodes, past: (k, v) `[R, P, Hkv, D]` or None. Returns (hidden
     `[R, n, H]`, (k, v) of the P + n nodes).
     """
-    R = tokens.shape[0]
-    mask = mask.expand(R, -1, -1)
-    return _layer(drafter, embed, tokens, hidden, positions,
-                  {"cache": cache, "prefix_lens": prefix_lens, "past": past, "mask": mask})
+    k0, v0 = cache
+    ctx = AttentionContext(mode="tree", cache=KVCache.wrap(k0[None], v0[None]),
+                           prefix_lens=prefix_lens, tree_mask=mask.expand(tokens.shape[0], -1, -1),
+                           past=None if past is None else [past], keep_kv=True)
+    return drafter.layer(tokens, hidden, positions, ctx), ctx.kv[0]
 
 
-def chain_masks(n: int, device) -> torch.Tensor:
-    """`[1, n, W]` bitmask of one chain (node i sees nodes 0..i)."""
-    return pack_tree_mask(torch.ones(n, n, dtype=torch.bool, device=device).tril()[None])
-
-
-def chains_mask(levels: int, paths: int, device) -> torch.Tensor:
-    """`[1, levels·paths, W]` bitmask of `paths` disjoint chains stored level-major (node
-    (l, s) at index l·paths + s sees (l', s) for l' ≤ l): S sampled paths under one root
-    that is not itself a node (it lives in the cache)."""
-    idx = torch.arange(levels * paths, device=device)
-    level, path = idx // paths, idx % paths
-    dense = (path[:, None] == path[None, :]) & (level[None, :] <= level[:, None])
-    return pack_tree_mask(dense[None])
-
-
-def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, steps: int,
+def unroll(drafter, input_ids: torch.Tensor, features: torch.Tensor, steps: int,
            step0=None) -> list[torch.Tensor]:
     """EAGLE-3 training-time test (module docstring) over a batch `[B, T]`.
 
@@ -129,7 +64,7 @@ def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, step
     B, T = input_ids.shape
     L = T - 1
     h, (k0, v0) = step0 if step0 is not None else causal_pass(
-        drafter, embed, input_ids[:, 1:], features[:, :-1])
+        drafter, input_ids[:, 1:], features[:, :-1])
     outs = [h]
     device = input_ids.device
     columns = torch.arange(L, device=device)
@@ -140,8 +75,8 @@ def unroll(drafter, embed, input_ids: torch.Tensor, features: torch.Tensor, step
                                                device=device)), 1)
     for j in range(1, steps):
         tokens = shifted[:, 1 + j:1 + j + L].reshape(B * L, 1)
-        hj, past = tree_level(drafter, embed, tokens, outs[-1].reshape(B * L, 1, -1),
-                              positions + j, (k0, v0), prefix, chain_masks(j, device), past)
+        hj, past = tree_level(drafter, tokens, outs[-1].reshape(B * L, 1, -1),
+                              positions + j, (k0, v0), prefix, chain_mask(j, device), past)
         outs.append(hj.view(B, L, -1))
     return outs
 

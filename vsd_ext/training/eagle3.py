@@ -1,4 +1,4 @@
-"""The `eagle3` objective: training-time test with soft targets (METHOD.md, baselines).
+"""The `eagle3` objective: training-time test with soft targets (docs/design/METHOD.md, baselines).
 
     L = Σ_{j<K} decay^j · (1/n_j) Σ_{c valid at j} CE( softmax(l_{c+1+j}|_{Vd} / τ_s), q_j(c) )
 
@@ -55,8 +55,7 @@ def eagle3_loss(step, batch, head, gen, want_metrics: bool, cfg=None, step0=None
     """(loss, metrics) of one micro-batch (module docstring). cfg: an `Eagle3Config`
     (default: the run's `eagle3`); step0: a `causal_pass` result to reuse (VSD's λ_tok)."""
     cfg = cfg or step.config.eagle3
-    embed = step.target.embed_tokens
-    hiddens = unroll(step.drafter, embed, batch.input_ids, batch.features, cfg.steps, step0)
+    hiddens = unroll(step.drafter, batch.input_ids, batch.features, cfg.steps, step0)
     rows = gather_step_rows(batch, hiddens, step.vocab)
     weights = []
     for j, (_, hidden, _) in enumerate(rows):

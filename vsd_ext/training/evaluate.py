@@ -14,7 +14,8 @@ from dataclasses import replace
 
 import torch
 
-from ..draft_tree import TreeConfig
+from ..decoding import TreeConfig, generate
+from ..models import Drafter
 from .drafting import causal_pass, step_rows
 from .objective import LossHead, target_pass
 
@@ -29,7 +30,7 @@ def heldout_kl(step, data, batch_size: int = 4) -> float:
         mask = data.loss_mask[start:start + batch_size].to(step.target.device)
         batch = target_pass(step.target, ids, mask)
         with step.autocast():
-            h0, _ = causal_pass(step.drafter, step.target.embed_tokens, ids[:, 1:],
+            h0, _ = causal_pass(step.drafter, ids[:, 1:],
                                 batch.features[:, :-1])
             valid = step_rows(ids, mask, 0)
             soft = step.vocab.restrict(batch.logits[:, 1:][valid])
@@ -49,8 +50,6 @@ def inference_drafter(drafter, target):
     fp32 master weights next to a bf16 target): itself when they already agree."""
     if drafter.fc.weight.dtype == target.dtype:
         return drafter
-    from ..models import Drafter
-
     copy = Drafter(drafter.config)
     copy.load_state_dict(drafter.state_dict())
     return copy.to(device=target.device, dtype=target.dtype).attach(target)
@@ -62,8 +61,6 @@ def decode_tau(target, drafter, prompts, temperature: float, max_new_tokens: int
                sampled_trees: bool = True) -> dict:
     """Decode `prompts` with the drafter; returns generate's stats (tau, tokens_per_second,
     acceptance_histogram, ...) for one temperature."""
-    from ..decoding import generate
-
     tree = replace(tree or TreeConfig(), sampled=sampled_trees and temperature > 0)
     gen = torch.Generator(device=target.device).manual_seed(seed)
     out = generate(target, inference_drafter(drafter, target), prompts, max_new_tokens,

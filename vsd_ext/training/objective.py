@@ -8,7 +8,6 @@ objective's scalar loss and metrics.
 """
 from __future__ import annotations
 
-import copy
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -16,7 +15,12 @@ import torch
 from torch import nn
 
 from ..ops.cross_entropy import weighted_linear_cross_entropy
+from .auf import auf_loss
 from .drafting import DraftVocab, head_inputs
+from .eagle3 import eagle3_loss
+from .vsd import vsd_loss
+
+OBJECTIVES = {"eagle3": eagle3_loss, "auf": auf_loss, "vsd": vsd_loss}
 
 
 @dataclass
@@ -44,13 +48,6 @@ def target_pass(target, input_ids: torch.Tensor, loss_mask: torch.Tensor,
     cache = target.new_cache(B, T)
     out = target.prefill(input_ids, cache, (input_ids >= 0).sum(1))
     return TargetBatch(input_ids, loss_mask, out.logits, out.features, cache)
-
-
-def cache_row(cache, b: int):
-    """A view of row b of a `KVCache` as a one-row cache (shared by many tree rows)."""
-    row = copy.copy(cache)
-    row.k, row.v, row.lengths = cache.k[:, b:b + 1], cache.v[:, b:b + 1], cache.lengths[b:b + 1]
-    return row
 
 
 class LossHead:
@@ -89,15 +86,11 @@ class TrainStep(nn.Module):
 
     def __init__(self, drafter, target, config):
         super().__init__()
-        from .auf import auf_loss
-        from .eagle3 import eagle3_loss
-        from .vsd import vsd_loss
-
         self.drafter = drafter
         self.__dict__["target"] = target  # frozen, outside the module tree (not synced)
         self.config = config
         self.vocab = DraftVocab(drafter)
-        self._loss = {"eagle3": eagle3_loss, "auf": auf_loss, "vsd": vsd_loss}[config.method]
+        self._loss = OBJECTIVES[config.method]
         mixed = config.precision == "bf16" or (config.precision == "auto"
                                                and target.device.type == "cuda")
         self.compute_dtype = torch.bfloat16 if mixed else torch.float32

@@ -42,8 +42,7 @@ from ..models import Drafter, load_drafter, load_target, token_counts
 from ..models.checkpoint import resolve_checkpoint_dir
 from .config import TrainConfig
 from .data import BatchOrder, DataSplits, load_splits, regenerate
-from .distributed import (barrier, init_distributed, is_distributed, shard_target,
-                          wrap_data_parallel)
+from .distributed import barrier, init_distributed, is_distributed, shard_target, wrap_data_parallel
 from .evaluate import decode_tau, heldout_kl
 from .objective import TrainStep
 

@@ -1,4 +1,4 @@
-"""The `vsd` objective: one EM step of Variational Speculative Decoding (METHOD.md).
+"""The `vsd` objective: one EM step of Variational Speculative Decoding (docs/design/METHOD.md).
 
 E-step, per sequence of the micro-batch (C = anchors, S = paths, K = depth, τ = sample
 temperature; the sequence's target KV cache comes from the target's pass):
@@ -22,10 +22,11 @@ M-step:
       + λ_tok · eagle3 loss                                           (optional)
 The emitted token e_{s,i} is predicted at the path's node of depth i − 1 (the root for
 i = 1); accepted prefixes coincide with the sampled path, so every row reads a hidden state
-the E-step already computed. CAR's CE differs from METHOD.md's KL by the teacher entropy,
-a constant: metrics report the KL. Both terms are fused weighted CE calls (no logits).
+the E-step already computed. CAR's CE differs from the KL(p‖q) it stands for by the teacher
+entropy, a constant: metrics report the KL. Both terms are fused weighted CE calls (no logits).
+docs/design/METHOD.md, "Known problems", says where this misses the objective it aims at.
 
-Option `arw_target="soft"` (not in METHOD.md; default "emitted"): each ARW row's hard
+Option `arw_target="soft"` (default "emitted"): each ARW row's hard
 emitted token is replaced by the target's whole distribution at that node (already scored in
 step 3) — the conditional expectation of the emitted token's one-hot given the path prefix,
 a lower-variance (Rao-Blackwellized) estimate of the same likelihood term when the weights
@@ -41,8 +42,9 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.verify import verify_tree
-from .drafting import causal_pass, chains_mask, draft_logits, step_rows, tree_level
-from .objective import cache_row
+from ..tree import chain_mask
+from .drafting import causal_pass, draft_logits, step_rows, tree_level
+from .eagle3 import eagle3_loss
 from .weights import arw_path_weights, arw_position_weights, car_confidence, path_utility
 
 
@@ -63,7 +65,7 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
     anchors `[B, C]`. Returns (z `[B, C, S, K]` draft ids, q `[B, C, S, K, Vd]` the
     distribution each z_i was drawn from, hidden `[B, C, S, K+1, H]`: the root state then
     the level-i node states, with gradient)."""
-    drafter, vocab, embed = step.drafter, step.vocab, step.target.embed_tokens
+    drafter, vocab = step.drafter, step.vocab
     B, C = anchors.shape
     S, K, tau = cfg.paths, cfg.depth, cfg.sample_temperature
     R = B * C
@@ -76,8 +78,8 @@ def sample_paths(step, h0, kv, anchors, cfg, gen):
     past = None
     for d in range(1, K + 1):
         positions = (prefix - 1 + d)[:, None].expand(R, S)
-        h, past = tree_level(drafter, embed, vocab.target_ids[z], hs[-1], positions, kv,
-                             prefix, chains_mask(d, S, anchors.device), past)
+        h, past = tree_level(drafter, vocab.target_ids[z], hs[-1], positions, kv,
+                             prefix, chain_mask(d, anchors.device, S), past)
         hs.append(h)
         if d < K:
             q = torch.softmax(draft_logits(drafter, h) / tau, -1)      # [R, S, Vd]
@@ -107,7 +109,7 @@ def score_and_verify(step, batch, b, anchors, z, q, cfg, gen):
     parents[node.flatten()] = parent.flatten()
     with torch.autocast(device.type, enabled=False):  # the target runs in its own dtype
         scored = target.tree_verify(tokens, parents.expand(C, -1).contiguous(),
-                                    cache_row(batch.cache, b), prefix_lens=anchors)
+                                    batch.cache.row(b), prefix_lens=anchors)
     # Each path as a chain: root, z_1..z_K; q at chain node i drew node i + 1.
     chain = torch.cat((torch.zeros(S, 1, dtype=torch.int64, device=device), node), 1)
     logits = scored.logits[:, chain]                                   # [C, S, K+1, V]
@@ -219,8 +221,6 @@ def m_step(step, batch, head, h0, kv, records, gen):
         loss = loss + cfg.lambda_car * car
         metrics["car_kl"] = car_kl
     if cfg.lambda_tok > 0:
-        from .eagle3 import eagle3_loss
-
         tok, _ = eagle3_loss(step, batch, head, gen, False, cfg.eagle3, (h0, kv))
         loss = loss + cfg.lambda_tok * tok
         metrics["tok"] = float(tok.detach())
@@ -237,7 +237,7 @@ def m_step(step, batch, head, h0, kv, records, gen):
 
 
 def vsd_loss(step, batch, head, gen, want_metrics: bool):
-    h0, kv = causal_pass(step.drafter, step.target.embed_tokens, batch.input_ids[:, 1:],
+    h0, kv = causal_pass(step.drafter, batch.input_ids[:, 1:],
                          batch.features[:, :-1])
     records = e_step(step, batch, h0, kv, gen)
     return m_step(step, batch, head, h0, kv, records, gen)

@@ -1,9 +1,9 @@
-"""ARW and CAR weights of the VSD M-step (shared/design/METHOD.md), as plain tensor functions.
+"""ARW and CAR weights of the VSD M-step (docs/design/METHOD.md), as tensor functions.
 
 Notation: C contexts (anchor positions), S sampled draft paths per context, K tokens per path.
 `alphas[c, s, i]` = α_i = min(1, p(z_i | ·) / q(z_i | ·)) of token i of path s (stop-gradient).
 
-Path utility (METHOD.md, E-step 4):
+Path utility (docs/design/METHOD.md, E-step 4):
     expected:  U_s = ℓ(x, z_s) = Σ_{k=1..K} Π_{i≤k} α_i        (expected accepted length)
     realized:  U_s = n_s + 1                                  (accepted count + the bonus token)
 ARW path weights:  w_s = S · softmax_s(log U_s / T_w), with T_w ≥ `min_temperature` the smallest

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .ops.verify import verify_tree
-from .reference.verify_tree import verify_tree as verify_tree_reference
-from .stats import chi_square_p_value
+from ..eval.stats import chi_square_p_value
+from ..ops.verify import verify_tree
+from ..reference.verify_tree import verify_tree as verify_tree_reference
 
 
 @dataclass
@@ -67,6 +67,19 @@ def draft_children(tree: DemoTree, trials: int, mode: str, g: torch.Generator) -
     return tokens
 
 
+def add_verify_demo_command(sub) -> None:
+    vdemo = sub.add_parser("verify-demo", help="lossless tree verification on a synthetic tree")
+    vdemo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
+    vdemo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+    vdemo.add_argument("--seed", type=int, default=0)
+    vdemo.set_defaults(func=run_verify_demo)
+
+
+def run_verify_demo(args) -> int:
+    rows = run(trials=args.trials, vocab=args.vocab, seed=args.seed)
+    return 0 if all(r["lossless"] for r in rows) else 1
+
+
 def _tv_noise_level(probs: torch.Tensor, trials: int) -> float:
     """Expected TV distance of an empirical distribution of `trials` draws from `probs`."""
     return 0.5 * float((probs * (1 - probs) * 2 / (math.pi * trials)).sqrt().sum())
@@ -93,7 +106,8 @@ def run(trials: int = 20000, vocab: int = 256, seed: int = 0, print_fn=print) ->
                                     None if q is None else q[sub], mode=mode,
                                     temperature=max(temperature, 1.0))
         ref_seconds = (time.perf_counter() - t0) * trials / logits[sub].shape[0]
-        agrees = all(torch.equal(a, b) for a, b in zip((nodes[sub], emitted[sub], accepted[sub]), ref))
+        outputs = (nodes[sub], emitted[sub], accepted[sub])
+        agrees = all(torch.equal(a, b) for a, b in zip(outputs, ref))
         first = emitted[:, 0]
         if mode == "greedy":
             expected = torch.zeros(vocab)
@@ -109,7 +123,8 @@ def run(trials: int = 20000, vocab: int = 256, seed: int = 0, print_fn=print) ->
                      "chi_square_p": p_value,
                      "lossless": p_value > 1e-4 and agrees,
                      "matches_reference": agrees,
-                     "op_rows_per_s": trials / op_seconds, "reference_rows_per_s": trials / ref_seconds})
+                     "op_rows_per_s": trials / op_seconds,
+                     "reference_rows_per_s": trials / ref_seconds})
     print_fn(f"verify_tree on one {n}-node tree, vocab {vocab}, {trials} trials per mode "
              f"(τ = accepted + 1 per verification)")
     print_fn(f"{'mode':<12} {'T':>3} {'τ':>6} {'TV(first token, p)':>20} {'noise':>7} "

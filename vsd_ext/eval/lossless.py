@@ -23,7 +23,7 @@ which is exactly U(0, 1) when x ~ p (the randomization spreads each token's atom
 own interval of width p(x)). Given the tokens before it, u_k is uniform whatever they were, so
 all ``rows × tokens`` values are independent uniforms under losslessness, pooled over
 contexts and positions. Pearson's chi-square of their histogram (``bins`` equal bins,
-`vsd_ext.stats.chi_square_p_value`) against the uniform decides. A decoder that samples too
+`vsd_ext.eval.stats.chi_square_p_value`) against the uniform decides. A decoder that samples too
 sharply (e.g. at a lower temperature, or accepting drafts too often) piles u up near 0; one
 that samples too flatly piles it near 1.
 
@@ -33,8 +33,8 @@ accepting drafter one verify step emits several of them at once.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -48,8 +48,8 @@ class LosslessConfig:
     """Size of the T > 0 test (one per method and temperature).
 
     samples: continuations decoded in all (one batch), split evenly over ``prompts``
-    contexts (256 × 3 tokens: about 2 s for autoregressive decoding and 5 s for an EAGLE-3
-    drafter with the embedded target on one busy CPU core; 38 expected per bin).
+    contexts (256 × 3 tokens: 38 expected per bin; its cost on a CPU:
+    docs/results/decoding_overheads_2026-11-29.md).
     prompts: how many evaluation prompts provide a context. context: the last ``context``
     tokens of each prompt (short, so the batched prefill of every row stays cheap;
     any context tests the decoding machinery). tokens: generated tokens checked per row (the

@@ -2,7 +2,7 @@
 
     vsd train --target DIR|default --method vsd --out runs/vsd --init runs/eagle3 \\
               --max-steps 2000 [--data FILE] [--seed N] [--regenerate] [--max-minutes M]
-    torchrun --nproc-per-node 2 -m vsd_ext.cli train ...      (data parallel; --fsdp-target)
+    torchrun --nproc-per-node 2 -m vsd_ext train ...      (data parallel; --fsdp-target)
 
 Every `TrainConfig` field is reachable: common ones have flags, any other (nested ones too)
 with `--set vsd.lambda_car=0.2 --set eagle3.steps=5` (values parsed as JSON, else strings),
@@ -13,6 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from ..training.config import TrainConfig
+from ..training.trainer import train_drafter
 
 FLAGS = {  # flag -> (TrainConfig field, type, help)
     "--method": ("method", str, "eagle3 | auf | vsd"),
@@ -73,8 +76,6 @@ def _assign(values: dict, key: str, raw: str) -> None:
 
 
 def config_from_args(args):
-    from .config import TrainConfig
-
     values = TrainConfig().to_dict()
     if args.config:
         path = Path(args.config)
@@ -97,8 +98,6 @@ def config_from_args(args):
 
 
 def run_train(args) -> int:
-    from .trainer import train_drafter
-
     config = config_from_args(args)
     train_drafter(args.target, args.out, config, init=args.init,
                   fsdp_target=args.fsdp_target, progress=not args.no_progress)

@@ -6,9 +6,9 @@
                  (`assets/default_drafter`) or of VSD (`assets/default_drafter_vsd`), see
                  their training_info.json — each trained further with its own method for the
                  same wall-clock budget on the same data: `eagle3` and `vsd` (the EM objective
-                 of METHOD.md)
+                 of docs/design/METHOD.md)
     3. evaluate  autoregressive, eagle3 and vsd decoding at T = 0 and T = 1 on held-out
-                 prompts (`vsd_ext.evaluation.evaluate`: τ, tokens/s, speedup, lossless check)
+                 prompts (`vsd_ext.eval.evaluate`: τ, tokens/s, speedup, lossless check)
     4. report    the table on stdout, ``<out>/report.json`` and ``<out>/report.png``
 
 Sized for about 5 minutes on 2 CPU cores (`--minutes` per fine-tune, `--num-prompts`,
@@ -18,6 +18,7 @@ picks up where it stopped; ``--fresh`` starts over.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import time
@@ -25,6 +26,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .._version import __version__
+from ..decoding import TreeConfig
+from ..eval import evaluate, format_table, heldout_prompts, write_report
+from ..models import load_drafter, load_target
+from ..models.checkpoint import DEFAULT_DRAFTERS
+from ..training.data import regenerated_corpus_splits
+from ..training.trainer import train_drafter
 
 # Training settings of the fine-tunes (those of the shipped drafter's own training, see
 # vsd_ext/assets/default_drafter/training_info.json): short rows, a constant learning rate.
@@ -37,8 +46,9 @@ SHIPPED = {"eagle3": "default", "vsd": "default-vsd"}  # the drafter each fine-t
 UNROLL = 5  # eagle3 training-time-test steps = VSD path depth = the decoding chain's depth
 # VSD settings of the shipped VSD drafter and of the method comparison's `vsd` runs (the best
 # of the variants tried there on seed 0): 4 anchors × 4 paths, soft (Rao-Blackwellized) ARW
-# targets, and the EAGLE-3 term kept at weight 1 (METHOD.md's defaults — 8 × 8, hard targets,
-# no EAGLE-3 term — lost τ in that comparison; see README, "Training methods compared").
+# targets, and the EAGLE-3 term kept at weight 1 (the defaults of docs/design/METHOD.md — 8 × 8,
+# hard targets, no EAGLE-3 term — lost τ in that comparison; see README, "Training methods
+# compared").
 VSD_SETTINGS = dict(depth=UNROLL, anchors=4, paths=4, lambda_tok=1.0, arw_target="soft")
 
 
@@ -70,13 +80,52 @@ class DemoConfig:
     progress: bool = True
 
 
+def add_demo_command(sub) -> None:
+    dflt = DemoConfig()
+    demo = sub.add_parser("demo", help="the main job: fine-tune eagle3 and vsd drafters for the "
+                                       "default target, evaluate them against autoregressive "
+                                       "decoding at T = 0 and 1 (report.json + plot)")
+    demo.add_argument("--out", default=dflt.out, help="output directory (reused when re-run)")
+    demo.add_argument("--minutes", type=float, default=dflt.minutes,
+                      help="wall-clock training budget of each fine-tune")
+    demo.add_argument("--rows", type=int, default=dflt.rows, help="regenerated training rows")
+    demo.add_argument("--num-prompts", type=int, default=dflt.num_prompts,
+                      help="held-out prompts of the evaluation")
+    demo.add_argument("--max-new-tokens", type=int, default=dflt.max_new_tokens)
+    demo.add_argument("--depth", type=int, default=dflt.depth, help="draft tree depth")
+    demo.add_argument("--topk", type=int, default=dflt.topk,
+                      help="children per expanded node (1: a chain)")
+    demo.add_argument("--total-tokens", type=int, default=dflt.total_tokens,
+                      help="draft nodes verified per step")
+    demo.add_argument("--threads", type=int, default=dflt.threads,
+                      help="CPU threads of data and training (0: torch's default)")
+    demo.add_argument("--eval-threads", type=int, default=dflt.eval_threads,
+                      help="CPU threads of the timed decoding (0: torch's default; 1 is "
+                           "fastest for the small default target)")
+    demo.add_argument("--draft-dtype", default=dflt.draft_dtype,
+                      choices=["float32", "bfloat16", "float16"],
+                      help="the drafters' dtype while decoding (the target stays fp32)")
+    demo.add_argument("--seed", type=int, default=dflt.seed)
+    demo.add_argument("--fresh", action="store_true",
+                      help="start over (default: reuse the data and drafters in --out)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """`vsd demo`: exit status 0 when every method passed its lossless check."""
+    fields = DemoConfig.__dataclass_fields__
+    cfg = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields},
+                     progress=not args.no_progress)
+    report = run(cfg)
+    return 0 if all(r["lossless"] is not False for r in report["results"]) else 1
+
+
 def _stage(number: int, text: str) -> None:
     print(f"\n[{number}/4] {text}", flush=True)
 
 
 def build_data(target, cfg: DemoConfig, path: Path) -> Path:
-    from .training.data import regenerated_corpus_splits
-
     if path.is_file():
         print(f"reusing {path}")
         return path
@@ -89,10 +138,6 @@ def build_data(target, cfg: DemoConfig, path: Path) -> Path:
 
 def fine_tune(target, method: str, data: Path, out: Path, cfg: DemoConfig):
     """Train the shipped `method` drafter further with `method` for `cfg.minutes` (wall)."""
-    from .models import load_drafter
-    from .models.checkpoint import DEFAULT_DRAFTERS
-    from .training.trainer import train_drafter
-
     if (out / "summary.json").is_file():
         print(f"reusing {out}")
     else:
@@ -107,10 +152,6 @@ def fine_tune(target, method: str, data: Path, out: Path, cfg: DemoConfig):
 
 def run(cfg: DemoConfig) -> dict:
     """The whole demo; returns the report dict (also written to ``<out>/report.json``)."""
-    import vsd_ext
-    from .draft_tree import TreeConfig
-    from .evaluation import evaluate, format_table, heldout_prompts, write_report
-
     if cfg.draft_dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"draft_dtype: expected float32, bfloat16 or float16, got "
                          f"{cfg.draft_dtype!r}")
@@ -122,7 +163,7 @@ def run(cfg: DemoConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    target = vsd_ext.load_target("default")
+    target = load_target("default")
     print(f"vsd demo: default target ({sum(p.numel() for p in target.parameters()) / 1e6:.2f} M "
           f"parameters), {torch.get_num_threads()} CPU threads, output in {out}")
 
@@ -155,7 +196,7 @@ def run(cfg: DemoConfig) -> dict:
               f"eagle3 {by[('eagle3', t)]['speedup']:.2f}x, vsd {by[('vsd', t)]['speedup']:.2f}x")
     extra = {"command": "vsd demo", "config": asdict(cfg),
              "threads": torch.get_num_threads(), "torch": torch.__version__,
-             "vsd_ext": vsd_ext.__version__, "seconds": time.perf_counter() - start}
+             "vsd_ext": __version__, "seconds": time.perf_counter() - start}
     paths = write_report(results, out, extra)
     minutes = (time.perf_counter() - start) / 60
     print(f"\nwrote {paths['json']} and {paths['plot']} ({minutes:.1f} min in all)")

@@ -1,4 +1,4 @@
-"""Reports of `vsd_ext.evaluation.evaluate` results: a terminal table, report.json and a plot.
+"""Reports of `vsd_ext.eval.evaluate` results: a terminal table, report.json and a plot.
 
 report.json: ``{"results": [{"method", "temperature", "tau", "tokens_per_second", "speedup",
 "lossless", ...more keys}, ...], "tau_convention": ..., **extra}``.

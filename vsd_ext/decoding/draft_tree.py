@@ -44,20 +44,17 @@ it, and the draw in slot j influences only its own descendants, which rank below
 deterministic flavour has ``s_j`` = the drawn token's probability, so both share the code.
 
 Everything is vectorized over the batch and the slots; the only Python loop is over levels.
-`DrafterProposer` drives an EAGLE-3 `vsd_ext.Drafter` through this builder (its KV cache, the
-(token, feature) pairs that feed it); `vsd_ext.decoding.generate` uses it.
+`vsd_ext.decoding.proposer.DrafterProposer` drives an EAGLE-3 `vsd_ext.Drafter` through this
+builder; `vsd_ext.decoding.generate` uses it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from .models.layers import chain_mask
-from .tree import append_child, append_nodes
-
-__all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree", "DrafterProposer"]
+__all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree"]
 
 
 @dataclass(frozen=True)
@@ -71,16 +68,12 @@ class TreeConfig:
     sampled: draw children without replacement from the drafter (verified against ``q``)
         instead of taking its top-k (ignored at temperature 0, where trees are top-k).
 
-    Defaults suit the embedded default target on a CPU, where verifying N tree nodes costs
-    about as much as N more tokens (compute-bound; 25 nodes ≈ 2× one token at B = 1) and a
-    drafter forward about a fifth to a third of a target forward. Measured there at B = 1
-    (drafting cost of an untrained EAGLE-3 head, τ of an emulated drafter with ~70% top-1
-    acceptance), depth 4 / topk 4 / 12 nodes was the fastest of trees with 6 to 24 nodes;
-    at B = 4 smaller trees (depth 3, topk 2) win. With the trained drafters shipped for that
-    target (2026-11-29, after the drafting-overhead cuts), a depth-5 chain (topk 1,
-    total_tokens 5) is the fastest there: 1.3–1.5× autoregressive decoding at T = 0 against
-    1.0–1.1× for these defaults (`vsd demo` and the decode benchmark use the chain). On a GPU, where verification is
-    memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8, 48–64 nodes).
+    The defaults suit the embedded default target on a CPU at batch size 1, where verifying
+    each extra tree node costs real compute; with the trained drafters shipped for it a
+    depth-5 chain (topk 1, total_tokens 5) is faster, and `vsd demo` and the decode
+    benchmark use that (measurements: docs/results/decoding_overheads_2026-11-29.md). On a
+    GPU, where verification is memory-bound, EAGLE-style larger trees pay off (e.g. depth 6,
+    topk 8, 48–64 nodes).
     """
 
     depth: int = 4
@@ -246,168 +239,3 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
             tree.draft_probs[..., ids] = gathered
     return tree
 
-
-class DrafterProposer:
-    """Drafts trees with an EAGLE-3 `vsd_ext.Drafter` for `vsd_ext.decoding.generate`.
-
-    Feature alignment (EAGLE): the drafter reads pairs ``(token at position t + 1, target
-    features at position t)`` and predicts the token at ``t + 2``. Its KV cache holds the
-    pairs of committed positions; the newest pairs — those whose token was just emitted — wait
-    in ``pending`` (a chain per row, ragged) and are run at the start of the next draft, as
-    the first nodes of the drafter's tree: the chain's last node is the root pair, whose
-    logits give level 1. After the tree is built the chain's keys/values are written to the
-    cache, so every pair is computed once. Drafter forwards per step: ``depth``.
-
-    Per-step overhead is kept off the drafter's forwards, which at decode sizes cost about as
-    much in small ops as in GEMMs: the tree's mask and depths grow level by level
-    (`vsd_ext.tree.append_nodes`, through the unchecked `Drafter.grow_tree`), the LM head
-    runs only on the chain's root and on the frontier nodes, and the prompt's prefill skips it.
-
-    The decoding loop's proposer interface: ``num_nodes`` (N of every proposed tree),
-    ``start`` (after the target's prefill), ``propose`` (one tree per row), ``advance`` (the
-    verified step), ``keep`` (drop finished rows).
-    """
-
-    def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
-                 generator: torch.Generator | None = None):
-        self.drafter = drafter
-        self.config = config
-        self.sampled = config.sampled and temperature > 0
-        self.temperature = temperature if self.sampled else 1.0
-        self.generator = generator
-        self.num_nodes = config.num_nodes
-        self.cache = None
-        self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
-        self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,
-                                                          device=drafter.d2t.device))
-
-    @property
-    def tree_config(self) -> TreeConfig:
-        return TreeConfig(self.config.depth, self.config.topk, self.config.total_tokens,
-                          self.sampled)
-
-    def start(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor,
-              first_tokens: torch.Tensor, capacity: int) -> None:
-        """prompt_ids ``[B, T]`` (right-padded with -1), lengths ``[B]``, the target's prefill
-        features ``[B, T, F]`` and the first generated token ``[B]``: cache the pairs
-        ``(x_{t+1}, f_t)`` for ``t < lengths − 1``; the pair ``(first, f_{lengths−1})`` waits."""
-        B, T = prompt_ids.shape
-        self.cache = self.drafter.new_cache(B, capacity + self.config.depth + 2)
-        rows = torch.arange(B, device=prompt_ids.device)
-        if T > 1:
-            shifted = prompt_ids[:, 1:]
-            self.drafter.prefill(shifted, features[:, :T - 1], self.cache, lengths - 1,
-                                 logits=False)
-        self.pending = (first_tokens[:, None], features[rows, lengths - 1][:, None],
-                        torch.ones(B, dtype=torch.int64, device=prompt_ids.device))
-
-    def propose(self, roots: torch.Tensor) -> DraftTree:
-        """One dynamic tree per row (module docstring); roots ``[B]`` are the last emitted
-        tokens (the pending chains end with them)."""
-        chain_tokens, _, chain_len = self.pending
-        m = chain_tokens.shape[1]
-        state = self._run_pending()
-        chain = self.config.topk == 1 and not self.sampled
-        tree = (self._grow_chain if chain else self._grow_tree)(state, roots)
-        # The chain's pairs are final: store their keys/values, past the committed prefix.
-        k, v = state["past"][0]
-        self.cache.reserve(m)
-        positions = self.cache.lengths[:, None] + torch.arange(m, device=chain_len.device)
-        self.cache.write(0, k, v, positions)
-        self.cache.advance(chain_len)
-        self.pending = None
-        return tree
-
-    def _run_pending(self) -> dict:
-        """Run the pending chains: the drafter's tree so far (``mask``, ``depths``, ``past``
-        keys/values of its m nodes) and, at each row's root pair (its last real node,
-        ``root`` ``[B]``), ``hidden`` ``[B, 1, H]`` and ``logits`` ``[B, Vd]``."""
-        chain_tokens, chain_feats, chain_len = self.pending
-        B, m = chain_tokens.shape
-        device = chain_tokens.device
-        idx = torch.arange(m, device=device)
-        real = idx < chain_len[:, None]
-        root = chain_len - 1
-        # The drafter's tree (chain, then one frontier per level) is grown here, so its mask
-        # and depths are extended level by level instead of being rebuilt from parents.
-        mask = torch.where(real[..., None], chain_mask(m, device).expand(B, -1, -1), 0)
-        depths = torch.where(real, idx, -1)
-        out = self.drafter.grow_tree(torch.where(real, chain_tokens, -1), chain_feats, depths,
-                                     mask, self.cache, logits_at=root[:, None])
-        hidden = out.hidden[torch.arange(B, device=device), root][:, None]
-        return {"mask": mask, "depths": depths, "past": out.tree_kv, "hidden": hidden,
-                "logits": out.logits[:, 0], "root": root}
-
-    def _grow_tree(self, state: dict, roots: torch.Tensor) -> DraftTree:
-        """`build_tree` below the root pairs of `_run_pending`'s ``state``."""
-        state = dict(state, start=None)
-
-        def expand(tokens, parent_slot, valid):
-            if state["start"] is None:  # level 1: children of the root pair
-                par = state["root"][:, None].expand_as(tokens)
-                hidden = state["hidden"].expand(-1, tokens.shape[1], -1)
-            else:
-                par = state["start"] + parent_slot
-                hidden = state["hidden"].gather(
-                    1, parent_slot[..., None].expand(-1, -1, state["hidden"].shape[-1]))
-            start = state["depths"].shape[1]
-            mask, depths = append_nodes(state["mask"], state["depths"],
-                                        torch.where(valid, par, -1))
-            step = self.drafter.grow_tree(torch.where(valid, tokens, -1), hidden,
-                                          depths[:, start:], mask, self.cache,
-                                          past=state["past"])
-            state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
-                         start=start)
-            return step.logits
-
-        return build_tree(state["logits"], expand, self.tree_config, roots, self.temperature,
-                          self.generator, self.d2t_ids, self.drafter.model_config.vocab_size)
-
-    def _grow_chain(self, state: dict, roots: torch.Tensor) -> DraftTree:
-        """`_grow_tree` for deterministic trees with topk = 1, which are chains: each level
-        is the top draft token below the previous one. Scores only decrease along a chain,
-        so `build_tree`'s ranking keeps the first ``total_tokens`` levels in order: this is
-        the same tree, without the ranking's bookkeeping (dozens of small ops per level),
-        and levels past ``total_tokens`` are not drafted at all."""
-        mask, depths, past, hidden = state["mask"], state["depths"], state["past"], state["hidden"]
-        logits = state["logits"]
-        levels = min(self.config.depth, self.config.total_tokens)
-        drafts = []
-        for level in range(levels):
-            drafts.append(child_slots(logits, 1, sampled=False)[1])  # [B, 1] draft ids
-            if level + 1 == levels:
-                break
-            start = depths.shape[1]
-            if level == 0:  # below each row's root pair
-                mask, depths = append_nodes(mask, depths, state["root"][:, None])
-            else:           # below the previous level's node, node start - 1 in every row
-                mask, depths = append_child(mask, depths, start - 1)
-            step = self.drafter.grow_tree(drafts[-1], hidden, depths[:, start:], mask,
-                                          self.cache, past=past)
-            logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
-        ids = self.d2t_ids[torch.cat(drafts, 1)]
-        B = ids.shape[0]
-        pad = ids.new_full((B, self.config.total_tokens - levels), -1)
-        chain = torch.arange(-1, levels, device=ids.device).expand(B, -1)
-        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1))
-
-    def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
-                features: torch.Tensor) -> None:
-        """After verification: emitted ``[B, N]`` (accepted tokens then the final one),
-        num_accepted ``[B]``, features ``[B, N, F]`` of the accepted nodes (root first). The
-        next chain pairs emitted token i with the features of accepted node i."""
-        m = int(num_accepted.max()) + 1
-        self.pending = (emitted[:, :m], features[:, :m], num_accepted + 1)
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Keep only the given rows (indices into the current batch)."""
-        keep_cache_rows(self.cache, rows)
-        if self.pending is not None:
-            self.pending = tuple(t[rows] for t in self.pending)
-
-
-def keep_cache_rows(cache, rows: torch.Tensor) -> None:
-    """Drop the rows of a `KVCache` not in ``rows`` (finished sequences of a batch)."""
-    cache.k = cache.k[:, rows]
-    cache.v = cache.v[:, rows]
-    cache.lengths = cache.lengths[rows]

@@ -1,16 +1,17 @@
-"""Slow specifications of the training objectives (the tests' oracle).
+"""Slow specifications of the training objectives (the oracle of tests/test_training.py).
 
 Everything here is loops over sequences, columns, anchors and paths, using only the models'
 decoding-time API: `Drafter.prefill` of the pairs before a root and `Drafter.tree_step` down
 a chain (exactly what a draft tree does at inference time), materialized logits, and
 float64 cross-entropies. No shared code with `vsd_ext.training` besides the ARW/CAR weight
-functions of `vsd_ext.training.weights` (tested on their own).
+functions of `vsd_ext.training.weights` (tested on their own, tests/test_training_weights.py).
+They live with the tests, not in `vsd_ext.reference`, because they depend on that code.
 """
 from __future__ import annotations
 
 import torch
 
-from ..training.weights import arw_path_weights, car_confidence
+from vsd_ext.training.weights import arw_path_weights, car_confidence
 
 
 def chain_outputs(drafter, input_ids, features, column: int, chain: list[int]):
@@ -110,7 +111,7 @@ def vsd_alphas(drafter, target, input_ids, features, anchor: int, z_target: list
 
 
 def vsd_loss(drafter, target, input_ids, loss_mask, records, cfg):
-    """ARW + λ_CAR·CAR of METHOD.md given the E-step records (`training.vsd.PathRecord`:
+    """ARW + λ_CAR·CAR of docs/design/METHOD.md given the E-step records (`training.vsd.PathRecord`:
     anchors, ok, z, alphas, num_accepted, emitted), by loops (λ_tok = 0)."""
     ids = _draft_ids(drafter)
     to_draft = {int(t): d for d, t in enumerate(ids.tolist())}

@@ -2,7 +2,7 @@
 decoding of the same target, with confidence intervals and a lossless check.
 
     results = evaluate(target, {"eagle3": d1, "vsd": d2, "oracle": "oracle"}, prompts)
-    print(format_table(results)); write_report(results, "runs/eval")
+    print(format_table(results)); write_report(results, "runs/eval")   # vsd_ext.eval.report
 
 Measurement protocol (`evaluate`):
 
@@ -22,10 +22,10 @@ Measurement protocol (`evaluate`):
   the same temperature, in the same run (autoregressive: exactly 1).
 - 95% confidence intervals: percentile bootstrap over prompts (the unit of resampling; seeds
   are summed within a prompt), 2000 resamples; speedup intervals resample the method and the
-  baseline on the same prompts (paired). See `vsd_ext.stats.bootstrap_ratio_ci`.
+  baseline on the same prompts (paired). See `vsd_ext.eval.stats.bootstrap_ratio_ci`.
 - Lossless: T = 0, every speculative output equals the autoregressive output of that prompt
   (the timed runs are compared); T > 0, a chi-square test of the first generated tokens against
-  the target's exact distribution (`vsd_ext.lossless`), run for every method including
+  the target's exact distribution (`vsd_ext.eval.lossless`), run for every method including
   autoregressive decoding (a control of the test itself).
 
 Drafters: a `vsd_ext.Drafter`, the string ``"oracle"`` (an `OracleDrafter` of the target's
@@ -42,15 +42,13 @@ from pathlib import Path
 
 import torch
 
-from . import data
-from .decoding import OracleDrafter, generate
-from .draft_tree import TreeConfig
+from .. import corpus
+from ..decoding import OracleDrafter, TreeConfig, generate
 from .lossless import LosslessConfig, greedy_agreement, sampling_check
-from .report import TAU_CONVENTION, format_table, write_report
+from .report import TAU_CONVENTION
 from .stats import bootstrap_ratio_ci
 
-__all__ = ["evaluate", "heldout_prompts", "read_prompts_jsonl", "format_table", "write_report",
-           "LosslessConfig", "TAU_CONVENTION"]
+__all__ = ["evaluate", "heldout_prompts", "read_prompts_jsonl"]
 
 BASELINE = "autoregressive"
 CI_METHOD = "95% percentile bootstrap over prompts (2000 resamples; speedup paired)"
@@ -58,8 +56,8 @@ CI_METHOD = "95% percentile bootstrap over prompts (2000 resamples; speedup pair
 
 def heldout_prompts(num_prompts: int = 8, num_lines: int = 12) -> list[str]:
     """The built-in prompt set: the first ``num_lines`` lines of the first ``num_prompts``
-    held-out standard-library files (`vsd_ext.data.prompts`; never seen in training)."""
-    texts = data.prompts("heldout", num_lines=num_lines, limit=num_prompts)
+    held-out standard-library files (`vsd_ext.corpus.prompts`; never seen in training)."""
+    texts = corpus.prompts("heldout", num_lines=num_lines, limit=num_prompts)
     if len(texts) < num_prompts:
         raise ValueError(f"the held-out split has only {len(texts)} prompts of {num_lines} "
                          f"lines, {num_prompts} asked for")

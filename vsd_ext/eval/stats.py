@@ -2,7 +2,7 @@
 only: no scipy at run time).
 
 - `chi_square_p_value`: Pearson goodness-of-fit of observed counts against exact
-  probabilities, the lossless criterion at T > 0.
+  probabilities, the lossless criterion at T > 0 (`pearson_statistic`: the statistic).
 - `bootstrap_ratio_ci`: percentile bootstrap confidence interval of a ratio of sums over
   independent units (prompts), optionally divided by a baseline's ratio on the same
   resample (paired), for τ, tokens/s and speedups.
@@ -13,29 +13,36 @@ import math
 
 import torch
 
-__all__ = ["chi_square_p_value", "bootstrap_ratio_ci"]
+__all__ = ["pearson_statistic", "chi_square_p_value", "bootstrap_ratio_ci"]
+
+
+def pearson_statistic(counts: torch.Tensor, expected: torch.Tensor) -> tuple[float, int]:
+    """Pearson's χ² statistic of ``counts`` against ``expected`` counts, and its degrees of
+    freedom; bins expecting fewer than 5 draws are pooled into one. A count in a bin expecting
+    none is impossible under ``expected``: the statistic is then infinite."""
+    counts, expected = counts.double(), expected.double()
+    if bool((counts[expected == 0] > 0).any()):
+        return math.inf, 1
+    big = expected >= 5
+    obs = torch.cat([counts[big], counts[~big].sum().view(1)])
+    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), obs.numel() - 1
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Goodness-of-fit p-value of `counts` against `probs` (Pearson's statistic; bins expecting
-    fewer than 5 draws pooled; Wilson–Hilferty normal approximation of the chi-square tail).
+    """Goodness-of-fit p-value of `counts` against `probs` (`pearson_statistic`; the
+    Wilson–Hilferty normal approximation of the chi-square tail).
 
     Wilson–Hilferty: for X ~ χ²(k), (X/k)^(1/3) is close to normal with mean 1 − 2/(9k)
     and variance 2/(9k), so P(X ≥ x) ≈ ½·erfc(z/√2) with z the standardized cube root. A count in
     a bin of probability 0 is impossible under `probs`: the p-value is 0."""
-    trials = float(counts.sum())
-    expected = probs.double() * trials
-    if bool((counts[expected == 0] > 0).any()):
+    stat, dof = pearson_statistic(counts, probs.double() * float(counts.sum()))
+    if math.isinf(stat):
         return 0.0
-    big = expected >= 5
-    obs = torch.cat([counts[big].double(), counts[~big].double().sum().view(1)])
-    exp = torch.cat([expected[big], expected[~big].sum().view(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    dof = obs.numel() - 1
     if dof < 1:
         return 1.0
-    stat = float(((obs - exp) ** 2 / exp).sum())
     z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
     return 0.5 * math.erfc(z / math.sqrt(2))
 

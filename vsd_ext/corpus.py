@@ -90,9 +90,7 @@ def stdlib_texts(split: str = "train", root: str | Path | None = None,
 def external_files() -> list[Path]:
     """Python files outside the corpus (module docstring): every `*.py` under the
     `EXTERNAL_PACKAGES` directories of the installed torch, sorted by relative path."""
-    import torch as _torch
-
-    base = Path(_torch.__file__).parent.parent
+    base = Path(torch.__file__).parent.parent
     files = [p for package in EXTERNAL_PACKAGES for p in (base / package).rglob("*.py")
              if "__pycache__" not in p.parts]
     if not files:

@@ -1,0 +1,58 @@
+"""What the benchmarks share: the shape registry, CUDA cases, device sync, the H200 floor.
+
+Every benchmark times vsd_ext against the PyTorch way of doing the same thing, on the shapes
+registered here (one place to read or change what is measured). `cases` turns a registry entry
+into pytest parameters, CUDA cases skipped without a GPU. The bench files import this module
+(`from conftest import ...`; pytest puts bench/ on sys.path, and so does running a bench file
+as a script).
+"""
+import pytest
+import torch
+
+H200_BYTES_PER_S = 4.3e12   # measured copy bandwidth (docs/design/ARCHITECTURE.md)
+H200_FLOPS_PER_S = 790e12   # measured dense bf16 GEMM rate
+
+# ---- the shape registry -----------------------------------------------------------------
+# tree_attention: N tree nodes, Hq / Hkv heads of dim D; (B rows, L cached positions) per device.
+TREE_ATTENTION = {
+    "N": 64, "Hq": 32, "Hkv": 8, "D": 128,
+    "cpu": (torch.float32, [(1, 512), (1, 2048), (8, 512), (8, 2048)]),
+    "cuda": (torch.bfloat16, [(b, n) for b in (1, 8) for n in (512, 2048, 8192)]),
+}
+# verify_tree: EAGLE-style trees, level sizes and how many nodes of the previous level get
+# children (1 + 8 + 16 + 16 + 12 + 8 + 3 = 64 nodes); (mode, B rows, V vocabulary) per device.
+_VERIFY_SHAPES = [(b, v) for v in (32_000, 128_256) for b in (1, 8, 64)]
+VERIFY_TREE = {
+    "levels": [(8, 1), (16, 4), (16, 4), (12, 4), (8, 4), (3, 3)],
+    "cpu": (torch.float32, [("target_only", b, v) for b, v in _VERIFY_SHAPES]
+            + [("sampled", 64, 32_000)]),
+    "cuda": (torch.bfloat16, [(m, b, v) for m in ("target_only", "sampled")
+                              for b, v in _VERIFY_SHAPES]),
+}
+# weighted (linear) cross-entropy: (M rows, H hidden, V vocabulary) per device; the CPU set
+# finishes in a few minutes. The non-fused op takes given logits: (M, V).
+WEIGHTED_CE = {
+    "cpu": (torch.float32, [(2048, 1024, 32000), (8192, 1024, 32000)]),
+    "cuda": (torch.bfloat16, [(m, h, v) for m in (2048, 8192) for h in (1024, 4096)
+                              for v in (32000, 128256)]),
+    "logits_cpu": (torch.float32, [(2048, 32000)]),
+    "logits_cuda": (torch.bfloat16, [(8192, 32000), (8192, 128256)]),
+}
+# end-to-end decoding: new tokens per row, prompt tokens, batch sizes.
+DECODE = {"max_new_tokens": 48, "prompt_tokens": 64, "batch_sizes": (1, 4)}
+
+
+def cases(device: str, dtype: torch.dtype, shapes, name) -> list:
+    """pytest.param(device, dtype, *shape) per shape, id ``name(shape)`` after the device and
+    dtype; CUDA cases are skipped when no GPU is visible."""
+    marks = ([pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")]
+             if device == "cuda" else [])
+    return [pytest.param(device, dtype, *shape, marks=marks,
+                         id=f"{device}-{str(dtype).removeprefix('torch.')}-{name(shape)}")
+            for shape in shapes]
+
+
+def sync(device) -> None:
+    """Wait for the device, so that a timed call includes its kernels."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
