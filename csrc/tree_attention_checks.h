@@ -2,7 +2,7 @@
 // adapter. Every failure is a ValueError naming the argument, expected vs actual.
 #pragma once
 
-#include "common.h"
+#include "checks.h"
 #include "tree_attention_math.h"
 
 #include <optional>
@@ -68,7 +68,7 @@ inline void check_prefix_range(int64_t min_len, int64_t max_len, int64_t L) {
             "], got values in [", min_len, ", ", max_len, "]");
 }
 
-// prefix_lens of a CPU call as host integers, range-checked (defined in tree_attention.cpp).
+// prefix_lens of a CPU call as host integers, range-checked (defined in tree_attention_cpu.cpp).
 std::vector<int64_t> host_prefix_lens(const at::Tensor& prefix_lens, int64_t L);
 
 inline void check_backward_args(const Dims& d, const at::Tensor& q, const at::Tensor& grad_out,

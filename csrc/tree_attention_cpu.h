@@ -4,8 +4,8 @@
 // share every key, so their queries are packed into one tile of R = nodes * G rows (row
 // r = node * G + head; fp32, fp64 for float64 inputs) and each key tile is read (and
 // converted) once per group. Tile products are GEMM-shaped ([Lt, D] x [D, R]) and run in the
-// register-blocked kernel of tree_attention_gemm.cpp; softmax bookkeeping runs in SIMD loops
-// (tree_attention_simd.cpp). The [N, L] score matrix is never materialized beyond one [Lt, R]
+// register-blocked kernel of tree_attention_gemm_cpu.cpp; softmax bookkeeping runs in SIMD loops
+// (tree_attention_softmax_cpu.cpp). The [N, L] score matrix is never materialized beyond one [Lt, R]
 // tile.
 #pragma once
 
@@ -27,7 +27,7 @@ constexpr int64_t kKeyTile = 256;
 
 // C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]. A element (i, k) is A[i * a_rs + k * a_cs]
 // (so A^T is a stride swap); B is row-major (ldb), C row-major (ldc). fp32, or fp64 for
-// float64 inputs (tree_attention_gemm.cpp).
+// float64 inputs (tree_attention_gemm_cpu.cpp).
 void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
           float* C, int64_t ldc, bool accumulate);
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
@@ -36,7 +36,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_
 // Score tiles are key-major in the forward and in backward pass A: St [n, R] holds the scores
 // of n keys (rows) against the R packed query rows (columns), so per-query softmax statistics
 // are vector ops across a key row. The bodies below are generic over the accumulation type A
-// and the exp2 used; the fp32 entry points (tree_attention_simd.cpp) are compiled per ISA
+// and the exp2 used; the fp32 entry points (tree_attention_softmax_cpu.cpp) are compiled per ISA
 // level with a polynomial exp2, the fp64 ones (float64 inputs) use std::exp2.
 
 // Forward online-softmax step on St [n, R] (in place: St becomes P^T = 2^(St - m')); updates

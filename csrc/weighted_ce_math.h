@@ -1,5 +1,5 @@
 // Torch-free math of the weighted cross-entropy, shared by the CPU kernels (csrc/weighted_ce*.cpp)
-// and the CUDA kernels (csrc/cuda/weighted_ce.cu). Everything here is per row and per element.
+// and the CUDA kernels (csrc/cuda/weighted_ce_kernel.cu). Everything here is per row and per element.
 //
 // Notation for one row m (V vocabulary entries):
 //   z_v            drafter logits (for the fused op: h_m . W_v + b_v)

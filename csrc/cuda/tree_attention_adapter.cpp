@@ -1,6 +1,6 @@
 // CUDA adapter of tree_attention and its backward: argument checks, device guard and stream,
-// allocation, choice of kernel path (tree_attention.cuh), launch and error check.
-#include "cuda/tree_attention.cuh"
+// allocation, choice of kernel path (tree_attention_kernel.cuh), launch and error check.
+#include "cuda/tree_attention_kernel.cuh"
 #include "tree_attention_checks.h"
 
 #include <ATen/ops/aminmax.h>

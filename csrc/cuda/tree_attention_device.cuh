@@ -1,7 +1,7 @@
 // Device helpers shared by the CUDA tree-attention kernels (torch-free).
 #pragma once
 
-#include "tree_attention.cuh"
+#include "tree_attention_kernel.cuh"
 #include "tree_attention_math.h"
 
 #include <cuda_bf16.h>

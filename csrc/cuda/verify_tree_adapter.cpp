@@ -1,5 +1,5 @@
 // verify_tree, CUDA adapter: argument checks, device guard, current stream, allocation, launch of
-// the torch-free kernels (verify_tree.cu), error reporting, and the CUDA registration.
+// the torch-free kernels (verify_tree_kernel.cu), error reporting, and the CUDA registration.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,7 +9,7 @@
 #include <optional>
 #include <tuple>
 
-#include "cuda/verify_tree.cuh"
+#include "cuda/verify_tree_kernel.cuh"
 #include "verify_tree_checks.h"
 
 namespace vsd_ext {

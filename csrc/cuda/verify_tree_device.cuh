@@ -1,5 +1,5 @@
 // verify_tree CUDA kernels: torch-free device helpers (element loads, deterministic warp / block
-// reductions, the block-wide inverse-CDF draw). Included by verify_tree.cu only.
+// reductions, the block-wide inverse-CDF draw). Included by verify_tree_kernel.cu only.
 #pragma once
 
 #include <cuda_bf16.h>

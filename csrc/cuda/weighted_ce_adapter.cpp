@@ -1,13 +1,13 @@
 // CUDA adapter of the weighted cross-entropy family: the CUDA kernel set for the device-generic
-// drivers in csrc/weighted_ce_impl.h (chunk loop with cuBLAS GEMMs through at::mm / at::addmm,
+// drivers in csrc/weighted_ce_driver.h (chunk loop with cuBLAS GEMMs through at::mm / at::addmm,
 // fp16/bf16 operands with fp32 output via the out_dtype overloads), device guard, current stream,
 // launch error checks and TORCH_LIBRARY_IMPL(vsd_ext, CUDA).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/weighted_ce.cuh"
-#include "weighted_ce_linear_impl.h"
+#include "cuda/weighted_ce_kernel.cuh"
+#include "weighted_ce_linear_driver.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;

@@ -1,4 +1,4 @@
-// verify_tree, CPU kernel: batched lossless tree verification (OPS.md section 2; the rule is
+// verify_tree, CPU kernel: batched lossless tree verification (docs/design/OPS.md section 2; the rule is
 // specified in vsd_ext/reference/verify_tree.py, the shared arithmetic in verify_tree_math.h).
 //
 // Rows are independent and run in parallel (at::parallel_for). Per row only the nodes the walk
@@ -6,7 +6,7 @@
 // e(v) = exp((x_v - M) / T) into a row buffer and sums S. A child's probability is then a gather
 // e[token] / S. target_only rejections are O(1) (scalar rejected mass, the token's e zeroed);
 // only the final inverse-CDF sample and sampled-mode residual updates cost O(V). The row passes
-// (scalar, and AVX2 when the CPU has it) live in verify_tree_rows.h.
+// (scalar, and AVX2 when the CPU has it) live in verify_tree_rows_cpu.h.
 // Never materialized: softmax over [B, N, V] (the reference's), any [B, N, V] temporary.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,7 +24,7 @@
 
 #include "verify_tree_checks.h"
 #include "verify_tree_math.h"
-#include "verify_tree_rows.h"
+#include "verify_tree_rows_cpu.h"
 
 namespace vsd_ext {
 namespace {

@@ -2,7 +2,7 @@
 //
 // With s = sm_scale q.k, P = 2^(c q.k - lse log2 e) (c = sm_scale log2 e) is recomputed from the
 // saved lse, never stored; delta = rowsum(dO * O) - dlse comes from the delta kernel
-// (tree_attention_simple.cu). Two kernels, both deterministic and free of atomics:
+// (tree_attention_simple_kernel.cu). Two kernels, both deterministic and free of atomics:
 //
 // dQ: block = ((b, kv head g), tile of 64 packed query rows) as in the forward, over every key
 //     tile the rows see (prefix tiles mask-free, tree tiles with the bitmask):
@@ -16,7 +16,7 @@
 //     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
 //     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
 //     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
-#include "tree_attention_mma.cuh"
+#include "mma.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {

@@ -1,5 +1,5 @@
 // CUDA row kernels of the weighted cross-entropy (torch-free). They mirror the CPU kernels in
-// csrc/weighted_ce_rows.cpp through the shared math in csrc/weighted_ce_math.h:
+// csrc/weighted_ce_rows_cpu.cpp through the shared math in csrc/weighted_ce_math.h:
 //   stats:  one block per row; each thread streams its strided elements through the online
 //           log-sum-exp (RowStats::push_*), then a fixed shuffle/shared-memory tree merges the
 //           threads' statistics (deterministic), merging with earlier vocabulary tiles if any.
@@ -11,7 +11,7 @@
 
 #include <type_traits>
 
-#include "cuda/weighted_ce.cuh"
+#include "cuda/weighted_ce_kernel.cuh"
 #include "weighted_ce_math.h"
 
 namespace vsd_ext::cuda::wce {

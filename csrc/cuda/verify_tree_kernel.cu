@@ -1,5 +1,5 @@
 // verify_tree, CUDA kernels (torch-free). Same rule and float64 arithmetic as the CPU kernel
-// (verify_tree.cpp, shared formulas in verify_tree_math.h); the reference is
+// (verify_tree_cpu.cpp, shared formulas in verify_tree_math.h); the reference is
 // vsd_ext/reference/verify_tree.py.
 //
 // Kernel 1, node_stats (grid: vocab chunk x node x row): one pass over each real node's logits
@@ -22,7 +22,7 @@
 #include <climits>
 #include <cstdint>
 
-#include "cuda/verify_tree.cuh"
+#include "cuda/verify_tree_kernel.cuh"
 #include "cuda/verify_tree_device.cuh"
 #include "verify_tree_math.h"
 

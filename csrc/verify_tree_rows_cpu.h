@@ -3,7 +3,7 @@
 // Each pass has a portable scalar loop and, on x86-64 CPUs with AVX2 + FMA + F16C (checked at run
 // time), a vectorized one; both apply the per-element formulas of verify_tree_math.h (the AVX2
 // exp is a polynomial within 1 ulp of std::exp), so decisions agree except on measure-zero ties.
-// Included by verify_tree.cpp only.
+// Included by verify_tree_cpu.cpp only.
 #pragma once
 
 #include <c10/util/BFloat16.h>

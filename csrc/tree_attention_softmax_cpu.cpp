@@ -1,6 +1,6 @@
 // fp32 softmax loops of the CPU tree-attention kernels (bodies in tree_attention_cpu.h).
 //
-// Besides the GEMMs (tree_attention_gemm.cpp), each score element costs one exp2 plus a few
+// Besides the GEMMs (tree_attention_gemm_cpu.cpp), each score element costs one exp2 plus a few
 // flops, which would cost as much as the GEMMs unless it runs at full SIMD width. The build uses no
 // -march flag, so on x86-64 with GCC/Clang each function is compiled for three ISA levels
 // (target_clones: AVX-512, AVX2+FMA, baseline SSE2) and the loader picks the best one the CPU

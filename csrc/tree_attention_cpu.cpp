@@ -1,4 +1,4 @@
-// Tree-mask attention, CPU forward (contract: shared/design/OPS.md section 1).
+// Tree-mask attention, CPU forward (contract: docs/design/OPS.md section 1).
 //
 // For each work unit (row b, kv head g, node range; see tree_attention_cpu.h) the G query heads
 // of the group are packed into one tile Q [R, D], pre-scaled by c = sm_scale * log2(e).

@@ -1,6 +1,6 @@
 // Device-generic driver of the fused linear variant: the row x vocabulary chunk loop (GEMMs
 // through ATen: MKL on CPU, cuBLAS on CUDA; row kernels from the kernel set K, see
-// weighted_ce_impl.h) and the backward's choice between rescaling precomputed gradients and one
+// weighted_ce_driver.h) and the backward's choice between rescaling precomputed gradients and one
 // recomputation.
 //
 // FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden; V vocab):
@@ -29,7 +29,7 @@
 #include <utility>
 #include <vector>
 
-#include "weighted_ce_impl.h"
+#include "weighted_ce_driver.h"
 
 namespace vsd_ext::wce {
 

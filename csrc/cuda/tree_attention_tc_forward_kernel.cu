@@ -16,7 +16,7 @@
 // gridDim.z blocks (the tree tiles go to the last split); each writes (O / l, lse) in fp32 to a
 // workspace and a combine kernel merges them: lse = log sum_s e^{lse_s},
 // out = sum_s e^{lse_s - lse} O_s.
-#include "tree_attention_mma.cuh"
+#include "mma.cuh"
 
 #include <algorithm>
 
