@@ -1,5 +1,5 @@
-// Tensor-core building blocks shared by the CUDA tree-attention forward and backward (sm_80+:
-// cp.async, mma.sync m16n8k16 with fp32 accumulation). Fragment layouts (PTX ISA, m16n8k16,
+// Tensor-core building blocks of the CUDA kernels (sm_80+: cp.async, mma.sync m16n8k16 with fp32
+// accumulation), used by the tree-attention forward and backward. Fragment layouts (PTX ISA, m16n8k16,
 // g = lane / 4, t = lane % 4; each register holds two 16-bit values, lower index in the low half):
 //   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
@@ -7,11 +7,12 @@
 // so the C fragments of two adjacent 8-column tiles form the A fragment of a 16-wide k slice.
 #pragma once
 
-#include "tree_attention_device.cuh"
-
+#include <cstdint>
 #include <cstring>
 
-namespace vsd_ext::cuda::tree_attn {
+#include "cuda/common.cuh"
+
+namespace vsd_ext::cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -73,4 +74,4 @@ __device__ __forceinline__ uint32_t ld16(const T* p) {
   return *reinterpret_cast<const uint16_t*>(p);
 }
 
-}  // namespace vsd_ext::cuda::tree_attn
+}  // namespace vsd_ext::cuda

@@ -1,5 +1,6 @@
 // CUDA adapter of tree_attention and its backward: argument checks, device guard and stream,
 // allocation, choice of kernel path (tree_attention_kernel.cuh), launch and error check.
+#include "cuda/kernel_dtype.h"
 #include "cuda/tree_attention_kernel.cuh"
 #include "tree_attention_checks.h"
 
@@ -14,22 +15,13 @@ namespace {
 
 namespace ct = vsd_ext::cuda::tree_attn;
 
-ct::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return ct::DType::kHalf;
-    case at::kBFloat16: return ct::DType::kBFloat16;
-    case at::kDouble: return ct::DType::kDouble;
-    default: return ct::DType::kFloat;
-  }
-}
-
 ct::Strided strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
 
 ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                          const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
                          const at::Tensor& tree_mask, double sm_scale) {
   ct::Inputs in{};
-  in.dtype = kernel_dtype(q.scalar_type());
+  in.dtype = cuda::kernel_dtype(q);
   in.B = static_cast<int>(d.B);
   in.N = static_cast<int>(d.N);
   in.Hq = static_cast<int>(d.Hq);

@@ -23,9 +23,9 @@
 
 #include <cstdint>
 
-namespace vsd_ext::cuda::tree_attn {
+#include "cuda/common.cuh"
 
-enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+namespace vsd_ext::cuda::tree_attn {
 
 // Strided [*, *, *, D] tensor: element (i0, i1, i2, d) at ptr + i0 s0 + i1 s1 + i2 s2 + d.
 struct Strided {

@@ -15,7 +15,7 @@
 //   dK,dV of the tree: one warp per (b, node j, kv head), over the nodes that see j.
 // Every gradient element is owned by one warp and summed in a fixed order: deterministic and
 // free of atomics, also when the cache gradient sums over rows.
-#include "tree_attention_device.cuh"
+#include "cuda/tree_attention_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
@@ -24,12 +24,12 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 
 template <class T, int CH>
-__device__ __forceinline__ void load_row(const T* p, int D, int lane, typename Acc<T>::type (&x)[CH],
-                                         typename Acc<T>::type scale) {
+__device__ __forceinline__ void load_row(const T* p, int D, int lane, acc_t<T> (&x)[CH],
+                                         acc_t<T> scale) {
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
     const int d = lane + 32 * i;
-    x[i] = d < D ? to_acc(p[d]) * scale : typename Acc<T>::type(0);
+    x[i] = d < D ? to_acc(p[d]) * scale : acc_t<T>(0);
   }
 }
 
@@ -42,8 +42,8 @@ __device__ __forceinline__ A dot_row(const A (&x)[CH], const A (&y)[CH]) {
 }
 
 template <class T, int CH>
-__device__ __forceinline__ void store_row(T* p, int D, int lane, const typename Acc<T>::type (&x)[CH],
-                                          typename Acc<T>::type scale) {
+__device__ __forceinline__ void store_row(T* p, int D, int lane, const acc_t<T> (&x)[CH],
+                                          acc_t<T> scale) {
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
     const int d = lane + 32 * i;
@@ -64,7 +64,7 @@ __device__ __forceinline__ void for_each_key(const Inputs& in, int b, int n, int
 
 template <class T, int CH>
 __global__ void __launch_bounds__(kThreads) forward_simple_kernel(ForwardArgs args) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -95,8 +95,8 @@ __global__ void __launch_bounds__(kThreads) forward_simple_kernel(ForwardArgs ar
 
 // delta[b, n, h] = dO . O - dlse.
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) delta_kernel(BackwardArgs args, typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) delta_kernel(BackwardArgs args, acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) delta_kernel(BackwardArgs args, type
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -142,11 +142,11 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const t
 // One key (k, v rows in registers) against every query of row b, kv head g, that sees it
 // (`sees(n)`); accumulates dk (unscaled) and dv.
 template <class T, int CH, class Sees>
-__device__ __forceinline__ void key_grads(const BackwardArgs& args, const typename Acc<T>::type* delta, int b,
-                                          int g, int lane, const typename Acc<T>::type (&k)[CH],
-                                          const typename Acc<T>::type (&v)[CH], typename Acc<T>::type (&dk)[CH],
-                                          typename Acc<T>::type (&dv)[CH], Sees&& sees) {
-  using A = typename Acc<T>::type;
+__device__ __forceinline__ void key_grads(const BackwardArgs& args, const acc_t<T>* delta, int b,
+                                          int g, int lane, const acc_t<T> (&k)[CH],
+                                          const acc_t<T> (&v)[CH], acc_t<T> (&dk)[CH],
+                                          acc_t<T> (&dv)[CH], Sees&& sees) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int G = in.Hq / in.Hkv;
   const A c = static_cast<A>(in.sm_scale * kLog2eD), log2e = static_cast<A>(kLog2eD);
@@ -173,8 +173,8 @@ __device__ __forceinline__ void key_grads(const BackwardArgs& args, const typena
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dkv_cache_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) dkv_cache_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -195,8 +195,8 @@ __global__ void __launch_bounds__(kThreads) dkv_cache_kernel(BackwardArgs args, 
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dkv_tree_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) dkv_tree_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
@@ -229,15 +229,15 @@ cudaError_t dispatch(DType dtype, int D, F&& f) {
     return cudaErrorInvalidValue;
   };
   switch (dtype) {
-    case DType::kHalf: return by_d(__half{});
+    case DType::kFloat16: return by_d(__half{});
     case DType::kBFloat16: return by_d(__nv_bfloat16{});
-    case DType::kFloat: return by_d(float{});
-    case DType::kDouble: return by_d(double{});
+    case DType::kFloat32: return by_d(float{});
+    case DType::kFloat64: return by_d(double{});
   }
   return cudaErrorInvalidValue;
 }
 
-int64_t acc_bytes(DType dtype) { return dtype == DType::kDouble ? 8 : 4; }
+int64_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
 }  // namespace
 
@@ -260,7 +260,7 @@ cudaError_t launch_backward_delta(const BackwardArgs& args, void* delta, cudaStr
   const int64_t queries = static_cast<int64_t>(in.B) * in.N * in.Hq;
   if (queries == 0) return cudaSuccess;
   return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
-    delta_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, static_cast<typename Acc<T>::type*>(delta));
+    delta_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, static_cast<acc_t<T>*>(delta));
     return cudaGetLastError();
   });
 }
@@ -274,7 +274,7 @@ cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* works
   const cudaError_t err = launch_backward_delta(args, workspace, stream);
   if (err != cudaSuccess) return err;
   return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
-    using A = typename Acc<T>::type;
+    using A = acc_t<T>;
     const A* delta = static_cast<const A*>(workspace);
     dq_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, delta);
     if (cache_keys > 0) dkv_cache_kernel<T, CH><<<blocks_for(cache_keys), kThreads, 0, stream>>>(args, delta);

@@ -16,7 +16,8 @@
 //     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
 //     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
 //     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
-#include "mma.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/tree_attention_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
@@ -349,7 +350,7 @@ cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace
   cudaError_t err = launch_backward_delta(args, workspace, stream);
   if (err != cudaSuccess) return err;
   const float* delta = static_cast<const float*>(workspace);
-  const bool half = in.dtype == DType::kHalf;
+  const bool half = in.dtype == DType::kFloat16;
   if (in.D == 64) return half ? launch<__half, 64>(args, delta, stream) : launch<__nv_bfloat16, 64>(args, delta, stream);
   return half ? launch<__half, 128>(args, delta, stream) : launch<__nv_bfloat16, 128>(args, delta, stream);
 }

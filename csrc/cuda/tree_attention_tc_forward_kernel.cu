@@ -16,7 +16,8 @@
 // gridDim.z blocks (the tree tiles go to the last split); each writes (O / l, lse) in fp32 to a
 // workspace and a combine kernel merges them: lse = log sum_s e^{lse_s},
 // out = sum_s e^{lse_s - lse} O_s.
-#include "mma.cuh"
+#include "cuda/mma.cuh"
+#include "cuda/tree_attention_device.cuh"
 
 #include <algorithm>
 
@@ -284,7 +285,7 @@ bool aligned16(const Strided& t) {
 }  // namespace
 
 bool forward_tc_supported(const Inputs& in) {
-  return (in.dtype == DType::kHalf || in.dtype == DType::kBFloat16) && (in.D == 64 || in.D == 128) &&
+  return (in.dtype == DType::kFloat16 || in.dtype == DType::kBFloat16) && (in.D == 64 || in.D == 128) &&
          aligned16(in.q) && aligned16(in.k_cache) && aligned16(in.v_cache) && aligned16(in.k_tree) &&
          aligned16(in.v_tree);
 }
@@ -312,7 +313,7 @@ int64_t forward_tc_workspace_bytes(const Inputs& in, int splits) {
 cudaError_t tree_attention_forward_tc(const ForwardArgs& args, int splits, void* workspace, cudaStream_t stream) {
   const Inputs& in = args.in;
   if (static_cast<int64_t>(in.B) * in.N * in.Hq == 0) return cudaSuccess;
-  const bool half = in.dtype == DType::kHalf;
+  const bool half = in.dtype == DType::kFloat16;
   if (in.D == 64) return half ? launch<__half, 64>(args, splits, workspace, stream)
                               : launch<__nv_bfloat16, 64>(args, splits, workspace, stream);
   return half ? launch<__half, 128>(args, splits, workspace, stream)

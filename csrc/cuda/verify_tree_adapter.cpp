@@ -9,20 +9,12 @@
 #include <optional>
 #include <tuple>
 
+#include "cuda/kernel_dtype.h"
 #include "cuda/verify_tree_kernel.cuh"
 #include "verify_tree_checks.h"
 
 namespace vsd_ext {
 namespace {
-
-cuda::VtDtype vt_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return cuda::VtDtype::kFloat16;
-    case at::kBFloat16: return cuda::VtDtype::kBFloat16;
-    case at::kDouble: return cuda::VtDtype::kFloat64;
-    default: return cuda::VtDtype::kFloat32;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
@@ -51,15 +43,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
 
   cuda::VerifyTreeParams p{};
   p.logits = logits.data_ptr();
-  p.logits_dtype = vt_dtype(logits);
+  p.logits_dtype = cuda::kernel_dtype(logits);
   p.logits_sb = logits.stride(0);
   p.logits_sn = logits.stride(1);
   p.tokens = tokens.data_ptr<int64_t>();
   p.parents = par.data_ptr<int64_t>();
   p.uniforms = u.data_ptr();
-  p.uniforms_dtype = vt_dtype(u);
+  p.uniforms_dtype = cuda::kernel_dtype(u);
   p.draft_probs = q ? q->data_ptr() : nullptr;
-  p.draft_probs_dtype = q ? vt_dtype(*q) : cuda::VtDtype::kFloat32;
+  p.draft_probs_dtype = q ? cuda::kernel_dtype(*q) : cuda::DType::kFloat32;
   p.q_sb = q ? q->stride(0) : 0;
   p.q_sn = q ? q->stride(1) : 0;
   p.batch = B;

@@ -15,8 +15,6 @@
 // residual r_j is never materialized: r_j(v) is replayed from e(v), q(v) and the j recorded
 // (R_k, Q_k, x_k) steps with the same per-element operations the CPU applies to its buffer.
 // Never materialized: softmax [B, N, V], residual vectors. Deterministic (fixed reduction trees).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
@@ -79,8 +77,8 @@ struct MergeOp {
 };
 
 __device__ __forceinline__ StatsAcc shfl_xor(const StatsAcc& a, int o) {
-  return {__shfl_xor_sync(kFull, a.max, o), __shfl_xor_sync(kFull, a.sum, o),
-          __shfl_xor_sync(kFull, a.argmax, o), __shfl_xor_sync(kFull, a.flags, o)};
+  return {__shfl_xor_sync(kFullWarp, a.max, o), __shfl_xor_sync(kFullWarp, a.sum, o),
+          __shfl_xor_sync(kFullWarp, a.argmax, o), __shfl_xor_sync(kFullWarp, a.flags, o)};
 }
 
 template <typename TL, typename TQ>
@@ -228,7 +226,7 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
   }
   for (int i = tid; i <= N; i += blockDim.x) {
     const int64_t at = b * (N + 1) + i;
-    const double u = p.uniforms_dtype == VtDtype::kFloat64
+    const double u = p.uniforms_dtype == DType::kFloat64
                          ? static_cast<const double*>(p.uniforms)[at]
                          : static_cast<double>(static_cast<const float*>(p.uniforms)[at]);
     s.u[i] = u;
@@ -443,7 +441,7 @@ cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, NodePartial
 template <typename TL>
 cudaError_t launch_q(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
                      unsigned long long* error, cudaStream_t stream) {
-  if (p.draft_probs != nullptr && p.draft_probs_dtype == VtDtype::kBFloat16) {
+  if (p.draft_probs != nullptr && p.draft_probs_dtype == DType::kBFloat16) {
     return launch_typed<TL, __nv_bfloat16>(p, nchunks, partials, error, stream);
   }
   return launch_typed<TL, float>(p, nchunks, partials, error, stream);
@@ -476,8 +474,8 @@ VerifyTreeStatus verify_tree_launch(const VerifyTreeParams& p, void* workspace,
   cudaError_t err = cudaMemsetAsync(error, 0xff, sizeof(unsigned long long), stream);
   if (err != cudaSuccess) return {err, kNoError};
   switch (p.logits_dtype) {
-    case VtDtype::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
-    case VtDtype::kBFloat16:
+    case DType::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
+    case DType::kBFloat16:
       err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream);
       break;
     default: err = launch_q<float>(p, nchunks, partials, error, stream); break;

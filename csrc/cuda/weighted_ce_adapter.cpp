@@ -6,21 +6,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/kernel_dtype.h"
 #include "cuda/weighted_ce_kernel.cuh"
 #include "weighted_ce_linear_driver.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;
-
-k::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return k::DType::kFloat16;
-    case at::kBFloat16: return k::DType::kBFloat16;
-    case at::kFloat: return k::DType::kFloat32;
-    case at::kDouble: return k::DType::kFloat64;
-    default: TORCH_CHECK(false, "vsd_ext: weighted_ce: unsupported dtype ", t.scalar_type());
-  }
-}
 
 k::ConstMatrix const_matrix(const at::Tensor& t) {
   k::ConstMatrix m;
@@ -28,7 +19,7 @@ k::ConstMatrix const_matrix(const at::Tensor& t) {
     TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1),
                 "vsd_ext: weighted_ce: expected a matrix with unit column stride");
     m.data = t.data_ptr();
-    m.dtype = dtype_of(t);
+    m.dtype = vsd_ext::cuda::kernel_dtype(t);
     m.ld = t.stride(0);
   }
   return m;

@@ -6,11 +6,9 @@
 //   grad:   one element per thread, a_m exp(z - lse_m) - c_m y, written in the GEMM operand dtype
 //           (fp32 in place, or fp16/bf16 for the next GEMMs). The [M, V] softmax is never stored.
 //   colsum: one thread per column sums the rows in order (bias gradient; no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
+#include "cuda/common.cuh"
 #include "cuda/weighted_ce_kernel.cuh"
 #include "weighted_ce_math.h"
 
@@ -22,43 +20,15 @@ using vsd_ext::wce::RowStats;
 
 constexpr int kMaxThreads = 256;
 
-// Element conversions to / from the accumulation type.
-template <typename X>
-struct Conv;
-template <>
-struct Conv<float> {
-  __device__ static float to(float x) { return x; }
-  template <typename A>
-  __device__ static float from(A x) { return static_cast<float>(x); }
-};
-template <>
-struct Conv<double> {
-  __device__ static double to(double x) { return x; }
-  template <typename A>
-  __device__ static double from(A x) { return static_cast<double>(x); }
-};
-template <>
-struct Conv<__half> {
-  __device__ static float to(__half x) { return __half2float(x); }
-  template <typename A>
-  __device__ static __half from(A x) { return __float2half_rn(static_cast<float>(x)); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  __device__ static float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  template <typename A>
-  __device__ static __nv_bfloat16 from(A x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-};
-
 template <typename A>
 __device__ RowStats<A> shfl_down(const RowStats<A>& s, int offset) {
   RowStats<A> o;
-  o.m = __shfl_down_sync(0xffffffffu, s.m, offset);
-  o.s = __shfl_down_sync(0xffffffffu, s.s, offset);
-  o.zt = __shfl_down_sync(0xffffffffu, s.zt, offset);
-  o.mu = __shfl_down_sync(0xffffffffu, s.mu, offset);
-  o.su = __shfl_down_sync(0xffffffffu, s.su, offset);
-  o.d = __shfl_down_sync(0xffffffffu, s.d, offset);
+  o.m = __shfl_down_sync(kFullWarp, s.m, offset);
+  o.s = __shfl_down_sync(kFullWarp, s.s, offset);
+  o.zt = __shfl_down_sync(kFullWarp, s.zt, offset);
+  o.mu = __shfl_down_sync(kFullWarp, s.mu, offset);
+  o.su = __shfl_down_sync(kFullWarp, s.su, offset);
+  o.d = __shfl_down_sync(kFullWarp, s.d, offset);
   return o;
 }
 
@@ -104,14 +74,14 @@ __global__ void stats_kernel(StatsLaunch p) {
 
   RowStats<A> st = RowStats<A>::empty();
   for (int64_t v = threadIdx.x; v < p.cols; v += blockDim.x) {
-    const A zv = static_cast<A>(Conv<T>::to(z[v]));
+    const A zv = static_cast<A>(to_acc(z[v]));
     st.push_logit(zv);
     if constexpr (kSoft) {
-      st.push_soft(static_cast<A>(Conv<S>::to(s[v])) / temperature, zv);
+      st.push_soft(static_cast<A>(to_acc(s[v])) / temperature, zv);
     }
   }
   if (!kSoft && threadIdx.x == 0 && active && t >= p.col0 && t < p.col0 + p.cols) {
-    st.zt = static_cast<A>(Conv<T>::to(z[t - p.col0]));
+    st.zt = static_cast<A>(to_acc(z[t - p.col0]));
   }
   st = block_merge(st);
   if (threadIdx.x != 0) {
@@ -165,15 +135,15 @@ __global__ void grad_kernel(GradLaunch p) {
   for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < p.cols; v += step) {
     A gv = A(0);
     if (!zero_row) {
-      gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(Conv<T>::to(z[v])) - lse);
+      gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(to_acc(z[v])) - lse);
       if constexpr (kSoft) {
-        const A u = static_cast<A>(Conv<S>::to(s[v])) / temperature;
+        const A u = static_cast<A>(to_acc(s[v])) / temperature;
         gv -= coef.c * vsd_ext::wce::exp_(u - lse_u);
       } else if (active && v == t) {
         gv -= coef.c;
       }
     }
-    out[v] = Conv<O>::from(gv);  // in place when out == logits: same thread, same element
+    out[v] = from_acc<O>(gv);  // in place when out == logits: same thread, same element
   }
 }
 
@@ -186,7 +156,7 @@ __global__ void colsum_kernel(ColsumLaunch p) {
   const G* g = static_cast<const G*>(p.g.data);
   A sum = A(0);
   for (int64_t r = 0; r < p.rows; ++r) {
-    sum += static_cast<A>(Conv<G>::to(g[r * p.g.ld + v]));
+    sum += static_cast<A>(to_acc(g[r * p.g.ld + v]));
   }
   static_cast<A*>(p.out)[v] += sum;
 }
@@ -233,7 +203,7 @@ cudaError_t launch_stats(const StatsLaunch& p, cudaStream_t stream) {
   const int threads = threads_for(p.cols);
   with_dtype(p.logits.dtype, [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    using A = acc_t<T>;
     with_soft_dtype(p.soft, [&](auto s_tag) {
       using S0 = typename decltype(s_tag)::type;
       constexpr bool kSoft = !std::is_same_v<S0, NoSoft>;
@@ -254,7 +224,7 @@ cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream) {
   bool supported = true;
   with_dtype(p.logits.dtype, [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    using A = acc_t<T>;
     with_dtype(p.out.dtype, [&](auto o_tag) {
       using O = typename decltype(o_tag)::type;
       // Output dtypes: that of the logits (non-fused op, fp32/fp64 chunks in place) or fp16/bf16

@@ -11,9 +11,9 @@
 
 #include <cstdint>
 
-namespace vsd_ext::cuda::wce {
+#include "cuda/common.cuh"
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+namespace vsd_ext::cuda::wce {
 
 struct ConstMatrix {
   const void* data = nullptr;  // nullptr: absent (e.g. no soft targets)
