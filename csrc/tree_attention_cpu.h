@@ -9,6 +9,7 @@
 // tile.
 #pragma once
 
+#include "cpu_simd.h"
 #include "tree_attention_math.h"
 
 #include <ATen/Parallel.h>
@@ -35,16 +36,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_
 
 // Score tiles are key-major in the forward and in backward pass A: St [n, R] holds the scores
 // of n keys (rows) against the R packed query rows (columns), so per-query softmax statistics
-// are vector ops across a key row. The bodies below are generic over the accumulation type A
-// and the exp2 used; the fp32 entry points (tree_attention_softmax_cpu.cpp) are compiled per ISA
-// level with a polynomial exp2, the fp64 ones (float64 inputs) use std::exp2.
+// are vector ops across a key row. The bodies below are generic over the accumulation type A;
+// simd::fast_exp2 is a polynomial in fp32 and std::exp2 in fp64 (float64 inputs). The fp32 entry
+// points (tree_attention_softmax_cpu.cpp) are compiled per ISA level (VSD_SIMD_CLONES).
 
 // Forward online-softmax step on St [n, R] (in place: St becomes P^T = 2^(St - m')); updates
 // the running max m and sum l of every query row and rescales its accumulator row O[r, :D]
 // by 2^(m - m'). scratch holds 3 R values.
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l, A* O, int64_t D,
-                                                             A* scratch, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l, A* O, int64_t D,
+                                                             A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   A* m_new = scratch;
   A* shift = scratch + R;
@@ -65,13 +66,13 @@ __attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, i
     A* s = St + j * R;
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
-      s[r] = exp2(s[r] - shift[r]);
+      s[r] = simd::fast_exp2(s[r] - shift[r]);
       sum[r] += s[r];
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     // 2^(m - m'): 0 when m = -inf (the row's first keys), 1 while the row saw nothing.
-    const A a = m_new[r] == kNegInf ? A(1) : exp2(m[r] - shift[r]);
+    const A a = m_new[r] == kNegInf ? A(1) : simd::fast_exp2(m[r] - shift[r]);
     l[r] = l[r] * a + sum[r];
     m[r] = m_new[r];
     if (a != A(1)) {
@@ -85,31 +86,31 @@ __attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, i
 // Backward on one key-major tile: St [n, R] (log2-domain scores) becomes P^T = 2^(St - lse2)
 // and dPt [n, R] (= V dO^T) becomes dS^T = P^T (dP^T - delta) (delta = rowsum(dO O) - dlse,
 // per query column). Query rows that saw no key carry lse2 = +inf: their P and dS are 0.
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int64_t R,
-                                                                      const A* lse2, const A* delta, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int64_t R,
+                                                                      const A* lse2, const A* delta) {
   for (int64_t j = 0; j < n; ++j) {
     A* p = St + j * R;
     A* ds = dPt + j * R;
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
-      p[r] = exp2(p[r] - lse2[r]);
+      p[r] = simd::fast_exp2(p[r] - lse2[r]);
       ds[r] = p[r] * (ds[r] - delta[r]);
     }
   }
 }
 
 // The same on query-major tiles S, dP [R, n] (rows = packed queries; backward pass B).
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n,
-                                                                      const A* lse2, const A* delta, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n,
+                                                                      const A* lse2, const A* delta) {
   for (int64_t r = 0; r < R; ++r) {
     A* p = S + r * n;
     A* ds = dP + r * n;
     const A shift = lse2[r], dr = delta[r];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      p[j] = exp2(p[j] - shift);
+      p[j] = simd::fast_exp2(p[j] - shift);
       ds[j] = p[j] * (ds[j] - dr);
     }
   }
@@ -119,20 +120,17 @@ void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O,
 void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2, const float* delta);
 void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2, const float* delta);
 
-struct Exp2Std {
-  double operator()(double x) const { return std::exp2(x); }
-};
 inline void softmax_step(double* St, int64_t n, int64_t R, double* m, double* l, double* O, int64_t D,
                          double* scratch) {
-  softmax_step_impl(St, n, R, m, l, O, D, scratch, Exp2Std{});
+  softmax_step_impl(St, n, R, m, l, O, D, scratch);
 }
 inline void softmax_backward_tile(double* St, double* dPt, int64_t n, int64_t R, const double* lse2,
                                   const double* delta) {
-  softmax_backward_tile_impl(St, dPt, n, R, lse2, delta, Exp2Std{});
+  softmax_backward_tile_impl(St, dPt, n, R, lse2, delta);
 }
 inline void softmax_backward_rows(double* S, double* dP, int64_t R, int64_t n, const double* lse2,
                                   const double* delta) {
-  softmax_backward_rows_impl(S, dP, R, n, lse2, delta, Exp2Std{});
+  softmax_backward_rows_impl(S, dP, R, n, lse2, delta);
 }
 
 // Sets the scores (key-major St [n_keys, rows]) of tree keys that a query row's node cannot
