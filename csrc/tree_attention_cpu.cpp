@@ -35,11 +35,6 @@ std::vector<int64_t> host_prefix_lens(const at::Tensor& prefix_lens, int64_t L) 
 namespace {
 
 template <class T>
-cpu::Rows4<const T> rows4(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-template <class T>
 void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                  const std::vector<int64_t>& lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
                  const at::Tensor& tree_mask, double sm_scale, at::Tensor& out, at::Tensor& lse) {
@@ -49,8 +44,8 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, 
   const int64_t nodes = cpu::nodes_per_unit(d.B, d.Hkv, N, G, at::get_num_threads());
   const int64_t chunks = cpu::ceil_div(N, nodes);
   const int64_t max_keys = std::max(cpu::kKeyTile, N);
-  const auto Q4 = rows4<T>(q), Kc = rows4<T>(k_cache), Vc = rows4<T>(v_cache);
-  const auto Kt = rows4<T>(k_tree), Vt = rows4<T>(v_tree);
+  const auto Q4 = cpu::rows4<T>(q), Kc = cpu::rows4<T>(k_cache), Vc = cpu::rows4<T>(v_cache);
+  const auto Kt = cpu::rows4<T>(k_tree), Vt = cpu::rows4<T>(v_tree);
   const int64_t* mask = tree_mask.data_ptr<int64_t>();
   const int64_t mask_b = tree_mask.stride(0), mask_n = tree_mask.stride(1);
   T* out_p = out.data_ptr<T>();  // contiguous [B, N, Hq, D]

@@ -13,6 +13,7 @@
 #include "tree_attention_math.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <atomic>
@@ -157,6 +158,11 @@ struct Rows4 {
   int64_t s0, s1, s2;
   T* row(int64_t i0, int64_t i1, int64_t i2) const { return p + i0 * s0 + i1 * s1 + i2 * s2; }
 };
+
+template <class T>
+Rows4<const T> rows4(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
 
 // dst[i, :D] = scale * src rows (fp32 accumulation for fp16/bf16 inputs).
 template <class T, class A>

@@ -16,15 +16,10 @@
 //     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
 //     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
 //     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
-#include "cuda/mma.cuh"
-#include "cuda/tree_attention_device.cuh"
+#include "cuda/tree_attention_tc_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
-
-constexpr int BM = 64;  // packed query rows per tile
-constexpr int BN = 64;  // keys per tile (one mask word)
-constexpr int kThreads = 128;
 
 template <int D>
 constexpr int dq_smem_bytes() {
@@ -34,43 +29,6 @@ template <int D>
 constexpr int dkv_smem_bytes() {
   // K, V, double-buffered Q and dO, then per buffer 64 x (lse2, delta: fp32; mask word: u64).
   return (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BM * (4 + 4 + 8);
-}
-
-// Copies rows [row0, row0 + 64) of the packed (b, g) query tile of a [B, N, Hq, D] tensor.
-template <class T, int D>
-__device__ __forceinline__ void load_query_tile(T* dst, const Strided& src, int b, int g, int G, int R, int row0,
-                                                int tid) {
-  constexpr int LDS = D + 8, CHUNKS = D / 8;
-  for (int e = tid; e < BM * CHUNKS; e += kThreads) {
-    const int r = e / CHUNKS, ch = e % CHUNKS, pr = row0 + r;
-    const bool valid = pr < R;
-    const int n = valid ? pr / G : 0, h = g * G + (valid ? pr % G : 0);
-    cp_async16(dst + r * LDS + ch * 8, row_ptr<T>(src, b, n, h) + ch * 8, valid);
-  }
-}
-
-// Copies `keys` rows (zero-filling up to 64) of keys [base, base + 64) of one kv head.
-template <class T, int D>
-__device__ __forceinline__ void load_key_tile(T* kd, T* vd, const Strided& k, const Strided& v, int row, int base,
-                                              int keys, int g, int tid) {
-  constexpr int LDS = D + 8, CHUNKS = D / 8;
-  for (int e = tid; e < BN * CHUNKS; e += kThreads) {
-    const int j = e / CHUNKS, ch = e % CHUNKS;
-    const bool valid = j < keys;
-    const int key = base + (valid ? j : 0);
-    cp_async16(kd + j * LDS + ch * 8, row_ptr<T>(k, row, key, g) + ch * 8, valid);
-    cp_async16(vd + j * LDS + ch * 8, row_ptr<T>(v, row, key, g) + ch * 8, valid);
-  }
-}
-
-// A fragments (16 rows starting at `row`, k slice kk) of a row-major smem tile.
-template <class T, int LDS>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row, int kk, int gr, int tq) {
-  const T* p = tile + (row + gr) * LDS + kk * 16 + 2 * tq;
-  a[0] = ld32(p);
-  a[1] = ld32(p + 8 * LDS);
-  a[2] = ld32(p + 8);
-  a[3] = ld32(p + 8 * LDS + 8);
 }
 
 // acc[nt] (16 x 64, 8 column tiles) = A (16 rows of `a_tile` from a_row) x B^T, where B^T is
@@ -93,28 +51,69 @@ __device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, in
   }
 }
 
-// out (16 x D) += X (16 x 64, fp32 accumulators, packed to T as the A operand) x M (64 x D
-// row-major smem tile).
-template <class T, int D>
-__device__ __forceinline__ void tile_xm(float (&out)[D / 8][4], const float (&x)[8][4], const T* m, int gr,
-                                        int tq) {
-  constexpr int LDS = D + 8;
+// lse of a query in the log2 domain; +inf for a query that saw nothing (so its P is 0).
+__device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+
+// ---- dQ -----------------------------------------------------------------------------------------
+
+// lse2, delta and mask row of this thread's packed rows row + 8 rh (rh = 0, 1); rows past R see
+// nothing (lse2 = +inf, no mask row).
+__device__ __forceinline__ void query_row_stats(const BackwardArgs& args, const float* delta, int b,
+                                                int g, int row, float (&lse2)[2], float (&dl)[2],
+                                                const int64_t* (&words)[2]) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) {
-    const uint32_t a[4] = {pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
-                           pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]),
-                           pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
-    const T* m0 = m + (kk * 16 + 2 * tq) * LDS + gr;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const T* mp = m0 + dt * 8;
-      mma16816<T>(out[dt], a, ld16(mp) | (ld16(mp + LDS) << 16), ld16(mp + 8 * LDS) | (ld16(mp + 9 * LDS) << 16));
-    }
+  for (int rh = 0; rh < 2; ++rh) {
+    const int pr = row + 8 * rh;
+    const bool valid = pr < R;
+    const int64_t q_row =
+        (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
+    lse2[rh] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
+    dl[rh] = valid ? delta[q_row] : 0.f;
+    words[rh] = valid ? in.tree_mask + b * in.mask_s0 + (pr / G) * in.mask_s1 : nullptr;
   }
 }
 
-// lse of a query in the log2 domain; +inf for a query that saw nothing (so its P is 0).
-__device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+// dS = P (dP - delta) in s (query rows x key columns), P = 2^(c S - lse2) on the visible keys:
+// the first `keys` columns, and on tree tile tt those with a set mask bit.
+__device__ __forceinline__ void ds_tile(float (&s)[8][4], const float (&dp)[8][4], float c,
+                                        int keys, bool tree, int tt, const float (&lse2)[2],
+                                        const float (&dl)[2], const int64_t* const (&words)[2],
+                                        int tq) {
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const uint64_t w = tree ? (words[rh] ? static_cast<uint64_t>(words[rh][tt]) : 0ull) : ~0ull;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 2 * rh; e < 2 * rh + 2; ++e) {
+        const int col = nt * 8 + 2 * tq + (e & 1);
+        const bool visible = col < keys && ((w >> col) & 1ull);
+        const float p = visible ? exp2f(s[nt][e] * c - lse2[rh]) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - dl[rh]);  // dS
+      }
+  }
+}
+
+// dq rows row + 8 rh = sm_scale dQ (packed rows past R are not stored).
+template <class T, int D>
+__device__ __forceinline__ void store_dq(const BackwardArgs& args, int b, int g, int row, int tq,
+                                         const float (&dq)[D / 8][4]) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int pr = row + 8 * rh;
+    if (pr >= R) continue;
+    const int64_t q_row = (static_cast<int64_t>(b) * in.N + pr / G) * in.Hq + g * G + pr % G;
+    T* dst = static_cast<T*>(args.dq) + q_row * D + 2 * tq;
+    const float scale = static_cast<float>(in.sm_scale);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * rh] * scale, dq[dt][2 * rh + 1] * scale);
+  }
+}
 
 template <class T, int D>
 __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, const float* delta) {
@@ -147,16 +146,7 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
 
   float lse2[2], dl[2];
   const int64_t* words[2];
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    const int pr = row0 + wrow + 8 * rh;
-    const bool valid = pr < R;
-    const int64_t row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
-    lse2[rh] = valid ? lse2_of(static_cast<const float*>(args.lse)[row]) : INFINITY;
-    dl[rh] = valid ? delta[row] : 0.f;
-    words[rh] = valid ? in.tree_mask + b * in.mask_s0 + (pr / G) * in.mask_s1 : nullptr;
-  }
-
+  query_row_stats(args, delta, b, g, row0 + wrow, lse2, dl, words);
   load_query_tile<T, D>(Qs, in.q, b, g, G, R, row0, tid);
   load_query_tile<T, D>(dOs, args.grad_out, b, g, G, R, row0, tid);
   load_tile(0, 0);
@@ -176,36 +166,71 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
     float s[8][4], dp[8][4];
     tile_abt<T, D>(s, Qs, warp * 16, K, gr, tq);
     tile_abt<T, D>(dp, dOs, warp * 16, V, gr, tq);
-    const int keys = tile_keys(i);
-    const bool tree = i >= n_prefix;
-    const int tt = i - n_prefix;
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      const uint64_t w = tree ? (words[rh] ? static_cast<uint64_t>(words[rh][tt]) : 0ull) : ~0ull;
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 2 * rh; e < 2 * rh + 2; ++e) {
-          const int col = nt * 8 + 2 * tq + (e & 1);
-          const bool visible = col < keys && ((w >> col) & 1ull);
-          const float p = visible ? exp2f(s[nt][e] * c - lse2[rh]) : 0.f;
-          s[nt][e] = p * (dp[nt][e] - dl[rh]);  // dS
-        }
-    }
+    ds_tile(s, dp, c, tile_keys(i), i >= n_prefix, i - n_prefix, lse2, dl, words, tq);
     tile_xm<T, D>(dq, s, K, gr, tq);
     __syncthreads();
   }
+  store_dq<T, D>(args, b, g, row0 + wrow, tq, dq);
+}
 
+// ---- dK, dV -------------------------------------------------------------------------------------
+
+// Per-row inputs of query tile (b, row0) into buffer slots (lse2, delta, the mask word of key
+// tile kt on tree keys), thread tid < BM for packed row row0 + tid.
+template <bool TREE>
+__device__ __forceinline__ void load_query_row_stats(const BackwardArgs& args, const float* delta,
+                                                     int b, int g, int row0, int kt, int tid,
+                                                     float* lse2, float* dl, uint64_t* words) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+  const int pr = row0 + tid;
+  const bool valid = pr < R;
+  const int64_t q_row =
+      (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
+  lse2[tid] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
+  dl[tid] = valid ? delta[q_row] : 0.f;
+  words[tid] =
+      TREE && valid ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + kt]) : ~0ull;
+}
+
+// Key-major tile: P^T = 2^(c S^T - lse2) in st and dS^T = P^T (dP^T - delta) in dpt, on the keys
+// (rows) below `keys` that the query (column) sees.
+__device__ __forceinline__ void dst_tile(float (&st)[8][4], float (&dpt)[8][4], float c, int keys,
+                                         const float* lse2, const float* dl, const uint64_t* words,
+                                         int warp, int gr, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = warp * 16 + gr + 8 * (e >> 1), col = nt * 8 + 2 * tq + (e & 1);
+      const bool visible = key < keys && ((words[col] >> key) & 1ull);
+      const float p = visible ? exp2f(st[nt][e] * c - lse2[col]) : 0.f;
+      dpt[nt][e] = p * (dpt[nt][e] - dl[col]);  // dS^T
+      st[nt][e] = p;                            // P^T
+    }
+}
+
+// dk, dv rows of keys k0 + warp 16 + gr + 8 rh of `owner` (dk scaled by sm_scale).
+template <class T, int D, bool TREE>
+__device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, int g, int key0,
+                                          int tq, const float (&dk)[D / 8][4],
+                                          const float (&dv)[D / 8][4]) {
+  const Inputs& in = args.in;
+  const int total_keys = TREE ? in.N : in.L;
+  const float scale = static_cast<float>(in.sm_scale);
+  T* dk_base = static_cast<T*>(TREE ? args.dk_tree : args.dk_cache);
+  T* dv_base = static_cast<T*>(TREE ? args.dv_tree : args.dv_cache);
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
-    const int pr = row0 + wrow + 8 * rh;
-    if (pr >= R) continue;
-    const int64_t row = (static_cast<int64_t>(b) * in.N + pr / G) * in.Hq + g * G + pr % G;
-    T* dst = static_cast<T*>(args.dq) + row * D + 2 * tq;
-    const float scale = static_cast<float>(in.sm_scale);
+    const int key = key0 + 8 * rh;
+    if (key >= total_keys) continue;
+    const int64_t off = ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * rh] * scale, dq[dt][2 * rh + 1] * scale);
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk_base + off + dt * 8) =
+          pack2<T>(dk[dt][2 * rh] * scale, dk[dt][2 * rh + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_base + off + dt * 8) = pack2<T>(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
+    }
   }
 }
 
@@ -242,15 +267,9 @@ __global__ void __launch_bounds__(kThreads) dkv_tc_kernel(BackwardArgs args, con
     if (keys_seen(b) <= 0) return;
     load_query_tile<T, D>(Qs + buf * BM * LDS, in.q, b, g, G, R, row0, tid);
     load_query_tile<T, D>(dOs + buf * BM * LDS, args.grad_out, b, g, G, R, row0, tid);
-    if (tid < BM) {
-      const int pr = row0 + tid;
-      const bool valid = pr < R;
-      const int64_t row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
-      lse2_s[buf * BM + tid] = valid ? lse2_of(static_cast<const float*>(args.lse)[row]) : INFINITY;
-      delta_s[buf * BM + tid] = valid ? delta[row] : 0.f;
-      words_s[buf * BM + tid] =
-          TREE && valid ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + kt]) : ~0ull;
-    }
+    if (tid < BM)
+      load_query_row_stats<TREE>(args, delta, b, g, row0, kt, tid, lse2_s + buf * BM,
+                                 delta_s + buf * BM, words_s + buf * BM);
   };
 
   load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner, k0,
@@ -275,43 +294,17 @@ __global__ void __launch_bounds__(kThreads) dkv_tc_kernel(BackwardArgs args, con
       const int buf = u & 1;
       const T* Q = Qs + buf * BM * LDS;
       const T* dO = dOs + buf * BM * LDS;
-      const float* lse2 = lse2_s + buf * BM;
-      const float* dl = delta_s + buf * BM;
-      const uint64_t* words = words_s + buf * BM;
       float st[8][4], dpt[8][4];
       tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);   // S^T = K Q^T   (rows: keys)
       tile_abt<T, D>(dpt, Vs, warp * 16, dO, gr, tq);  // dP^T = V dO^T
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = warp * 16 + gr + 8 * (e >> 1), col = nt * 8 + 2 * tq + (e & 1);
-          const bool visible = key < keys && ((words[col] >> key) & 1ull);
-          const float p = visible ? exp2f(st[nt][e] * c - lse2[col]) : 0.f;
-          dpt[nt][e] = p * (dpt[nt][e] - dl[col]);  // dS^T
-          st[nt][e] = p;                            // P^T
-        }
+      dst_tile(st, dpt, c, keys, lse2_s + buf * BM, delta_s + buf * BM, words_s + buf * BM, warp,
+               gr, tq);
       tile_xm<T, D>(dv, st, dO, gr, tq);  // dV += P^T dO
       tile_xm<T, D>(dk, dpt, Q, gr, tq);  // dK += dS^T Q
     }
     __syncthreads();
   }
-
-  const float scale = static_cast<float>(in.sm_scale);
-  T* dk_base = static_cast<T*>(TREE ? args.dk_tree : args.dk_cache);
-  T* dv_base = static_cast<T*>(TREE ? args.dv_tree : args.dv_cache);
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    const int key = k0 + warp * 16 + gr + 8 * rh;
-    if (key >= total_keys) continue;
-    const int64_t off = ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<uint32_t*>(dk_base + off + dt * 8) =
-          pack2<T>(dk[dt][2 * rh] * scale, dk[dt][2 * rh + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv_base + off + dt * 8) = pack2<T>(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
-    }
-  }
+  store_dkv<T, D, TREE>(args, owner, g, k0 + warp * 16 + gr, tq, dk, dv);
 }
 
 template <class T, int D>
@@ -332,10 +325,6 @@ cudaError_t launch(const BackwardArgs& args, const float* delta, cudaStream_t st
                                                                                             cache_tiles);
   dkv_tc_kernel<T, D, true><<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem, stream>>>(args, delta, tree_tiles);
   return cudaGetLastError();
-}
-
-bool aligned16(const Strided& t) {
-  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.s0 % 8 == 0 && t.s1 % 8 == 0 && t.s2 % 8 == 0;
 }
 
 }  // namespace

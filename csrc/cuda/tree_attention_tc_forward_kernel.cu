@@ -16,17 +16,12 @@
 // gridDim.z blocks (the tree tiles go to the last split); each writes (O / l, lse) in fp32 to a
 // workspace and a combine kernel merges them: lse = log sum_s e^{lse_s},
 // out = sum_s e^{lse_s - lse} O_s.
-#include "cuda/mma.cuh"
-#include "cuda/tree_attention_device.cuh"
+#include "cuda/tree_attention_tc_device.cuh"
 
 #include <algorithm>
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
-
-constexpr int BM = 64;  // packed query rows per block
-constexpr int BN = 64;  // keys per tile: one 64-bit mask word per query row on tree tiles
-constexpr int kThreads = 128;
 
 template <int D>
 constexpr int smem_bytes() {
@@ -37,11 +32,148 @@ struct Split {
   int splits, tiles_per_split;
 };
 
+// The key tiles of one block: prefix tiles [t_begin, t_begin + n_prefix) clipped to the row's
+// prefix of `len` keys, then (last split only) the ceil(N / BN) tree tiles; `count` in all.
+struct KeyTiles {
+  int t_begin, n_prefix, count, len, nodes;
+
+  __device__ __forceinline__ KeyTiles(const Inputs& in, const Split& sp, int b, int split)
+      : t_begin(split * sp.tiles_per_split), len(prefix_len(in, b)), nodes(in.N) {
+    const int t_end = min((split + 1) * sp.tiles_per_split, (len + BN - 1) / BN);
+    n_prefix = max(0, t_end - t_begin);
+    count = n_prefix + (split == sp.splits - 1 ? (in.N + BN - 1) / BN : 0);
+  }
+  __device__ __forceinline__ bool tree(int i) const { return i >= n_prefix; }
+  __device__ __forceinline__ int base(int i) const {
+    return i < n_prefix ? (t_begin + i) * BN : (i - n_prefix) * BN;
+  }
+  __device__ __forceinline__ int keys(int i) const {
+    return min(BN, (i < n_prefix ? len : nodes) - base(i));
+  }
+};
+
+// ---- the steps of one key tile, for this thread's rows wrow and wrow + 8 (rh = 0, 1) ----------
+
+// Score: S = Q K^T (fp32 accumulators), the Q fragments kept in registers.
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, Split sp, float* ws_o,
-                                                                float* ws_lse) {
-  constexpr int LDS = D + 8;      // padded smem row: fragment loads hit 32 distinct banks
-  constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
+__device__ __forceinline__ void score(float (&s)[BN / 8][4], const uint32_t (&qf)[D / 16][4],
+                                      const T* K, int gr, int tq) {
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt) {
+    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const T* k0 = K + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
+      mma16816<T>(s[nt], qf[kk], ld32(k0), ld32(k0 + 8));
+    }
+  }
+}
+
+// Mask words of tree tile tt for this thread's rows (0 past the last packed row R).
+__device__ __forceinline__ void tree_words(uint64_t (&w)[2], const Inputs& in, int b, int G,
+                                           int R, int row, int tt) {
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int pr = row + 8 * rh;
+    w[rh] = pr < R ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + tt])
+                   : 0ull;
+  }
+}
+
+// Mask: scale by c; when `masked`, columns past `keys` or with a clear mask bit become -inf.
+__device__ __forceinline__ void scale_and_mask(float (&s)[BN / 8][4], float c, bool masked,
+                                               int keys, const uint64_t (&w)[2], int tq) {
+#pragma unroll
+  for (int nt = 0; nt < BN / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int col = nt * 8 + 2 * tq + (e & 1);
+      float v = s[nt][e] * c;
+      if (masked && (col >= keys || !((w[e >> 1] >> col) & 1ull))) v = -INFINITY;
+      s[nt][e] = v;
+    }
+}
+
+// Softmax: the online update m' = max(m, rowmax S), P = 2^(S - m') (in s), l = l 2^(m - m') +
+// rowsum P, O = O 2^(m - m'). A row is spread over the 4 lanes of a quad; l stays a per-lane
+// partial sum, reduced over the quad at the end.
+template <int D>
+__device__ __forceinline__ void online_softmax(float (&s)[BN / 8][4], float (&o)[D / 8][4],
+                                               float (&m)[2], float (&l)[2]) {
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rh], s[nt][2 * rh + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullWarp, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(kFullWarp, mx, 2));
+    const float m_new = fmaxf(m[rh], mx);
+    const float shift = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: 2^(-inf) = 0
+    const float alpha = exp2f(m[rh] - shift);
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; ++nt) {
+      s[nt][2 * rh] = exp2f(s[nt][2 * rh] - shift);
+      s[nt][2 * rh + 1] = exp2f(s[nt][2 * rh + 1] - shift);
+      sum += s[nt][2 * rh] + s[nt][2 * rh + 1];
+    }
+    l[rh] = l[rh] * alpha + sum;
+    m[rh] = m_new;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][2 * rh] *= alpha;
+      o[dt][2 * rh + 1] *= alpha;
+    }
+  }
+}
+
+// Store: O / l and lse = ln2 (m + log2 l), or an empty (0, -inf) result, into out and lse, or
+// (split-KV) in fp32 into the split's workspace slice.
+template <class T, int D>
+__device__ __forceinline__ void store(const ForwardArgs& args, const Split& sp, int split, int b,
+                                      int g, int row, int tq, const float (&o)[D / 8][4],
+                                      const float (&m)[2], const float (&l)[2], float* ws_o,
+                                      float* ws_lse) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+  const int64_t rows_total = static_cast<int64_t>(in.B) * in.N * in.Hq;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    float lt = l[rh];
+    lt += __shfl_xor_sync(kFullWarp, lt, 1);
+    lt += __shfl_xor_sync(kFullWarp, lt, 2);
+    const int pr = row + 8 * rh;
+    if (pr >= R) continue;
+    const int64_t q_row = (static_cast<int64_t>(b) * in.N + pr / G) * in.Hq + g * G + pr % G;
+    const float inv = lt > 0.f ? 1.f / lt : 0.f;
+    const float lse = lt > 0.f ? kLn2 * (m[rh] + log2f(lt)) : -INFINITY;
+    if (sp.splits == 1) {
+      T* dst = static_cast<T*>(args.out) + q_row * D + 2 * tq;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const uint32_t v = pack2<T>(o[dt][2 * rh] * inv, o[dt][2 * rh + 1] * inv);
+        *reinterpret_cast<uint32_t*>(dst + dt * 8) = v;
+      }
+      if (tq == 0) static_cast<float*>(args.lse)[q_row] = lse;
+    } else {
+      float* dst = ws_o + (split * rows_total + q_row) * D + 2 * tq;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt)
+        *reinterpret_cast<float2*>(dst + dt * 8) =
+            make_float2(o[dt][2 * rh] * inv, o[dt][2 * rh + 1] * inv);
+      if (tq == 0) ws_lse[split * rows_total + q_row] = lse;
+    }
+  }
+}
+
+// Block = ((b, kv head g), row tile of BM packed rows, prefix split); load: Q with the first key
+// tile, then key tile i + 1 in flight (cp.async) while tile i is scored, masked, soft-maxed and
+// accumulated.
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, Split sp,
+                                                                float* ws_o, float* ws_lse) {
+  constexpr int LDS = D + 8;  // padded smem row: fragment loads hit 32 distinct banks
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
   T* Ks = Qs + BM * LDS;                   // [2][BN][LDS]
@@ -52,46 +184,21 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, 
   const int b = blockIdx.x / in.Hkv, g = blockIdx.x % in.Hkv, bc = in.Bc == 1 ? 0 : b;
   const int row0 = blockIdx.y * BM, split = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
-  const int len = prefix_len(in, b);
-
-  // Key tiles of this block: prefix tiles [t_begin, t_end) clipped to the row's prefix, then
-  // (last split only) the ceil(N / BN) tree tiles.
-  const int t_begin = split * sp.tiles_per_split;
-  const int t_end = min((split + 1) * sp.tiles_per_split, (len + BN - 1) / BN);
-  const int n_prefix = max(0, t_end - t_begin);
-  const int n_tiles = n_prefix + (split == sp.splits - 1 ? (in.N + BN - 1) / BN : 0);
-
-  auto tile_base = [&](int i) { return i < n_prefix ? (t_begin + i) * BN : (i - n_prefix) * BN; };
-  auto tile_keys = [&](int i) { return min(BN, (i < n_prefix ? len : in.N) - tile_base(i)); };
-  auto load_tile = [&](int i, int buf) {
-    const bool tree = i >= n_prefix;
-    const int base = tile_base(i), keys = tile_keys(i);
-    T* kd = Ks + buf * BN * LDS;
-    T* vd = Vs + buf * BN * LDS;
-    for (int e = tid; e < BN * CHUNKS; e += kThreads) {
-      const int j = e / CHUNKS, ch = e % CHUNKS;
-      const bool valid = j < keys;  // rows past the end are zero-filled (P = 0 there, no NaN)
-      const int key = base + (valid ? j : 0);
-      const T* ksrc = tree ? row_ptr<T>(in.k_tree, b, key, g) : row_ptr<T>(in.k_cache, bc, key, g);
-      const T* vsrc = tree ? row_ptr<T>(in.v_tree, b, key, g) : row_ptr<T>(in.v_cache, bc, key, g);
-      cp_async16(kd + j * LDS + ch * 8, ksrc + ch * 8, valid);
-      cp_async16(vd + j * LDS + ch * 8, vsrc + ch * 8, valid);
-    }
+  const KeyTiles tiles(in, sp, b, split);
+  auto load_tile = [&](int i, int buf) {  // rows past the end are zero-filled (P = 0, no NaN)
+    const bool tree = tiles.tree(i);
+    load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, tree ? in.k_tree : in.k_cache,
+                        tree ? in.v_tree : in.v_cache, tree ? b : bc, tiles.base(i),
+                        tiles.keys(i), g, tid);
   };
 
   float o[D / 8][4];
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-
-  if (n_tiles > 0) {
+  if (tiles.count > 0) {
     // Q tile (group 0, with the first key tile): packed row r -> q[b, r / G, g G + r % G, :].
-    for (int e = tid; e < BM * CHUNKS; e += kThreads) {
-      const int r = e / CHUNKS, ch = e % CHUNKS, pr = row0 + r;
-      const bool valid = pr < R;
-      const int n = valid ? pr / G : 0, h = g * G + (valid ? pr % G : 0);
-      cp_async16(Qs + r * LDS + ch * 8, row_ptr<T>(in.q, b, n, h) + ch * 8, valid);
-    }
+    load_query_tile<T, D>(Qs, in.q, b, g, G, R, row0, tid);
     load_tile(0, 0);
     cp_async_commit();
   }
@@ -99,132 +206,27 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, 
   const float c = static_cast<float>(in.sm_scale) * kLog2e;
   const int wrow = warp * 16 + gr;  // this thread's rows in the tile: wrow and wrow + 8
   uint32_t qf[D / 16][4];
-  for (int i = 0; i < n_tiles; ++i) {
-    if (i + 1 < n_tiles) load_tile(i + 1, (i + 1) & 1);
+  for (int i = 0; i < tiles.count; ++i) {
+    if (i + 1 < tiles.count) load_tile(i + 1, (i + 1) & 1);
     cp_async_commit();
     cp_async_wait_1();  // every group but the newest has landed: Q and tile i
     __syncthreads();
     if (i == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const T* q0 = Qs + wrow * LDS + kk * 16 + 2 * tq;
-        qf[kk][0] = ld32(q0);
-        qf[kk][1] = ld32(q0 + 8 * LDS);
-        qf[kk][2] = ld32(q0 + 8);
-        qf[kk][3] = ld32(q0 + 8 * LDS + 8);
-      }
+      for (int kk = 0; kk < D / 16; ++kk) load_a<T, LDS>(qf[kk], Qs, warp * 16, kk, gr, tq);
     }
-    const T* K = Ks + (i & 1) * BN * LDS;
-    const T* V = Vs + (i & 1) * BN * LDS;
-
     float s[BN / 8][4];
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const T* k0 = K + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
-        mma16816<T>(s[nt], qf[kk], ld32(k0), ld32(k0 + 8));
-      }
-    }
-
-    // Scale; bound the columns of a partial tile; apply the tree bitmask on tree tiles only.
-    const int keys = tile_keys(i);
-    const bool tree = i >= n_prefix;
+    score<T, D>(s, qf, Ks + (i & 1) * BN * LDS, gr, tq);
+    // Prefix tiles are mask-free but for the columns of a partial tile; tree tiles read one
+    // mask word per row.
     uint64_t w[2] = {~0ull, ~0ull};
-    if (tree) {
-      const int tt = i - n_prefix;
-#pragma unroll
-      for (int rh = 0; rh < 2; ++rh) {
-        const int pr = row0 + wrow + 8 * rh;
-        w[rh] = pr < R ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + tt]) : 0ull;
-      }
-    }
-    const bool masked = tree || keys < BN;
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nt * 8 + 2 * tq + (e & 1);
-        float v = s[nt][e] * c;
-        if (masked && (col >= keys || !((w[e >> 1] >> col) & 1ull))) v = -INFINITY;
-        s[nt][e] = v;
-      }
-
-    // Online softmax, rows wrow (rh = 0) and wrow + 8 (rh = 1); a row is spread over the 4
-    // lanes of a quad.
-#pragma unroll
-    for (int rh = 0; rh < 2; ++rh) {
-      float mx = -INFINITY;
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * rh], s[nt][2 * rh + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[rh], mx);
-      const float shift = m_new == -INFINITY ? 0.f : m_new;  // nothing seen yet: 2^(-inf) = 0
-      const float alpha = exp2f(m[rh] - shift);
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < BN / 8; ++nt) {
-        s[nt][2 * rh] = exp2f(s[nt][2 * rh] - shift);
-        s[nt][2 * rh + 1] = exp2f(s[nt][2 * rh + 1] - shift);
-        sum += s[nt][2 * rh] + s[nt][2 * rh + 1];
-      }
-      l[rh] = l[rh] * alpha + sum;  // per-lane partial sum, reduced over the quad at the end
-      m[rh] = m_new;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * rh] *= alpha;
-        o[dt][2 * rh + 1] *= alpha;
-      }
-    }
-
-    // O += P V: the S accumulators of key columns [16 kk, 16 kk + 16) are the A fragment.
-#pragma unroll
-    for (int kk = 0; kk < BN / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      const T* v0 = V + (kk * 16 + 2 * tq) * LDS + gr;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const T* vp = v0 + dt * 8;
-        const uint32_t b0 = ld16(vp) | (ld16(vp + LDS) << 16);
-        const uint32_t b1 = ld16(vp + 8 * LDS) | (ld16(vp + 9 * LDS) << 16);
-        mma16816<T>(o[dt], a, b0, b1);
-      }
-    }
+    if (tiles.tree(i)) tree_words(w, in, b, G, R, row0 + wrow, i - tiles.n_prefix);
+    scale_and_mask(s, c, tiles.tree(i) || tiles.keys(i) < BN, tiles.keys(i), w, tq);
+    online_softmax<D>(s, o, m, l);
+    tile_xm<T, D>(o, s, Vs + (i & 1) * BN * LDS, gr, tq);  // O += P V (S accumulators as A)
     __syncthreads();  // the next iteration's load overwrites this buffer
   }
-
-  // Finalize: O / l and lse = ln2 (m + log2 l), or an empty (0, -inf) result.
-  const int64_t rows_total = static_cast<int64_t>(in.B) * in.N * in.Hq;
-#pragma unroll
-  for (int rh = 0; rh < 2; ++rh) {
-    float lt = l[rh];
-    lt += __shfl_xor_sync(0xffffffffu, lt, 1);
-    lt += __shfl_xor_sync(0xffffffffu, lt, 2);
-    const int pr = row0 + wrow + 8 * rh;
-    if (pr >= R) continue;
-    const int64_t row = (static_cast<int64_t>(b) * in.N + pr / G) * in.Hq + g * G + pr % G;
-    const float inv = lt > 0.f ? 1.f / lt : 0.f;
-    const float lse = lt > 0.f ? kLn2 * (m[rh] + log2f(lt)) : -INFINITY;
-    if (sp.splits == 1) {
-      T* dst = static_cast<T*>(args.out) + row * D + 2 * tq;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const uint32_t v = pack2<T>(o[dt][2 * rh] * inv, o[dt][2 * rh + 1] * inv);
-        *reinterpret_cast<uint32_t*>(dst + dt * 8) = v;
-      }
-      if (tq == 0) static_cast<float*>(args.lse)[row] = lse;
-    } else {
-      float* dst = ws_o + (split * rows_total + row) * D + 2 * tq;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt)
-        *reinterpret_cast<float2*>(dst + dt * 8) = make_float2(o[dt][2 * rh] * inv, o[dt][2 * rh + 1] * inv);
-      if (tq == 0) ws_lse[split * rows_total + row] = lse;
-    }
-  }
+  store<T, D>(args, sp, split, b, g, row0 + wrow, tq, o, m, l, ws_o, ws_lse);
 }
 
 // Merge of the split partials: one warp per query row.
@@ -276,10 +278,6 @@ cudaError_t launch(const ForwardArgs& args, int splits, void* workspace, cudaStr
     combine_kernel<T, D><<<blocks, 128, 0, stream>>>(args, splits, ws_o, ws_lse);
   }
   return cudaGetLastError();
-}
-
-bool aligned16(const Strided& t) {
-  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.s0 % 8 == 0 && t.s1 % 8 == 0 && t.s2 % 8 == 0;
 }
 
 }  // namespace
