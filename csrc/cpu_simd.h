@@ -136,11 +136,13 @@ VSD_TARGET_AVX2 inline __m256d exp4_nonpos(__m256d y) {
   const __m256d kd = _mm256_sub_pd(t, shifter);
   __m256d r = _mm256_fnmadd_pd(kd, _mm256_set1_pd(6.93147180369123816490e-01), yc);
   r = _mm256_fnmadd_pd(kd, _mm256_set1_pd(1.90821492927058770002e-10), r);
+  // clang-format off
   static constexpr double kInvFactorial[] = {
       1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
       1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
       1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
       1.0,                1.0};
+  // clang-format on
   __m256d p = _mm256_set1_pd(kInvFactorial[0]);
   for (int i = 1; i < 14; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFactorial[i]));
   const __m256i k = _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_castpd_si256(shifter));

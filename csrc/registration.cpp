@@ -30,7 +30,8 @@ TORCH_LIBRARY(vsd_ext, m) {
   // recomputes (csrc/weighted_ce_driver.h). Absent upstream gradients are None.
   m.def(
       "weighted_cross_entropy_forward(Tensor logits, Tensor targets, Tensor row_weights, "
-      "Tensor? soft_targets, int ignore_index, float soft_temperature) -> (Tensor, Tensor, Tensor)");
+      "Tensor? soft_targets, int ignore_index, float soft_temperature) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "weighted_cross_entropy_backward(Tensor? grad_loss_rows, Tensor? grad_lse, Tensor logits, "
       "Tensor targets, Tensor row_weights, Tensor? soft_targets, Tensor lse, Tensor soft_lse, "

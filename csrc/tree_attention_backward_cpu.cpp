@@ -51,7 +51,7 @@ struct BackwardCall {
   int64_t mask_b, mask_n;
   at::Tensor lse_c, glse;  // contiguous lse and grad_lse
   const A* lse_p;
-  const A* glse_p;         // null without grad_lse
+  const A* glse_p;  // null without grad_lse
   // Outputs are contiguous: dq [B, N, Hq, D], caches [Bc, L, Hkv, D], tree [B, N, Hkv, D].
   T *dq_p, *dkc_p, *dvc_p, *dkt_p, *dvt_p;
   int64_t kv_rs;      // row stride of the K/V gradients
@@ -61,24 +61,46 @@ struct BackwardCall {
   // read again by pass B.
   std::vector<A> delta;
 
-  BackwardCall(const Dims& dims, const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse,
-               const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-               const std::vector<int64_t>& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
-               const at::Tensor& tree_mask, const at::Tensor& out, const at::Tensor& lse, double sm_scale_d,
-               at::Tensor& dq, at::Tensor& dk_cache, at::Tensor& dv_cache, at::Tensor& dk_tree,
-               at::Tensor& dv_tree)
-      : d(dims), lens(prefix_lens), G(d.group), D(d.D), N(d.N), Hq(d.Hq), R(d.N * d.group),
-        sm_scale(static_cast<A>(sm_scale_d)), c(static_cast<A>(sm_scale_d * kLog2eD)),
-        log2e(static_cast<A>(kLog2eD)), ln2(static_cast<A>(kLn2D)),
-        Q4(cpu::rows4<T>(q)), dO4(cpu::rows4<T>(grad_out)), O4(cpu::rows4<T>(out)),
-        Kc(cpu::rows4<T>(k_cache)), Vc(cpu::rows4<T>(v_cache)), Kt(cpu::rows4<T>(k_tree)),
-        Vt(cpu::rows4<T>(v_tree)), mask(tree_mask.data_ptr<int64_t>()),
-        mask_b(tree_mask.stride(0)), mask_n(tree_mask.stride(1)), lse_c(lse.contiguous()),
+  BackwardCall(const Dims& dims, const at::Tensor& grad_out,
+               const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+               const at::Tensor& k_cache, const at::Tensor& v_cache,
+               const std::vector<int64_t>& prefix_lens, const at::Tensor& k_tree,
+               const at::Tensor& v_tree, const at::Tensor& tree_mask, const at::Tensor& out,
+               const at::Tensor& lse, double sm_scale_d, at::Tensor& dq, at::Tensor& dk_cache,
+               at::Tensor& dv_cache, at::Tensor& dk_tree, at::Tensor& dv_tree)
+      : d(dims),
+        lens(prefix_lens),
+        G(d.group),
+        D(d.D),
+        N(d.N),
+        Hq(d.Hq),
+        R(d.N * d.group),
+        sm_scale(static_cast<A>(sm_scale_d)),
+        c(static_cast<A>(sm_scale_d * kLog2eD)),
+        log2e(static_cast<A>(kLog2eD)),
+        ln2(static_cast<A>(kLn2D)),
+        Q4(cpu::rows4<T>(q)),
+        dO4(cpu::rows4<T>(grad_out)),
+        O4(cpu::rows4<T>(out)),
+        Kc(cpu::rows4<T>(k_cache)),
+        Vc(cpu::rows4<T>(v_cache)),
+        Kt(cpu::rows4<T>(k_tree)),
+        Vt(cpu::rows4<T>(v_tree)),
+        mask(tree_mask.data_ptr<int64_t>()),
+        mask_b(tree_mask.stride(0)),
+        mask_n(tree_mask.stride(1)),
+        lse_c(lse.contiguous()),
         glse(grad_lse.has_value() ? grad_lse->contiguous() : at::Tensor()),
-        lse_p(lse_c.data_ptr<A>()), glse_p(glse.defined() ? glse.data_ptr<A>() : nullptr),
-        dq_p(dq.data_ptr<T>()), dkc_p(dk_cache.data_ptr<T>()), dvc_p(dv_cache.data_ptr<T>()),
-        dkt_p(dk_tree.data_ptr<T>()), dvt_p(dv_tree.data_ptr<T>()), kv_rs(d.Hkv * d.D),
-        shared_cache(d.Bc == 1 && d.B > 1), max_keys(std::max(cpu::kKeyTile, d.N)),
+        lse_p(lse_c.data_ptr<A>()),
+        glse_p(glse.defined() ? glse.data_ptr<A>() : nullptr),
+        dq_p(dq.data_ptr<T>()),
+        dkc_p(dk_cache.data_ptr<T>()),
+        dvc_p(dv_cache.data_ptr<T>()),
+        dkt_p(dk_tree.data_ptr<T>()),
+        dvt_p(dv_tree.data_ptr<T>()),
+        kv_rs(d.Hkv * d.D),
+        shared_cache(d.Bc == 1 && d.B > 1),
+        max_keys(std::max(cpu::kKeyTile, d.N)),
         delta(d.B * d.N * d.Hq) {}
 
   // Packed per-query vectors of (b, g): dst[r] = scale * src[b, n, g G + h], r = n G + h.
@@ -102,9 +124,19 @@ struct PassA {
   std::vector<A> qs, qt, dos, dot, dqa, st, dpt, kbuf, vbuf, gbuf, lse2, dl;
 
   explicit PassA(BackwardCall<T>& call)
-      : k(call), qs(k.R * k.D), qt(k.R * k.D), dos(k.R * k.D), dot(k.R * k.D), dqa(k.R * k.D),
-        st(k.R * k.max_keys), dpt(k.R * k.max_keys), kbuf(k.max_keys * k.D),
-        vbuf(k.max_keys * k.D), gbuf(k.max_keys * k.D), lse2(k.R), dl(k.R) {}
+      : k(call),
+        qs(k.R * k.D),
+        qt(k.R * k.D),
+        dos(k.R * k.D),
+        dot(k.R * k.D),
+        dqa(k.R * k.D),
+        st(k.R * k.max_keys),
+        dpt(k.R * k.max_keys),
+        kbuf(k.max_keys * k.D),
+        vbuf(k.max_keys * k.D),
+        gbuf(k.max_keys * k.D),
+        lse2(k.R),
+        dl(k.R) {}
 
   // Packs cQ and dO of (b, g) with their transposes, lse2, and delta of the unit's queries.
   void prepare(int64_t b, int64_t g) {
@@ -134,11 +166,11 @@ struct PassA {
     int64_t ldk, ldv;
     const A* K = cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
     const A* V = cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
-    cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, st.data(), R, false);   // St = K (cQ)^T
+    cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, st.data(), R, false);    // St = K (cQ)^T
     cpu::gemm(n, R, D, V, ldv, 1, dot.data(), R, dpt.data(), R, false);  // dP^T = V dO^T
     if (tree) cpu::mask_tree_scores(st.data(), n, R, k.G, 0, k.mask + b * k.mask_b, k.mask_n);
     cpu::softmax_backward_tile(st.data(), dpt.data(), n, R, lse2.data(), dl.data());  // P^T, dS^T
-    cpu::gemm(R, D, n, dpt.data(), 1, R, K, ldk, dqa.data(), D, true);  // dQ += dS K
+    cpu::gemm(R, D, n, dpt.data(), 1, R, K, ldk, dqa.data(), D, true);                // dQ += dS K
     if (dk == nullptr) return;
     cpu::gemm(n, D, R, st.data(), R, 1, dos.data(), D, gbuf.data(), D, false);  // dV = P^T dO
     store_rows(gbuf.data(), n, D, dv, k.kv_rs, A(1));
@@ -178,9 +210,19 @@ struct PassB {
   std::vector<A> qs, dos, kt, vt, s, dp, dk, dv, lse2, dl;
 
   PassB(const BackwardCall<T>& call, int64_t max_prefix)
-      : k(call), max_len(max_prefix), tiles(cpu::ceil_div(max_prefix, kTile)), qs(k.R * k.D),
-        dos(k.R * k.D), kt(kTile * k.D), vt(kTile * k.D), s(k.R * kTile), dp(k.R * kTile),
-        dk(kTile * k.D), dv(kTile * k.D), lse2(k.R), dl(k.R) {}
+      : k(call),
+        max_len(max_prefix),
+        tiles(cpu::ceil_div(max_prefix, kTile)),
+        qs(k.R * k.D),
+        dos(k.R * k.D),
+        kt(kTile * k.D),
+        vt(kTile * k.D),
+        s(k.R * kTile),
+        dp(k.R * kTile),
+        dk(kTile * k.D),
+        dv(kTile * k.D),
+        lse2(k.R),
+        dl(k.R) {}
 
   // Row b's contribution to the tile's dK, dV from its first n keys.
   void add_row(int64_t b, int64_t g, int64_t n, int64_t tile_len) {
@@ -192,8 +234,8 @@ struct PassB {
     cpu::gemm(R, n, D, qs.data(), D, 1, kt.data(), tile_len, s.data(), n, false);    // S = (cQ) K^T
     cpu::gemm(R, n, D, dos.data(), D, 1, vt.data(), tile_len, dp.data(), n, false);  // dP = dO V^T
     cpu::softmax_backward_rows(s.data(), dp.data(), R, n, lse2.data(), dl.data());
-    cpu::gemm(n, D, R, s.data(), 1, n, dos.data(), D, dv.data(), D, true);   // dV += P^T dO
-    cpu::gemm(n, D, R, dp.data(), 1, n, qs.data(), D, dk.data(), D, true);   // dK += dS^T (cQ)
+    cpu::gemm(n, D, R, s.data(), 1, n, dos.data(), D, dv.data(), D, true);  // dV += P^T dO
+    cpu::gemm(n, D, R, dp.data(), 1, n, qs.data(), D, dk.data(), D, true);  // dK += dS^T (cQ)
   }
 
   void operator()(int64_t unit) {
@@ -230,9 +272,9 @@ void backward_cpu(BackwardCall<T>& call) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens, const at::Tensor& k_tree,
-    const at::Tensor& v_tree, const at::Tensor& tree_mask, const at::Tensor& out, const at::Tensor& lse,
-    double sm_scale) {
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens,
+    const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
+    const at::Tensor& out, const at::Tensor& lse, double sm_scale) {
   const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
   check_backward_args(d, q, grad_out, grad_lse, out, lse);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
@@ -243,16 +285,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
   at::Tensor dk_tree = at::empty({d.B, d.N, d.Hkv, d.D}, q.options());
   at::Tensor dv_tree = at::empty({d.B, d.N, d.Hkv, d.D}, q.options());
   if (dq.numel() == 0) return {dq.zero_(), dk_cache, dv_cache, dk_tree.zero_(), dv_tree.zero_()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_backward_cpu", [&] {
-    BackwardCall<scalar_t> call(d, grad_out, grad_lse, q, k_cache, v_cache, lens, k_tree, v_tree, tree_mask, out,
-                                lse, sm_scale, dq, dk_cache, dv_cache, dk_tree, dv_tree);
-    backward_cpu(call);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_backward_cpu", [&] {
+        BackwardCall<scalar_t> call(d, grad_out, grad_lse, q, k_cache, v_cache, lens, k_tree,
+                                    v_tree, tree_mask, out, lse, sm_scale, dq, dk_cache, dv_cache,
+                                    dk_tree, dv_tree);
+        backward_cpu(call);
+      });
   return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vsd_ext, CPU, m) { m.impl("tree_attention_backward", &tree_attention_backward_cpu); }
+TORCH_LIBRARY_IMPL(vsd_ext, CPU, m) {
+  m.impl("tree_attention_backward", &tree_attention_backward_cpu);
+}
 
 }  // namespace vsd_ext::tree_attn

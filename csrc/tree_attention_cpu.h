@@ -4,9 +4,9 @@
 // share every key, so their queries are packed into one tile of R = nodes * G rows (row
 // r = node * G + head; fp32, fp64 for float64 inputs) and each key tile is read (and
 // converted) once per group. Tile products are GEMM-shaped ([Lt, D] x [D, R]) and run in the
-// register-blocked kernel of tree_attention_gemm_cpu.cpp; softmax bookkeeping runs in SIMD loops
-// (tree_attention_softmax_cpu.cpp). The [N, L] score matrix is never materialized beyond one [Lt, R]
-// tile.
+// register-blocked kernel of tree_attention_gemm_cpu.cpp; softmax bookkeeping runs in SIMD
+// loops (tree_attention_softmax_cpu.cpp). The [N, L] score matrix is never materialized beyond
+// one [Lt, R] tile.
 #pragma once
 
 #include "cpu_simd.h"
@@ -18,8 +18,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace vsd_ext::tree_attn::cpu {
@@ -30,10 +30,10 @@ constexpr int64_t kKeyTile = 256;
 // C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]. A element (i, k) is A[i * a_rs + k * a_cs]
 // (so A^T is a stride swap); B is row-major (ldb), C row-major (ldc). fp32, or fp64 for
 // float64 inputs (tree_attention_gemm_cpu.cpp).
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
-          float* C, int64_t ldc, bool accumulate);
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate);
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
+          const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
 // Score tiles are key-major in the forward and in backward pass A: St [n, R] holds the scores
 // of n keys (rows) against the R packed query rows (columns), so per-query softmax statistics
@@ -46,7 +46,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_
 // by 2^(m - m'). scratch holds 3 R values.
 template <class A>
 VSD_ALWAYS_INLINE void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l, A* O, int64_t D,
-                                                             A* scratch) {
+                                         A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   A* m_new = scratch;
   A* shift = scratch + R;
@@ -89,7 +89,7 @@ VSD_ALWAYS_INLINE void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l
 // per query column). Query rows that saw no key carry lse2 = +inf: their P and dS are 0.
 template <class A>
 VSD_ALWAYS_INLINE void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int64_t R,
-                                                                      const A* lse2, const A* delta) {
+                                                  const A* lse2, const A* delta) {
   for (int64_t j = 0; j < n; ++j) {
     A* p = St + j * R;
     A* ds = dPt + j * R;
@@ -103,8 +103,8 @@ VSD_ALWAYS_INLINE void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int6
 
 // The same on query-major tiles S, dP [R, n] (rows = packed queries; backward pass B).
 template <class A>
-VSD_ALWAYS_INLINE void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n,
-                                                                      const A* lse2, const A* delta) {
+VSD_ALWAYS_INLINE void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n, const A* lse2,
+                                                  const A* delta) {
   for (int64_t r = 0; r < R; ++r) {
     A* p = S + r * n;
     A* ds = dP + r * n;
@@ -117,12 +117,15 @@ VSD_ALWAYS_INLINE void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_
   }
 }
 
-void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O, int64_t D, float* scratch);
-void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2, const float* delta);
-void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2, const float* delta);
+void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O, int64_t D,
+                  float* scratch);
+void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2,
+                           const float* delta);
+void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2,
+                           const float* delta);
 
-inline void softmax_step(double* St, int64_t n, int64_t R, double* m, double* l, double* O, int64_t D,
-                         double* scratch) {
+inline void softmax_step(double* St, int64_t n, int64_t R, double* m, double* l, double* O,
+                         int64_t D, double* scratch) {
   softmax_step_impl(St, n, R, m, l, O, D, scratch);
 }
 inline void softmax_backward_tile(double* St, double* dPt, int64_t n, int64_t R, const double* lse2,
@@ -166,7 +169,8 @@ Rows4<const T> rows4(const at::Tensor& t) {
 
 // dst[i, :D] = scale * src rows (fp32 accumulation for fp16/bf16 inputs).
 template <class T, class A>
-inline void load_rows(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* dst, A scale = A(1)) {
+inline void load_rows(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* dst,
+                      A scale = A(1)) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = scale * static_cast<A>(src[i * src_rs + d]);
 }
@@ -182,7 +186,8 @@ inline void transpose(const A* src, int64_t R, int64_t D, A* dst) {
 // A [rows, D] tile as a row-major operand of accumulation type A: the input itself (row stride
 // src_rs) when it already is of type A, else converted into buf (row stride D).
 template <class T, class A>
-inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* buf, int64_t& ld) {
+inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* buf,
+                        int64_t& ld) {
   if constexpr (std::is_same_v<T, A>) {
     ld = src_rs;
     return src;
@@ -196,8 +201,8 @@ inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A
 // Packs the G query-like rows of kv head g for nodes [n0, n0 + nn) of row b: packed row
 // (n * G + h) = x[b, n0 + n, g * G + h, :] * scale.
 template <class T, class A>
-inline void pack_group(const Rows4<const T>& x, int64_t b, int64_t n0, int64_t nn, int64_t g, int64_t G, int64_t D,
-                       A* dst, A scale) {
+inline void pack_group(const Rows4<const T>& x, int64_t b, int64_t n0, int64_t nn, int64_t g,
+                       int64_t G, int64_t D, A* dst, A scale) {
   for (int64_t n = 0; n < nn; ++n)
     load_rows(x.row(b, n0 + n, g * G), x.s2, G, D, dst + n * G * D, scale);
 }

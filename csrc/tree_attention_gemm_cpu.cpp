@@ -30,8 +30,8 @@ typedef double v2d __attribute__((vector_size(16)));
 
 // Full tile: MR rows, NV whole vectors (V of scalars S) of columns.
 template <int MR, int NV, class V, class S>
-VSD_ALWAYS_INLINE void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+VSD_ALWAYS_INLINE void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,
+                                  int64_t ldb, S* C, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(S);
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -57,9 +57,8 @@ VSD_ALWAYS_INLINE void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a
 // Column tail (fewer than NV * W columns): B rows copied into zero-padded locals, only the
 // first `cols` columns of C stored.
 template <int MR, int NV, class V, class S>
-VSD_ALWAYS_INLINE void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
-                                                      int64_t cols) {
+VSD_ALWAYS_INLINE void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,
+                                  int64_t ldb, S* C, int64_t ldc, bool accumulate, int64_t cols) {
   constexpr int W = sizeof(V) / sizeof(S);
   S acc[MR][NV * W];
   for (int i = 0; i < MR; ++i)
@@ -80,38 +79,42 @@ VSD_ALWAYS_INLINE void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a
 // while the rows stream past it. Row tails go to MR/2, MR/4, ... row kernels.
 template <int MR, int NV, class V, class S>
 VSD_ALWAYS_INLINE void col_block(int64_t M, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                     const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
-                                                     int64_t cols) {
+                                 const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
+                                 int64_t cols) {
   constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
   int64_t i = 0;
   for (; i + MR <= M; i += MR) {
     if (cols == NR)
       micro_full<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
     else
-      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate,
+                            cols);
   }
   if constexpr (MR > 1) {
     if (i < M)
-      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc,
+                               accumulate, cols);
   }
 }
 
 template <int MR, int NV, class V, class S>
 VSD_ALWAYS_INLINE void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs,
-                                                     int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
-                                                     bool accumulate) {
+                                 int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
+                                 bool accumulate) {
   constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
   for (int64_t j = 0; j < N; j += NR)
-    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate, std::min(NR, N - j));
+    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate,
+                         std::min(NR, N - j));
 }
 
 template <class S>
-using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t, S*, int64_t, bool);
+using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t,
+                        S*, int64_t, bool);
 
-#define VSD_GEMM_VARIANT(NAME, TARGET, S, MR, NV, V)                                                        \
-  TARGET void NAME(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,      \
-                   int64_t ldb, S* C, int64_t ldc, bool accumulate) {                                        \
-    gemm_impl<MR, NV, V>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);                                \
+#define VSD_GEMM_VARIANT(NAME, TARGET, S, MR, NV, V)                                        \
+  TARGET void NAME(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs, \
+                   const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {           \
+    gemm_impl<MR, NV, V>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);               \
   }
 
 VSD_GEMM_VARIANT(gemm_base_f, , float, 4, 2, v4f)
@@ -132,13 +135,13 @@ const GemmFn<double> kGemmD = gemm_base_d;
 
 }  // namespace
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
-          float* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M > 0 && N > 0) kGemmF(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
+          const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   if (M > 0 && N > 0) kGemmD(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 

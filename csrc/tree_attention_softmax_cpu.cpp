@@ -8,18 +8,18 @@
 
 namespace vsd_ext::tree_attn::cpu {
 
-VSD_SIMD_CLONES
-void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O, int64_t D, float* scratch) {
+VSD_SIMD_CLONES void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O,
+                                  int64_t D, float* scratch) {
   softmax_step_impl(St, n, R, m, l, O, D, scratch);
 }
 
-VSD_SIMD_CLONES
-void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2, const float* delta) {
+VSD_SIMD_CLONES void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R,
+                                           const float* lse2, const float* delta) {
   softmax_backward_tile_impl(St, dPt, n, R, lse2, delta);
 }
 
-VSD_SIMD_CLONES
-void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2, const float* delta) {
+VSD_SIMD_CLONES void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n,
+                                           const float* lse2, const float* delta) {
   softmax_backward_rows_impl(S, dP, R, n, lse2, delta);
 }
 

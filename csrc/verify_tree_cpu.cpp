@@ -173,8 +173,8 @@ inline Step sampled_step(double* e, double total, double* q, double q_total, dou
 
 // The decision at node `cur` (logits row `row`, max `max_f`); false on invalid draft_probs.
 template <typename L, typename Q>
-bool decide(const Problem<L>& P, Workspace& ws, const Tree& t, int64_t b, int64_t cur,
-            const L* row, float max_f, Step& step) {
+bool decide(const Problem<L>& P, Workspace& ws, const Tree& t, int64_t b, int64_t cur, const L* row,
+            float max_f, Step& step) {
   const int64_t V = P.vocab, first = ws.first_child[cur];
   if (P.mode == kGreedy) {
     step = greedy_step(row, max_f, first, t);
@@ -258,21 +258,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
   auto run = [&](auto* logits_ptr) {
     using L = std::remove_const_t<std::remove_pointer_t<decltype(logits_ptr)>>;
     Problem<L> P{logits_ptr,
-                        logits.stride(0),
-                        logits.stride(1),
-                        q ? q->data_ptr() : nullptr,
-                        q ? q->stride(0) : 0,
-                        q ? q->stride(1) : 0,
-                        tokens.data_ptr<int64_t>(),
-                        par.data_ptr<int64_t>(),
-                        u.data_ptr<double>(),
-                        N,
-                        V,
-                        static_cast<int>(mode),
-                        temperature,
-                        accepted_nodes.data_ptr<int64_t>(),
-                        emitted_tokens.data_ptr<int64_t>(),
-                        num_accepted.data_ptr<int64_t>()};
+                 logits.stride(0),
+                 logits.stride(1),
+                 q ? q->data_ptr() : nullptr,
+                 q ? q->stride(0) : 0,
+                 q ? q->stride(1) : 0,
+                 tokens.data_ptr<int64_t>(),
+                 par.data_ptr<int64_t>(),
+                 u.data_ptr<double>(),
+                 N,
+                 V,
+                 static_cast<int>(mode),
+                 temperature,
+                 accepted_nodes.data_ptr<int64_t>(),
+                 emitted_tokens.data_ptr<int64_t>(),
+                 num_accepted.data_ptr<int64_t>()};
     if (q && q->scalar_type() == at::kBFloat16) {
       run_rows<L, c10::BFloat16>(P, B, row_error);
     } else {
@@ -285,8 +285,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cpu(
     default: run(logits.data_ptr<float>()); break;
   }
 
-  const auto first_bad = std::find_if(row_error.begin(), row_error.end(),
-                                      [](uint64_t k) { return k != kNoError; });
+  const auto first_bad =
+      std::find_if(row_error.begin(), row_error.end(), [](uint64_t k) { return k != kNoError; });
   if (first_bad != row_error.end()) {
     raise_row_error(batch_key(first_bad - row_error.begin(), uint32_t(*first_bad)), N, V);
   }

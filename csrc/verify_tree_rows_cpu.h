@@ -36,8 +36,8 @@ bool row_max_scalar(const L* x, int64_t begin, int64_t end, float& max_io, bool 
 
 // e(v) = exp((x_v - M) / T) into `e`; returns S = sum_v e(v) (>= 1: the max contributes 1).
 template <typename L>
-double fill_exp_scalar(const L* x, int64_t begin, int64_t end, double max_logit,
-                       double temperature, double* e) {
+double fill_exp_scalar(const L* x, int64_t begin, int64_t end, double max_logit, double temperature,
+                       double* e) {
   double total = 0.0;
   for (int64_t v = begin; v < end; ++v) {
     const double xv = static_cast<double>(static_cast<float>(x[v]));
@@ -90,8 +90,8 @@ VSD_TARGET_AVX2 inline __m256d load4(const c10::BFloat16* x) {
 }
 
 template <typename L>
-VSD_TARGET_AVX2 double fill_exp_avx2(const L* x, int64_t vocab, double max_logit, double temperature,
-                              double* e) {
+VSD_TARGET_AVX2 double fill_exp_avx2(const L* x, int64_t vocab, double max_logit,
+                                     double temperature, double* e) {
   const __m256d m = _mm256_set1_pd(max_logit), t = _mm256_set1_pd(temperature);
   __m256d acc = _mm256_setzero_pd();
   int64_t v = 0;
@@ -188,7 +188,7 @@ inline int64_t inverse_cdf(const double* w, int64_t vocab, double u) {
 
 // One sampled-mode rejection: out(v) = residual_step(r(v), R, q(v), Q); returns sum_v out(v).
 inline double residual_scalar(const double* r, const double* q, int64_t begin, int64_t end,
-                       double r_total, double q_total, double* out) {
+                              double r_total, double q_total, double* out) {
   double sum = 0.0;
   for (int64_t v = begin; v < end; ++v) {
     out[v] = residual_step(r[v], r_total, q[v], q_total);
@@ -200,7 +200,7 @@ inline double residual_scalar(const double* r, const double* q, int64_t begin, i
 #if VSD_SIMD_X86
 // Same per-element operations as residual_step (max(r / R - q / Q, 0); +0.0 on ties).
 VSD_TARGET_AVX2 inline double residual_avx2(const double* r, const double* q, int64_t vocab,
-                                     double r_total, double q_total, double* out) {
+                                            double r_total, double q_total, double* out) {
   const __m256d rt = _mm256_set1_pd(r_total), qt = _mm256_set1_pd(q_total);
   const __m256d zero = _mm256_setzero_pd();
   __m256d acc = zero;

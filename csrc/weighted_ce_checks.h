@@ -76,8 +76,8 @@ inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weig
   VSD_CHECK(chunk_size >= 0, "chunk_size", "expected >= 0 (0 = default), got ", chunk_size);
 }
 
-inline void check_saved_stats(const at::Tensor& lse, const at::Tensor& soft_lse, bool has_soft, int64_t M,
-                              const at::Tensor& ref, const char* ref_name) {
+inline void check_saved_stats(const at::Tensor& lse, const at::Tensor& soft_lse, bool has_soft,
+                              int64_t M, const at::Tensor& ref, const char* ref_name) {
   check_shape(lse, "lse", {M});
   check_dtype(lse, "lse", {acc_dtype(ref.scalar_type())});
   check_same_device(lse, "lse", ref, ref_name);

@@ -38,12 +38,12 @@ using Tensor = at::Tensor;
 // statistics, later ones merge into `state`, the last one writes loss, lse and soft_lse.
 struct StatsArgs {
   at::Tensor logits;       // [rows, n] any float dtype, unit column stride
-  at::Tensor soft;         // [rows, n] teacher logits (any float dtype, unit column stride) or undefined
+  at::Tensor soft;         // [rows, n] teacher logits (as logits) or undefined
   at::Tensor targets;      // [rows] int64
   at::Tensor row_weights;  // [rows] acc
   at::Tensor state;        // [rows, 6] acc (RowStats fields); undefined when first && last
   at::Tensor loss, lse;    // [rows] acc, written by the last tile
-  at::Tensor soft_lse;     // [rows] acc (written by the last tile) or undefined without soft targets
+  at::Tensor soft_lse;     // [rows] acc, by the last tile; undefined without soft targets
   int64_t col0 = 0;
   int64_t vocab = 0;
   bool first = true;
@@ -61,15 +61,15 @@ struct GradArgs {
   at::Tensor row_weights;  // [rows] acc
   at::Tensor grad_loss;    // [rows] acc, or undefined: every g_m = (unit_grad_loss ? 1 : 0)
   bool unit_grad_loss = false;
-  at::Tensor grad_lse;     // [rows] acc, or undefined: every gl_m = 0
-  at::Tensor lse;          // [rows] acc
-  at::Tensor soft_lse;     // [rows] acc or undefined without soft targets
-  at::Tensor out;          // [rows, V] any float dtype, unit column stride; may be `logits` itself
+  at::Tensor grad_lse;  // [rows] acc, or undefined: every gl_m = 0
+  at::Tensor lse;       // [rows] acc
+  at::Tensor soft_lse;  // [rows] acc or undefined without soft targets
+  at::Tensor out;       // [rows, V] any float dtype, unit column stride; may be `logits` itself
   int64_t ignore_index = -100;
   double temperature = 1.0;
 };
 
-// ---- Helpers of the drivers ----------------------------------------------------------------------
+// ---- Helpers of the drivers --------------------------------------------------------------
 
 inline at::Tensor unit_col_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();

@@ -3,11 +3,13 @@
 // weighted_ce_driver.h) and the backward's choice between rescaling precomputed gradients and one
 // recomputation.
 //
-// FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden; V vocab):
+// FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden;
+// V vocab):
 //   forward, no gradient needed          2MHV  (logits chunks only)
-//   forward computing unit gradients     2MHV + 4 M_a HV  (dhidden_unit = G W, dweight_unit = G^T h,
-//                                        with G = dL/dz at g = 1, gl = 0; inactive rows have G = 0
-//                                        and only get their lse, in a pass without gradients)
+//   forward computing unit gradients     2MHV + 4 M_a HV  (dhidden_unit = G W,
+//                                        dweight_unit = G^T h, with G = dL/dz at g = 1, gl = 0;
+//                                        inactive rows have G = 0 and only get their lse, in a
+//                                        pass without gradients)
 //   backward, g uniform on active rows and no gradient into lse: no GEMM (rescale by g)
 //   backward, otherwise: one recomputation, 2 M' HV + 2 M' HV per gradient it must still
 //                                        produce (M' = M_a, or M with a gradient into lse).
@@ -179,7 +181,8 @@ inline Chunk take_chunk(const LinearInputs& in, const RowSet& set, int64_t r0, i
 }
 
 // z = h_c W^T + b over the vocabulary columns [c0, c0 + n) (z: [rows, n], acc dtype).
-inline void chunk_logits(const LinearInputs& in, const Chunk& ch, int64_t c0, int64_t n, Tensor& z) {
+inline void chunk_logits(const LinearInputs& in, const Chunk& ch, int64_t c0, int64_t n,
+                         Tensor& z) {
   const Tensor w_tile = in.weight_op.narrow(0, c0, n).t();
   if (in.bias_acc.defined()) {
     gemm_bias(z, in.bias_acc.narrow(0, c0, n), ch.hidden, w_tile);
@@ -253,8 +256,8 @@ void add_chunk_grads(const LinearInputs& in, const RowSet& set, const Chunk& ch,
 // into a separate fp16/bf16 buffer for the GEMMs on CUDA), which feeds the GEMMs of the gradients.
 // A pass without statistics (the backward's) reads lse and soft_lse from `stats_in`.
 template <class K>
-void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs, const RowOutputs& stats_in,
-                 const Upstream& up, LinearGrads& grads) {
+void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs,
+                 const RowOutputs& stats_in, const Upstream& up, LinearGrads& grads) {
   const int64_t V = in.V;
   if (set.count == 0) {
     return;
@@ -265,7 +268,8 @@ void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs, co
   const auto opts = in.hidden.options().dtype(in.acc);
   Tensor zbuf = at::empty({rows_per * cols_per}, opts);
   const bool separate_g = want_grad && in.weight_op.scalar_type() != in.acc;
-  Tensor gbuf = separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
+  Tensor gbuf =
+      separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
   Tensor state = (stats && cols_per < V) ? at::empty({rows_per, 6}, opts) : Tensor();
 
   for (int64_t r0 = 0; r0 < set.count; r0 += rows_per) {
@@ -318,7 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
   const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
                                             ignore_index, temperature, chunk_size);
-  VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask", "asks for the bias gradient without a bias");
+  VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask",
+            "asks for the bias gradient without a bias");
   if (!soft.has_value()) {
     K::check_targets(in.targets, in.V, ignore_index);
   }
@@ -337,8 +342,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
   } else {
     linear_pass<K>(in, RowSet::all(in.M), outs, RowOutputs(), unit, grads);
   }
-  return {outs.loss, outs.lse, outs.soft_lse, defined_or_empty(grads.dhidden, opts),
-          defined_or_empty(grads.dweight, opts), defined_or_empty(grads.dbias, opts)};
+  return {outs.loss,
+          outs.lse,
+          outs.soft_lse,
+          defined_or_empty(grads.dhidden, opts),
+          defined_or_empty(grads.dweight, opts),
+          defined_or_empty(grads.dbias, opts)};
 }
 
 // g0 when the upstream gradient g equals g0 on every active row (0 when there is none), nullopt
@@ -349,8 +358,9 @@ inline std::optional<double> uniform_grad(const Tensor& g, const LinearInputs& i
   }
   const Tensor inactive = inactive_rows(in);
   const double inf = std::numeric_limits<double>::infinity();
-  const Tensor range = at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
-                           .to(at::kCPU, at::kDouble);
+  const Tensor range =
+      at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
+          .to(at::kCPU, at::kDouble);
   const double lo = range[0].item<double>(), hi = range[1].item<double>();
   if (lo > hi) {
     return 0.0;  // no active row: the unit gradients are exactly zero
@@ -373,7 +383,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
     std::array<bool, 3> output_mask) {
   const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
                                             ignore_index, temperature, chunk_size);
-  VSD_CHECK(!output_mask[2] || bias.has_value(), "output_mask", "asks for the bias gradient without a bias");
+  VSD_CHECK(!output_mask[2] || bias.has_value(), "output_mask",
+            "asks for the bias gradient without a bias");
   check_saved_stats(lse, soft_lse, soft.has_value(), in.M, hidden, "hidden");
   const bool have_dh = dhidden_unit.numel() > 0, have_dw = dweight_unit.numel() > 0,
              have_db = dbias_unit.numel() > 0;
@@ -401,8 +412,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
       if (output_mask[2] && have_db) db = dbias_unit.mul(*g0);
     }
   }
-  LinearGrads rest = alloc_grads(in, {output_mask[0] && !dh.defined(), output_mask[1] && !dw.defined(),
-                                      output_mask[2] && !db.defined()});
+  LinearGrads rest =
+      alloc_grads(in, {output_mask[0] && !dh.defined(), output_mask[1] && !dw.defined(),
+                       output_mask[2] && !db.defined()});
   if (rest.any() && (g.defined() || gl.defined())) {
     Upstream up;
     up.grad_loss = g;

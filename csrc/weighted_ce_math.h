@@ -1,5 +1,6 @@
-// Torch-free math of the weighted cross-entropy, shared by the CPU kernels (csrc/weighted_ce*.cpp)
-// and the CUDA kernels (csrc/cuda/weighted_ce_kernel.cu). Everything here is per row and per element.
+// Torch-free math of the weighted cross-entropy, shared by the CPU kernels
+// (weighted_ce_rows_cpu.cpp) and the CUDA kernels (cuda/weighted_ce_kernel.cu). Everything here
+// is per row and per element.
 //
 // Notation for one row m (V vocabulary entries):
 //   z_v            drafter logits (for the fused op: h_m . W_v + b_v)
@@ -64,9 +65,7 @@ struct RowStats {
 
   static constexpr int kFields = 6;
 
-  VSD_HD static RowStats empty() {
-    return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)};
-  }
+  VSD_HD static RowStats empty() { return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)}; }
 
   // Adds one logit: the online log-sum-exp update (Milakov & Gimelshein). exp(-inf - m) is 0,
   // so masked logits need no branch; only an all -inf prefix (m = -inf) must skip the rescale.

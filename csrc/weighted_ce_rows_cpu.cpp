@@ -46,7 +46,7 @@ VSD_SIMD_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
 // sum_v e_v and sum_v e_v z_v with e_v = exp(u_v - shift); an entry with e_v = 0 adds nothing
 // even where z_v = -inf.
 VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
-                                    float* sum, float* dot) {
+                                     float* sum, float* dot) {
   float s = 0.0f, d = 0.0f;
 #pragma omp simd reduction(+ : s, d)
   for (int64_t i = 0; i < n; ++i) {
@@ -66,7 +66,7 @@ VSD_SIMD_CLONES void row_grad(float* out, const float* z, int64_t n, float lse, 
 
 // out_v = a exp(z_v - lse) - c exp(u_v - lse_u) (out may be z).
 VSD_SIMD_CLONES void row_grad_soft(float* out, const float* z, const float* u, int64_t n, float lse,
-                                  float a, float lse_u, float c) {
+                                   float a, float lse_u, float c) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     out[i] = a * fast_exp(z[i] - lse) - c * fast_exp(u[i] - lse_u);
@@ -86,8 +86,8 @@ VSD_SIMD_CLONES float row_exp_inplace(float* x, int64_t n, float shift) {
 }
 
 // x_v = scale x_v - c exp(u_v - lse_u)   (c = 0: plain scaling).
-VSD_SIMD_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, float scale, float lse_u,
-                                      float c) {
+VSD_SIMD_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, float scale,
+                                       float lse_u, float c) {
   if (u == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) x[i] *= scale;
@@ -134,7 +134,8 @@ double row_exp_inplace(double* x, int64_t n, double shift) {
   }
   return s;
 }
-void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, double lse_u, double c) {
+void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, double lse_u,
+                       double c) {
   for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
 
@@ -187,9 +188,7 @@ struct Rows {
   }
 
   // Where to compute row r in acc dtype: in place when native, else in `scratch` (then store()).
-  A* out_row(int64_t r, A* scratch) const {
-    return native() ? static_cast<A*>(ptr(r)) : scratch;
-  }
+  A* out_row(int64_t r, A* scratch) const { return native() ? static_cast<A*>(ptr(r)) : scratch; }
 
   void store(int64_t r, const A* row, int64_t n) const {
     if (native()) {
@@ -290,7 +289,8 @@ void grad_impl(const GradArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
       const bool active = t != a.ignore_index;
-      const auto coef = RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
+      const auto coef =
+          RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
       A* out = out_rows.out_row(r, out_scratch.data());
       if (coef.a == A(0) && coef.c == A(0)) {
         std::fill(out, out + n, A(0));  // ignored row without gradient into lse
@@ -431,8 +431,8 @@ void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
   const int64_t* t = targets.data_ptr<int64_t>();
   for (int64_t m = 0; m < targets.numel(); ++m) {
     VSD_CHECK(t[m] == ignore_index || (t[m] >= 0 && t[m] < V), "targets",
-              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index,
-              "), got ", t[m], " at row ", m);
+              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index, "), got ",
+              t[m], " at row ", m);
   }
 }
 

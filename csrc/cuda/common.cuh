@@ -79,19 +79,27 @@ __device__ T block_reduce(T x, Op op, T* scratch) {
 
 struct SumOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a + b; }
+  __device__ T operator()(T a, T b) const {
+    return a + b;
+  }
 };
 struct MinOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+  __device__ T operator()(T a, T b) const {
+    return a < b ? a : b;
+  }
 };
 struct MaxOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+  __device__ T operator()(T a, T b) const {
+    return a > b ? a : b;
+  }
 };
 struct OrOp {
   template <class T>
-  __device__ T operator()(T a, T b) const { return a | b; }
+  __device__ T operator()(T a, T b) const {
+    return a | b;
+  }
 };
 
 }  // namespace vsd_ext::cuda

@@ -34,8 +34,8 @@ constexpr int dkv_smem_bytes() {
 // acc[nt] (16 x 64, 8 column tiles) = A (16 rows of `a_tile` from a_row) x B^T, where B^T is
 // given row-major as `b_tile` (64 rows = the output columns, D contiguous).
 template <class T, int D>
-__device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, int a_row, const T* b_tile, int gr,
-                                         int tq) {
+__device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, int a_row,
+                                         const T* b_tile, int gr, int tq) {
   constexpr int LDS = D + 8;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
@@ -52,7 +52,9 @@ __device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, in
 }
 
 // lse of a query in the log2 domain; +inf for a query that saw nothing (so its P is 0).
-__device__ __forceinline__ float lse2_of(float lse) { return lse == -INFINITY ? INFINITY : lse * kLog2e; }
+__device__ __forceinline__ float lse2_of(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
 
 // ---- dQ -----------------------------------------------------------------------------------------
 
@@ -67,8 +69,8 @@ __device__ __forceinline__ void query_row_stats(const BackwardArgs& args, const 
   for (int rh = 0; rh < 2; ++rh) {
     const int pr = row + 8 * rh;
     const bool valid = pr < R;
-    const int64_t q_row =
-        (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
+    const int64_t q_row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G +
+                          (valid ? pr % G : 0);
     lse2[rh] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
     dl[rh] = valid ? delta[q_row] : 0.f;
     words[rh] = valid ? in.tree_mask + b * in.mask_s0 + (pr / G) * in.mask_s1 : nullptr;
@@ -111,7 +113,8 @@ __device__ __forceinline__ void store_dq(const BackwardArgs& args, int b, int g,
     const float scale = static_cast<float>(in.sm_scale);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(dst + dt * 8) = pack2<T>(dq[dt][2 * rh] * scale, dq[dt][2 * rh + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+          pack2<T>(dq[dt][2 * rh] * scale, dq[dt][2 * rh + 1] * scale);
   }
 }
 
@@ -137,11 +140,11 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
   auto tile_keys = [&](int i) { return min(BN, (i < n_prefix ? len : in.N) - tile_base(i)); };
   auto load_tile = [&](int i, int buf) {
     if (i < n_prefix)
-      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_cache, in.v_cache, bc, tile_base(i),
-                          tile_keys(i), g, tid);
+      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_cache, in.v_cache, bc,
+                          tile_base(i), tile_keys(i), g, tid);
     else
-      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b, tile_base(i),
-                          tile_keys(i), g, tid);
+      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
+                          tile_base(i), tile_keys(i), g, tid);
   };
 
   float lse2[2], dl[2];
@@ -185,12 +188,14 @@ __device__ __forceinline__ void load_query_row_stats(const BackwardArgs& args, c
   const int G = in.Hq / in.Hkv, R = in.N * G;
   const int pr = row0 + tid;
   const bool valid = pr < R;
-  const int64_t q_row =
-      (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G + (valid ? pr % G : 0);
+  const int64_t q_row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G +
+                        (valid ? pr % G : 0);
   lse2[tid] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
   dl[tid] = valid ? delta[q_row] : 0.f;
   words[tid] =
-      TREE && valid ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + kt]) : ~0ull;
+      TREE && valid
+          ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + kt])
+          : ~0ull;
 }
 
 // Key-major tile: P^T = 2^(c S^T - lse2) in st and dS^T = P^T (dP^T - delta) in dpt, on the keys
@@ -224,12 +229,14 @@ __device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, i
   for (int rh = 0; rh < 2; ++rh) {
     const int key = key0 + 8 * rh;
     if (key >= total_keys) continue;
-    const int64_t off = ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
+    const int64_t off =
+        ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       *reinterpret_cast<uint32_t*>(dk_base + off + dt * 8) =
           pack2<T>(dk[dt][2 * rh] * scale, dk[dt][2 * rh + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv_base + off + dt * 8) = pack2<T>(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
+      *reinterpret_cast<uint32_t*>(dv_base + off + dt * 8) =
+          pack2<T>(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
     }
   }
 }
@@ -237,15 +244,16 @@ __device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, i
 // TREE = false: cache keys, blockIdx.x = (cache row bc, kv head g, key tile of L);
 // TREE = true: tree keys, blockIdx.x = (row b, kv head g, key tile of N).
 template <class T, int D, bool TREE>
-__global__ void __launch_bounds__(kThreads) dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles) {
+__global__ void __launch_bounds__(kThreads)
+    dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles) {
   constexpr int LDS = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
-  T* Qs = Vs + BN * LDS;      // [2][BM][LDS]
-  T* dOs = Qs + 2 * BM * LDS;  // [2][BM][LDS]
-  float* lse2_s = reinterpret_cast<float*>(dOs + 2 * BM * LDS);  // [2][BM]
-  float* delta_s = lse2_s + 2 * BM;                              // [2][BM]
+  T* Qs = Vs + BN * LDS;                                              // [2][BM][LDS]
+  T* dOs = Qs + 2 * BM * LDS;                                         // [2][BM][LDS]
+  float* lse2_s = reinterpret_cast<float*>(dOs + 2 * BM * LDS);       // [2][BM]
+  float* delta_s = lse2_s + 2 * BM;                                   // [2][BM]
   uint64_t* words_s = reinterpret_cast<uint64_t*>(delta_s + 2 * BM);  // [2][BM]
 
   const Inputs& in = args.in;
@@ -272,8 +280,8 @@ __global__ void __launch_bounds__(kThreads) dkv_tc_kernel(BackwardArgs args, con
                                  delta_s + buf * BM, words_s + buf * BM);
   };
 
-  load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner, k0,
-                      min(BN, total_keys - k0), g, tid);
+  load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner,
+                      k0, min(BN, total_keys - k0), g, tid);
   if (units > 0) load_unit(0, 0);
   cp_async_commit();
 
@@ -295,7 +303,7 @@ __global__ void __launch_bounds__(kThreads) dkv_tc_kernel(BackwardArgs args, con
       const T* Q = Qs + buf * BM * LDS;
       const T* dO = dOs + buf * BM * LDS;
       float st[8][4], dpt[8][4];
-      tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);   // S^T = K Q^T   (rows: keys)
+      tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);    // S^T = K Q^T   (rows: keys)
       tile_abt<T, D>(dpt, Vs, warp * 16, dO, gr, tq);  // dP^T = V dO^T
       dst_tile(st, dpt, c, keys, lse2_s + buf * BM, delta_s + buf * BM, words_s + buf * BM, warp,
                gr, tq);
@@ -312,18 +320,23 @@ cudaError_t launch(const BackwardArgs& args, const float* delta, cudaStream_t st
   const Inputs& in = args.in;
   const int R = in.N * (in.Hq / in.Hkv);
   constexpr int dq_smem = dq_smem_bytes<D>(), dkv_smem = dkv_smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(dq_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
+  cudaError_t err = cudaFuncSetAttribute(dq_tc_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
+    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, false>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
   if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
+    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, true>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
   if (err != cudaSuccess) return err;
-  dq_tc_kernel<T, D><<<dim3(in.B * in.Hkv, (R + BM - 1) / BM), kThreads, dq_smem, stream>>>(args, delta);
+  dq_tc_kernel<T, D>
+      <<<dim3(in.B * in.Hkv, (R + BM - 1) / BM), kThreads, dq_smem, stream>>>(args, delta);
   const int cache_tiles = (in.L + BN - 1) / BN, tree_tiles = (in.N + BN - 1) / BN;
   if (cache_tiles > 0)
-    dkv_tc_kernel<T, D, false><<<in.Bc * in.Hkv * cache_tiles, kThreads, dkv_smem, stream>>>(args, delta,
-                                                                                            cache_tiles);
-  dkv_tc_kernel<T, D, true><<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem, stream>>>(args, delta, tree_tiles);
+    dkv_tc_kernel<T, D, false>
+        <<<in.Bc * in.Hkv * cache_tiles, kThreads, dkv_smem, stream>>>(args, delta, cache_tiles);
+  dkv_tc_kernel<T, D, true>
+      <<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem, stream>>>(args, delta, tree_tiles);
   return cudaGetLastError();
 }
 
@@ -333,15 +346,19 @@ bool backward_tc_supported(const BackwardArgs& args) {
   return forward_tc_supported(args.in) && aligned16(args.grad_out);
 }
 
-cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace, cudaStream_t stream) {
+cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace,
+                                       cudaStream_t stream) {
   const Inputs& in = args.in;
   if (static_cast<int64_t>(in.B) * in.N * in.Hq == 0) return cudaSuccess;
   cudaError_t err = launch_backward_delta(args, workspace, stream);
   if (err != cudaSuccess) return err;
   const float* delta = static_cast<const float*>(workspace);
   const bool half = in.dtype == DType::kFloat16;
-  if (in.D == 64) return half ? launch<__half, 64>(args, delta, stream) : launch<__nv_bfloat16, 64>(args, delta, stream);
-  return half ? launch<__half, 128>(args, delta, stream) : launch<__nv_bfloat16, 128>(args, delta, stream);
+  if (in.D == 64)
+    return half ? launch<__half, 64>(args, delta, stream)
+                : launch<__nv_bfloat16, 64>(args, delta, stream);
+  return half ? launch<__half, 128>(args, delta, stream)
+              : launch<__nv_bfloat16, 128>(args, delta, stream);
 }
 
 }  // namespace vsd_ext::cuda::tree_attn

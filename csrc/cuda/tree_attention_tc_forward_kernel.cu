@@ -71,13 +71,14 @@ __device__ __forceinline__ void score(float (&s)[BN / 8][4], const uint32_t (&qf
 }
 
 // Mask words of tree tile tt for this thread's rows (0 past the last packed row R).
-__device__ __forceinline__ void tree_words(uint64_t (&w)[2], const Inputs& in, int b, int G,
-                                           int R, int row, int tt) {
+__device__ __forceinline__ void tree_words(uint64_t (&w)[2], const Inputs& in, int b, int G, int R,
+                                           int row, int tt) {
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const int pr = row + 8 * rh;
-    w[rh] = pr < R ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + tt])
-                   : 0ull;
+    w[rh] = pr < R
+                ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + tt])
+                : 0ull;
   }
 }
 
@@ -171,8 +172,8 @@ __device__ __forceinline__ void store(const ForwardArgs& args, const Split& sp, 
 // tile, then key tile i + 1 in flight (cp.async) while tile i is scored, masked, soft-maxed and
 // accumulated.
 template <class T, int D>
-__global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, Split sp,
-                                                                float* ws_o, float* ws_lse) {
+__global__ void __launch_bounds__(kThreads)
+    forward_tc_kernel(ForwardArgs args, Split sp, float* ws_o, float* ws_lse) {
   constexpr int LDS = D + 8;  // padded smem row: fragment loads hit 32 distinct banks
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* Qs = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
@@ -188,8 +189,8 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, 
   auto load_tile = [&](int i, int buf) {  // rows past the end are zero-filled (P = 0, no NaN)
     const bool tree = tiles.tree(i);
     load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, tree ? in.k_tree : in.k_cache,
-                        tree ? in.v_tree : in.v_cache, tree ? b : bc, tiles.base(i),
-                        tiles.keys(i), g, tid);
+                        tree ? in.v_tree : in.v_cache, tree ? b : bc, tiles.base(i), tiles.keys(i),
+                        g, tid);
   };
 
   float o[D / 8][4];
@@ -231,8 +232,8 @@ __global__ void __launch_bounds__(kThreads) forward_tc_kernel(ForwardArgs args, 
 
 // Merge of the split partials: one warp per query row.
 template <class T, int D>
-__global__ void __launch_bounds__(128) combine_kernel(ForwardArgs args, int splits, const float* ws_o,
-                                                      const float* ws_lse) {
+__global__ void __launch_bounds__(128)
+    combine_kernel(ForwardArgs args, int splits, const float* ws_o, const float* ws_lse) {
   const Inputs& in = args.in;
   const int64_t rows_total = static_cast<int64_t>(in.B) * in.N * in.Hq;
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -269,7 +270,8 @@ cudaError_t launch(const ForwardArgs& args, int splits, void* workspace, cudaStr
   float* ws_o = static_cast<float*>(workspace);
   float* ws_lse = splits > 1 ? ws_o + splits * rows_total * D : nullptr;
   constexpr int smem = smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(forward_tc_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = cudaFuncSetAttribute(forward_tc_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(in.B * in.Hkv, (R + BM - 1) / BM, splits);
   forward_tc_kernel<T, D><<<grid, kThreads, smem, stream>>>(args, sp, ws_o, ws_lse);
@@ -283,9 +285,9 @@ cudaError_t launch(const ForwardArgs& args, int splits, void* workspace, cudaStr
 }  // namespace
 
 bool forward_tc_supported(const Inputs& in) {
-  return (in.dtype == DType::kFloat16 || in.dtype == DType::kBFloat16) && (in.D == 64 || in.D == 128) &&
-         aligned16(in.q) && aligned16(in.k_cache) && aligned16(in.v_cache) && aligned16(in.k_tree) &&
-         aligned16(in.v_tree);
+  return (in.dtype == DType::kFloat16 || in.dtype == DType::kBFloat16) &&
+         (in.D == 64 || in.D == 128) && aligned16(in.q) && aligned16(in.k_cache) &&
+         aligned16(in.v_cache) && aligned16(in.k_tree) && aligned16(in.v_tree);
 }
 
 int forward_tc_splits(const Inputs& in, int num_sms) {
@@ -305,15 +307,18 @@ int forward_tc_splits(const Inputs& in, int num_sms) {
 int64_t forward_tc_workspace_bytes(const Inputs& in, int splits) {
   if (splits <= 1) return 0;
   const int64_t rows_total = static_cast<int64_t>(in.B) * in.N * in.Hq;
-  return static_cast<int64_t>(splits) * rows_total * (in.D + 1) * static_cast<int64_t>(sizeof(float));
+  return static_cast<int64_t>(splits) * rows_total * (in.D + 1) *
+         static_cast<int64_t>(sizeof(float));
 }
 
-cudaError_t tree_attention_forward_tc(const ForwardArgs& args, int splits, void* workspace, cudaStream_t stream) {
+cudaError_t tree_attention_forward_tc(const ForwardArgs& args, int splits, void* workspace,
+                                      cudaStream_t stream) {
   const Inputs& in = args.in;
   if (static_cast<int64_t>(in.B) * in.N * in.Hq == 0) return cudaSuccess;
   const bool half = in.dtype == DType::kFloat16;
-  if (in.D == 64) return half ? launch<__half, 64>(args, splits, workspace, stream)
-                              : launch<__nv_bfloat16, 64>(args, splits, workspace, stream);
+  if (in.D == 64)
+    return half ? launch<__half, 64>(args, splits, workspace, stream)
+                : launch<__nv_bfloat16, 64>(args, splits, workspace, stream);
   return half ? launch<__half, 128>(args, splits, workspace, stream)
               : launch<__nv_bfloat16, 128>(args, splits, workspace, stream);
 }

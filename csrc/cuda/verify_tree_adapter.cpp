@@ -67,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
   at::Tensor workspace = at::empty({bytes}, target_logits.options().dtype(at::kByte));
   const cuda::VerifyTreeStatus status =
       cuda::verify_tree_launch(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status.error == cudaSuccess, "vsd_ext.verify_tree: CUDA error: ",
-              cudaGetErrorString(status.error));
+  TORCH_CHECK(status.error == cudaSuccess,
+              "vsd_ext.verify_tree: CUDA error: ", cudaGetErrorString(status.error));
   raise_row_error(status.error_key, N, V);
   return {accepted_nodes, emitted_tokens, num_accepted};
 }

@@ -20,8 +20,8 @@
 #include <climits>
 #include <cstdint>
 
-#include "cuda/verify_tree_kernel.cuh"
 #include "cuda/verify_tree_device.cuh"
+#include "cuda/verify_tree_kernel.cuh"
 #include "verify_tree_math.h"
 
 namespace vsd_ext::cuda {
@@ -59,7 +59,7 @@ struct StatsAcc {
 __device__ __forceinline__ StatsAcc merge(const StatsAcc& a, const StatsAcc& b, double t) {
   StatsAcc r;
   r.max = a.max > b.max ? a.max : b.max;
-  r.argmax = a.max > b.max ? a.argmax
+  r.argmax = a.max > b.max   ? a.argmax
              : b.max > a.max ? b.argmax
                              : (a.argmax < b.argmax ? a.argmax : b.argmax);
   const double sa = a.sum == 0.0 ? 0.0 : a.sum * exp_term(a.max, r.max, t);
@@ -177,8 +177,8 @@ __device__ WalkSmem carve(unsigned char* base, int n) {
     d += n;
   }
   int* k = reinterpret_cast<int*>(d);
-  int** iptrs[] = {&s.token, &s.parent, &s.first_child, &s.next_sibling,
-                   &s.argmax, &s.path, &s.step_x, &s.step_kept};
+  int** iptrs[] = {&s.token,  &s.parent, &s.first_child, &s.next_sibling,
+                   &s.argmax, &s.path,   &s.step_x,      &s.step_kept};
   for (int** ptr : iptrs) {
     *ptr = k;
     k += n;
@@ -413,8 +413,8 @@ __device__ __forceinline__ Step sampled_step(const VerifyTreeParams& p, int64_t 
 // returns kNoError or the first error the walk meets.
 template <typename TL, typename TQ>
 __device__ __forceinline__ unsigned long long walk(const VerifyTreeParams& p, int64_t b,
-                                                   const WalkSmem& s, double* dscratch,
-                                                   int& nacc, int64_t& final_token) {
+                                                   const WalkSmem& s, double* dscratch, int& nacc,
+                                                   int64_t& final_token) {
   const int N = int(p.nodes);
   int cur = 0;
   nacc = 0;
@@ -502,8 +502,8 @@ cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, NodePartial
                                int(smem));
     if (err != cudaSuccess) return err;
   }
-  walk_kernel<TL, TQ><<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials,
-                                                                         error);
+  walk_kernel<TL, TQ>
+      <<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials, error);
   return cudaGetLastError();
 }
 

@@ -33,7 +33,8 @@ k::Matrix matrix(const at::Tensor& t) {
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "vsd_ext: weighted_ce ", what, " kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "vsd_ext: weighted_ce ", what,
+              " kernel launch failed: ", cudaGetErrorString(err));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -117,35 +118,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
   return ce_forward<Kernels>(logits, targets, row_weights, soft, ignore_index, temperature);
 }
 
-at::Tensor ce_backward_cuda(const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                            const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_weights,
+at::Tensor ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
+                            const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
+                            const at::Tensor& targets, const at::Tensor& row_weights,
                             const std::optional<at::Tensor>& soft, const at::Tensor& lse,
                             const at::Tensor& soft_lse, int64_t ignore_index, double temperature) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return ce_backward<Kernels>(grad_loss, grad_lse, logits, targets, row_weights, soft, lse, soft_lse,
-                              ignore_index, temperature);
+  return ce_backward<Kernels>(grad_loss, grad_lse, logits, targets, row_weights, soft, lse,
+                              soft_lse, ignore_index, temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
-    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, int64_t ignore_index,
-    double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_forward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                    const at::Tensor& row_weights, const std::optional<at::Tensor>& soft,
+                    const std::optional<at::Tensor>& bias, int64_t ignore_index, double temperature,
+                    int64_t chunk_size, std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_forward<Kernels>(hidden, weight, targets, row_weights, soft, bias, ignore_index, temperature,
-                                 chunk_size, grad_mask);
+  return linear_forward<Kernels>(hidden, weight, targets, row_weights, soft, bias, ignore_index,
+                                 temperature, chunk_size, grad_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
-    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
-    const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
-    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    const at::Tensor& soft_lse, const at::Tensor& dhidden_unit, const at::Tensor& dweight_unit,
-    const at::Tensor& dbias_unit, int64_t ignore_index, double temperature, int64_t chunk_size,
-    std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const at::Tensor& row_weights, const std::optional<at::Tensor>& soft,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& soft_lse,
+    const at::Tensor& dhidden_unit, const at::Tensor& dweight_unit, const at::Tensor& dbias_unit,
+    int64_t ignore_index, double temperature, int64_t chunk_size, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_backward<Kernels>(grad_loss, grad_lse, hidden, weight, targets, row_weights, soft, bias, lse,
-                                  soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index, temperature,
-                                  chunk_size, output_mask);
+  return linear_backward<Kernels>(grad_loss, grad_lse, hidden, weight, targets, row_weights, soft,
+                                  bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit,
+                                  ignore_index, temperature, chunk_size, output_mask);
 }
 
 TORCH_LIBRARY_IMPL(vsd_ext, CUDA, m) {

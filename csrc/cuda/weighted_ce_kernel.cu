@@ -49,7 +49,12 @@ __device__ RowStats<A> block_merge(RowStats<A> s) {
   s = warp_merge(s);
   if (lane == 0) {
     A* f = fields[warp];
-    f[0] = s.m; f[1] = s.s; f[2] = s.zt; f[3] = s.mu; f[4] = s.su; f[5] = s.d;
+    f[0] = s.m;
+    f[1] = s.s;
+    f[2] = s.zt;
+    f[3] = s.mu;
+    f[4] = s.su;
+    f[5] = s.d;
   }
   __syncthreads();
   if (warp == 0) {
@@ -95,8 +100,12 @@ __global__ void stats_kernel(StatsLaunch p) {
       st = prev;
     }
     if (!p.last) {
-      state[0] = st.m; state[1] = st.s; state[2] = st.zt;
-      state[3] = st.mu; state[4] = st.su; state[5] = st.d;
+      state[0] = st.m;
+      state[1] = st.s;
+      state[2] = st.zt;
+      state[3] = st.mu;
+      state[4] = st.su;
+      state[5] = st.d;
       return;
     }
   }
@@ -132,7 +141,8 @@ __global__ void grad_kernel(GradLaunch p) {
   O* out = static_cast<O*>(p.out.data) + r * p.out.ld;
   const bool zero_row = coef.a == A(0) && coef.c == A(0);
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < p.cols; v += step) {
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < p.cols;
+       v += step) {
     A gv = A(0);
     if (!zero_row) {
       gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(to_acc(z[v])) - lse);
@@ -220,7 +230,8 @@ cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream) {
   }
   const int threads = threads_for(p.cols);
   const int64_t col_blocks = (p.cols + 4 * threads - 1) / (4 * threads);  // ~4 elements per thread
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(col_blocks < 65535 ? col_blocks : 65535));
+  const dim3 grid(static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(col_blocks < 65535 ? col_blocks : 65535));
   bool supported = true;
   with_dtype(p.logits.dtype, [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
@@ -229,7 +240,8 @@ cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream) {
       using O = typename decltype(o_tag)::type;
       // Output dtypes: that of the logits (non-fused op, fp32/fp64 chunks in place) or fp16/bf16
       // from fp32 chunk logits (operands of the next fp16/bf16 GEMMs).
-      constexpr bool kValid = std::is_same_v<O, T> || (std::is_same_v<T, float> && !std::is_same_v<O, double>);
+      constexpr bool kValid =
+          std::is_same_v<O, T> || (std::is_same_v<T, float> && !std::is_same_v<O, double>);
       if constexpr (kValid) {
         with_soft_dtype(p.soft, [&](auto s_tag) {
           using S0 = typename decltype(s_tag)::type;

@@ -1,4 +1,5 @@
-// Torch-free CUDA kernels of the weighted cross-entropy (launchers; kernels in weighted_ce_kernel.cu).
+// Torch-free CUDA kernels of the weighted cross-entropy (the launchers; the kernels are in
+// weighted_ce_kernel.cu).
 // The adapter (weighted_ce_adapter.cpp) runs the chunk loop with cuBLAS GEMMs through ATen and
 // calls these for the per-row work. Math: csrc/weighted_ce_math.h (shared with the CPU kernels).
 //
