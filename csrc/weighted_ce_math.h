@@ -65,6 +65,17 @@ struct RowStats {
 
   static constexpr int kFields = 6;
 
+  // The fields as kFields values in a row of the statistics state (or of shared memory).
+  VSD_HD static RowStats load(const A* f) { return {f[0], f[1], f[2], f[3], f[4], f[5]}; }
+  VSD_HD void store(A* f) const {
+    f[0] = m;
+    f[1] = s;
+    f[2] = zt;
+    f[3] = mu;
+    f[4] = su;
+    f[5] = d;
+  }
+
   VSD_HD static RowStats empty() { return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)}; }
 
   // Adds one logit: the online log-sum-exp update (Milakov & Gimelshein). exp(-inf - m) is 0,

@@ -14,7 +14,6 @@
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -248,13 +247,12 @@ void stats_impl(const StatsArgs& a) {
         }
       }
       if (!a.first) {
-        RowStats<A> prev;
-        std::memcpy(&prev, state + r * RowStats<A>::kFields, sizeof(prev));
+        RowStats<A> prev = RowStats<A>::load(state + r * RowStats<A>::kFields);
         prev.merge(st);
         st = prev;
       }
       if (!a.last) {
-        std::memcpy(state + r * RowStats<A>::kFields, &st, sizeof(st));
+        st.store(state + r * RowStats<A>::kFields);
         continue;
       }
       lse[r] = st.lse();

@@ -47,22 +47,11 @@ __device__ RowStats<A> block_merge(RowStats<A> s) {
   __shared__ A fields[kMaxThreads / 32][RowStats<A>::kFields];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   s = warp_merge(s);
-  if (lane == 0) {
-    A* f = fields[warp];
-    f[0] = s.m;
-    f[1] = s.s;
-    f[2] = s.zt;
-    f[3] = s.mu;
-    f[4] = s.su;
-    f[5] = s.d;
-  }
+  if (lane == 0) s.store(fields[warp]);
   __syncthreads();
   if (warp == 0) {
     s = RowStats<A>::empty();
-    if (lane < warps) {
-      const A* f = fields[lane];
-      s = {f[0], f[1], f[2], f[3], f[4], f[5]};
-    }
+    if (lane < warps) s = RowStats<A>::load(fields[lane]);
     s = warp_merge(s);
   }
   return s;
@@ -95,17 +84,12 @@ __global__ void stats_kernel(StatsLaunch p) {
   if (!(p.first && p.last)) {  // a row streamed in vocabulary tiles: merge / keep the state
     A* state = static_cast<A*>(p.state) + r * RowStats<A>::kFields;
     if (!p.first) {
-      RowStats<A> prev{state[0], state[1], state[2], state[3], state[4], state[5]};
+      RowStats<A> prev = RowStats<A>::load(state);
       prev.merge(st);
       st = prev;
     }
     if (!p.last) {
-      state[0] = st.m;
-      state[1] = st.s;
-      state[2] = st.zt;
-      state[3] = st.mu;
-      state[4] = st.su;
-      state[5] = st.d;
+      st.store(state);
       return;
     }
   }
