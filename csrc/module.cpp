@@ -9,9 +9,9 @@
 
 #if VSD_EXT_WITH_CUDA
 namespace vsd_ext::cuda {
-int nvcc_version();               // defined in csrc/cuda/build_info.cu (compiled by nvcc)
+int nvcc_version();                 // defined in csrc/cuda/build_info.cu (compiled by nvcc)
 std::vector<int> compiled_archs();  // __CUDA_ARCH_LIST__ of that translation unit, e.g. {900}
-}
+}  // namespace vsd_ext::cuda
 #endif
 
 namespace {
@@ -41,10 +41,12 @@ PyObject* compiled_build_info(PyObject*, PyObject*) {
 #endif
 #if VSD_EXT_WITH_CUDA
   const int v = vsd_ext::cuda::nvcc_version();
-  const std::string nvcc = "nvcc " + std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  const std::string nvcc =
+      "nvcc " + std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
   PyObject* archs = PyList_New(0);
   for (int a : vsd_ext::cuda::compiled_archs()) {
-    PyObject* s = PyUnicode_FromString((std::to_string(a / 100) + "." + std::to_string((a % 100) / 10)).c_str());
+    PyObject* s = PyUnicode_FromString(
+        (std::to_string(a / 100) + "." + std::to_string((a % 100) / 10)).c_str());
     PyList_Append(archs, s);
     Py_DECREF(s);
   }

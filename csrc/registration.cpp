@@ -1,6 +1,6 @@
 // Every schema of the vsd_ext op library, and nothing else. Kernels register per device with
 // TORCH_LIBRARY_IMPL(vsd_ext, CPU/CUDA, m) next to their code; fake (meta) kernels and autograd
-// live in vsd_ext/ops/. Contracts: shared/design/OPS.md.
+// live in vsd_ext/ops/. Contracts: docs/design/OPS.md.
 #include <torch/library.h>
 
 TORCH_LIBRARY(vsd_ext, m) {
@@ -27,10 +27,11 @@ TORCH_LIBRARY(vsd_ext, m) {
   // (log-sum-exp of soft_targets / soft_temperature per row, [0] without soft targets) for the
   // backward. The fused forward computes, for grad_mask = (hidden, weight, bias), the gradients
   // of sum(loss_rows) ("unit" gradients, [0] when not asked); its backward rescales them or
-  // recomputes (csrc/weighted_ce_impl.h). Absent upstream gradients are None.
+  // recomputes (csrc/weighted_ce_driver.h). Absent upstream gradients are None.
   m.def(
       "weighted_cross_entropy_forward(Tensor logits, Tensor targets, Tensor row_weights, "
-      "Tensor? soft_targets, int ignore_index, float soft_temperature) -> (Tensor, Tensor, Tensor)");
+      "Tensor? soft_targets, int ignore_index, float soft_temperature) "
+      "-> (Tensor, Tensor, Tensor)");
   m.def(
       "weighted_cross_entropy_backward(Tensor? grad_loss_rows, Tensor? grad_lse, Tensor logits, "
       "Tensor targets, Tensor row_weights, Tensor? soft_targets, Tensor lse, Tensor soft_lse, "

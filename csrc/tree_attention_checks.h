@@ -2,7 +2,7 @@
 // adapter. Every failure is a ValueError naming the argument, expected vs actual.
 #pragma once
 
-#include "common.h"
+#include "checks.h"
 #include "tree_attention_math.h"
 
 #include <optional>
@@ -19,9 +19,10 @@ struct Dims {
   int64_t B, N, Hq, Hkv, D, Bc, L, W, group;
 };
 
-inline Dims check_forward_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& prefix_lens, const at::Tensor& k_tree,
-                               const at::Tensor& v_tree, const at::Tensor& tree_mask) {
+inline Dims check_forward_args(const at::Tensor& q, const at::Tensor& k_cache,
+                               const at::Tensor& v_cache, const at::Tensor& prefix_lens,
+                               const at::Tensor& k_tree, const at::Tensor& v_tree,
+                               const at::Tensor& tree_mask) {
   check_dim(q, "q", 4);
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
   check_dim(k_cache, "k_cache", 4);
@@ -34,12 +35,14 @@ inline Dims check_forward_args(const at::Tensor& q, const at::Tensor& k_cache, c
   d.L = k_cache.size(1);
   d.Hkv = k_cache.size(2);
   d.W = mask_words(d.N);
-  VSD_CHECK(d.Bc == 1 || d.Bc == d.B, "k_cache", "expected batch size 1 (shared cache) or B = ", d.B,
-            ", got shape ", shape_str(k_cache));
-  VSD_CHECK(k_cache.size(3) == d.D, "k_cache", "expected head dim D = ", d.D, " (that of 'q'), got shape ",
+  VSD_CHECK(d.Bc == 1 || d.Bc == d.B, "k_cache",
+            "expected batch size 1 (shared cache) or B = ", d.B, ", got shape ",
             shape_str(k_cache));
+  VSD_CHECK(k_cache.size(3) == d.D, "k_cache", "expected head dim D = ", d.D,
+            " (that of 'q'), got shape ", shape_str(k_cache));
   VSD_CHECK(d.Hkv >= 1 && d.Hq % d.Hkv == 0, "k_cache",
-            "expected a number of kv heads that divides Hq = ", d.Hq, ", got shape ", shape_str(k_cache));
+            "expected a number of kv heads that divides Hq = ", d.Hq, ", got shape ",
+            shape_str(k_cache));
   d.group = d.Hq / d.Hkv;
   check_shape(v_cache, "v_cache", {d.Bc, d.L, d.Hkv, d.D});
   check_shape(k_tree, "k_tree", {d.B, d.N, d.Hkv, d.D});
@@ -68,7 +71,7 @@ inline void check_prefix_range(int64_t min_len, int64_t max_len, int64_t L) {
             "], got values in [", min_len, ", ", max_len, "]");
 }
 
-// prefix_lens of a CPU call as host integers, range-checked (defined in tree_attention.cpp).
+// prefix_lens of a CPU call as host integers, range-checked (defined in tree_attention_cpu.cpp).
 std::vector<int64_t> host_prefix_lens(const at::Tensor& prefix_lens, int64_t L);
 
 inline void check_backward_args(const Dims& d, const at::Tensor& q, const at::Tensor& grad_out,

@@ -4,20 +4,22 @@
 // share every key, so their queries are packed into one tile of R = nodes * G rows (row
 // r = node * G + head; fp32, fp64 for float64 inputs) and each key tile is read (and
 // converted) once per group. Tile products are GEMM-shaped ([Lt, D] x [D, R]) and run in the
-// register-blocked kernel of tree_attention_gemm.cpp; softmax bookkeeping runs in SIMD loops
-// (tree_attention_simd.cpp). The [N, L] score matrix is never materialized beyond one [Lt, R]
-// tile.
+// register-blocked kernel of tree_attention_gemm_cpu.cpp; softmax bookkeeping runs in SIMD
+// loops (tree_attention_softmax_cpu.cpp). The [N, L] score matrix is never materialized beyond
+// one [Lt, R] tile.
 #pragma once
 
+#include "cpu_simd.h"
 #include "tree_attention_math.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace vsd_ext::tree_attn::cpu {
@@ -27,24 +29,24 @@ constexpr int64_t kKeyTile = 256;
 
 // C[M, N] = (accumulate ? C : 0) + A[M, K] B[K, N]. A element (i, k) is A[i * a_rs + k * a_cs]
 // (so A^T is a stride swap); B is row-major (ldb), C row-major (ldc). fp32, or fp64 for
-// float64 inputs (tree_attention_gemm.cpp).
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
-          float* C, int64_t ldc, bool accumulate);
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate);
+// float64 inputs (tree_attention_gemm_cpu.cpp).
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
+          const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
 // Score tiles are key-major in the forward and in backward pass A: St [n, R] holds the scores
 // of n keys (rows) against the R packed query rows (columns), so per-query softmax statistics
-// are vector ops across a key row. The bodies below are generic over the accumulation type A
-// and the exp2 used; the fp32 entry points (tree_attention_simd.cpp) are compiled per ISA
-// level with a polynomial exp2, the fp64 ones (float64 inputs) use std::exp2.
+// are vector ops across a key row. The bodies below are generic over the accumulation type A;
+// simd::fast_exp2 is a polynomial in fp32 and std::exp2 in fp64 (float64 inputs). The fp32 entry
+// points (tree_attention_softmax_cpu.cpp) are compiled per ISA level (VSD_SIMD_CLONES).
 
 // Forward online-softmax step on St [n, R] (in place: St becomes P^T = 2^(St - m')); updates
 // the running max m and sum l of every query row and rescales its accumulator row O[r, :D]
 // by 2^(m - m'). scratch holds 3 R values.
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l, A* O, int64_t D,
-                                                             A* scratch, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_step_impl(A* St, int64_t n, int64_t R, A* m, A* l, A* O, int64_t D,
+                                         A* scratch) {
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   A* m_new = scratch;
   A* shift = scratch + R;
@@ -65,13 +67,13 @@ __attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, i
     A* s = St + j * R;
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
-      s[r] = exp2(s[r] - shift[r]);
+      s[r] = simd::fast_exp2(s[r] - shift[r]);
       sum[r] += s[r];
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     // 2^(m - m'): 0 when m = -inf (the row's first keys), 1 while the row saw nothing.
-    const A a = m_new[r] == kNegInf ? A(1) : exp2(m[r] - shift[r]);
+    const A a = m_new[r] == kNegInf ? A(1) : simd::fast_exp2(m[r] - shift[r]);
     l[r] = l[r] * a + sum[r];
     m[r] = m_new[r];
     if (a != A(1)) {
@@ -85,54 +87,54 @@ __attribute__((always_inline)) inline void softmax_step_impl(A* St, int64_t n, i
 // Backward on one key-major tile: St [n, R] (log2-domain scores) becomes P^T = 2^(St - lse2)
 // and dPt [n, R] (= V dO^T) becomes dS^T = P^T (dP^T - delta) (delta = rowsum(dO O) - dlse,
 // per query column). Query rows that saw no key carry lse2 = +inf: their P and dS are 0.
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int64_t R,
-                                                                      const A* lse2, const A* delta, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_backward_tile_impl(A* St, A* dPt, int64_t n, int64_t R,
+                                                  const A* lse2, const A* delta) {
   for (int64_t j = 0; j < n; ++j) {
     A* p = St + j * R;
     A* ds = dPt + j * R;
 #pragma omp simd
     for (int64_t r = 0; r < R; ++r) {
-      p[r] = exp2(p[r] - lse2[r]);
+      p[r] = simd::fast_exp2(p[r] - lse2[r]);
       ds[r] = p[r] * (ds[r] - delta[r]);
     }
   }
 }
 
 // The same on query-major tiles S, dP [R, n] (rows = packed queries; backward pass B).
-template <class A, class Exp2>
-__attribute__((always_inline)) inline void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n,
-                                                                      const A* lse2, const A* delta, Exp2 exp2) {
+template <class A>
+VSD_ALWAYS_INLINE void softmax_backward_rows_impl(A* S, A* dP, int64_t R, int64_t n, const A* lse2,
+                                                  const A* delta) {
   for (int64_t r = 0; r < R; ++r) {
     A* p = S + r * n;
     A* ds = dP + r * n;
     const A shift = lse2[r], dr = delta[r];
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
-      p[j] = exp2(p[j] - shift);
+      p[j] = simd::fast_exp2(p[j] - shift);
       ds[j] = p[j] * (ds[j] - dr);
     }
   }
 }
 
-void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O, int64_t D, float* scratch);
-void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2, const float* delta);
-void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2, const float* delta);
+void softmax_step(float* St, int64_t n, int64_t R, float* m, float* l, float* O, int64_t D,
+                  float* scratch);
+void softmax_backward_tile(float* St, float* dPt, int64_t n, int64_t R, const float* lse2,
+                           const float* delta);
+void softmax_backward_rows(float* S, float* dP, int64_t R, int64_t n, const float* lse2,
+                           const float* delta);
 
-struct Exp2Std {
-  double operator()(double x) const { return std::exp2(x); }
-};
-inline void softmax_step(double* St, int64_t n, int64_t R, double* m, double* l, double* O, int64_t D,
-                         double* scratch) {
-  softmax_step_impl(St, n, R, m, l, O, D, scratch, Exp2Std{});
+inline void softmax_step(double* St, int64_t n, int64_t R, double* m, double* l, double* O,
+                         int64_t D, double* scratch) {
+  softmax_step_impl(St, n, R, m, l, O, D, scratch);
 }
 inline void softmax_backward_tile(double* St, double* dPt, int64_t n, int64_t R, const double* lse2,
                                   const double* delta) {
-  softmax_backward_tile_impl(St, dPt, n, R, lse2, delta, Exp2Std{});
+  softmax_backward_tile_impl(St, dPt, n, R, lse2, delta);
 }
 inline void softmax_backward_rows(double* S, double* dP, int64_t R, int64_t n, const double* lse2,
                                   const double* delta) {
-  softmax_backward_rows_impl(S, dP, R, n, lse2, delta, Exp2Std{});
+  softmax_backward_rows_impl(S, dP, R, n, lse2, delta);
 }
 
 // Sets the scores (key-major St [n_keys, rows]) of tree keys that a query row's node cannot
@@ -160,9 +162,15 @@ struct Rows4 {
   T* row(int64_t i0, int64_t i1, int64_t i2) const { return p + i0 * s0 + i1 * s1 + i2 * s2; }
 };
 
+template <class T>
+Rows4<const T> rows4(const at::Tensor& t) {
+  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
+}
+
 // dst[i, :D] = scale * src rows (fp32 accumulation for fp16/bf16 inputs).
 template <class T, class A>
-inline void load_rows(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* dst, A scale = A(1)) {
+inline void load_rows(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* dst,
+                      A scale = A(1)) {
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = scale * static_cast<A>(src[i * src_rs + d]);
 }
@@ -178,7 +186,8 @@ inline void transpose(const A* src, int64_t R, int64_t D, A* dst) {
 // A [rows, D] tile as a row-major operand of accumulation type A: the input itself (row stride
 // src_rs) when it already is of type A, else converted into buf (row stride D).
 template <class T, class A>
-inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* buf, int64_t& ld) {
+inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* buf,
+                        int64_t& ld) {
   if constexpr (std::is_same_v<T, A>) {
     ld = src_rs;
     return src;
@@ -192,8 +201,8 @@ inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A
 // Packs the G query-like rows of kv head g for nodes [n0, n0 + nn) of row b: packed row
 // (n * G + h) = x[b, n0 + n, g * G + h, :] * scale.
 template <class T, class A>
-inline void pack_group(const Rows4<const T>& x, int64_t b, int64_t n0, int64_t nn, int64_t g, int64_t G, int64_t D,
-                       A* dst, A scale) {
+inline void pack_group(const Rows4<const T>& x, int64_t b, int64_t n0, int64_t nn, int64_t g,
+                       int64_t G, int64_t D, A* dst, A scale) {
   for (int64_t n = 0; n < nn; ++n)
     load_rows(x.row(b, n0 + n, g * G), x.s2, G, D, dst + n * G * D, scale);
 }

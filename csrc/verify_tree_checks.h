@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "common.h"
+#include "checks.h"
 #include "verify_tree_math.h"
 
 namespace vsd_ext {

@@ -1,5 +1,6 @@
-// Torch-free logic of verify_tree shared by the CPU kernel (verify_tree.cpp) and the CUDA kernel
-// (cuda/verify_tree.cu), so both make every decision with the same float64 arithmetic.
+// Torch-free logic of verify_tree shared by the CPU kernel (verify_tree_cpu.cpp) and the CUDA
+// kernel (cuda/verify_tree_kernel.cu), so both make every decision with the same float64
+// arithmetic.
 // The rule itself is specified, readably, in vsd_ext/reference/verify_tree.py.
 //
 // Notation at the current node (logits row x, temperature T, M = max_v x_v):

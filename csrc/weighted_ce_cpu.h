@@ -1,10 +1,10 @@
-// CPU kernel set of the weighted cross-entropy (see weighted_ce_impl.h for the interface):
-// row kernels in csrc/weighted_ce_rows.cpp, GEMMs through ATen (MKL) in acc dtype.
+// CPU kernel set of the weighted cross-entropy (the interface is in weighted_ce_driver.h):
+// row kernels in csrc/weighted_ce_rows_cpu.cpp, GEMMs through ATen (MKL) in acc dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include "weighted_ce_args.h"
+#include "weighted_ce_driver.h"
 
 namespace vsd_ext::wce::cpu {
 

@@ -1,5 +1,6 @@
-// Torch-free math of the weighted cross-entropy, shared by the CPU kernels (csrc/weighted_ce*.cpp)
-// and the CUDA kernels (csrc/cuda/weighted_ce.cu). Everything here is per row and per element.
+// Torch-free math of the weighted cross-entropy, shared by the CPU kernels
+// (weighted_ce_rows_cpu.cpp) and the CUDA kernels (cuda/weighted_ce_kernel.cu). Everything here
+// is per row and per element.
 //
 // Notation for one row m (V vocabulary entries):
 //   z_v            drafter logits (for the fused op: h_m . W_v + b_v)
@@ -64,9 +65,18 @@ struct RowStats {
 
   static constexpr int kFields = 6;
 
-  VSD_HD static RowStats empty() {
-    return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)};
+  // The fields as kFields values in a row of the statistics state (or of shared memory).
+  VSD_HD static RowStats load(const A* f) { return {f[0], f[1], f[2], f[3], f[4], f[5]}; }
+  VSD_HD void store(A* f) const {
+    f[0] = m;
+    f[1] = s;
+    f[2] = zt;
+    f[3] = mu;
+    f[4] = su;
+    f[5] = d;
   }
+
+  VSD_HD static RowStats empty() { return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)}; }
 
   // Adds one logit: the online log-sum-exp update (Milakov & Gimelshein). exp(-inf - m) is 0,
   // so masked logits need no branch; only an all -inf prefix (m = -inf) must skip the rescale.

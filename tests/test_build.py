@@ -103,6 +103,42 @@ def test_cmake_configures_the_same_translation_units(tmp_path, cuda):
             assert flag in c["command"].split(), f"{flag} missing for {c['file']}"
 
 
+# csrc/README.md, "File roles": <op>[_<part>]_<role>.<ext>, plus the files all ops share.
+_CSRC_SHARED = {"README.md", "registration.cpp", "module.cpp", "checks.h", "host_device.h",
+                "cpu_simd.h", "cuda/common.cuh", "cuda/kernel_dtype.h", "cuda/mma.cuh",
+                "cuda/build_info.cu"}
+_CSRC_ROLES = re.compile(r"[a-z0-9_]+_(math|checks|driver)\.h|[a-z0-9_]+_cpu\.(h|cpp)"
+                         r"|cuda/[a-z0-9_]+_(kernel\.cuh|kernel\.cu|device\.cuh|adapter\.cpp)")
+
+
+def _csrc_files() -> list[str]:
+    csrc = ROOT / "csrc"
+    return sorted(str(p.relative_to(csrc)) for p in csrc.rglob("*") if p.is_file())
+
+
+def test_csrc_file_names_state_their_role():
+    odd = [f for f in _csrc_files() if f not in _CSRC_SHARED and not _CSRC_ROLES.fullmatch(f)]
+    assert not odd, f"csrc files without a role suffix (see csrc/README.md): {odd}"
+
+
+def test_cuda_kernels_include_no_torch_header():
+    """The .cu files and everything they include are torch-free (see csrc/README.md, Layers)."""
+    csrc = ROOT / "csrc"
+    include = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.MULTILINE)
+    for cu in sorted((csrc / "cuda").glob("*.cu")):
+        todo, seen = [cu], set()
+        while todo:
+            path = todo.pop()
+            if path in seen:
+                continue
+            seen.add(path)
+            for kind, name in include.findall(path.read_text()):
+                assert not name.startswith(("ATen/", "torch/", "c10/")), (
+                    f"{cu.name} reaches <{name}> through {path.relative_to(csrc)}")
+                if kind == '"':
+                    todo.append(csrc / name if (csrc / name).exists() else path.parent / name)
+
+
 @pytest.mark.parametrize("benchmark_only", [False, True])
 def test_test_command_runs_no_benchmarks_and_bench_command_only_benchmarks(benchmark_only):
     args = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]

@@ -1,6 +1,7 @@
 // CUDA adapter of tree_attention and its backward: argument checks, device guard and stream,
-// allocation, choice of kernel path (tree_attention.cuh), launch and error check.
-#include "cuda/tree_attention.cuh"
+// allocation, choice of kernel path (tree_attention_kernel.cuh), launch and error check.
+#include "cuda/kernel_dtype.h"
+#include "cuda/tree_attention_kernel.cuh"
 #include "tree_attention_checks.h"
 
 #include <ATen/ops/aminmax.h>
@@ -14,22 +15,16 @@ namespace {
 
 namespace ct = vsd_ext::cuda::tree_attn;
 
-ct::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return ct::DType::kHalf;
-    case at::kBFloat16: return ct::DType::kBFloat16;
-    case at::kDouble: return ct::DType::kDouble;
-    default: return ct::DType::kFloat;
-  }
+ct::Strided strided(const at::Tensor& t) {
+  return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-ct::Strided strided(const at::Tensor& t) { return {t.data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
-
-ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                         const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
+ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
+                         const at::Tensor& v_cache, const at::Tensor& prefix_lens,
+                         const at::Tensor& k_tree, const at::Tensor& v_tree,
                          const at::Tensor& tree_mask, double sm_scale) {
   ct::Inputs in{};
-  in.dtype = kernel_dtype(q.scalar_type());
+  in.dtype = cuda::kernel_dtype(q);
   in.B = static_cast<int>(d.B);
   in.N = static_cast<int>(d.N);
   in.Hq = static_cast<int>(d.Hq);
@@ -53,8 +48,8 @@ ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k
 }
 
 void check_cuda_dims(const Dims& d) {
-  VSD_CHECK(d.D <= ct::kSimpleMaxD, "q", "the CUDA kernels support head dims up to ", ct::kSimpleMaxD,
-            " (the CPU kernel takes any), got D = ", d.D);
+  VSD_CHECK(d.D <= ct::kSimpleMaxD, "q", "the CUDA kernels support head dims up to ",
+            ct::kSimpleMaxD, " (the CPU kernel takes any), got D = ", d.D);
   VSD_CHECK(d.B * d.N * d.Hq < (int64_t{1} << 31) && d.Bc * d.L * d.Hkv < (int64_t{1} << 31), "q",
             "too many rows for the CUDA kernels (B N Hq and Bc L Hkv must stay below 2^31)");
 }
@@ -65,7 +60,8 @@ void check_cuda_dims(const Dims& d) {
 void check_prefix_values(const at::Tensor& prefix_lens, int64_t L, cudaStream_t stream) {
   if (prefix_lens.numel() == 0) return;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  TORCH_CHECK(cudaStreamIsCapturing(stream, &status) == cudaSuccess, "vsd_ext: cudaStreamIsCapturing failed");
+  TORCH_CHECK(cudaStreamIsCapturing(stream, &status) == cudaSuccess,
+              "vsd_ext: cudaStreamIsCapturing failed");
   if (status != cudaStreamCaptureStatusNone) return;
   const auto [lo, hi] = at::aminmax(prefix_lens);
   check_prefix_range(lo.item<int64_t>(), hi.item<int64_t>(), L);
@@ -75,10 +71,10 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vsd_ext: ", what, " failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
-                                                       const at::Tensor& v_cache, const at::Tensor& prefix_lens,
-                                                       const at::Tensor& k_tree, const at::Tensor& v_tree,
-                                                       const at::Tensor& tree_mask, double sm_scale) {
+std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
+    const at::Tensor& tree_mask, double sm_scale) {
   const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
   check_cuda_dims(d);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -88,10 +84,12 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   at::Tensor lse = at::empty({d.B, d.N, d.Hq}, q.options().dtype(lse_dtype(q)));
   if (out.numel() == 0) return {out, lse};
 
-  ct::ForwardArgs args{kernel_inputs(d, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale),
-                       out.data_ptr(), lse.data_ptr()};
+  ct::ForwardArgs args{
+      kernel_inputs(d, q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale),
+      out.data_ptr(), lse.data_ptr()};
   if (!ct::forward_tc_supported(args.in)) {
-    check_launch(ct::tree_attention_forward_simple(args, stream), "tree_attention forward (simple path)");
+    check_launch(ct::tree_attention_forward_simple(args, stream),
+                 "tree_attention forward (simple path)");
     return {out, lse};
   }
   int sms = 0;
@@ -100,16 +98,17 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(const at::Tensor& q, cons
   const int splits = ct::forward_tc_splits(args.in, sms);
   const int64_t ws_bytes = ct::forward_tc_workspace_bytes(args.in, splits);
   at::Tensor workspace = at::empty({ws_bytes}, q.options().dtype(at::kByte));
-  check_launch(ct::tree_attention_forward_tc(args, splits, ws_bytes ? workspace.data_ptr() : nullptr, stream),
+  check_launch(ct::tree_attention_forward_tc(args, splits,
+                                             ws_bytes ? workspace.data_ptr() : nullptr, stream),
                "tree_attention forward (tensor-core path)");
   return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_attention_backward_cuda(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
-    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens, const at::Tensor& k_tree,
-    const at::Tensor& v_tree, const at::Tensor& tree_mask, const at::Tensor& out, const at::Tensor& lse,
-    double sm_scale) {
+    const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens,
+    const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
+    const at::Tensor& out, const at::Tensor& lse, double sm_scale) {
   const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
   check_backward_args(d, q, grad_out, grad_lse, out, lse);
   check_cuda_dims(d);
@@ -137,7 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
   args.dv_cache = dv_cache.data_ptr();
   args.dk_tree = dk_tree.data_ptr();
   args.dv_tree = dv_tree.data_ptr();
-  at::Tensor workspace = at::empty({ct::backward_workspace_bytes(args.in)}, q.options().dtype(at::kByte));
+  at::Tensor workspace =
+      at::empty({ct::backward_workspace_bytes(args.in)}, q.options().dtype(at::kByte));
   if (ct::backward_tc_supported(args))
     check_launch(ct::tree_attention_backward_tc(args, workspace.data_ptr(), stream),
                  "tree_attention backward (tensor-core path)");

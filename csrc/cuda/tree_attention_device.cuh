@@ -1,11 +1,10 @@
-// Device helpers shared by the CUDA tree-attention kernels (torch-free).
+// Device helpers shared by the CUDA tree-attention kernels (torch-free); conversions and
+// reductions come from cuda/common.cuh.
 #pragma once
 
-#include "tree_attention.cuh"
+#include "cuda/common.cuh"
+#include "cuda/tree_attention_kernel.cuh"
 #include "tree_attention_math.h"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 namespace vsd_ext::cuda::tree_attn {
 
@@ -14,32 +13,6 @@ using vsd_ext::tree_attn::kLn2D;
 using vsd_ext::tree_attn::kLog2e;
 using vsd_ext::tree_attn::kLog2eD;
 using vsd_ext::tree_attn::tree_bit;
-
-// Accumulation type: fp32, fp64 for fp64 inputs.
-template <class T>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
-template <class T>
-__device__ __forceinline__ T from_acc(float x);
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <class T>
-__device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
 
 __device__ __forceinline__ float fast_exp2(float x) { return exp2f(x); }
 __device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
@@ -57,13 +30,6 @@ __device__ __forceinline__ int prefix_len(const Inputs& in, int b) {
 template <class T>
 __device__ __forceinline__ const T* row_ptr(const Strided& t, int64_t i0, int64_t i1, int64_t i2) {
   return static_cast<const T*>(t.ptr) + i0 * t.s0 + i1 * t.s1 + i2 * t.s2;
-}
-
-template <class A>
-__device__ __forceinline__ A warp_sum(A v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
 }
 
 }  // namespace vsd_ext::cuda::tree_attn

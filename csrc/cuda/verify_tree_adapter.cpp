@@ -1,5 +1,5 @@
 // verify_tree, CUDA adapter: argument checks, device guard, current stream, allocation, launch of
-// the torch-free kernels (verify_tree.cu), error reporting, and the CUDA registration.
+// the torch-free kernels (verify_tree_kernel.cu), error reporting, and the CUDA registration.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,20 +9,12 @@
 #include <optional>
 #include <tuple>
 
-#include "cuda/verify_tree.cuh"
+#include "cuda/kernel_dtype.h"
+#include "cuda/verify_tree_kernel.cuh"
 #include "verify_tree_checks.h"
 
 namespace vsd_ext {
 namespace {
-
-cuda::VtDtype vt_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return cuda::VtDtype::kFloat16;
-    case at::kBFloat16: return cuda::VtDtype::kBFloat16;
-    case at::kDouble: return cuda::VtDtype::kFloat64;
-    default: return cuda::VtDtype::kFloat32;
-  }
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
     const at::Tensor& target_logits, const at::Tensor& draft_tokens, const at::Tensor& parents,
@@ -51,15 +43,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
 
   cuda::VerifyTreeParams p{};
   p.logits = logits.data_ptr();
-  p.logits_dtype = vt_dtype(logits);
+  p.logits_dtype = cuda::kernel_dtype(logits);
   p.logits_sb = logits.stride(0);
   p.logits_sn = logits.stride(1);
   p.tokens = tokens.data_ptr<int64_t>();
   p.parents = par.data_ptr<int64_t>();
   p.uniforms = u.data_ptr();
-  p.uniforms_dtype = vt_dtype(u);
+  p.uniforms_dtype = cuda::kernel_dtype(u);
   p.draft_probs = q ? q->data_ptr() : nullptr;
-  p.draft_probs_dtype = q ? vt_dtype(*q) : cuda::VtDtype::kFloat32;
+  p.draft_probs_dtype = q ? cuda::kernel_dtype(*q) : cuda::DType::kFloat32;
   p.q_sb = q ? q->stride(0) : 0;
   p.q_sn = q ? q->stride(1) : 0;
   p.batch = B;
@@ -75,8 +67,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_cuda(
   at::Tensor workspace = at::empty({bytes}, target_logits.options().dtype(at::kByte));
   const cuda::VerifyTreeStatus status =
       cuda::verify_tree_launch(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream());
-  TORCH_CHECK(status.error == cudaSuccess, "vsd_ext.verify_tree: CUDA error: ",
-              cudaGetErrorString(status.error));
+  TORCH_CHECK(status.error == cudaSuccess,
+              "vsd_ext.verify_tree: CUDA error: ", cudaGetErrorString(status.error));
   raise_row_error(status.error_key, N, V);
   return {accepted_nodes, emitted_tokens, num_accepted};
 }

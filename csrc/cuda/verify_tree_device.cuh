@@ -1,24 +1,18 @@
-// verify_tree CUDA kernels: torch-free device helpers (element loads, deterministic warp / block
-// reductions, the block-wide inverse-CDF draw). Included by verify_tree.cu only.
+// verify_tree CUDA kernels: torch-free device helpers (row loads, the block-wide inverse-CDF
+// draw); conversions and reductions come from cuda/common.cuh. Included by verify_tree_kernel.cu
+// only.
 #pragma once
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include <climits>
 #include <cstdint>
 
+#include "cuda/common.cuh"
+
 namespace vsd_ext::cuda::device {
-
-constexpr unsigned kFull = 0xffffffffu;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 template <typename T>
 __device__ __forceinline__ double load_d(const T* p, int64_t v) {
-  return static_cast<double>(to_float(p[v]));
+  return static_cast<double>(to_acc(p[v]));
 }
 
 // Calls f(v, x) for v in [lo, hi) of `row`, spread over the block with 16-byte loads; every
@@ -29,7 +23,7 @@ __device__ __forceinline__ void for_each_element(const T* row, int64_t lo, int64
   const int64_t misalign = int64_t(reinterpret_cast<uintptr_t>(row + lo) % 16) / int64_t(sizeof(T));
   int64_t head = misalign == 0 ? 0 : kVec - misalign;
   head = head < hi - lo ? head : hi - lo;
-  if (threadIdx.x < head) f(lo + threadIdx.x, to_float(row[lo + threadIdx.x]));
+  if (threadIdx.x < head) f(lo + threadIdx.x, to_acc(row[lo + threadIdx.x]));
   const int64_t body = lo + head;
   const int64_t nvec = (hi - body) / kVec;
   const uint4* vrow = reinterpret_cast<const uint4*>(row + body);
@@ -37,56 +31,12 @@ __device__ __forceinline__ void for_each_element(const T* row, int64_t lo, int64
     const uint4 raw = __ldg(vrow + j);
     const T* vals = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int k = 0; k < kVec; ++k) f(body + j * kVec + k, to_float(vals[k]));
+    for (int k = 0; k < kVec; ++k) f(body + j * kVec + k, to_acc(vals[k]));
   }
   for (int64_t v = body + nvec * kVec + threadIdx.x; v < hi; v += blockDim.x) {
-    f(v, to_float(row[v]));
+    f(v, to_acc(row[v]));
   }
 }
-
-// ---- block reductions (fixed trees: deterministic, the same value in every thread) ----------
-// Butterfly shuffles leave the identical value in every lane (IEEE addition is commutative).
-
-__device__ __forceinline__ double warp_sum(double x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
-
-template <typename T, typename Op>
-__device__ __forceinline__ T warp_reduce(T x, Op op) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-
-// Block-wide reduction of one value per thread; `scratch` holds >= 32 T. Ends synchronized.
-template <typename T, typename Op>
-__device__ T block_reduce(T x, Op op, T* scratch) {
-  x = warp_reduce(x, op);
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  if ((threadIdx.x & 31) == 0) scratch[warp] = x;
-  __syncthreads();
-  T r = scratch[0];
-  for (int w = 1; w < nwarps; ++w) r = op(r, scratch[w]);
-  __syncthreads();
-  return r;
-}
-
-struct SumOp {
-  __device__ double operator()(double a, double b) const { return a + b; }
-};
-struct MinOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a < b ? a : b; }
-};
-struct OrOp {
-  __device__ uint32_t operator()(uint32_t a, uint32_t b) const { return a | b; }
-};
-struct MaxOp {
-  template <typename T>
-  __device__ T operator()(T a, T b) const { return a > b ? a : b; }
-};
 
 // Inverse CDF over the weights weight(v), v in [0, V): the smallest v with w(v) > 0 and
 // prefix(v) > u * sum(w), else the largest v with w(v) > 0, else -1. Warp w owns a contiguous
@@ -118,15 +68,15 @@ __device__ int block_inverse_cdf(W weight, int64_t V, double u) {
     double incl = w;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-      const double n = __shfl_up_sync(kFull, incl, o);
+      const double n = __shfl_up_sync(kFullWarp, incl, o);
       if (lane >= o) incl += n;
     }
     if (w > 0.0) {
       last = int(v);
       if (hit == INT_MAX && carry + incl > threshold) hit = int(v);
     }
-    carry += __shfl_sync(kFull, incl, 31);
-    if (__any_sync(kFull, hit != INT_MAX)) break;
+    carry += __shfl_sync(kFullWarp, incl, 31);
+    if (__any_sync(kFullWarp, hit != INT_MAX)) break;
   }
   // A warp stops early only after a hit, so `last` is complete whenever no warp hit.
   hit = block_reduce(hit, MinOp{}, iscratch);

@@ -1,26 +1,17 @@
 // CUDA adapter of the weighted cross-entropy family: the CUDA kernel set for the device-generic
-// drivers in csrc/weighted_ce_impl.h (chunk loop with cuBLAS GEMMs through at::mm / at::addmm,
+// drivers in csrc/weighted_ce_driver.h (chunk loop with cuBLAS GEMMs through at::mm / at::addmm,
 // fp16/bf16 operands with fp32 output via the out_dtype overloads), device guard, current stream,
 // launch error checks and TORCH_LIBRARY_IMPL(vsd_ext, CUDA).
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "cuda/weighted_ce.cuh"
-#include "weighted_ce_linear_impl.h"
+#include "cuda/kernel_dtype.h"
+#include "cuda/weighted_ce_kernel.cuh"
+#include "weighted_ce_linear_driver.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;
-
-k::DType dtype_of(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kHalf: return k::DType::kFloat16;
-    case at::kBFloat16: return k::DType::kBFloat16;
-    case at::kFloat: return k::DType::kFloat32;
-    case at::kDouble: return k::DType::kFloat64;
-    default: TORCH_CHECK(false, "vsd_ext: weighted_ce: unsupported dtype ", t.scalar_type());
-  }
-}
 
 k::ConstMatrix const_matrix(const at::Tensor& t) {
   k::ConstMatrix m;
@@ -28,7 +19,7 @@ k::ConstMatrix const_matrix(const at::Tensor& t) {
     TORCH_CHECK(t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1),
                 "vsd_ext: weighted_ce: expected a matrix with unit column stride");
     m.data = t.data_ptr();
-    m.dtype = dtype_of(t);
+    m.dtype = vsd_ext::cuda::kernel_dtype(t);
     m.ld = t.stride(0);
   }
   return m;
@@ -42,7 +33,8 @@ k::Matrix matrix(const at::Tensor& t) {
 const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "vsd_ext: weighted_ce ", what, " kernel launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, "vsd_ext: weighted_ce ", what,
+              " kernel launch failed: ", cudaGetErrorString(err));
 }
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
@@ -126,35 +118,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ce_forward_cuda(
   return ce_forward<Kernels>(logits, targets, row_weights, soft, ignore_index, temperature);
 }
 
-at::Tensor ce_backward_cuda(const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
-                            const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& row_weights,
+at::Tensor ce_backward_cuda(const std::optional<at::Tensor>& grad_loss,
+                            const std::optional<at::Tensor>& grad_lse, const at::Tensor& logits,
+                            const at::Tensor& targets, const at::Tensor& row_weights,
                             const std::optional<at::Tensor>& soft, const at::Tensor& lse,
                             const at::Tensor& soft_lse, int64_t ignore_index, double temperature) {
   const c10::cuda::CUDAGuard guard(logits.device());
-  return ce_backward<Kernels>(grad_loss, grad_lse, logits, targets, row_weights, soft, lse, soft_lse,
-                              ignore_index, temperature);
+  return ce_backward<Kernels>(grad_loss, grad_lse, logits, targets, row_weights, soft, lse,
+                              soft_lse, ignore_index, temperature);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_forward_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
-    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, int64_t ignore_index,
-    double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+linear_forward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+                    const at::Tensor& row_weights, const std::optional<at::Tensor>& soft,
+                    const std::optional<at::Tensor>& bias, int64_t ignore_index, double temperature,
+                    int64_t chunk_size, std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_forward<Kernels>(hidden, weight, targets, row_weights, soft, bias, ignore_index, temperature,
-                                 chunk_size, grad_mask);
+  return linear_forward<Kernels>(hidden, weight, targets, row_weights, soft, bias, ignore_index,
+                                 temperature, chunk_size, grad_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
-    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse, const at::Tensor& hidden,
-    const at::Tensor& weight, const at::Tensor& targets, const at::Tensor& row_weights,
-    const std::optional<at::Tensor>& soft, const std::optional<at::Tensor>& bias, const at::Tensor& lse,
-    const at::Tensor& soft_lse, const at::Tensor& dhidden_unit, const at::Tensor& dweight_unit,
-    const at::Tensor& dbias_unit, int64_t ignore_index, double temperature, int64_t chunk_size,
-    std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_lse,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const at::Tensor& row_weights, const std::optional<at::Tensor>& soft,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& soft_lse,
+    const at::Tensor& dhidden_unit, const at::Tensor& dweight_unit, const at::Tensor& dbias_unit,
+    int64_t ignore_index, double temperature, int64_t chunk_size, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(hidden.device());
-  return linear_backward<Kernels>(grad_loss, grad_lse, hidden, weight, targets, row_weights, soft, bias, lse,
-                                  soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index, temperature,
-                                  chunk_size, output_mask);
+  return linear_backward<Kernels>(grad_loss, grad_lse, hidden, weight, targets, row_weights, soft,
+                                  bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit,
+                                  ignore_index, temperature, chunk_size, output_mask);
 }
 
 TORCH_LIBRARY_IMPL(vsd_ext, CUDA, m) {

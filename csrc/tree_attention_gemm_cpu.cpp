@@ -13,6 +13,7 @@
 // MR broadcasts of A, MR * NV FMAs. Vector widths per ISA level (runtime dispatch on x86-64):
 // AVX-512 16 floats (8 x 32 tile), AVX2 8 floats (6 x 16), baseline 4 floats (4 x 8); fp64 (the
 // float64 path that gradcheck uses) the same with half as many lanes.
+#include "cpu_simd.h"
 #include "tree_attention_cpu.h"
 
 #include <cstring>
@@ -29,8 +30,8 @@ typedef double v2d __attribute__((vector_size(16)));
 
 // Full tile: MR rows, NV whole vectors (V of scalars S) of columns.
 template <int MR, int NV, class V, class S>
-__attribute__((always_inline)) inline void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {
+VSD_ALWAYS_INLINE void micro_full(int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,
+                                  int64_t ldb, S* C, int64_t ldc, bool accumulate) {
   constexpr int W = sizeof(V) / sizeof(S);
   V acc[MR][NV];
   for (int i = 0; i < MR; ++i)
@@ -56,9 +57,8 @@ __attribute__((always_inline)) inline void micro_full(int64_t K, const S* A, int
 // Column tail (fewer than NV * W columns): B rows copied into zero-padded locals, only the
 // first `cols` columns of C stored.
 template <int MR, int NV, class V, class S>
-__attribute__((always_inline)) inline void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                      const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
-                                                      int64_t cols) {
+VSD_ALWAYS_INLINE void micro_tail(int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,
+                                  int64_t ldb, S* C, int64_t ldc, bool accumulate, int64_t cols) {
   constexpr int W = sizeof(V) / sizeof(S);
   S acc[MR][NV * W];
   for (int i = 0; i < MR; ++i)
@@ -78,59 +78,56 @@ __attribute__((always_inline)) inline void micro_tail(int64_t K, const S* A, int
 // One block of up to NV * W columns of C over all M rows: the B panel (K x NR) stays in L1
 // while the rows stream past it. Row tails go to MR/2, MR/4, ... row kernels.
 template <int MR, int NV, class V, class S>
-__attribute__((always_inline)) inline void col_block(int64_t M, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
-                                                     const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
-                                                     int64_t cols) {
+VSD_ALWAYS_INLINE void col_block(int64_t M, int64_t K, const S* A, int64_t a_rs, int64_t a_cs,
+                                 const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate,
+                                 int64_t cols) {
   constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
   int64_t i = 0;
   for (; i + MR <= M; i += MR) {
     if (cols == NR)
       micro_full<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate);
     else
-      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+      micro_tail<MR, NV, V>(K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate,
+                            cols);
   }
   if constexpr (MR > 1) {
     if (i < M)
-      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc, accumulate, cols);
+      col_block<MR / 2, NV, V>(M - i, K, A + i * a_rs, a_rs, a_cs, B, ldb, C + i * ldc, ldc,
+                               accumulate, cols);
   }
 }
 
 template <int MR, int NV, class V, class S>
-__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs,
-                                                     int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
-                                                     bool accumulate) {
+VSD_ALWAYS_INLINE void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs,
+                                 int64_t a_cs, const S* B, int64_t ldb, S* C, int64_t ldc,
+                                 bool accumulate) {
   constexpr int64_t NR = NV * sizeof(V) / sizeof(S);
   for (int64_t j = 0; j < N; j += NR)
-    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate, std::min(NR, N - j));
+    col_block<MR, NV, V>(M, K, A, a_rs, a_cs, B + j, ldb, C + j, ldc, accumulate,
+                         std::min(NR, N - j));
 }
 
 template <class S>
-using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t, S*, int64_t, bool);
+using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t,
+                        S*, int64_t, bool);
 
-#define VSD_GEMM_VARIANT(NAME, TARGET, S, MR, NV, V)                                                        \
-  TARGET void NAME(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs, const S* B,      \
-                   int64_t ldb, S* C, int64_t ldc, bool accumulate) {                                        \
-    gemm_impl<MR, NV, V>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);                                \
+#define VSD_GEMM_VARIANT(NAME, TARGET, S, MR, NV, V)                                        \
+  TARGET void NAME(int64_t M, int64_t N, int64_t K, const S* A, int64_t a_rs, int64_t a_cs, \
+                   const S* B, int64_t ldb, S* C, int64_t ldc, bool accumulate) {           \
+    gemm_impl<MR, NV, V>(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);               \
   }
 
 VSD_GEMM_VARIANT(gemm_base_f, , float, 4, 2, v4f)
 VSD_GEMM_VARIANT(gemm_base_d, , double, 4, 2, v2d)
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-VSD_GEMM_VARIANT(gemm_avx512_f, __attribute__((target("arch=x86-64-v4"))), float, 8, 2, v16f)
-VSD_GEMM_VARIANT(gemm_avx512_d, __attribute__((target("arch=x86-64-v4"))), double, 8, 2, v8d)
-VSD_GEMM_VARIANT(gemm_avx2_f, __attribute__((target("arch=x86-64-v3"))), float, 6, 2, v8f)
-VSD_GEMM_VARIANT(gemm_avx2_d, __attribute__((target("arch=x86-64-v3"))), double, 6, 2, v4d)
+#if VSD_SIMD_X86
+VSD_GEMM_VARIANT(gemm_avx512_f, VSD_TARGET_AVX512, float, 8, 2, v16f)
+VSD_GEMM_VARIANT(gemm_avx512_d, VSD_TARGET_AVX512, double, 8, 2, v8d)
+VSD_GEMM_VARIANT(gemm_avx2_f, VSD_TARGET_AVX2, float, 6, 2, v8f)
+VSD_GEMM_VARIANT(gemm_avx2_d, VSD_TARGET_AVX2, double, 6, 2, v4d)
 
-int isa_level() {
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("x86-64-v4")) return 2;
-  if (__builtin_cpu_supports("x86-64-v3")) return 1;
-  return 0;
-}
-const int kIsa = isa_level();
-const GemmFn<float> kGemmF = kIsa == 2 ? gemm_avx512_f : kIsa == 1 ? gemm_avx2_f : gemm_base_f;
-const GemmFn<double> kGemmD = kIsa == 2 ? gemm_avx512_d : kIsa == 1 ? gemm_avx2_d : gemm_base_d;
+const GemmFn<float> kGemmF = simd::pick<GemmFn<float>>(gemm_avx512_f, gemm_avx2_f, gemm_base_f);
+const GemmFn<double> kGemmD = simd::pick<GemmFn<double>>(gemm_avx512_d, gemm_avx2_d, gemm_base_d);
 #else
 const GemmFn<float> kGemmF = gemm_base_f;
 const GemmFn<double> kGemmD = gemm_base_d;
@@ -138,13 +135,13 @@ const GemmFn<double> kGemmD = gemm_base_d;
 
 }  // namespace
 
-void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs, const float* B, int64_t ldb,
-          float* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+          const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
   if (M > 0 && N > 0) kGemmF(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 
-void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs, const double* B,
-          int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
+          const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   if (M > 0 && N > 0) kGemmD(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
 }
 

@@ -1,6 +1,7 @@
-// Device-generic drivers of the weighted cross-entropy ops: argument checks, allocation and the
-// calls of the device row kernels for the non-fused op; the GEMM helpers of the fused op
-// (weighted_ce_linear_impl.h). The row kernels come from a kernel set K:
+// Device-generic drivers of the weighted cross-entropy ops (non-fused; the fused linear variant
+// is in weighted_ce_linear_driver.h): argument checks, allocation and the calls of the device
+// row kernels. The row kernels come from a kernel set K, which each device implements (CPU:
+// weighted_ce_cpu.h, CUDA: cuda/weighted_ce_adapter.cpp over cuda/weighted_ce_kernel.cu):
 //
 //   struct K {
 //     static constexpr bool kUpcastOperands;   // GEMM operands in acc dtype (CPU) or native (CUDA)
@@ -11,6 +12,9 @@
 //     static void colsum_add(const at::Tensor& g, at::Tensor& out);  // out[v] += sum_r g[r, v]
 //     static void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
 //   };
+//
+// All per-row tensors (targets, row weights, upstream gradients, statistics) are contiguous; the
+// accumulation dtype `acc` is float64 when the logits/hidden states are float64, else float32.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -21,11 +25,55 @@
 #include <optional>
 #include <tuple>
 
-#include "weighted_ce_args.h"
+#include "weighted_ce_checks.h"
 
 namespace vsd_ext::wce {
 
 using Tensor = at::Tensor;
+
+// ---- The kernel-set interface: arguments of the two row kernels ------------------------------
+
+// Statistics of a [rows, n] tile of logits (columns col0 .. col0+n of a vocabulary of size
+// `vocab`). A row may be streamed in several vocabulary tiles: the first tile starts fresh
+// statistics, later ones merge into `state`, the last one writes loss, lse and soft_lse.
+struct StatsArgs {
+  at::Tensor logits;       // [rows, n] any float dtype, unit column stride
+  at::Tensor soft;         // [rows, n] teacher logits (as logits) or undefined
+  at::Tensor targets;      // [rows] int64
+  at::Tensor row_weights;  // [rows] acc
+  at::Tensor state;        // [rows, 6] acc (RowStats fields); undefined when first && last
+  at::Tensor loss, lse;    // [rows] acc, written by the last tile
+  at::Tensor soft_lse;     // [rows] acc, by the last tile; undefined without soft targets
+  int64_t col0 = 0;
+  int64_t vocab = 0;
+  bool first = true;
+  bool last = true;
+  int64_t ignore_index = -100;
+  double temperature = 1.0;
+};
+
+// out[m, v] = a_m exp(z[m, v] - lse_m) - c_m y[m, v] over whole rows (see weighted_ce_math.h),
+// with a_m, c_m from the upstream gradients g_m (grad_loss) and gl_m (grad_lse).
+struct GradArgs {
+  at::Tensor logits;       // [rows, V] any float dtype, unit column stride
+  at::Tensor soft;         // [rows, V] or undefined
+  at::Tensor targets;      // [rows] int64
+  at::Tensor row_weights;  // [rows] acc
+  at::Tensor grad_loss;    // [rows] acc, or undefined: every g_m = (unit_grad_loss ? 1 : 0)
+  bool unit_grad_loss = false;
+  at::Tensor grad_lse;  // [rows] acc, or undefined: every gl_m = 0
+  at::Tensor lse;       // [rows] acc
+  at::Tensor soft_lse;  // [rows] acc or undefined without soft targets
+  at::Tensor out;       // [rows, V] any float dtype, unit column stride; may be `logits` itself
+  int64_t ignore_index = -100;
+  double temperature = 1.0;
+};
+
+// ---- Helpers of the drivers --------------------------------------------------------------
+
+inline at::Tensor unit_col_stride(const at::Tensor& t) {
+  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
+}
 
 // out = a @ b (accumulate: out += a @ b), out in acc dtype; a, b in acc dtype or, on CUDA, in
 // fp16/bf16 with fp32 accumulation and output (cuBLAS through the out_dtype overloads).
@@ -92,16 +140,6 @@ inline Tensor upstream(const std::optional<Tensor>& g, const char* name, int64_t
   check_shape(*g, name, {M});
   check_same_device(*g, name, ref, "lse");
   return g->to(acc).contiguous();
-}
-
-inline void check_saved_stats(const Tensor& lse, const Tensor& soft_lse, bool has_soft, int64_t M,
-                              const Tensor& ref, const char* ref_name) {
-  check_shape(lse, "lse", {M});
-  check_dtype(lse, "lse", {acc_dtype(ref.scalar_type())});
-  check_same_device(lse, "lse", ref, ref_name);
-  check_shape(soft_lse, "soft_lse", {has_soft ? M : 0});
-  check_same_dtype(soft_lse, "soft_lse", lse, "lse");
-  check_same_device(soft_lse, "soft_lse", ref, ref_name);
 }
 
 template <class K>

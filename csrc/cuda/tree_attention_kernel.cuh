@@ -1,21 +1,24 @@
-// Torch-free launch interface of the CUDA tree-attention kernels (contract: OPS.md section 1).
+// Torch-free launch interface of the CUDA tree-attention kernels (contract: docs/design/OPS.md
+// section 1).
 //
 // Two paths each way:
-// - tree_attention_forward_tc (tree_attention_fwd.cu): FlashAttention-2 style, tensor cores
-//   (mma.sync m16n8k16, fp32 accumulation), fp16/bf16, D in {64, 128}, any N. The G = Hq/Hkv
-//   query heads of a kv head are packed into the rows of one query tile, so each K/V tile is
-//   read once per group; prefix tiles are mask-free, the bitmask is applied on tree tiles only;
+// - tree_attention_forward_tc (tree_attention_tc_forward_kernel.cu): FlashAttention-2 style,
+//   tensor cores (mma.sync m16n8k16, fp32 accumulation), fp16/bf16, D in {64, 128}, any N. The
+//   G = Hq/Hkv query heads of a kv head are packed into the rows of one query tile, so each K/V
+//   tile is read once per group; prefix tiles are mask-free, the bitmask is applied on tree tiles
+//   only;
 //   the prefix is split across blocks (split-KV) when B * Hkv * row tiles would not fill the
 //   GPU, and the partial results are merged by their LSE. Needs 16-byte aligned rows.
-// - tree_attention_forward_simple (tree_attention_simple.cu): one warp per query, any dtype
-//   (fp16/bf16/fp32/fp64), D <= 256, any layout: fp32/fp64 inputs and everything the
+// - tree_attention_forward_simple (tree_attention_simple_kernel.cu): one warp per query, any
+//   dtype (fp16/bf16/fp32/fp64), D <= 256, any layout: fp32/fp64 inputs and everything the
 //   tensor-core path does not cover.
-// - tree_attention_backward_tc (tree_attention_bwd.cu): tensor cores, same coverage as the
-//   forward; a dQ kernel over query tiles and a dK/dV kernel over key tiles (key-major), the
-//   sum over the rows that share a cache kept inside one block: deterministic, no atomics.
-// - tree_attention_backward_simple (tree_attention_simple.cu): deterministic, atomics-free, one
-//   warp per query for dQ and one warp per key (summing over every row and query that sees it)
-//   for dK/dV; every dtype and layout.
+// - tree_attention_backward_tc (tree_attention_tc_backward_kernel.cu): tensor cores, same
+//   coverage as the forward; a dQ kernel over query tiles and a dK/dV kernel over key tiles
+//   (key-major), the sum over the rows that share a cache kept inside one block: deterministic,
+//   no atomics.
+// - tree_attention_backward_simple (tree_attention_simple_kernel.cu): deterministic,
+//   atomics-free, one warp per query for dQ and one warp per key (summing over every row and
+//   query that sees it) for dK/dV; every dtype and layout.
 // Both recompute the scores from the saved lse.
 #pragma once
 
@@ -23,9 +26,9 @@
 
 #include <cstdint>
 
-namespace vsd_ext::cuda::tree_attn {
+#include "cuda/common.cuh"
 
-enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+namespace vsd_ext::cuda::tree_attn {
 
 // Strided [*, *, *, D] tensor: element (i0, i1, i2, d) at ptr + i0 s0 + i1 s1 + i2 s2 + d.
 struct Strided {
@@ -59,7 +62,8 @@ bool forward_tc_supported(const Inputs& in);
 int forward_tc_splits(const Inputs& in, int num_sms);
 int64_t forward_tc_workspace_bytes(const Inputs& in, int splits);
 
-cudaError_t tree_attention_forward_tc(const ForwardArgs& args, int splits, void* workspace, cudaStream_t stream);
+cudaError_t tree_attention_forward_tc(const ForwardArgs& args, int splits, void* workspace,
+                                      cudaStream_t stream);
 
 // D <= kSimpleMaxD.
 constexpr int kSimpleMaxD = 256;
@@ -80,12 +84,14 @@ struct BackwardArgs {
 int64_t backward_workspace_bytes(const Inputs& in);
 cudaError_t launch_backward_delta(const BackwardArgs& args, void* delta, cudaStream_t stream);
 
-// Tensor-core backward (tree_attention_bwd.cu): the forward_tc_supported inputs with a 16-byte
-// aligned grad_out.
+// Tensor-core backward (tree_attention_tc_backward_kernel.cu): the forward_tc_supported inputs
+// with a 16-byte aligned grad_out.
 bool backward_tc_supported(const BackwardArgs& args);
-cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace, cudaStream_t stream);
+cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace,
+                                       cudaStream_t stream);
 
-// Warp-per-row backward (tree_attention_simple.cu): any dtype, D <= kSimpleMaxD, any layout.
-cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* workspace, cudaStream_t stream);
+// Warp-per-row backward (tree_attention_simple_kernel.cu): any dtype, D <= kSimpleMaxD, any layout.
+cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* workspace,
+                                           cudaStream_t stream);
 
 }  // namespace vsd_ext::cuda::tree_attn

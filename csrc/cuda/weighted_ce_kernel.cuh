@@ -1,4 +1,5 @@
-// Torch-free CUDA kernels of the weighted cross-entropy (launchers; kernels in weighted_ce.cu).
+// Torch-free CUDA kernels of the weighted cross-entropy (the launchers; the kernels are in
+// weighted_ce_kernel.cu).
 // The adapter (weighted_ce_adapter.cpp) runs the chunk loop with cuBLAS GEMMs through ATen and
 // calls these for the per-row work. Math: csrc/weighted_ce_math.h (shared with the CPU kernels).
 //
@@ -11,9 +12,9 @@
 
 #include <cstdint>
 
-namespace vsd_ext::cuda::wce {
+#include "cuda/common.cuh"
 
-enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
+namespace vsd_ext::cuda::wce {
 
 struct ConstMatrix {
   const void* data = nullptr;  // nullptr: absent (e.g. no soft targets)
@@ -28,7 +29,7 @@ struct Matrix {
 };
 
 // Row statistics of a [rows, cols] logits tile at vocabulary offset col0 (see StatsArgs in
-// csrc/weighted_ce_args.h): one block per row, online log-sum-exp per thread, deterministic tree
+// csrc/weighted_ce_driver.h): one block per row, online log-sum-exp per thread, deterministic tree
 // merge. The last tile writes loss, lse and soft_lse; an active row whose hard target is outside
 // [0, vocab) gets a NaN loss.
 struct StatsLaunch {

@@ -1,17 +1,19 @@
-// Tensor-core building blocks shared by the CUDA tree-attention forward and backward (sm_80+:
-// cp.async, mma.sync m16n8k16 with fp32 accumulation). Fragment layouts (PTX ISA, m16n8k16,
-// g = lane / 4, t = lane % 4; each register holds two 16-bit values, lower index in the low half):
+// Tensor-core building blocks of the CUDA kernels (sm_80+: cp.async, mma.sync m16n8k16 with fp32
+// accumulation), used by the tree-attention forward and backward. Fragment layouts (PTX ISA,
+// m16n8k16, g = lane / 4, t = lane % 4; each register holds two 16-bit values, lower index in the
+// low half):
 //   A (16x16, row): a0 = (g, 2t..2t+1), a1 = (g+8, 2t..), a2 = (g, 2t+8..), a3 = (g+8, 2t+8..)
 //   B (16x8, col):  b0 = (k 2t..2t+1, n g), b1 = (k 2t+8..2t+9, n g)
 //   C (16x8, fp32): c0,c1 = (g, 2t..2t+1), c2,c3 = (g+8, 2t..2t+1)
 // so the C fragments of two adjacent 8-column tiles form the A fragment of a 16-wide k slice.
 #pragma once
 
-#include "tree_attention_device.cuh"
-
+#include <cstdint>
 #include <cstring>
 
-namespace vsd_ext::cuda::tree_attn {
+#include "cuda/common.cuh"
+
+namespace vsd_ext::cuda {
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -27,9 +29,11 @@ __device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_
 
 // D (16x8, fp32) += A (16x16, row) * B (16x8, col).
 template <class T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1);
 template <>
-__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                 uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -37,8 +41,8 @@ __device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 template <>
-__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                                         uint32_t b1) {
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4],
+                                                        uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};\n"
@@ -73,4 +77,4 @@ __device__ __forceinline__ uint32_t ld16(const T* p) {
   return *reinterpret_cast<const uint16_t*>(p);
 }
 
-}  // namespace vsd_ext::cuda::tree_attn
+}  // namespace vsd_ext::cuda

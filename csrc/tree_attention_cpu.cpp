@@ -1,4 +1,4 @@
-// Tree-mask attention, CPU forward (contract: shared/design/OPS.md section 1).
+// Tree-mask attention, CPU forward (contract: docs/design/OPS.md section 1).
 //
 // For each work unit (row b, kv head g, node range; see tree_attention_cpu.h) the G query heads
 // of the group are packed into one tile Q [R, D], pre-scaled by c = sm_scale * log2(e).
@@ -10,8 +10,8 @@
 // tree tile (the row's N tree keys) gets the bitmask applied to its scores. At the end
 // out = O / l and lse = ln2 (m + log2 l); a row that saw nothing gives out = 0, lse = -inf.
 // Accumulation is fp32 for fp16/bf16/fp32 inputs; float64 inputs (gradcheck) run in fp64.
-#include "tree_attention_checks.h"
 #include "tree_attention_cpu.h"
+#include "tree_attention_checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -35,22 +35,18 @@ std::vector<int64_t> host_prefix_lens(const at::Tensor& prefix_lens, int64_t L) 
 namespace {
 
 template <class T>
-cpu::Rows4<const T> rows4(const at::Tensor& t) {
-  return {t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2)};
-}
-
-template <class T>
-void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const std::vector<int64_t>& lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
-                 const at::Tensor& tree_mask, double sm_scale, at::Tensor& out, at::Tensor& lse) {
+void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
+                 const at::Tensor& v_cache, const std::vector<int64_t>& lens,
+                 const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
+                 double sm_scale, at::Tensor& out, at::Tensor& lse) {
   using A = cpu::acc_t<T>;
   const A c = static_cast<A>(sm_scale * kLog2eD);
   const int64_t G = d.group, D = d.D, N = d.N;
   const int64_t nodes = cpu::nodes_per_unit(d.B, d.Hkv, N, G, at::get_num_threads());
   const int64_t chunks = cpu::ceil_div(N, nodes);
   const int64_t max_keys = std::max(cpu::kKeyTile, N);
-  const auto Q4 = rows4<T>(q), Kc = rows4<T>(k_cache), Vc = rows4<T>(v_cache);
-  const auto Kt = rows4<T>(k_tree), Vt = rows4<T>(v_tree);
+  const auto Q4 = cpu::rows4<T>(q), Kc = cpu::rows4<T>(k_cache), Vc = cpu::rows4<T>(v_cache);
+  const auto Kt = cpu::rows4<T>(k_tree), Vt = cpu::rows4<T>(v_tree);
   const int64_t* mask = tree_mask.data_ptr<int64_t>();
   const int64_t mask_b = tree_mask.stride(0), mask_n = tree_mask.stride(1);
   T* out_p = out.data_ptr<T>();  // contiguous [B, N, Hq, D]
@@ -73,7 +69,8 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, 
       std::fill(l.begin(), l.begin() + R, A(0));
 
       // One key tile of n keys (row stride k_rs) and values (v_rs); St [n, R] = K Q^T.
-      auto step = [&](const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n, bool tree) {
+      auto step = [&](const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n,
+                      bool tree) {
         int64_t ldk, ldv;
         const A* K = cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
         cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, s.data(), R, false);
@@ -85,7 +82,8 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, 
       };
       // Prefix: mask-free key tiles.
       for (int64_t j0 = 0; j0 < lens[b]; j0 += cpu::kKeyTile)
-        step(Kc.row(bc, j0, g), Kc.s1, Vc.row(bc, j0, g), Vc.s1, std::min(cpu::kKeyTile, lens[b] - j0), false);
+        step(Kc.row(bc, j0, g), Kc.s1, Vc.row(bc, j0, g), Vc.s1,
+             std::min(cpu::kKeyTile, lens[b] - j0), false);
       // Tree tile: the row's N tree keys, bitmask applied to the scores.
       step(Kt.row(b, 0, g), Kt.s1, Vt.row(b, 0, g), Vt.s1, N, true);
 
@@ -96,24 +94,27 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache, 
         const A inv = seen ? A(1) / l[r] : A(0);
         T* dst = out_p + ((b * N + n) * d.Hq + h) * D;
         for (int64_t k = 0; k < D; ++k) dst[k] = static_cast<T>(O[r * D + k] * inv);
-        lse_p[(b * N + n) * d.Hq + h] = seen ? A(kLn2D) * (m[r] + std::log2(l[r])) : -std::numeric_limits<A>::infinity();
+        lse_p[(b * N + n) * d.Hq + h] =
+            seen ? A(kLn2D) * (m[r] + std::log2(l[r])) : -std::numeric_limits<A>::infinity();
       }
     };
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache,
-                                                      const at::Tensor& v_cache, const at::Tensor& prefix_lens,
-                                                      const at::Tensor& k_tree, const at::Tensor& v_tree,
-                                                      const at::Tensor& tree_mask, double sm_scale) {
+std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+    const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
+    const at::Tensor& tree_mask, double sm_scale) {
   const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
   at::Tensor out = at::empty({d.B, d.N, d.Hq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.N, d.Hq}, q.options().dtype(lse_dtype(q)));
   if (out.numel() == 0) return {out, lse};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu", [&] {
-    forward_cpu<scalar_t>(d, q, k_cache, v_cache, lens, k_tree, v_tree, tree_mask, sm_scale, out, lse);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "tree_attention_cpu",
+                                  [&] {
+                                    forward_cpu<scalar_t>(d, q, k_cache, v_cache, lens, k_tree,
+                                                          v_tree, tree_mask, sm_scale, out, lse);
+                                  });
   return {out, lse};
 }
 

@@ -1,13 +1,15 @@
 // Device-generic driver of the fused linear variant: the row x vocabulary chunk loop (GEMMs
 // through ATen: MKL on CPU, cuBLAS on CUDA; row kernels from the kernel set K, see
-// weighted_ce_impl.h) and the backward's choice between rescaling precomputed gradients and one
+// weighted_ce_driver.h) and the backward's choice between rescaling precomputed gradients and one
 // recomputation.
 //
-// FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden; V vocab):
+// FLOPs (M rows, M_a of them active: target != ignore_index and row weight != 0; H hidden;
+// V vocab):
 //   forward, no gradient needed          2MHV  (logits chunks only)
-//   forward computing unit gradients     2MHV + 4 M_a HV  (dhidden_unit = G W, dweight_unit = G^T h,
-//                                        with G = dL/dz at g = 1, gl = 0; inactive rows have G = 0
-//                                        and only get their lse, in a pass without gradients)
+//   forward computing unit gradients     2MHV + 4 M_a HV  (dhidden_unit = G W,
+//                                        dweight_unit = G^T h, with G = dL/dz at g = 1, gl = 0;
+//                                        inactive rows have G = 0 and only get their lse, in a
+//                                        pass without gradients)
 //   backward, g uniform on active rows and no gradient into lse: no GEMM (rescale by g)
 //   backward, otherwise: one recomputation, 2 M' HV + 2 M' HV per gradient it must still
 //                                        produce (M' = M_a, or M with a gradient into lse).
@@ -29,7 +31,7 @@
 #include <utility>
 #include <vector>
 
-#include "weighted_ce_impl.h"
+#include "weighted_ce_driver.h"
 
 namespace vsd_ext::wce {
 
@@ -148,6 +150,105 @@ struct RowOutputs {
   Tensor loss, lse, soft_lse;
 };
 
+// One chunk of a pass, rows [r0, r0 + rows) of its row set: the inputs (hidden in the GEMM
+// operand dtype) and its rows of the statistics, written by a pass with statistics (views of the
+// outputs, or buffers for RowSet::scatter) or read by a pass without.
+struct Chunk {
+  int64_t r0 = 0, rows = 0;
+  Tensor hidden, soft, targets, row_weights;
+  RowOutputs stats;
+};
+
+inline Chunk take_chunk(const LinearInputs& in, const RowSet& set, int64_t r0, int64_t rows,
+                        const RowOutputs& outs, const RowOutputs& stats_in) {
+  const bool soft = in.soft.defined();
+  Chunk ch;
+  ch.r0 = r0;
+  ch.rows = rows;
+  const Tensor hc = set.take(in.hidden, r0, rows);
+  ch.hidden = in.upcast ? hc.to(in.acc) : hc;
+  ch.soft = set.take(in.soft, r0, rows);
+  ch.targets = set.take(in.targets, r0, rows);
+  ch.row_weights = set.take(in.row_weights, r0, rows);
+  if (outs.lse.defined()) {
+    ch.stats = {set.out(outs.loss, r0, rows), set.out(outs.lse, r0, rows),
+                soft ? set.out(outs.soft_lse, r0, rows) : Tensor()};
+  } else {
+    ch.stats = {Tensor(), set.take(stats_in.lse, r0, rows),
+                soft ? set.take(stats_in.soft_lse, r0, rows) : Tensor()};
+  }
+  return ch;
+}
+
+// z = h_c W^T + b over the vocabulary columns [c0, c0 + n) (z: [rows, n], acc dtype).
+inline void chunk_logits(const LinearInputs& in, const Chunk& ch, int64_t c0, int64_t n,
+                         Tensor& z) {
+  const Tensor w_tile = in.weight_op.narrow(0, c0, n).t();
+  if (in.bias_acc.defined()) {
+    gemm_bias(z, in.bias_acc.narrow(0, c0, n), ch.hidden, w_tile);
+  } else {
+    gemm(z, ch.hidden, w_tile, /*accumulate=*/false);
+  }
+}
+
+// Statistics of the logits tile z = columns [c0, c0 + n) of the chunk; `state` carries them
+// across the tiles of a row.
+inline StatsArgs tile_stats_args(const LinearInputs& in, const Chunk& ch, const Tensor& z,
+                                 const Tensor& state, int64_t c0, int64_t n) {
+  StatsArgs a;
+  a.logits = z;
+  a.soft = ch.soft.defined() ? ch.soft.narrow(1, c0, n) : Tensor();
+  a.targets = ch.targets;
+  a.row_weights = ch.row_weights;
+  a.state = state.defined() ? state.narrow(0, 0, ch.rows) : Tensor();
+  a.loss = ch.stats.loss;
+  a.lse = ch.stats.lse;
+  a.soft_lse = ch.stats.soft_lse;
+  a.col0 = c0;
+  a.vocab = in.V;
+  a.first = c0 == 0;
+  a.last = c0 + n == in.V;
+  a.ignore_index = in.ignore_index;
+  a.temperature = in.temperature;
+  return a;
+}
+
+// G = dL/dz of the chunk's whole-row logits z, written to `out` (z itself or a separate buffer).
+inline GradArgs chunk_grad_args(const LinearInputs& in, const RowSet& set, const Chunk& ch,
+                                const Upstream& up, const Tensor& z, const Tensor& out) {
+  GradArgs g;
+  g.logits = z;
+  g.soft = ch.soft;
+  g.targets = ch.targets;
+  g.row_weights = ch.row_weights;
+  g.grad_loss = set.take(up.grad_loss, ch.r0, ch.rows);
+  g.unit_grad_loss = up.unit;
+  g.grad_lse = set.take(up.grad_lse, ch.r0, ch.rows);
+  g.lse = ch.stats.lse;
+  g.soft_lse = ch.stats.soft_lse;
+  g.out = out;
+  g.ignore_index = in.ignore_index;
+  g.temperature = in.temperature;
+  return g;
+}
+
+// The chunk's share of the wanted gradients, from G [rows, V].
+template <class K>
+void add_chunk_grads(const LinearInputs& in, const RowSet& set, const Chunk& ch, const Tensor& G,
+                     LinearGrads& grads) {
+  if (grads.dhidden.defined()) {
+    Tensor dh = set.out(grads.dhidden, ch.r0, ch.rows);
+    gemm(dh, G, in.weight_op, /*accumulate=*/false);  // [rows, V] @ [V, H]
+    set.scatter(grads.dhidden, ch.r0, ch.rows, dh);
+  }
+  if (grads.dweight.defined()) {
+    gemm(grads.dweight, G.t(), ch.hidden, /*accumulate=*/true);  // [V, rows] @ [rows, H]
+  }
+  if (grads.dbias.defined()) {
+    K::colsum_add(G, grads.dbias);
+  }
+}
+
 // One pass over chunks of the rows in `set`. Each chunk's logits z = h_c W^T + b are
 // materialized one [rows_per, cols_per] tile at a time (never [M, V]). With statistics, the tiles
 // stream into loss, lse and soft_lse (online log-sum-exp across tiles); with gradients wanted, a
@@ -155,64 +256,35 @@ struct RowOutputs {
 // into a separate fp16/bf16 buffer for the GEMMs on CUDA), which feeds the GEMMs of the gradients.
 // A pass without statistics (the backward's) reads lse and soft_lse from `stats_in`.
 template <class K>
-void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs, const RowOutputs& stats_in,
-                 const Upstream& up, LinearGrads& grads) {
+void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs,
+                 const RowOutputs& stats_in, const Upstream& up, LinearGrads& grads) {
   const int64_t V = in.V;
   if (set.count == 0) {
     return;
   }
-  const bool stats = outs.lse.defined(), want_grad = grads.any(), soft = in.soft.defined();
+  const bool stats = outs.lse.defined(), want_grad = grads.any();
   const int64_t rows_per = std::clamp<int64_t>(in.budget / V, 1, set.count);
   const int64_t cols_per = want_grad ? V : std::clamp<int64_t>(in.budget / rows_per, 1, V);
   const auto opts = in.hidden.options().dtype(in.acc);
   Tensor zbuf = at::empty({rows_per * cols_per}, opts);
   const bool separate_g = want_grad && in.weight_op.scalar_type() != in.acc;
-  Tensor gbuf = separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
+  Tensor gbuf =
+      separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
   Tensor state = (stats && cols_per < V) ? at::empty({rows_per, 6}, opts) : Tensor();
 
   for (int64_t r0 = 0; r0 < set.count; r0 += rows_per) {
     const int64_t rows = std::min(rows_per, set.count - r0);
-    Tensor hc = set.take(in.hidden, r0, rows);
-    hc = in.upcast ? hc.to(in.acc) : hc;
-    const Tensor soft_c = set.take(in.soft, r0, rows);
-    const Tensor targets_c = set.take(in.targets, r0, rows);
-    const Tensor weights_c = set.take(in.row_weights, r0, rows);
-    RowOutputs chunk;  // this chunk's rows of the statistics (written, or read by the gradient)
-    if (stats) {
-      chunk = {set.out(outs.loss, r0, rows), set.out(outs.lse, r0, rows),
-               soft ? set.out(outs.soft_lse, r0, rows) : Tensor()};
-    } else {
-      chunk = {Tensor(), set.take(stats_in.lse, r0, rows), soft ? set.take(stats_in.soft_lse, r0, rows) : Tensor()};
-    }
+    const Chunk ch = take_chunk(in, set, r0, rows, outs, stats_in);
     Tensor z;
     StatsArgs row_stats;  // with gradients: the single whole-row tile, fused with the gradient
     for (int64_t c0 = 0; c0 < V; c0 += cols_per) {
       const int64_t n = std::min(cols_per, V - c0);
       z = zbuf.narrow(0, 0, rows * n).view({rows, n});
-      const Tensor w_tile = in.weight_op.narrow(0, c0, n).t();
-      if (in.bias_acc.defined()) {
-        gemm_bias(z, in.bias_acc.narrow(0, c0, n), hc, w_tile);
-      } else {
-        gemm(z, hc, w_tile, /*accumulate=*/false);
-      }
+      chunk_logits(in, ch, c0, n, z);
       if (!stats) {
         continue;
       }
-      StatsArgs a;
-      a.logits = z;
-      a.soft = soft ? soft_c.narrow(1, c0, n) : Tensor();
-      a.targets = targets_c;
-      a.row_weights = weights_c;
-      a.state = state.defined() ? state.narrow(0, 0, rows) : Tensor();
-      a.loss = chunk.loss;
-      a.lse = chunk.lse;
-      a.soft_lse = chunk.soft_lse;
-      a.col0 = c0;
-      a.vocab = V;
-      a.first = c0 == 0;
-      a.last = c0 + n == V;
-      a.ignore_index = in.ignore_index;
-      a.temperature = in.temperature;
+      const StatsArgs a = tile_stats_args(in, ch, z, state, c0, n);
       if (want_grad) {
         row_stats = a;
       } else {
@@ -220,41 +292,19 @@ void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs, co
       }
     }
     if (want_grad) {
-      GradArgs g;
-      g.logits = z;
-      g.soft = soft_c;
-      g.targets = targets_c;
-      g.row_weights = weights_c;
-      g.grad_loss = set.take(up.grad_loss, r0, rows);
-      g.unit_grad_loss = up.unit;
-      g.grad_lse = set.take(up.grad_lse, r0, rows);
-      g.lse = chunk.lse;
-      g.soft_lse = chunk.soft_lse;
-      g.out = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : z;
-      g.ignore_index = in.ignore_index;
-      g.temperature = in.temperature;
+      const Tensor out = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : z;
+      const GradArgs g = chunk_grad_args(in, set, ch, up, z, out);
       if (stats) {
         K::stats_grad(row_stats, g);
       } else {
         K::grad(g);
       }
-      const Tensor& G = g.out;
-      if (grads.dhidden.defined()) {
-        Tensor dh = set.out(grads.dhidden, r0, rows);
-        gemm(dh, G, in.weight_op, /*accumulate=*/false);  // [rows, V] @ [V, H]
-        set.scatter(grads.dhidden, r0, rows, dh);
-      }
-      if (grads.dweight.defined()) {
-        gemm(grads.dweight, G.t(), hc, /*accumulate=*/true);  // [V, rows] @ [rows, H]
-      }
-      if (grads.dbias.defined()) {
-        K::colsum_add(G, grads.dbias);
-      }
+      add_chunk_grads<K>(in, set, ch, g.out, grads);
     }
     if (stats) {
-      set.scatter(outs.loss, r0, rows, chunk.loss);
-      set.scatter(outs.lse, r0, rows, chunk.lse);
-      set.scatter(outs.soft_lse, r0, rows, chunk.soft_lse);
+      set.scatter(outs.loss, r0, rows, ch.stats.loss);
+      set.scatter(outs.lse, r0, rows, ch.stats.lse);
+      set.scatter(outs.soft_lse, r0, rows, ch.stats.soft_lse);
     }
   }
 }
@@ -272,7 +322,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
     double temperature, int64_t chunk_size, std::array<bool, 3> grad_mask) {
   const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
                                             ignore_index, temperature, chunk_size);
-  VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask", "asks for the bias gradient without a bias");
+  VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask",
+            "asks for the bias gradient without a bias");
   if (!soft.has_value()) {
     K::check_targets(in.targets, in.V, ignore_index);
   }
@@ -291,8 +342,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
   } else {
     linear_pass<K>(in, RowSet::all(in.M), outs, RowOutputs(), unit, grads);
   }
-  return {outs.loss, outs.lse, outs.soft_lse, defined_or_empty(grads.dhidden, opts),
-          defined_or_empty(grads.dweight, opts), defined_or_empty(grads.dbias, opts)};
+  return {outs.loss,
+          outs.lse,
+          outs.soft_lse,
+          defined_or_empty(grads.dhidden, opts),
+          defined_or_empty(grads.dweight, opts),
+          defined_or_empty(grads.dbias, opts)};
 }
 
 // g0 when the upstream gradient g equals g0 on every active row (0 when there is none), nullopt
@@ -303,8 +358,9 @@ inline std::optional<double> uniform_grad(const Tensor& g, const LinearInputs& i
   }
   const Tensor inactive = inactive_rows(in);
   const double inf = std::numeric_limits<double>::infinity();
-  const Tensor range = at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
-                           .to(at::kCPU, at::kDouble);
+  const Tensor range =
+      at::stack({g.masked_fill(inactive, inf).min(), g.masked_fill(inactive, -inf).max()})
+          .to(at::kCPU, at::kDouble);
   const double lo = range[0].item<double>(), hi = range[1].item<double>();
   if (lo > hi) {
     return 0.0;  // no active row: the unit gradients are exactly zero
@@ -327,7 +383,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
     std::array<bool, 3> output_mask) {
   const LinearInputs in = prepare_linear<K>(hidden, weight, targets, row_weights, soft, bias,
                                             ignore_index, temperature, chunk_size);
-  VSD_CHECK(!output_mask[2] || bias.has_value(), "output_mask", "asks for the bias gradient without a bias");
+  VSD_CHECK(!output_mask[2] || bias.has_value(), "output_mask",
+            "asks for the bias gradient without a bias");
   check_saved_stats(lse, soft_lse, soft.has_value(), in.M, hidden, "hidden");
   const bool have_dh = dhidden_unit.numel() > 0, have_dw = dweight_unit.numel() > 0,
              have_db = dbias_unit.numel() > 0;
@@ -355,8 +412,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
       if (output_mask[2] && have_db) db = dbias_unit.mul(*g0);
     }
   }
-  LinearGrads rest = alloc_grads(in, {output_mask[0] && !dh.defined(), output_mask[1] && !dw.defined(),
-                                      output_mask[2] && !db.defined()});
+  LinearGrads rest =
+      alloc_grads(in, {output_mask[0] && !dh.defined(), output_mask[1] && !dw.defined(),
+                       output_mask[2] && !db.defined()});
   if (rest.any() && (g.defined() || gl.defined())) {
     Upstream up;
     up.grad_loss = g;

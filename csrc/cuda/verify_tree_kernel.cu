@@ -1,5 +1,5 @@
 // verify_tree, CUDA kernels (torch-free). Same rule and float64 arithmetic as the CPU kernel
-// (verify_tree.cpp, shared formulas in verify_tree_math.h); the reference is
+// (verify_tree_cpu.cpp, shared formulas in verify_tree_math.h); the reference is
 // vsd_ext/reference/verify_tree.py.
 //
 // Kernel 1, node_stats (grid: vocab chunk x node x row): one pass over each real node's logits
@@ -15,15 +15,13 @@
 // residual r_j is never materialized: r_j(v) is replayed from e(v), q(v) and the j recorded
 // (R_k, Q_k, x_k) steps with the same per-element operations the CPU applies to its buffer.
 // Never materialized: softmax [B, N, V], residual vectors. Deterministic (fixed reduction trees).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <climits>
 #include <cstdint>
 
-#include "cuda/verify_tree.cuh"
 #include "cuda/verify_tree_device.cuh"
+#include "cuda/verify_tree_kernel.cuh"
 #include "verify_tree_math.h"
 
 namespace vsd_ext::cuda {
@@ -61,7 +59,7 @@ struct StatsAcc {
 __device__ __forceinline__ StatsAcc merge(const StatsAcc& a, const StatsAcc& b, double t) {
   StatsAcc r;
   r.max = a.max > b.max ? a.max : b.max;
-  r.argmax = a.max > b.max ? a.argmax
+  r.argmax = a.max > b.max   ? a.argmax
              : b.max > a.max ? b.argmax
                              : (a.argmax < b.argmax ? a.argmax : b.argmax);
   const double sa = a.sum == 0.0 ? 0.0 : a.sum * exp_term(a.max, r.max, t);
@@ -79,8 +77,8 @@ struct MergeOp {
 };
 
 __device__ __forceinline__ StatsAcc shfl_xor(const StatsAcc& a, int o) {
-  return {__shfl_xor_sync(kFull, a.max, o), __shfl_xor_sync(kFull, a.sum, o),
-          __shfl_xor_sync(kFull, a.argmax, o), __shfl_xor_sync(kFull, a.flags, o)};
+  return {__shfl_xor_sync(kFullWarp, a.max, o), __shfl_xor_sync(kFullWarp, a.sum, o),
+          __shfl_xor_sync(kFullWarp, a.argmax, o), __shfl_xor_sync(kFullWarp, a.flags, o)};
 }
 
 template <typename TL, typename TQ>
@@ -179,8 +177,8 @@ __device__ WalkSmem carve(unsigned char* base, int n) {
     d += n;
   }
   int* k = reinterpret_cast<int*>(d);
-  int** iptrs[] = {&s.token, &s.parent, &s.first_child, &s.next_sibling,
-                   &s.argmax, &s.path, &s.step_x, &s.step_kept};
+  int** iptrs[] = {&s.token,  &s.parent, &s.first_child, &s.next_sibling,
+                   &s.argmax, &s.path,   &s.step_x,      &s.step_kept};
   for (int** ptr : iptrs) {
     *ptr = k;
     k += n;
@@ -205,76 +203,81 @@ __device__ __forceinline__ double replay(double e0, double q0, int v, int j, con
   return r;
 }
 
-template <typename TL, typename TQ>
-__global__ void __launch_bounds__(kWalkThreads, 1)
-    walk_kernel(VerifyTreeParams p, int64_t nchunks, const NodePartial* partials,
-                unsigned long long* error) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  __shared__ unsigned long long kscratch[32];
-  __shared__ double dscratch[32];
+// ---- walk phases 1-3: inputs into shared memory ----------------------------------------------
+
+// Phase 1. Structure and uniforms (uniforms into s.u): the row's first error in canonical order,
+// the smallest key, in every thread.
+__device__ __forceinline__ unsigned long long check_row(const VerifyTreeParams& p, int64_t b,
+                                                        const WalkSmem& s,
+                                                        unsigned long long* kscratch) {
   const int N = int(p.nodes);
-  const int64_t V = p.vocab, b = blockIdx.x;
-  const int tid = threadIdx.x;
-  const double t = p.temperature;
-  const WalkSmem s = carve(smem_raw, N);
   const int64_t* tok_row = p.tokens + b * N;
   const int64_t* par_row = p.parents + b * N;
-
-  // 1. Structure and uniforms: the row's first error in canonical order is the smallest key.
   unsigned long long local = kNoError;
-  for (int i = tid; i < N; i += blockDim.x) {
-    const unsigned long long k = check_node(i, V, tok_row, par_row[i]);
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
+    const unsigned long long k = check_node(i, p.vocab, tok_row, par_row[i]);
     local = k < local ? k : local;
   }
-  for (int i = tid; i <= N; i += blockDim.x) {
+  for (int i = threadIdx.x; i <= N; i += blockDim.x) {
     const int64_t at = b * (N + 1) + i;
-    const double u = p.uniforms_dtype == VtDtype::kFloat64
+    const double u = p.uniforms_dtype == DType::kFloat64
                          ? static_cast<const double*>(p.uniforms)[at]
                          : static_cast<double>(static_cast<const float*>(p.uniforms)[at]);
     s.u[i] = u;
     if (!uniform_ok(u) && key_uniform(N, i) < local) local = key_uniform(N, i);
   }
-  const unsigned long long first_error = block_reduce(local, MinOp{}, kscratch);
-  if (first_error != kNoError) {
-    if (tid == 0) atomicMin(error, batch_key(b, uint32_t(first_error)));
-    return;
-  }
+  return block_reduce(local, MinOp{}, kscratch);
+}
 
-  // 2. Node arrays; merge each real node's chunk statistics (chunks in order).
-  for (int i = tid; i < N; i += blockDim.x) {
+// Phase 2, one real node i: merges its chunk statistics (chunks in order) into s.
+__device__ __forceinline__ void merge_chunks(const VerifyTreeParams& p, const NodePartial* np,
+                                             int64_t nchunks, int i, const WalkSmem& s) {
+  double m = -INFINITY;
+  uint32_t flags = 0;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    m = np[c].max > m ? np[c].max : m;
+    flags |= np[c].flags;
+  }
+  double sum = 0.0, q_sum = 0.0;
+  int amax = -1;
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (amax < 0 && np[c].max == m) amax = np[c].argmax;
+    if (np[c].sum != 0.0) sum += np[c].sum * exp_term(np[c].max, m, p.temperature);
+    q_sum += np[c].q_sum;
+  }
+  if (!(m > -INFINITY)) flags |= kBadLogits;
+  if (p.mode == kSampled && !(q_sum > 0.0)) flags |= kBadQ;
+  s.max[i] = m;
+  s.sum[i] = sum;
+  s.q_sum[i] = q_sum;
+  s.argmax[i] = amax;
+  s.flags[i] = flags;
+}
+
+// Phase 2. Node arrays and, per real node, its merged statistics.
+__device__ __forceinline__ void load_nodes(const VerifyTreeParams& p, int64_t b, int64_t nchunks,
+                                           const NodePartial* partials, const WalkSmem& s) {
+  const int N = int(p.nodes);
+  const int64_t* tok_row = p.tokens + b * N;
+  const int64_t* par_row = p.parents + b * N;
+  for (int i = threadIdx.x; i < N; i += blockDim.x) {
     const int tk = int(tok_row[i]);
     s.token[i] = tk;
     s.parent[i] = i == 0 || tk == -1 ? -1 : int(par_row[i]);
     s.first_child[i] = -1;
     s.flags[i] = 0;
     if (tk == -1) continue;
-    const NodePartial* np = partials + (b * N + i) * nchunks;
-    double m = -INFINITY;
-    uint32_t flags = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      m = np[c].max > m ? np[c].max : m;
-      flags |= np[c].flags;
-    }
-    double sum = 0.0, q_sum = 0.0;
-    int amax = -1;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      if (amax < 0 && np[c].max == m) amax = np[c].argmax;
-      if (np[c].sum != 0.0) sum += np[c].sum * exp_term(np[c].max, m, t);
-      q_sum += np[c].q_sum;
-    }
-    if (!(m > -INFINITY)) flags |= kBadLogits;
-    if (p.mode == kSampled && !(q_sum > 0.0)) flags |= kBadQ;
-    s.max[i] = m;
-    s.sum[i] = sum;
-    s.q_sum[i] = q_sum;
-    s.argmax[i] = amax;
-    s.flags[i] = flags;
+    merge_chunks(p, partials + (b * N + i) * nchunks, nchunks, i, s);
   }
-  __syncthreads();
+}
 
-  // 3. Children lists (increasing index), duplicate sibling tokens, and every child's gathered
-  //    e = exp((x_token - M_parent) / T) and raw q at its parent: N independent loads.
-  for (int c = 1 + tid; c < N; c += blockDim.x) {
+// Phase 3. Children lists (increasing index), duplicate sibling tokens, and every child's
+// gathered e = exp((x_token - M_parent) / T) and raw q at its parent: N independent loads.
+template <typename TL, typename TQ>
+__device__ __forceinline__ void link_children(const VerifyTreeParams& p, int64_t b,
+                                              const WalkSmem& s) {
+  const int N = int(p.nodes);
+  for (int c = 1 + threadIdx.x; c < N; c += blockDim.x) {
     const int par = s.parent[c];
     if (par < 0) continue;
     const int x = s.token[c];
@@ -292,122 +295,186 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
     if (duplicate) s.flags[c] |= kDuplicate;
     if (p.mode != kGreedy) {
       const TL* prow = static_cast<const TL*>(p.logits) + b * p.logits_sb + par * p.logits_sn;
-      s.child_e[c] = exp_term(load_d(prow, x), s.max[par], t);
+      s.child_e[c] = exp_term(load_d(prow, x), s.max[par], p.temperature);
       if (p.mode == kSampled) {
         const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + par * p.q_sn;
         s.child_q[c] = load_d(qrow, x);
       }
     }
   }
-  __syncthreads();
+}
 
-  // 4. The walk. Every thread evaluates the same decisions; thread 0 records them.
-  int cur = 0, nacc = 0;
-  int64_t final_token = -1;
-  unsigned long long walk_error = kNoError;
-  if (tid == 0) s.path[0] = 0;
+// ---- walk phase 4: the three modes, one node each (children from `first` on) ------------------
+// Every thread evaluates the same decisions on the same shared data; thread 0 records them.
+// e_of(v) = exp((x_v - M) / T) of the node's logits row.
+
+// The decision at one node: the accepted child, or -1 and the token emitted instead.
+struct Step {
+  int accepted;
+  int64_t final_token;
+};
+
+// greedy: the child holding the node's argmax, else the argmax as the final token.
+__device__ __forceinline__ Step greedy_step(const WalkSmem& s, int cur, int first) {
+  const int a = s.argmax[cur];
+  for (int c = first; c >= 0; c = s.next_sibling[c]) {
+    if (s.token[c] == a) return {c, -1};
+  }
+  return {-1, a};
+}
+
+// target_only: r = p with rejected tokens zeroed; the rejected tokens are recorded in s.step_x.
+template <typename E>
+__device__ __forceinline__ Step target_only_step(const VerifyTreeParams& p, const WalkSmem& s,
+                                                 int cur, int first, E e_of) {
+  const int N = int(p.nodes);
+  const double total = s.sum[cur];
+  double rejected = 0.0;
+  int nrej = 0;
+  for (int c = first; c >= 0; c = s.next_sibling[c]) {
+    if (s.flags[c] & kDuplicate) continue;  // r(token) is already 0: rejected, m unchanged
+    const double ec = s.child_e[c];
+    if (accept_target_only(s.u[c], ec, total, rejected)) return {c, -1};
+    rejected += ec;
+    if (threadIdx.x == 0) s.step_x[nrej] = s.token[c];
+    ++nrej;
+  }
+  __syncthreads();
+  auto residual = [&](int64_t v) {
+    for (int k = 0; k < nrej; ++k) {
+      if (s.step_x[k] == v) return 0.0;
+    }
+    return e_of(v);
+  };
+  int64_t token = block_inverse_cdf<kWalkWarps>(residual, p.vocab, s.u[N]);
+  // No mass left (reachable only through rounding): the correction comes from p.
+  if (token < 0) token = block_inverse_cdf<kWalkWarps>(e_of, p.vocab, s.u[N]);
+  return {-1, token};
+}
+
+// sampled, one rejection of token x (the j-th at this node, recorded in the step arrays): the
+// sums R_{j+1} of r_{j+1} = max(r_j / R_j - q_j / Q_j, 0) and Q_{j+1} of q_{j+1} = q_j with x
+// zeroed, over the vocabulary (block-wide, deterministic).
+template <typename TQ, typename E>
+__device__ __forceinline__ void rejection_sums(const TQ* qrow, int64_t V, int x, int j,
+                                               double r_total, double q_total, const WalkSmem& s,
+                                               E e_of, double* dscratch, double& r_next,
+                                               double& q_next) {
+  double r_part = 0.0, q_part = 0.0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+    const double q0 = load_d(qrow, v);
+    bool z;
+    const double r = replay(e_of(v), q0, int(v), j, s, &z);
+    r_part += residual_step(r, r_total, z ? 0.0 : q0, q_total);
+    q_part += z || v == x ? 0.0 : q0;
+  }
+  r_next = block_reduce(r_part, SumOp{}, dscratch);
+  q_next = block_reduce(q_part, SumOp{}, dscratch);
+}
+
+// sampled: r_0 = e, q_0 = the draft_probs row, with sums from phase 2; the residual after j
+// rejections is replayed from the recorded steps (never materialized).
+template <typename TQ, typename E>
+__device__ __forceinline__ Step sampled_step(const VerifyTreeParams& p, int64_t b,
+                                             const WalkSmem& s, int cur, int first, E e_of,
+                                             double* dscratch) {
+  const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + cur * p.q_sn;
+  double r_total = s.sum[cur], q_total = s.q_sum[cur];
+  int j = 0;
+  for (int c = first; c >= 0; c = s.next_sibling[c]) {
+    const int x = s.token[c];
+    bool zeroed;
+    const double rx = replay(s.child_e[c], s.child_q[c], x, j, s, &zeroed);
+    if (accept_sampled(s.u[c], rx, r_total, zeroed ? 0.0 : s.child_q[c], q_total)) return {c, -1};
+    if (threadIdx.x == 0) {
+      s.step_x[j] = x;
+      s.step_r[j] = r_total;
+      s.step_q[j] = q_total;
+    }
+    __syncthreads();
+    double r_next, q_next;
+    rejection_sums(qrow, p.vocab, x, j, r_total, q_total, s, e_of, dscratch, r_next, q_next);
+    // No residual mass: r == q up to rounding, a probability-0 rejection; r is kept.
+    const bool kept = !(r_next > 0.0);
+    if (threadIdx.x == 0) s.step_kept[j] = kept;
+    __syncthreads();
+    if (!kept) r_total = r_next;
+    q_total = q_next;
+    ++j;
+  }
+  auto residual = [&](int64_t v) {
+    bool z;
+    return replay(e_of(v), load_d(qrow, v), int(v), j, s, &z);
+  };
+  return {-1, block_inverse_cdf<kWalkWarps>(residual, p.vocab, s.u[p.nodes])};  // r has mass
+}
+
+// Phase 4. The walk from the root: the accepted path in s.path[0..nacc] and the final token;
+// returns kNoError or the first error the walk meets.
+template <typename TL, typename TQ>
+__device__ __forceinline__ unsigned long long walk(const VerifyTreeParams& p, int64_t b,
+                                                   const WalkSmem& s, double* dscratch, int& nacc,
+                                                   int64_t& final_token) {
+  const int N = int(p.nodes);
+  int cur = 0;
+  nacc = 0;
+  if (threadIdx.x == 0) s.path[0] = 0;
   while (true) {
     // Thread 0 rewrites the step arrays at this node; no thread may still read the last node's.
     __syncthreads();
     const uint32_t flags = s.flags[cur];
-    if (flags & kBadLogits) {
-      walk_error = key_logits(N, cur);
-      break;
-    }
+    if (flags & kBadLogits) return key_logits(N, cur);
     const int first = s.first_child[cur];
     const TL* lrow = static_cast<const TL*>(p.logits) + b * p.logits_sb + cur * p.logits_sn;
-    const double m = s.max[cur];
+    const double m = s.max[cur], t = p.temperature;
     auto e_of = [&](int64_t v) { return exp_term(load_d(lrow, v), m, t); };
-    int accepted = -1;
+    Step step;
     if (p.mode == kGreedy) {
-      const int a = s.argmax[cur];
-      for (int c = first; c >= 0 && accepted < 0; c = s.next_sibling[c]) {
-        if (s.token[c] == a) accepted = c;
-      }
-      if (accepted < 0) final_token = a;
+      step = greedy_step(s, cur, first);
     } else if (first < 0) {
-      final_token = block_inverse_cdf<kWalkWarps>(e_of, V, s.u[N]);  // bonus from p
+      step = {-1, block_inverse_cdf<kWalkWarps>(e_of, p.vocab, s.u[N])};  // bonus from p
     } else if (p.mode == kTargetOnly) {
-      const double total = s.sum[cur];
-      double rejected = 0.0;
-      int nrej = 0;
-      for (int c = first; c >= 0; c = s.next_sibling[c]) {
-        if (s.flags[c] & kDuplicate) continue;  // r(token) is already 0: rejected, m unchanged
-        const double ec = s.child_e[c];
-        if (accept_target_only(s.u[c], ec, total, rejected)) {
-          accepted = c;
-          break;
-        }
-        rejected += ec;
-        if (tid == 0) s.step_x[nrej] = s.token[c];
-        ++nrej;
-      }
-      if (accepted < 0) {
-        __syncthreads();
-        auto residual = [&](int64_t v) {
-          for (int k = 0; k < nrej; ++k) {
-            if (s.step_x[k] == v) return 0.0;
-          }
-          return e_of(v);
-        };
-        final_token = block_inverse_cdf<kWalkWarps>(residual, V, s.u[N]);
-        // No mass left (reachable only through rounding): the correction comes from p.
-        if (final_token < 0) final_token = block_inverse_cdf<kWalkWarps>(e_of, V, s.u[N]);
-      }
+      step = target_only_step(p, s, cur, first, e_of);
     } else {
-      if (flags & kBadQ) {
-        walk_error = key_draft_probs(N, cur);
-        break;
-      }
-      const TQ* qrow = static_cast<const TQ*>(p.draft_probs) + b * p.q_sb + cur * p.q_sn;
-      double r_total = s.sum[cur], q_total = s.q_sum[cur];
-      int j = 0;
-      for (int c = first; c >= 0; c = s.next_sibling[c]) {
-        const int x = s.token[c];
-        bool zeroed;
-        const double rx = replay(s.child_e[c], s.child_q[c], x, j, s, &zeroed);
-        if (accept_sampled(s.u[c], rx, r_total, zeroed ? 0.0 : s.child_q[c], q_total)) {
-          accepted = c;
-          break;
-        }
-        if (tid == 0) {
-          s.step_x[j] = x;
-          s.step_r[j] = r_total;
-          s.step_q[j] = q_total;
-        }
-        __syncthreads();
-        // r_{j+1} = max(r_j / R_j - q_j / Q_j, 0) summed, q_{j+1} = q_j with x zeroed, summed.
-        double r_part = 0.0, q_part = 0.0;
-        for (int64_t v = tid; v < V; v += blockDim.x) {
-          const double q0 = load_d(qrow, v);
-          bool z;
-          const double r = replay(e_of(v), q0, int(v), j, s, &z);
-          r_part += residual_step(r, r_total, z ? 0.0 : q0, q_total);
-          q_part += z || v == x ? 0.0 : q0;
-        }
-        const double r_next = block_reduce(r_part, SumOp{}, dscratch);
-        const double q_next = block_reduce(q_part, SumOp{}, dscratch);
-        // No residual mass: r == q up to rounding, a probability-0 rejection; r is kept.
-        const bool kept = !(r_next > 0.0);
-        if (tid == 0) s.step_kept[j] = kept;
-        __syncthreads();
-        if (!kept) r_total = r_next;
-        q_total = q_next;
-        ++j;
-      }
-      if (accepted < 0) {
-        auto residual = [&](int64_t v) {
-          bool z;
-          return replay(e_of(v), load_d(qrow, v), int(v), j, s, &z);
-        };
-        final_token = block_inverse_cdf<kWalkWarps>(residual, V, s.u[N]);  // r always has mass
-      }
+      if (flags & kBadQ) return key_draft_probs(N, cur);
+      step = sampled_step<TQ>(p, b, s, cur, first, e_of, dscratch);
     }
-    if (accepted < 0) break;
+    if (step.accepted < 0) {
+      final_token = step.final_token;
+      return kNoError;
+    }
     ++nacc;
-    if (tid == 0) s.path[nacc] = accepted;
-    cur = accepted;
+    if (threadIdx.x == 0) s.path[nacc] = step.accepted;
+    cur = step.accepted;
   }
+}
+
+// ---- kernel 2: the walk, one block per row -----------------------------------------------------
+
+template <typename TL, typename TQ>
+__global__ void __launch_bounds__(kWalkThreads, 1)
+    walk_kernel(VerifyTreeParams p, int64_t nchunks, const NodePartial* partials,
+                unsigned long long* error) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ unsigned long long kscratch[32];
+  __shared__ double dscratch[32];
+  const int N = int(p.nodes);
+  const int64_t b = blockIdx.x;
+  const int tid = threadIdx.x;
+  const WalkSmem s = carve(smem_raw, N);
+
+  const unsigned long long first_error = check_row(p, b, s, kscratch);
+  if (first_error != kNoError) {
+    if (tid == 0) atomicMin(error, batch_key(b, uint32_t(first_error)));
+    return;
+  }
+  load_nodes(p, b, nchunks, partials, s);
+  __syncthreads();
+  link_children<TL, TQ>(p, b, s);
+  __syncthreads();
+  int nacc;
+  int64_t final_token = -1;
+  const unsigned long long walk_error = walk<TL, TQ>(p, b, s, dscratch, nacc, final_token);
   __syncthreads();
   if (walk_error != kNoError) {
     if (tid == 0) atomicMin(error, batch_key(b, uint32_t(walk_error)));
@@ -435,15 +502,15 @@ cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, NodePartial
                                int(smem));
     if (err != cudaSuccess) return err;
   }
-  walk_kernel<TL, TQ><<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials,
-                                                                         error);
+  walk_kernel<TL, TQ>
+      <<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials, error);
   return cudaGetLastError();
 }
 
 template <typename TL>
 cudaError_t launch_q(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
                      unsigned long long* error, cudaStream_t stream) {
-  if (p.draft_probs != nullptr && p.draft_probs_dtype == VtDtype::kBFloat16) {
+  if (p.draft_probs != nullptr && p.draft_probs_dtype == DType::kBFloat16) {
     return launch_typed<TL, __nv_bfloat16>(p, nchunks, partials, error, stream);
   }
   return launch_typed<TL, float>(p, nchunks, partials, error, stream);
@@ -476,8 +543,8 @@ VerifyTreeStatus verify_tree_launch(const VerifyTreeParams& p, void* workspace,
   cudaError_t err = cudaMemsetAsync(error, 0xff, sizeof(unsigned long long), stream);
   if (err != cudaSuccess) return {err, kNoError};
   switch (p.logits_dtype) {
-    case VtDtype::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
-    case VtDtype::kBFloat16:
+    case DType::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
+    case DType::kBFloat16:
       err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream);
       break;
     default: err = launch_q<float>(p, nchunks, partials, error, stream); break;

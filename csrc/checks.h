@@ -64,8 +64,8 @@ inline void check_dtype(const at::Tensor& t, const char* name,
 
 inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref,
                              const char* ref_name) {
-  VSD_CHECK(t.scalar_type() == ref.scalar_type(), name, "expected the dtype of '", ref_name,
-            "' (", ref.scalar_type(), "), got ", t.scalar_type());
+  VSD_CHECK(t.scalar_type() == ref.scalar_type(), name, "expected the dtype of '", ref_name, "' (",
+            ref.scalar_type(), "), got ", t.scalar_type());
 }
 
 inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,

@@ -1,17 +1,15 @@
 // CUDA row kernels of the weighted cross-entropy (torch-free). They mirror the CPU kernels in
-// csrc/weighted_ce_rows.cpp through the shared math in csrc/weighted_ce_math.h:
+// csrc/weighted_ce_rows_cpu.cpp through the shared math in csrc/weighted_ce_math.h:
 //   stats:  one block per row; each thread streams its strided elements through the online
 //           log-sum-exp (RowStats::push_*), then a fixed shuffle/shared-memory tree merges the
 //           threads' statistics (deterministic), merging with earlier vocabulary tiles if any.
 //   grad:   one element per thread, a_m exp(z - lse_m) - c_m y, written in the GEMM operand dtype
 //           (fp32 in place, or fp16/bf16 for the next GEMMs). The [M, V] softmax is never stored.
 //   colsum: one thread per column sums the rows in order (bias gradient; no atomics).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <type_traits>
 
-#include "cuda/weighted_ce.cuh"
+#include "cuda/common.cuh"
+#include "cuda/weighted_ce_kernel.cuh"
 #include "weighted_ce_math.h"
 
 namespace vsd_ext::cuda::wce {
@@ -22,43 +20,15 @@ using vsd_ext::wce::RowStats;
 
 constexpr int kMaxThreads = 256;
 
-// Element conversions to / from the accumulation type.
-template <typename X>
-struct Conv;
-template <>
-struct Conv<float> {
-  __device__ static float to(float x) { return x; }
-  template <typename A>
-  __device__ static float from(A x) { return static_cast<float>(x); }
-};
-template <>
-struct Conv<double> {
-  __device__ static double to(double x) { return x; }
-  template <typename A>
-  __device__ static double from(A x) { return static_cast<double>(x); }
-};
-template <>
-struct Conv<__half> {
-  __device__ static float to(__half x) { return __half2float(x); }
-  template <typename A>
-  __device__ static __half from(A x) { return __float2half_rn(static_cast<float>(x)); }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  __device__ static float to(__nv_bfloat16 x) { return __bfloat162float(x); }
-  template <typename A>
-  __device__ static __nv_bfloat16 from(A x) { return __float2bfloat16_rn(static_cast<float>(x)); }
-};
-
 template <typename A>
 __device__ RowStats<A> shfl_down(const RowStats<A>& s, int offset) {
   RowStats<A> o;
-  o.m = __shfl_down_sync(0xffffffffu, s.m, offset);
-  o.s = __shfl_down_sync(0xffffffffu, s.s, offset);
-  o.zt = __shfl_down_sync(0xffffffffu, s.zt, offset);
-  o.mu = __shfl_down_sync(0xffffffffu, s.mu, offset);
-  o.su = __shfl_down_sync(0xffffffffu, s.su, offset);
-  o.d = __shfl_down_sync(0xffffffffu, s.d, offset);
+  o.m = __shfl_down_sync(kFullWarp, s.m, offset);
+  o.s = __shfl_down_sync(kFullWarp, s.s, offset);
+  o.zt = __shfl_down_sync(kFullWarp, s.zt, offset);
+  o.mu = __shfl_down_sync(kFullWarp, s.mu, offset);
+  o.su = __shfl_down_sync(kFullWarp, s.su, offset);
+  o.d = __shfl_down_sync(kFullWarp, s.d, offset);
   return o;
 }
 
@@ -77,17 +47,11 @@ __device__ RowStats<A> block_merge(RowStats<A> s) {
   __shared__ A fields[kMaxThreads / 32][RowStats<A>::kFields];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   s = warp_merge(s);
-  if (lane == 0) {
-    A* f = fields[warp];
-    f[0] = s.m; f[1] = s.s; f[2] = s.zt; f[3] = s.mu; f[4] = s.su; f[5] = s.d;
-  }
+  if (lane == 0) s.store(fields[warp]);
   __syncthreads();
   if (warp == 0) {
     s = RowStats<A>::empty();
-    if (lane < warps) {
-      const A* f = fields[lane];
-      s = {f[0], f[1], f[2], f[3], f[4], f[5]};
-    }
+    if (lane < warps) s = RowStats<A>::load(fields[lane]);
     s = warp_merge(s);
   }
   return s;
@@ -104,14 +68,14 @@ __global__ void stats_kernel(StatsLaunch p) {
 
   RowStats<A> st = RowStats<A>::empty();
   for (int64_t v = threadIdx.x; v < p.cols; v += blockDim.x) {
-    const A zv = static_cast<A>(Conv<T>::to(z[v]));
+    const A zv = static_cast<A>(to_acc(z[v]));
     st.push_logit(zv);
     if constexpr (kSoft) {
-      st.push_soft(static_cast<A>(Conv<S>::to(s[v])) / temperature, zv);
+      st.push_soft(static_cast<A>(to_acc(s[v])) / temperature, zv);
     }
   }
   if (!kSoft && threadIdx.x == 0 && active && t >= p.col0 && t < p.col0 + p.cols) {
-    st.zt = static_cast<A>(Conv<T>::to(z[t - p.col0]));
+    st.zt = static_cast<A>(to_acc(z[t - p.col0]));
   }
   st = block_merge(st);
   if (threadIdx.x != 0) {
@@ -120,13 +84,12 @@ __global__ void stats_kernel(StatsLaunch p) {
   if (!(p.first && p.last)) {  // a row streamed in vocabulary tiles: merge / keep the state
     A* state = static_cast<A*>(p.state) + r * RowStats<A>::kFields;
     if (!p.first) {
-      RowStats<A> prev{state[0], state[1], state[2], state[3], state[4], state[5]};
+      RowStats<A> prev = RowStats<A>::load(state);
       prev.merge(st);
       st = prev;
     }
     if (!p.last) {
-      state[0] = st.m; state[1] = st.s; state[2] = st.zt;
-      state[3] = st.mu; state[4] = st.su; state[5] = st.d;
+      st.store(state);
       return;
     }
   }
@@ -162,18 +125,19 @@ __global__ void grad_kernel(GradLaunch p) {
   O* out = static_cast<O*>(p.out.data) + r * p.out.ld;
   const bool zero_row = coef.a == A(0) && coef.c == A(0);
   const int64_t step = static_cast<int64_t>(gridDim.y) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < p.cols; v += step) {
+  for (int64_t v = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x; v < p.cols;
+       v += step) {
     A gv = A(0);
     if (!zero_row) {
-      gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(Conv<T>::to(z[v])) - lse);
+      gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(to_acc(z[v])) - lse);
       if constexpr (kSoft) {
-        const A u = static_cast<A>(Conv<S>::to(s[v])) / temperature;
+        const A u = static_cast<A>(to_acc(s[v])) / temperature;
         gv -= coef.c * vsd_ext::wce::exp_(u - lse_u);
       } else if (active && v == t) {
         gv -= coef.c;
       }
     }
-    out[v] = Conv<O>::from(gv);  // in place when out == logits: same thread, same element
+    out[v] = from_acc<O>(gv);  // in place when out == logits: same thread, same element
   }
 }
 
@@ -186,7 +150,7 @@ __global__ void colsum_kernel(ColsumLaunch p) {
   const G* g = static_cast<const G*>(p.g.data);
   A sum = A(0);
   for (int64_t r = 0; r < p.rows; ++r) {
-    sum += static_cast<A>(Conv<G>::to(g[r * p.g.ld + v]));
+    sum += static_cast<A>(to_acc(g[r * p.g.ld + v]));
   }
   static_cast<A*>(p.out)[v] += sum;
 }
@@ -233,7 +197,7 @@ cudaError_t launch_stats(const StatsLaunch& p, cudaStream_t stream) {
   const int threads = threads_for(p.cols);
   with_dtype(p.logits.dtype, [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    using A = acc_t<T>;
     with_soft_dtype(p.soft, [&](auto s_tag) {
       using S0 = typename decltype(s_tag)::type;
       constexpr bool kSoft = !std::is_same_v<S0, NoSoft>;
@@ -250,16 +214,18 @@ cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream) {
   }
   const int threads = threads_for(p.cols);
   const int64_t col_blocks = (p.cols + 4 * threads - 1) / (4 * threads);  // ~4 elements per thread
-  const dim3 grid(static_cast<unsigned>(p.rows), static_cast<unsigned>(col_blocks < 65535 ? col_blocks : 65535));
+  const dim3 grid(static_cast<unsigned>(p.rows),
+                  static_cast<unsigned>(col_blocks < 65535 ? col_blocks : 65535));
   bool supported = true;
   with_dtype(p.logits.dtype, [&](auto t_tag) {
     using T = typename decltype(t_tag)::type;
-    using A = std::conditional_t<std::is_same_v<T, double>, double, float>;
+    using A = acc_t<T>;
     with_dtype(p.out.dtype, [&](auto o_tag) {
       using O = typename decltype(o_tag)::type;
       // Output dtypes: that of the logits (non-fused op, fp32/fp64 chunks in place) or fp16/bf16
       // from fp32 chunk logits (operands of the next fp16/bf16 GEMMs).
-      constexpr bool kValid = std::is_same_v<O, T> || (std::is_same_v<T, float> && !std::is_same_v<O, double>);
+      constexpr bool kValid =
+          std::is_same_v<O, T> || (std::is_same_v<T, float> && !std::is_same_v<O, double>);
       if constexpr (kValid) {
         with_soft_dtype(p.soft, [&](auto s_tag) {
           using S0 = typename decltype(s_tag)::type;

@@ -1,10 +1,11 @@
-// CPU registration of the weighted cross-entropy family (shared/design/OPS.md, section 3). The
-// drivers are device-generic (weighted_ce_impl.h, weighted_ce_linear_impl.h); the CPU row kernels live in
-// weighted_ce_rows.cpp, and the chunk GEMMs run through ATen (MKL) in fp32/fp64.
+// CPU registration of the weighted cross-entropy family (docs/design/OPS.md, section 3). The
+// drivers are device-generic (weighted_ce_driver.h, weighted_ce_linear_driver.h); the CPU row
+// kernels live in weighted_ce_rows_cpu.cpp, and the chunk GEMMs run through ATen (MKL) in
+// fp32/fp64.
 #include <torch/library.h>
 
 #include "weighted_ce_cpu.h"
-#include "weighted_ce_linear_impl.h"
+#include "weighted_ce_linear_driver.h"
 
 namespace vsd_ext::wce {
 

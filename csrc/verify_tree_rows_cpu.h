@@ -1,9 +1,10 @@
 // verify_tree CPU kernel: the O(V) passes over one row (max + finiteness check,
 // e = exp((x - M) / T) with its sum, draft_probs load, inverse-CDF draw, sampled-mode residual).
-// Each pass has a portable scalar loop and, on x86-64 CPUs with AVX2 + FMA + F16C (checked at run
-// time), a vectorized one; both apply the per-element formulas of verify_tree_math.h (the AVX2
-// exp is a polynomial within 1 ulp of std::exp), so decisions agree except on measure-zero ties.
-// Included by verify_tree.cpp only.
+// Each pass has a portable scalar loop and, on x86-64 CPUs of level x86-64-v3 (AVX2 + FMA + F16C,
+// checked at run time; cpu_simd.h), a vectorized one; both apply the per-element formulas of
+// verify_tree_math.h (the AVX2 exp is a polynomial within 1 ulp of std::exp), so decisions agree
+// except on measure-zero ties.
+// Included by verify_tree_cpu.cpp only.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -14,14 +15,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "cpu_simd.h"
 #include "verify_tree_math.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define VSD_VERIFY_AVX2 1
-#else
-#define VSD_VERIFY_AVX2 0
-#endif
 
 namespace vsd_ext::verify::cpu {
 
@@ -41,8 +36,8 @@ bool row_max_scalar(const L* x, int64_t begin, int64_t end, float& max_io, bool 
 
 // e(v) = exp((x_v - M) / T) into `e`; returns S = sum_v e(v) (>= 1: the max contributes 1).
 template <typename L>
-double fill_exp_scalar(const L* x, int64_t begin, int64_t end, double max_logit,
-                       double temperature, double* e) {
+double fill_exp_scalar(const L* x, int64_t begin, int64_t end, double max_logit, double temperature,
+                       double* e) {
   double total = 0.0;
   for (int64_t v = begin; v < end; ++v) {
     const double xv = static_cast<double>(static_cast<float>(x[v]));
@@ -53,47 +48,20 @@ double fill_exp_scalar(const L* x, int64_t begin, int64_t end, double max_logit,
   return total;
 }
 
-#if VSD_VERIFY_AVX2
-// The same pass with AVX2 + FMA (chosen at run time), 4 doubles at a time. The exact float64
-// exp is replaced by exp(y) = 2^k P(r): k = round(y / ln2) (the 1.5 * 2^52 shifter rounds),
-// r = y - k ln2 (Cody-Waite, ln2 split so k * ln2_hi is exact), |r| <= ln2 / 2, P the degree-13
-// Taylor polynomial (truncation < 1e-17 relative) in FMA Horner form: about 1 ulp from std::exp,
-// so decisions still agree except on measure-zero ties. y <= -708 (results below the normal
-// range, < 3.3e-308) gives 0, which only masks tokens of negligible probability.
-#define VSD_AVX2 __attribute__((target("avx2,fma,f16c")))
-
-VSD_AVX2 inline __m256d exp4_nonpositive(__m256d y) {
-  const __m256d lowest = _mm256_set1_pd(-708.0);
-  const __m256d yc = _mm256_max_pd(y, lowest);  // also maps -inf to -708
-  const __m256d shifter = _mm256_set1_pd(6755399441055744.0);
-  const __m256d t = _mm256_fmadd_pd(yc, _mm256_set1_pd(1.4426950408889634074), shifter);
-  const __m256d kd = _mm256_sub_pd(t, shifter);
-  __m256d r = _mm256_fnmadd_pd(kd, _mm256_set1_pd(6.93147180369123816490e-01), yc);
-  r = _mm256_fnmadd_pd(kd, _mm256_set1_pd(1.90821492927058770002e-10), r);
-  static constexpr double kInvFactorial[] = {
-      1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-      1.0 / 362880.0,     1.0 / 40320.0,     1.0 / 5040.0,      1.0 / 720.0,
-      1.0 / 120.0,        1.0 / 24.0,        1.0 / 6.0,         0.5,
-      1.0,                1.0};
-  __m256d p = _mm256_set1_pd(kInvFactorial[0]);
-  for (int i = 1; i < 14; ++i) p = _mm256_fmadd_pd(p, r, _mm256_set1_pd(kInvFactorial[i]));
-  const __m256i k = _mm256_sub_epi64(_mm256_castpd_si256(t), _mm256_castpd_si256(shifter));
-  const __m256d scale =
-      _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(k, _mm256_set1_epi64x(1023)), 52));
-  return _mm256_and_pd(_mm256_mul_pd(p, scale), _mm256_cmp_pd(y, lowest, _CMP_GT_OQ));
-}
-
-VSD_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
-VSD_AVX2 inline __m256 load8(const c10::Half* x) {
+#if VSD_SIMD_X86
+// The AVX2 versions of the passes (x86-64-v3, chosen at run time): 8 floats or 4 doubles at a
+// time; e(v) through simd::exp4_nonpos.
+VSD_TARGET_AVX2 inline __m256 load8(const float* x) { return _mm256_loadu_ps(x); }
+VSD_TARGET_AVX2 inline __m256 load8(const c10::Half* x) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
 }
-VSD_AVX2 inline __m256 load8(const c10::BFloat16* x) {
+VSD_TARGET_AVX2 inline __m256 load8(const c10::BFloat16* x) {
   const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
 }
 
 template <typename L>
-VSD_AVX2 bool row_max_avx2(const L* x, int64_t vocab, float& max_out) {
+VSD_TARGET_AVX2 bool row_max_avx2(const L* x, int64_t vocab, float& max_out) {
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
   __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 bad = _mm256_setzero_ps();
@@ -112,23 +80,23 @@ VSD_AVX2 bool row_max_avx2(const L* x, int64_t vocab, float& max_out) {
   return ok;
 }
 
-VSD_AVX2 inline __m256d load4(const float* x) { return _mm256_cvtps_pd(_mm_loadu_ps(x)); }
-VSD_AVX2 inline __m256d load4(const c10::Half* x) {
+VSD_TARGET_AVX2 inline __m256d load4(const float* x) { return _mm256_cvtps_pd(_mm_loadu_ps(x)); }
+VSD_TARGET_AVX2 inline __m256d load4(const c10::Half* x) {
   return _mm256_cvtps_pd(_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x))));
 }
-VSD_AVX2 inline __m256d load4(const c10::BFloat16* x) {
+VSD_TARGET_AVX2 inline __m256d load4(const c10::BFloat16* x) {
   const __m128i h = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x)));
   return _mm256_cvtps_pd(_mm_castsi128_ps(_mm_slli_epi32(h, 16)));
 }
 
 template <typename L>
-VSD_AVX2 double fill_exp_avx2(const L* x, int64_t vocab, double max_logit, double temperature,
-                              double* e) {
+VSD_TARGET_AVX2 double fill_exp_avx2(const L* x, int64_t vocab, double max_logit,
+                                     double temperature, double* e) {
   const __m256d m = _mm256_set1_pd(max_logit), t = _mm256_set1_pd(temperature);
   __m256d acc = _mm256_setzero_pd();
   int64_t v = 0;
   for (; v + 4 <= vocab; v += 4) {
-    const __m256d ev = exp4_nonpositive(_mm256_div_pd(_mm256_sub_pd(load4(x + v), m), t));
+    const __m256d ev = simd::exp4_nonpos(_mm256_div_pd(_mm256_sub_pd(load4(x + v), m), t));
     _mm256_storeu_pd(e + v, ev);
     acc = _mm256_add_pd(acc, ev);
   }
@@ -138,18 +106,14 @@ VSD_AVX2 double fill_exp_avx2(const L* x, int64_t vocab, double max_logit, doubl
   return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
 }
 
-inline bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
-  return has;
-}
+inline bool cpu_has_avx2() { return simd::isa() >= simd::Isa::kAvx2; }
 #endif
 
 template <typename L>
 bool row_max(const L* x, int64_t vocab, float& max_out) {
   max_out = -std::numeric_limits<float>::infinity();
   bool ok;
-#if VSD_VERIFY_AVX2
+#if VSD_SIMD_X86
   if (cpu_has_avx2()) {
     ok = row_max_avx2(x, vocab, max_out);
   } else {
@@ -163,7 +127,7 @@ bool row_max(const L* x, int64_t vocab, float& max_out) {
 
 template <typename L>
 double fill_exp(const L* x, int64_t vocab, double max_logit, double temperature, double* e) {
-#if VSD_VERIFY_AVX2
+#if VSD_SIMD_X86
   if (cpu_has_avx2()) return fill_exp_avx2(x, vocab, max_logit, temperature, e);
 #endif
   return fill_exp_scalar(x, 0, vocab, max_logit, temperature, e);
@@ -224,7 +188,7 @@ inline int64_t inverse_cdf(const double* w, int64_t vocab, double u) {
 
 // One sampled-mode rejection: out(v) = residual_step(r(v), R, q(v), Q); returns sum_v out(v).
 inline double residual_scalar(const double* r, const double* q, int64_t begin, int64_t end,
-                       double r_total, double q_total, double* out) {
+                              double r_total, double q_total, double* out) {
   double sum = 0.0;
   for (int64_t v = begin; v < end; ++v) {
     out[v] = residual_step(r[v], r_total, q[v], q_total);
@@ -233,10 +197,10 @@ inline double residual_scalar(const double* r, const double* q, int64_t begin, i
   return sum;
 }
 
-#if VSD_VERIFY_AVX2
+#if VSD_SIMD_X86
 // Same per-element operations as residual_step (max(r / R - q / Q, 0); +0.0 on ties).
-VSD_AVX2 inline double residual_avx2(const double* r, const double* q, int64_t vocab,
-                                     double r_total, double q_total, double* out) {
+VSD_TARGET_AVX2 inline double residual_avx2(const double* r, const double* q, int64_t vocab,
+                                            double r_total, double q_total, double* out) {
   const __m256d rt = _mm256_set1_pd(r_total), qt = _mm256_set1_pd(q_total);
   const __m256d zero = _mm256_setzero_pd();
   __m256d acc = zero;
@@ -257,7 +221,7 @@ VSD_AVX2 inline double residual_avx2(const double* r, const double* q, int64_t v
 
 inline double residual(const double* r, const double* q, int64_t vocab, double r_total,
                        double q_total, double* out) {
-#if VSD_VERIFY_AVX2
+#if VSD_SIMD_X86
   if (cpu_has_avx2()) return residual_avx2(r, q, vocab, r_total, q_total, out);
 #endif
   return residual_scalar(r, q, 0, vocab, r_total, q_total, out);

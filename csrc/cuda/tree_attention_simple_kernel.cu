@@ -15,7 +15,7 @@
 //   dK,dV of the tree: one warp per (b, node j, kv head), over the nodes that see j.
 // Every gradient element is owned by one warp and summed in a fixed order: deterministic and
 // free of atomics, also when the cache gradient sums over rows.
-#include "tree_attention_device.cuh"
+#include "cuda/tree_attention_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
@@ -24,12 +24,12 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kThreads = 32 * kWarpsPerBlock;
 
 template <class T, int CH>
-__device__ __forceinline__ void load_row(const T* p, int D, int lane, typename Acc<T>::type (&x)[CH],
-                                         typename Acc<T>::type scale) {
+__device__ __forceinline__ void load_row(const T* p, int D, int lane, acc_t<T> (&x)[CH],
+                                         acc_t<T> scale) {
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
     const int d = lane + 32 * i;
-    x[i] = d < D ? to_acc(p[d]) * scale : typename Acc<T>::type(0);
+    x[i] = d < D ? to_acc(p[d]) * scale : acc_t<T>(0);
   }
 }
 
@@ -42,8 +42,8 @@ __device__ __forceinline__ A dot_row(const A (&x)[CH], const A (&y)[CH]) {
 }
 
 template <class T, int CH>
-__device__ __forceinline__ void store_row(T* p, int D, int lane, const typename Acc<T>::type (&x)[CH],
-                                          typename Acc<T>::type scale) {
+__device__ __forceinline__ void store_row(T* p, int D, int lane, const acc_t<T> (&x)[CH],
+                                          acc_t<T> scale) {
 #pragma unroll
   for (int i = 0; i < CH; ++i) {
     const int d = lane + 32 * i;
@@ -56,7 +56,8 @@ template <class T, class F>
 __device__ __forceinline__ void for_each_key(const Inputs& in, int b, int n, int g, F&& visit) {
   const int bc = in.Bc == 1 ? 0 : b;
   const int len = prefix_len(in, b);
-  for (int j = 0; j < len; ++j) visit(row_ptr<T>(in.k_cache, bc, j, g), row_ptr<T>(in.v_cache, bc, j, g));
+  for (int j = 0; j < len; ++j)
+    visit(row_ptr<T>(in.k_cache, bc, j, g), row_ptr<T>(in.v_cache, bc, j, g));
   const int64_t* words = in.tree_mask + b * in.mask_s0 + n * in.mask_s1;
   for (int j = 0; j < in.N; ++j)
     if (tree_bit(words, j)) visit(row_ptr<T>(in.k_tree, b, j, g), row_ptr<T>(in.v_tree, b, j, g));
@@ -64,12 +65,13 @@ __device__ __forceinline__ void for_each_key(const Inputs& in, int b, int n, int
 
 template <class T, int CH>
 __global__ void __launch_bounds__(kThreads) forward_simple_kernel(ForwardArgs args) {
-  using A = typename Acc<T>::type;
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<int64_t>(in.B) * in.N * in.Hq) return;
-  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N, b = warp / (static_cast<int64_t>(in.Hq) * in.N);
+  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N,
+            b = warp / (static_cast<int64_t>(in.Hq) * in.N);
   const int g = h / (in.Hq / in.Hkv);
   A q[CH], o[CH], kv[CH];
   load_row<T, CH>(row_ptr<T>(in.q, b, n, h), in.D, lane, q, static_cast<A>(in.sm_scale * kLog2eD));
@@ -90,40 +92,45 @@ __global__ void __launch_bounds__(kThreads) forward_simple_kernel(ForwardArgs ar
   T* out = static_cast<T*>(args.out) + warp * in.D;
   store_row<T, CH>(out, in.D, lane, o, l > A(0) ? A(1) / l : A(0));
   if (lane == 0)
-    static_cast<A*>(args.lse)[warp] = l > A(0) ? static_cast<A>(kLn2D) * (m + fast_log2(l)) : A(-INFINITY);
+    static_cast<A*>(args.lse)[warp] =
+        l > A(0) ? static_cast<A>(kLn2D) * (m + fast_log2(l)) : A(-INFINITY);
 }
 
 // delta[b, n, h] = dO . O - dlse.
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) delta_kernel(BackwardArgs args, typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) delta_kernel(BackwardArgs args, acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<int64_t>(in.B) * in.N * in.Hq) return;
-  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N, b = warp / (static_cast<int64_t>(in.Hq) * in.N);
+  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N,
+            b = warp / (static_cast<int64_t>(in.Hq) * in.N);
   A x[CH], y[CH];
   load_row<T, CH>(row_ptr<T>(args.grad_out, b, n, h), in.D, lane, x, A(1));
   load_row<T, CH>(row_ptr<T>(args.out, b, n, h), in.D, lane, y, A(1));
   const A s = dot_row(x, y);
-  if (lane == 0) delta[warp] = s - (args.grad_lse ? static_cast<const A*>(args.grad_lse)[warp] : A(0));
+  if (lane == 0)
+    delta[warp] = s - (args.grad_lse ? static_cast<const A*>(args.grad_lse)[warp] : A(0));
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<int64_t>(in.B) * in.N * in.Hq) return;
-  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N, b = warp / (static_cast<int64_t>(in.Hq) * in.N);
+  const int h = warp % in.Hq, n = (warp / in.Hq) % in.N,
+            b = warp / (static_cast<int64_t>(in.Hq) * in.N);
   const int g = h / (in.Hq / in.Hkv);
   A q[CH], dout[CH], dq[CH], kv[CH];
 #pragma unroll
   for (int i = 0; i < CH; ++i) dq[i] = 0;
   const A lse = static_cast<const A*>(args.lse)[warp];
   if (lse != A(-INFINITY)) {  // a query that saw nothing has zero gradients
-    load_row<T, CH>(row_ptr<T>(in.q, b, n, h), in.D, lane, q, static_cast<A>(in.sm_scale * kLog2eD));
+    load_row<T, CH>(row_ptr<T>(in.q, b, n, h), in.D, lane, q,
+                    static_cast<A>(in.sm_scale * kLog2eD));
     load_row<T, CH>(row_ptr<T>(args.grad_out, b, n, h), in.D, lane, dout, A(1));
     const A lse2 = lse * static_cast<A>(kLog2eD), dl = delta[warp];
     for_each_key<T>(in, b, n, g, [&](const T* k, const T* v) {
@@ -136,17 +143,18 @@ __global__ void __launch_bounds__(kThreads) dq_kernel(BackwardArgs args, const t
       for (int i = 0; i < CH; ++i) dq[i] += ds * kv[i];
     });
   }
-  store_row<T, CH>(static_cast<T*>(args.dq) + warp * in.D, in.D, lane, dq, static_cast<A>(in.sm_scale));
+  store_row<T, CH>(static_cast<T*>(args.dq) + warp * in.D, in.D, lane, dq,
+                   static_cast<A>(in.sm_scale));
 }
 
 // One key (k, v rows in registers) against every query of row b, kv head g, that sees it
 // (`sees(n)`); accumulates dk (unscaled) and dv.
 template <class T, int CH, class Sees>
-__device__ __forceinline__ void key_grads(const BackwardArgs& args, const typename Acc<T>::type* delta, int b,
-                                          int g, int lane, const typename Acc<T>::type (&k)[CH],
-                                          const typename Acc<T>::type (&v)[CH], typename Acc<T>::type (&dk)[CH],
-                                          typename Acc<T>::type (&dv)[CH], Sees&& sees) {
-  using A = typename Acc<T>::type;
+__device__ __forceinline__ void key_grads(const BackwardArgs& args, const acc_t<T>* delta, int b,
+                                          int g, int lane, const acc_t<T> (&k)[CH],
+                                          const acc_t<T> (&v)[CH], acc_t<T> (&dk)[CH],
+                                          acc_t<T> (&dv)[CH], Sees&& sees) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int G = in.Hq / in.Hkv;
   const A c = static_cast<A>(in.sm_scale * kLog2eD), log2e = static_cast<A>(kLog2eD);
@@ -173,13 +181,15 @@ __device__ __forceinline__ void key_grads(const BackwardArgs& args, const typena
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dkv_cache_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads)
+    dkv_cache_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<int64_t>(in.Bc) * in.L * in.Hkv) return;
-  const int g = warp % in.Hkv, j = (warp / in.Hkv) % in.L, bc = warp / (static_cast<int64_t>(in.Hkv) * in.L);
+  const int g = warp % in.Hkv, j = (warp / in.Hkv) % in.L,
+            bc = warp / (static_cast<int64_t>(in.Hkv) * in.L);
   A k[CH], v[CH], dk[CH], dv[CH];
   load_row<T, CH>(row_ptr<T>(in.k_cache, bc, j, g), in.D, lane, k, A(1));
   load_row<T, CH>(row_ptr<T>(in.v_cache, bc, j, g), in.D, lane, v, A(1));
@@ -188,20 +198,24 @@ __global__ void __launch_bounds__(kThreads) dkv_cache_kernel(BackwardArgs args, 
   // A shared cache (Bc = 1) is seen by every row; else cache row bc belongs to row bc.
   const int b_end = in.Bc == 1 ? in.B : bc + 1;
   for (int b = in.Bc == 1 ? 0 : bc; b < b_end; ++b)
-    if (j < prefix_len(in, b)) key_grads<T, CH>(args, delta, b, g, lane, k, v, dk, dv, [](int) { return true; });
+    if (j < prefix_len(in, b))
+      key_grads<T, CH>(args, delta, b, g, lane, k, v, dk, dv, [](int) { return true; });
   const int64_t off = warp * in.D;
-  store_row<T, CH>(static_cast<T*>(args.dk_cache) + off, in.D, lane, dk, static_cast<A>(in.sm_scale));
+  store_row<T, CH>(static_cast<T*>(args.dk_cache) + off, in.D, lane, dk,
+                   static_cast<A>(in.sm_scale));
   store_row<T, CH>(static_cast<T*>(args.dv_cache) + off, in.D, lane, dv, A(1));
 }
 
 template <class T, int CH>
-__global__ void __launch_bounds__(kThreads) dkv_tree_kernel(BackwardArgs args, const typename Acc<T>::type* delta) {
-  using A = typename Acc<T>::type;
+__global__ void __launch_bounds__(kThreads)
+    dkv_tree_kernel(BackwardArgs args, const acc_t<T>* delta) {
+  using A = acc_t<T>;
   const Inputs& in = args.in;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x % 32;
   if (warp >= static_cast<int64_t>(in.B) * in.N * in.Hkv) return;
-  const int g = warp % in.Hkv, j = (warp / in.Hkv) % in.N, b = warp / (static_cast<int64_t>(in.Hkv) * in.N);
+  const int g = warp % in.Hkv, j = (warp / in.Hkv) % in.N,
+            b = warp / (static_cast<int64_t>(in.Hkv) * in.N);
   A k[CH], v[CH], dk[CH], dv[CH];
   load_row<T, CH>(row_ptr<T>(in.k_tree, b, j, g), in.D, lane, k, A(1));
   load_row<T, CH>(row_ptr<T>(in.v_tree, b, j, g), in.D, lane, v, A(1));
@@ -211,11 +225,14 @@ __global__ void __launch_bounds__(kThreads) dkv_tree_kernel(BackwardArgs args, c
   key_grads<T, CH>(args, delta, b, g, lane, k, v, dk, dv,
                    [&](int n) { return tree_bit(mask + n * in.mask_s1, j); });
   const int64_t off = warp * in.D;
-  store_row<T, CH>(static_cast<T*>(args.dk_tree) + off, in.D, lane, dk, static_cast<A>(in.sm_scale));
+  store_row<T, CH>(static_cast<T*>(args.dk_tree) + off, in.D, lane, dk,
+                   static_cast<A>(in.sm_scale));
   store_row<T, CH>(static_cast<T*>(args.dv_tree) + off, in.D, lane, dv, A(1));
 }
 
-unsigned blocks_for(int64_t warps) { return static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock); }
+unsigned blocks_for(int64_t warps) {
+  return static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock);
+}
 
 // Calls f.template operator()<T, CH>() with CH = ceil(D / 32) rounded up to 1, 2, 4 or 8.
 template <class F>
@@ -229,15 +246,15 @@ cudaError_t dispatch(DType dtype, int D, F&& f) {
     return cudaErrorInvalidValue;
   };
   switch (dtype) {
-    case DType::kHalf: return by_d(__half{});
+    case DType::kFloat16: return by_d(__half{});
     case DType::kBFloat16: return by_d(__nv_bfloat16{});
-    case DType::kFloat: return by_d(float{});
-    case DType::kDouble: return by_d(double{});
+    case DType::kFloat32: return by_d(float{});
+    case DType::kFloat64: return by_d(double{});
   }
   return cudaErrorInvalidValue;
 }
 
-int64_t acc_bytes(DType dtype) { return dtype == DType::kDouble ? 8 : 4; }
+int64_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? 8 : 4; }
 
 }  // namespace
 
@@ -260,12 +277,14 @@ cudaError_t launch_backward_delta(const BackwardArgs& args, void* delta, cudaStr
   const int64_t queries = static_cast<int64_t>(in.B) * in.N * in.Hq;
   if (queries == 0) return cudaSuccess;
   return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
-    delta_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, static_cast<typename Acc<T>::type*>(delta));
+    delta_kernel<T, CH>
+        <<<blocks_for(queries), kThreads, 0, stream>>>(args, static_cast<acc_t<T>*>(delta));
     return cudaGetLastError();
   });
 }
 
-cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* workspace, cudaStream_t stream) {
+cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* workspace,
+                                           cudaStream_t stream) {
   const Inputs& in = args.in;
   const int64_t queries = static_cast<int64_t>(in.B) * in.N * in.Hq;
   const int64_t cache_keys = static_cast<int64_t>(in.Bc) * in.L * in.Hkv;
@@ -274,10 +293,11 @@ cudaError_t tree_attention_backward_simple(const BackwardArgs& args, void* works
   const cudaError_t err = launch_backward_delta(args, workspace, stream);
   if (err != cudaSuccess) return err;
   return dispatch(in.dtype, in.D, [&]<class T, int CH>() {
-    using A = typename Acc<T>::type;
+    using A = acc_t<T>;
     const A* delta = static_cast<const A*>(workspace);
     dq_kernel<T, CH><<<blocks_for(queries), kThreads, 0, stream>>>(args, delta);
-    if (cache_keys > 0) dkv_cache_kernel<T, CH><<<blocks_for(cache_keys), kThreads, 0, stream>>>(args, delta);
+    if (cache_keys > 0)
+      dkv_cache_kernel<T, CH><<<blocks_for(cache_keys), kThreads, 0, stream>>>(args, delta);
     dkv_tree_kernel<T, CH><<<blocks_for(tree_keys), kThreads, 0, stream>>>(args, delta);
     return cudaGetLastError();
   });

@@ -1,9 +1,8 @@
-// Arguments of the two row kernels of the weighted cross-entropy (statistics and gradient), which
-// each device implements (CPU: csrc/weighted_ce_rows.cpp, CUDA: csrc/cuda/weighted_ce.cu via its
-// adapter), and the argument checks shared by every op of the family.
+// Argument checks of the weighted cross-entropy family, shared by the CPU kernels and the CUDA
+// adapter (through the device-generic drivers, weighted_ce_driver.h). Every failure is a
+// ValueError naming the argument, expected vs actual.
 //
-// All per-row tensors (targets, row weights, upstream gradients, statistics) are contiguous; the
-// accumulation dtype `acc` is float64 when the logits/hidden states are float64, else float32.
+// The accumulation dtype `acc` is float64 when the logits/hidden states are float64, else float32.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,52 +10,12 @@
 #include <cmath>
 #include <optional>
 
-#include "common.h"
+#include "checks.h"
 
 namespace vsd_ext::wce {
 
-// Statistics of a [rows, n] tile of logits (columns col0 .. col0+n of a vocabulary of size
-// `vocab`). A row may be streamed in several vocabulary tiles: the first tile starts fresh
-// statistics, later ones merge into `state`, the last one writes loss, lse and soft_lse.
-struct StatsArgs {
-  at::Tensor logits;       // [rows, n] any float dtype, unit column stride
-  at::Tensor soft;         // [rows, n] teacher logits (any float dtype, unit column stride) or undefined
-  at::Tensor targets;      // [rows] int64
-  at::Tensor row_weights;  // [rows] acc
-  at::Tensor state;        // [rows, 6] acc (RowStats fields); undefined when first && last
-  at::Tensor loss, lse;    // [rows] acc, written by the last tile
-  at::Tensor soft_lse;     // [rows] acc (written by the last tile) or undefined without soft targets
-  int64_t col0 = 0;
-  int64_t vocab = 0;
-  bool first = true;
-  bool last = true;
-  int64_t ignore_index = -100;
-  double temperature = 1.0;
-};
-
-// out[m, v] = a_m exp(z[m, v] - lse_m) - c_m y[m, v] over whole rows (see weighted_ce_math.h),
-// with a_m, c_m from the upstream gradients g_m (grad_loss) and gl_m (grad_lse).
-struct GradArgs {
-  at::Tensor logits;       // [rows, V] any float dtype, unit column stride
-  at::Tensor soft;         // [rows, V] or undefined
-  at::Tensor targets;      // [rows] int64
-  at::Tensor row_weights;  // [rows] acc
-  at::Tensor grad_loss;    // [rows] acc, or undefined: every g_m = (unit_grad_loss ? 1 : 0)
-  bool unit_grad_loss = false;
-  at::Tensor grad_lse;     // [rows] acc, or undefined: every gl_m = 0
-  at::Tensor lse;          // [rows] acc
-  at::Tensor soft_lse;     // [rows] acc or undefined without soft targets
-  at::Tensor out;          // [rows, V] any float dtype, unit column stride; may be `logits` itself
-  int64_t ignore_index = -100;
-  double temperature = 1.0;
-};
-
 inline at::ScalarType acc_dtype(at::ScalarType input) {
   return input == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-inline at::Tensor unit_col_stride(const at::Tensor& t) {
-  return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
 inline void check_float(const at::Tensor& t, const char* name) {
@@ -115,6 +74,16 @@ inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weig
   }
   check_row_inputs(targets, row_weights, soft, M, V, hidden, "hidden", temperature);
   VSD_CHECK(chunk_size >= 0, "chunk_size", "expected >= 0 (0 = default), got ", chunk_size);
+}
+
+inline void check_saved_stats(const at::Tensor& lse, const at::Tensor& soft_lse, bool has_soft,
+                              int64_t M, const at::Tensor& ref, const char* ref_name) {
+  check_shape(lse, "lse", {M});
+  check_dtype(lse, "lse", {acc_dtype(ref.scalar_type())});
+  check_same_device(lse, "lse", ref, ref_name);
+  check_shape(soft_lse, "soft_lse", {has_soft ? M : 0});
+  check_same_dtype(soft_lse, "soft_lse", lse, "lse");
+  check_same_device(soft_lse, "soft_lse", ref, ref_name);
 }
 
 }  // namespace vsd_ext::wce

@@ -7,20 +7,20 @@
 #include <cstddef>
 #include <cstdint>
 
-namespace vsd_ext::cuda {
+#include "cuda/common.cuh"
 
-enum class VtDtype : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+namespace vsd_ext::cuda {
 
 struct VerifyTreeParams {
   const void* logits;  // [B, N, V] fp32 / fp16 / bf16, unit last stride
-  VtDtype logits_dtype;
+  DType logits_dtype;
   int64_t logits_sb, logits_sn;
   const int64_t* tokens;   // [B, N] contiguous
   const int64_t* parents;  // [B, N] contiguous
   const void* uniforms;    // [B, N + 1] contiguous, fp32 / fp64
-  VtDtype uniforms_dtype;
+  DType uniforms_dtype;
   const void* draft_probs;  // [B, N, V] fp32 / bf16, unit last stride; null unless sampled
-  VtDtype draft_probs_dtype;
+  DType draft_probs_dtype;
   int64_t q_sb, q_sn;
   int64_t batch, nodes, vocab;
   int mode;  // 0 greedy, 1 target_only, 2 sampled

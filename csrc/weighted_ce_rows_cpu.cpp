@@ -5,82 +5,51 @@
 // A row is a few vectorized passes over memory that stays in L2 (V = 128k floats is 512 KiB):
 // statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse; the
 // fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass and
-// rescales it, one exp per element. The float loops use a branch-free exp polynomial so that GCC
-// vectorizes them; they are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load
-// time (target_clones). Float64 rows (gradcheck) use std::exp.
+// rescales it, one exp per element. The float loops call the branch-free polynomial
+// simd::fast_exp so that they vectorize, and are compiled per ISA level (VSD_SIMD_CLONES; both in
+// cpu_simd.h). Float64 rows (gradcheck) use std::exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "cpu_simd.h"
 #include "weighted_ce_cpu.h"
 #include "weighted_ce_math.h"
 
 namespace vsd_ext::wce::cpu {
 namespace {
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VSD_WCE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VSD_WCE_CLONES
-#endif
-
-// exp(x) for x <= 0 (every argument here is z - max or z - lse), |rel err| < 1.5e-7 for
-// x >= -87; 0 below (exp(-87) = 1.6e-38 is nothing next to the row's sum >= 1); NaN stays NaN.
-// Range reduction x = k ln2 + r, |r| <= ln2/2, degree-6 polynomial for exp(r) (Cephes
-// coefficients), 2^k assembled in the exponent bits. Written without branches or calls so the
-// loops below vectorize.
-inline float exp_nonpos(float x) {
-  const bool under = x < -87.0f;
-  float xc = x > 88.0f ? 88.0f : x;
-  xc = under ? -87.0f : xc;
-  float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  float r = xc - k * 0.693145751953125f;
-  r = r - k * 1.428606765330187045e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  k = (k >= -127.0f) ? k : -127.0f;  // also maps NaN to a valid exponent; p carries the NaN
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float v = p * scale;
-  return under ? 0.0f : v;
-}
+using simd::fast_exp;
 
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 
-VSD_WCE_CLONES float row_max(const float* x, int64_t n) {
+VSD_SIMD_CLONES float row_max(const float* x, int64_t n) {
   float m = kNegInfF;
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
-VSD_WCE_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
+VSD_SIMD_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_nonpos(x[i] - shift);
+  for (int64_t i = 0; i < n; ++i) s += fast_exp(x[i] - shift);
   return s;
 }
 
 // sum_v e_v and sum_v e_v z_v with e_v = exp(u_v - shift); an entry with e_v = 0 adds nothing
 // even where z_v = -inf.
-VSD_WCE_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
-                                    float* sum, float* dot) {
+VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
+                                     float* sum, float* dot) {
   float s = 0.0f, d = 0.0f;
 #pragma omp simd reduction(+ : s, d)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_nonpos(u[i] - shift);
+    const float e = fast_exp(u[i] - shift);
     s += e;
     d += e > 0.0f ? e * z[i] : 0.0f;
   }
@@ -89,26 +58,26 @@ VSD_WCE_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, f
 }
 
 // out_v = a exp(z_v - lse) (out may be z).
-VSD_WCE_CLONES void row_grad(float* out, const float* z, int64_t n, float lse, float a) {
+VSD_SIMD_CLONES void row_grad(float* out, const float* z, int64_t n, float lse, float a) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = a * exp_nonpos(z[i] - lse);
+  for (int64_t i = 0; i < n; ++i) out[i] = a * fast_exp(z[i] - lse);
 }
 
 // out_v = a exp(z_v - lse) - c exp(u_v - lse_u) (out may be z).
-VSD_WCE_CLONES void row_grad_soft(float* out, const float* z, const float* u, int64_t n, float lse,
-                                  float a, float lse_u, float c) {
+VSD_SIMD_CLONES void row_grad_soft(float* out, const float* z, const float* u, int64_t n, float lse,
+                                   float a, float lse_u, float c) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = a * exp_nonpos(z[i] - lse) - c * exp_nonpos(u[i] - lse_u);
+    out[i] = a * fast_exp(z[i] - lse) - c * fast_exp(u[i] - lse_u);
   }
 }
 
 // x_v = exp(x_v - shift) in place; returns their sum.
-VSD_WCE_CLONES float row_exp_inplace(float* x, int64_t n, float shift) {
+VSD_SIMD_CLONES float row_exp_inplace(float* x, int64_t n, float shift) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) {
-    const float e = exp_nonpos(x[i] - shift);
+    const float e = fast_exp(x[i] - shift);
     x[i] = e;
     s += e;
   }
@@ -116,15 +85,15 @@ VSD_WCE_CLONES float row_exp_inplace(float* x, int64_t n, float shift) {
 }
 
 // x_v = scale x_v - c exp(u_v - lse_u)   (c = 0: plain scaling).
-VSD_WCE_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, float scale, float lse_u,
-                                      float c) {
+VSD_SIMD_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, float scale,
+                                       float lse_u, float c) {
   if (u == nullptr) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) x[i] *= scale;
     return;
   }
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - c * exp_nonpos(u[i] - lse_u);
+  for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - c * fast_exp(u[i] - lse_u);
 }
 
 // Float64 versions (exact std::exp), same contracts.
@@ -164,7 +133,8 @@ double row_exp_inplace(double* x, int64_t n, double shift) {
   }
   return s;
 }
-void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, double lse_u, double c) {
+void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, double lse_u,
+                       double c) {
   for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
 
@@ -217,9 +187,7 @@ struct Rows {
   }
 
   // Where to compute row r in acc dtype: in place when native, else in `scratch` (then store()).
-  A* out_row(int64_t r, A* scratch) const {
-    return native() ? static_cast<A*>(ptr(r)) : scratch;
-  }
+  A* out_row(int64_t r, A* scratch) const { return native() ? static_cast<A*>(ptr(r)) : scratch; }
 
   void store(int64_t r, const A* row, int64_t n) const {
     if (native()) {
@@ -279,13 +247,12 @@ void stats_impl(const StatsArgs& a) {
         }
       }
       if (!a.first) {
-        RowStats<A> prev;
-        std::memcpy(&prev, state + r * RowStats<A>::kFields, sizeof(prev));
+        RowStats<A> prev = RowStats<A>::load(state + r * RowStats<A>::kFields);
         prev.merge(st);
         st = prev;
       }
       if (!a.last) {
-        std::memcpy(state + r * RowStats<A>::kFields, &st, sizeof(st));
+        st.store(state + r * RowStats<A>::kFields);
         continue;
       }
       lse[r] = st.lse();
@@ -320,7 +287,8 @@ void grad_impl(const GradArgs& a) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
       const bool active = t != a.ignore_index;
-      const auto coef = RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
+      const auto coef =
+          RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
       A* out = out_rows.out_row(r, out_scratch.data());
       if (coef.a == A(0) && coef.c == A(0)) {
         std::fill(out, out + n, A(0));  // ignored row without gradient into lse
@@ -461,8 +429,8 @@ void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
   const int64_t* t = targets.data_ptr<int64_t>();
   for (int64_t m = 0; m < targets.numel(); ++m) {
     VSD_CHECK(t[m] == ignore_index || (t[m] >= 0 && t[m] < V), "targets",
-              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index,
-              "), got ", t[m], " at row ", m);
+              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index, "), got ",
+              t[m], " at row ", m);
   }
 }
 

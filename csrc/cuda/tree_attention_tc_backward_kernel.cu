@@ -1,0 +1,364 @@
+// CUDA tree attention, tensor-core backward (torch-free): fp16/bf16, D in {64, 128}.
+//
+// With s = sm_scale q.k, P = 2^(c q.k - lse log2 e) (c = sm_scale log2 e) is recomputed from the
+// saved lse, never stored; delta = rowsum(dO * O) - dlse comes from the delta kernel
+// (tree_attention_simple_kernel.cu). Two kernels, both deterministic and free of atomics:
+//
+// dQ: block = ((b, kv head g), tile of 64 packed query rows) as in the forward, over every key
+//     tile the rows see (prefix tiles mask-free, tree tiles with the bitmask):
+//       S = Q K^T, P = 2^(c S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K
+//     dS is re-packed from the S/dP accumulators as the A operand, like P in the forward.
+// dK, dV: block = (cache row or tree row, kv head g, tile of 64 keys), key-major so that P^T and
+//     dS^T come out of the accumulators in the A layout:
+//       S^T = K Q^T, P^T = 2^(c S^T - lse2), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//       dV += P^T dO, dK += dS^T Q
+//     over the query tiles of every row that sees the keys: all B rows for a cache shared by
+//     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
+//     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
+//     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
+#include "cuda/tree_attention_tc_device.cuh"
+
+namespace vsd_ext::cuda::tree_attn {
+namespace {
+
+template <int D>
+constexpr int dq_smem_bytes() {
+  return (2 * BM + 4 * BN) * (D + 8) * 2;  // Q, dO, double-buffered K and V
+}
+template <int D>
+constexpr int dkv_smem_bytes() {
+  // K, V, double-buffered Q and dO, then per buffer 64 x (lse2, delta: fp32; mask word: u64).
+  return (2 * BN + 4 * BM) * (D + 8) * 2 + 2 * BM * (4 + 4 + 8);
+}
+
+// acc[nt] (16 x 64, 8 column tiles) = A (16 rows of `a_tile` from a_row) x B^T, where B^T is
+// given row-major as `b_tile` (64 rows = the output columns, D contiguous).
+template <class T, int D>
+__device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, int a_row,
+                                         const T* b_tile, int gr, int tq) {
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    load_a<T, LDS>(a, a_tile, a_row, kk, gr, tq);
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const T* bp = b_tile + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
+      mma16816<T>(acc[nt], a, ld32(bp), ld32(bp + 8));
+    }
+  }
+}
+
+// lse of a query in the log2 domain; +inf for a query that saw nothing (so its P is 0).
+__device__ __forceinline__ float lse2_of(float lse) {
+  return lse == -INFINITY ? INFINITY : lse * kLog2e;
+}
+
+// ---- dQ -----------------------------------------------------------------------------------------
+
+// lse2, delta and mask row of this thread's packed rows row + 8 rh (rh = 0, 1); rows past R see
+// nothing (lse2 = +inf, no mask row).
+__device__ __forceinline__ void query_row_stats(const BackwardArgs& args, const float* delta, int b,
+                                                int g, int row, float (&lse2)[2], float (&dl)[2],
+                                                const int64_t* (&words)[2]) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int pr = row + 8 * rh;
+    const bool valid = pr < R;
+    const int64_t q_row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G +
+                          (valid ? pr % G : 0);
+    lse2[rh] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
+    dl[rh] = valid ? delta[q_row] : 0.f;
+    words[rh] = valid ? in.tree_mask + b * in.mask_s0 + (pr / G) * in.mask_s1 : nullptr;
+  }
+}
+
+// dS = P (dP - delta) in s (query rows x key columns), P = 2^(c S - lse2) on the visible keys:
+// the first `keys` columns, and on tree tile tt those with a set mask bit.
+__device__ __forceinline__ void ds_tile(float (&s)[8][4], const float (&dp)[8][4], float c,
+                                        int keys, bool tree, int tt, const float (&lse2)[2],
+                                        const float (&dl)[2], const int64_t* const (&words)[2],
+                                        int tq) {
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const uint64_t w = tree ? (words[rh] ? static_cast<uint64_t>(words[rh][tt]) : 0ull) : ~0ull;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 2 * rh; e < 2 * rh + 2; ++e) {
+        const int col = nt * 8 + 2 * tq + (e & 1);
+        const bool visible = col < keys && ((w >> col) & 1ull);
+        const float p = visible ? exp2f(s[nt][e] * c - lse2[rh]) : 0.f;
+        s[nt][e] = p * (dp[nt][e] - dl[rh]);  // dS
+      }
+  }
+}
+
+// dq rows row + 8 rh = sm_scale dQ (packed rows past R are not stored).
+template <class T, int D>
+__device__ __forceinline__ void store_dq(const BackwardArgs& args, int b, int g, int row, int tq,
+                                         const float (&dq)[D / 8][4]) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int pr = row + 8 * rh;
+    if (pr >= R) continue;
+    const int64_t q_row = (static_cast<int64_t>(b) * in.N + pr / G) * in.Hq + g * G + pr % G;
+    T* dst = static_cast<T*>(args.dq) + q_row * D + 2 * tq;
+    const float scale = static_cast<float>(in.sm_scale);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(dst + dt * 8) =
+          pack2<T>(dq[dt][2 * rh] * scale, dq[dt][2 * rh + 1] * scale);
+  }
+}
+
+template <class T, int D>
+__global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, const float* delta) {
+  constexpr int LDS = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Qs = reinterpret_cast<T*>(smem_raw);
+  T* dOs = Qs + BM * LDS;
+  T* Ks = dOs + BM * LDS;  // [2][BN][LDS]
+  T* Vs = Ks + 2 * BN * LDS;
+
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+  const int b = blockIdx.x / in.Hkv, g = blockIdx.x % in.Hkv, bc = in.Bc == 1 ? 0 : b;
+  const int row0 = blockIdx.y * BM;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
+  const int wrow = warp * 16 + gr;
+  const int len = prefix_len(in, b);
+  const int n_prefix = (len + BN - 1) / BN;
+  const int n_tiles = n_prefix + (in.N + BN - 1) / BN;
+  auto tile_base = [&](int i) { return (i < n_prefix ? i : i - n_prefix) * BN; };
+  auto tile_keys = [&](int i) { return min(BN, (i < n_prefix ? len : in.N) - tile_base(i)); };
+  auto load_tile = [&](int i, int buf) {
+    if (i < n_prefix)
+      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_cache, in.v_cache, bc,
+                          tile_base(i), tile_keys(i), g, tid);
+    else
+      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
+                          tile_base(i), tile_keys(i), g, tid);
+  };
+
+  float lse2[2], dl[2];
+  const int64_t* words[2];
+  query_row_stats(args, delta, b, g, row0 + wrow, lse2, dl, words);
+  load_query_tile<T, D>(Qs, in.q, b, g, G, R, row0, tid);
+  load_query_tile<T, D>(dOs, args.grad_out, b, g, G, R, row0, tid);
+  load_tile(0, 0);
+  cp_async_commit();
+
+  const float c = static_cast<float>(in.sm_scale) * kLog2e;
+  float dq[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) dq[dt][0] = dq[dt][1] = dq[dt][2] = dq[dt][3] = 0.f;
+  for (int i = 0; i < n_tiles; ++i) {
+    if (i + 1 < n_tiles) load_tile(i + 1, (i + 1) & 1);
+    cp_async_commit();
+    cp_async_wait_1();
+    __syncthreads();
+    const T* K = Ks + (i & 1) * BN * LDS;
+    const T* V = Vs + (i & 1) * BN * LDS;
+    float s[8][4], dp[8][4];
+    tile_abt<T, D>(s, Qs, warp * 16, K, gr, tq);
+    tile_abt<T, D>(dp, dOs, warp * 16, V, gr, tq);
+    ds_tile(s, dp, c, tile_keys(i), i >= n_prefix, i - n_prefix, lse2, dl, words, tq);
+    tile_xm<T, D>(dq, s, K, gr, tq);
+    __syncthreads();
+  }
+  store_dq<T, D>(args, b, g, row0 + wrow, tq, dq);
+}
+
+// ---- dK, dV -------------------------------------------------------------------------------------
+
+// Per-row inputs of query tile (b, row0) into buffer slots (lse2, delta, the mask word of key
+// tile kt on tree keys), thread tid < BM for packed row row0 + tid.
+template <bool TREE>
+__device__ __forceinline__ void load_query_row_stats(const BackwardArgs& args, const float* delta,
+                                                     int b, int g, int row0, int kt, int tid,
+                                                     float* lse2, float* dl, uint64_t* words) {
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G;
+  const int pr = row0 + tid;
+  const bool valid = pr < R;
+  const int64_t q_row = (static_cast<int64_t>(b) * in.N + (valid ? pr / G : 0)) * in.Hq + g * G +
+                        (valid ? pr % G : 0);
+  lse2[tid] = valid ? lse2_of(static_cast<const float*>(args.lse)[q_row]) : INFINITY;
+  dl[tid] = valid ? delta[q_row] : 0.f;
+  words[tid] =
+      TREE && valid
+          ? static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + (pr / G) * in.mask_s1 + kt])
+          : ~0ull;
+}
+
+// Key-major tile: P^T = 2^(c S^T - lse2) in st and dS^T = P^T (dP^T - delta) in dpt, on the keys
+// (rows) below `keys` that the query (column) sees.
+__device__ __forceinline__ void dst_tile(float (&st)[8][4], float (&dpt)[8][4], float c, int keys,
+                                         const float* lse2, const float* dl, const uint64_t* words,
+                                         int warp, int gr, int tq) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int key = warp * 16 + gr + 8 * (e >> 1), col = nt * 8 + 2 * tq + (e & 1);
+      const bool visible = key < keys && ((words[col] >> key) & 1ull);
+      const float p = visible ? exp2f(st[nt][e] * c - lse2[col]) : 0.f;
+      dpt[nt][e] = p * (dpt[nt][e] - dl[col]);  // dS^T
+      st[nt][e] = p;                            // P^T
+    }
+}
+
+// dk, dv rows of keys k0 + warp 16 + gr + 8 rh of `owner` (dk scaled by sm_scale).
+template <class T, int D, bool TREE>
+__device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, int g, int key0,
+                                          int tq, const float (&dk)[D / 8][4],
+                                          const float (&dv)[D / 8][4]) {
+  const Inputs& in = args.in;
+  const int total_keys = TREE ? in.N : in.L;
+  const float scale = static_cast<float>(in.sm_scale);
+  T* dk_base = static_cast<T*>(TREE ? args.dk_tree : args.dk_cache);
+  T* dv_base = static_cast<T*>(TREE ? args.dv_tree : args.dv_cache);
+#pragma unroll
+  for (int rh = 0; rh < 2; ++rh) {
+    const int key = key0 + 8 * rh;
+    if (key >= total_keys) continue;
+    const int64_t off =
+        ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<uint32_t*>(dk_base + off + dt * 8) =
+          pack2<T>(dk[dt][2 * rh] * scale, dk[dt][2 * rh + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv_base + off + dt * 8) =
+          pack2<T>(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
+    }
+  }
+}
+
+// TREE = false: cache keys, blockIdx.x = (cache row bc, kv head g, key tile of L);
+// TREE = true: tree keys, blockIdx.x = (row b, kv head g, key tile of N).
+template <class T, int D, bool TREE>
+__global__ void __launch_bounds__(kThreads)
+    dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles) {
+  constexpr int LDS = D + 8;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* Ks = reinterpret_cast<T*>(smem_raw);
+  T* Vs = Ks + BN * LDS;
+  T* Qs = Vs + BN * LDS;                                              // [2][BM][LDS]
+  T* dOs = Qs + 2 * BM * LDS;                                         // [2][BM][LDS]
+  float* lse2_s = reinterpret_cast<float*>(dOs + 2 * BM * LDS);       // [2][BM]
+  float* delta_s = lse2_s + 2 * BM;                                   // [2][BM]
+  uint64_t* words_s = reinterpret_cast<uint64_t*>(delta_s + 2 * BM);  // [2][BM]
+
+  const Inputs& in = args.in;
+  const int G = in.Hq / in.Hkv, R = in.N * G, q_tiles = (R + BM - 1) / BM;
+  const int kt = blockIdx.x % key_tiles, g = (blockIdx.x / key_tiles) % in.Hkv;
+  const int owner = blockIdx.x / (key_tiles * in.Hkv);  // cache row (TREE: batch row)
+  const int k0 = kt * BN;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
+  const int total_keys = TREE ? in.N : in.L;
+
+  // Rows whose queries see these keys: a shared cache (Bc = 1) is seen by all B rows.
+  const int b_first = (TREE || in.Bc != 1) ? owner : 0;
+  const int b_count = (TREE || in.Bc != 1) ? 1 : in.B;
+  auto keys_seen = [&](int b) { return min(BN, (TREE ? in.N : prefix_len(in, b)) - k0); };
+  const int units = b_count * q_tiles;  // (row, query tile) pairs, in a fixed order
+
+  auto load_unit = [&](int u, int buf) {
+    const int b = b_first + u / q_tiles, row0 = (u % q_tiles) * BM;
+    if (keys_seen(b) <= 0) return;
+    load_query_tile<T, D>(Qs + buf * BM * LDS, in.q, b, g, G, R, row0, tid);
+    load_query_tile<T, D>(dOs + buf * BM * LDS, args.grad_out, b, g, G, R, row0, tid);
+    if (tid < BM)
+      load_query_row_stats<TREE>(args, delta, b, g, row0, kt, tid, lse2_s + buf * BM,
+                                 delta_s + buf * BM, words_s + buf * BM);
+  };
+
+  load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner,
+                      k0, min(BN, total_keys - k0), g, tid);
+  if (units > 0) load_unit(0, 0);
+  cp_async_commit();
+
+  const float c = static_cast<float>(in.sm_scale) * kLog2e;
+  float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[dt][e] = dv[dt][e] = 0.f;
+
+  for (int u = 0; u < units; ++u) {
+    if (u + 1 < units) load_unit(u + 1, (u + 1) & 1);
+    cp_async_commit();
+    cp_async_wait_1();
+    __syncthreads();
+    const int keys = keys_seen(b_first + u / q_tiles);
+    if (keys > 0) {
+      const int buf = u & 1;
+      const T* Q = Qs + buf * BM * LDS;
+      const T* dO = dOs + buf * BM * LDS;
+      float st[8][4], dpt[8][4];
+      tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);    // S^T = K Q^T   (rows: keys)
+      tile_abt<T, D>(dpt, Vs, warp * 16, dO, gr, tq);  // dP^T = V dO^T
+      dst_tile(st, dpt, c, keys, lse2_s + buf * BM, delta_s + buf * BM, words_s + buf * BM, warp,
+               gr, tq);
+      tile_xm<T, D>(dv, st, dO, gr, tq);  // dV += P^T dO
+      tile_xm<T, D>(dk, dpt, Q, gr, tq);  // dK += dS^T Q
+    }
+    __syncthreads();
+  }
+  store_dkv<T, D, TREE>(args, owner, g, k0 + warp * 16 + gr, tq, dk, dv);
+}
+
+template <class T, int D>
+cudaError_t launch(const BackwardArgs& args, const float* delta, cudaStream_t stream) {
+  const Inputs& in = args.in;
+  const int R = in.N * (in.Hq / in.Hkv);
+  constexpr int dq_smem = dq_smem_bytes<D>(), dkv_smem = dkv_smem_bytes<D>();
+  cudaError_t err = cudaFuncSetAttribute(dq_tc_kernel<T, D>,
+                                         cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, false>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, true>,
+                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
+  if (err != cudaSuccess) return err;
+  dq_tc_kernel<T, D>
+      <<<dim3(in.B * in.Hkv, (R + BM - 1) / BM), kThreads, dq_smem, stream>>>(args, delta);
+  const int cache_tiles = (in.L + BN - 1) / BN, tree_tiles = (in.N + BN - 1) / BN;
+  if (cache_tiles > 0)
+    dkv_tc_kernel<T, D, false>
+        <<<in.Bc * in.Hkv * cache_tiles, kThreads, dkv_smem, stream>>>(args, delta, cache_tiles);
+  dkv_tc_kernel<T, D, true>
+      <<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem, stream>>>(args, delta, tree_tiles);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+bool backward_tc_supported(const BackwardArgs& args) {
+  return forward_tc_supported(args.in) && aligned16(args.grad_out);
+}
+
+cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace,
+                                       cudaStream_t stream) {
+  const Inputs& in = args.in;
+  if (static_cast<int64_t>(in.B) * in.N * in.Hq == 0) return cudaSuccess;
+  cudaError_t err = launch_backward_delta(args, workspace, stream);
+  if (err != cudaSuccess) return err;
+  const float* delta = static_cast<const float*>(workspace);
+  const bool half = in.dtype == DType::kFloat16;
+  if (in.D == 64)
+    return half ? launch<__half, 64>(args, delta, stream)
+                : launch<__nv_bfloat16, 64>(args, delta, stream);
+  return half ? launch<__half, 128>(args, delta, stream)
+              : launch<__nv_bfloat16, 128>(args, delta, stream);
+}
+
+}  // namespace vsd_ext::cuda::tree_attn

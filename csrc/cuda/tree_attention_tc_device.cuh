@@ -1,0 +1,83 @@
+// Tile helpers shared by the tensor-core tree-attention kernels, forward
+// (tree_attention_tc_forward_kernel.cu) and backward (tree_attention_tc_backward_kernel.cu):
+// the tile shapes, the cp.async tile loads into padded shared-memory rows (LDS = D + 8 elements:
+// fragment loads hit 32 distinct banks) and the product with a row-major value tile.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/mma.cuh"
+#include "cuda/tree_attention_device.cuh"
+
+namespace vsd_ext::cuda::tree_attn {
+
+constexpr int BM = 64;         // packed query rows per tile
+constexpr int BN = 64;         // keys per tile: one 64-bit mask word per query row on tree tiles
+constexpr int kThreads = 128;  // 4 warps of 16 rows each
+
+// Copies rows [row0, row0 + 64) of the packed (b, g) query tile of a [B, N, Hq, D] tensor.
+template <class T, int D>
+__device__ __forceinline__ void load_query_tile(T* dst, const Strided& src, int b, int g, int G,
+                                                int R, int row0, int tid) {
+  constexpr int LDS = D + 8, CHUNKS = D / 8;
+  for (int e = tid; e < BM * CHUNKS; e += kThreads) {
+    const int r = e / CHUNKS, ch = e % CHUNKS, pr = row0 + r;
+    const bool valid = pr < R;
+    const int n = valid ? pr / G : 0, h = g * G + (valid ? pr % G : 0);
+    cp_async16(dst + r * LDS + ch * 8, row_ptr<T>(src, b, n, h) + ch * 8, valid);
+  }
+}
+
+// Copies `keys` rows (zero-filling up to 64) of keys [base, base + 64) of one kv head.
+template <class T, int D>
+__device__ __forceinline__ void load_key_tile(T* kd, T* vd, const Strided& k, const Strided& v,
+                                              int row, int base, int keys, int g, int tid) {
+  constexpr int LDS = D + 8, CHUNKS = D / 8;
+  for (int e = tid; e < BN * CHUNKS; e += kThreads) {
+    const int j = e / CHUNKS, ch = e % CHUNKS;
+    const bool valid = j < keys;
+    const int key = base + (valid ? j : 0);
+    cp_async16(kd + j * LDS + ch * 8, row_ptr<T>(k, row, key, g) + ch * 8, valid);
+    cp_async16(vd + j * LDS + ch * 8, row_ptr<T>(v, row, key, g) + ch * 8, valid);
+  }
+}
+
+// A fragments (16 rows starting at `row`, k slice kk) of a row-major smem tile.
+template <class T, int LDS>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int row, int kk, int gr,
+                                       int tq) {
+  const T* p = tile + (row + gr) * LDS + kk * 16 + 2 * tq;
+  a[0] = ld32(p);
+  a[1] = ld32(p + 8 * LDS);
+  a[2] = ld32(p + 8);
+  a[3] = ld32(p + 8 * LDS + 8);
+}
+
+// out (16 x D) += X (16 x 64, fp32 accumulators, packed to T as the A operand) x M (64 x D
+// row-major smem tile).
+template <class T, int D>
+__device__ __forceinline__ void tile_xm(float (&out)[D / 8][4], const float (&x)[8][4], const T* m,
+                                        int gr, int tq) {
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {
+        pack2<T>(x[2 * kk][0], x[2 * kk][1]), pack2<T>(x[2 * kk][2], x[2 * kk][3]),
+        pack2<T>(x[2 * kk + 1][0], x[2 * kk + 1][1]), pack2<T>(x[2 * kk + 1][2], x[2 * kk + 1][3])};
+    const T* m0 = m + (kk * 16 + 2 * tq) * LDS + gr;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const T* mp = m0 + dt * 8;
+      mma16816<T>(out[dt], a, ld16(mp) | (ld16(mp + LDS) << 16),
+                  ld16(mp + 8 * LDS) | (ld16(mp + 9 * LDS) << 16));
+    }
+  }
+}
+
+// True when every row of t starts 16-byte aligned (the cp.async tile loads need it).
+inline bool aligned16(const Strided& t) {
+  return reinterpret_cast<uintptr_t>(t.ptr) % 16 == 0 && t.s0 % 8 == 0 && t.s1 % 8 == 0 &&
+         t.s2 % 8 == 0;
+}
+
+}  // namespace vsd_ext::cuda::tree_attn
