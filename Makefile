@@ -16,7 +16,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install "$(TORCH)" numpy safetensors tokenizers tqdm matplotlib \
-		pytest pytest-benchmark ninja cmake transformers ruff clang-format
+		pytest pytest-benchmark ninja cmake transformers ruff clang-format==23.1.5
 	touch $@
 
 setup: $(VENV)/.deps build

@@ -4,7 +4,7 @@ Every τ and speedup the project reports is measured on these files, so they are
 and never regenerated silently: a new version gets a new file name (`_v2`, ...).
 
 - `heldout_midfile_v1.jsonl`: mid-file windows of the held-out standard-library files
-  (`vsd_ext.data`, split by a hash of the path, never trained on). A window ends at a line
+  (`vsd_ext.corpus`, split by a hash of the path, never trained on). A window ends at a line
   boundary between 20% and 80% of the file; its prompt is the complete lines before the cut,
   at most `--max-chars` characters (at least `--min-chars`), and at least `--min-after`
   characters of the file follow it (real code to continue). At most `--per-file` windows per
@@ -12,7 +12,7 @@ and never regenerated silently: a new version gets a new file name (`_v2`, ...).
 - `heldout_headers_v1.jsonl`: the first 12 lines of held-out files (file openings: licence
   headers and docstrings, whose greedy continuations often loop; reported separately).
 - `external_midfile_v1.jsonl`: the same kind of windows of Python code outside the corpus
-  (`vsd_ext.data.external_files`: sources of the installed torch), what a new user brings.
+  (`vsd_ext.corpus.external_files`: sources of the installed torch), what a new user brings.
 
 Each line: {"prompt": text, "source": relative path, "line": line number of the cut}.
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vsd_ext import data
+from vsd_ext import corpus
 
 
 def parse_args(argv=None):
@@ -71,7 +71,7 @@ def midfile_windows(text: str, name: str, args) -> list[dict]:
 
 def build_set(files: list[Path], base: Path, args) -> list[dict]:
     """Windows of `files` in path order, round-robin until `args.windows` are collected."""
-    per_file = [midfile_windows(data.read_source(f), f.relative_to(base).as_posix(), args)
+    per_file = [midfile_windows(corpus.read_source(f), f.relative_to(base).as_posix(), args)
                 for f in files]
     out = []
     for round_ in range(args.per_file):
@@ -92,17 +92,17 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    root = data.stdlib_root()
-    heldout = data.stdlib_files("heldout")
+    root = corpus.stdlib_root()
+    heldout = corpus.stdlib_files("heldout")
     write_jsonl(build_set(heldout, root, args), out / "heldout_midfile_v1.jsonl")
     headers = [{"prompt": t, "source": f.relative_to(root).as_posix(), "line": 13}
-               for f, t in zip(heldout, data.stdlib_texts("heldout"))
+               for f, t in zip(heldout, corpus.stdlib_texts("heldout"))
                if len(t.splitlines()) > 24][:args.headers]
     write_jsonl([{"prompt": "".join(h["prompt"].splitlines(keepends=True)[:12]),
                   "source": h["source"], "line": 13} for h in headers],
                 out / "heldout_headers_v1.jsonl")
     base = Path(torch.__file__).parent.parent  # the site-packages holding torch
-    write_jsonl(build_set(data.external_files(), base, args), out / "external_midfile_v1.jsonl")
+    write_jsonl(build_set(corpus.external_files(), base, args), out / "external_midfile_v1.jsonl")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DESIGN = ("OPS.md", "METHOD.md", "ARCHITECTURE.md", "ANCHORS.md")
 # csrc/ is the C++ half of the restructure (its comments move to docs/design/ there).
-SCANNED = ("README.md", "vsd_ext", "tests", "bench", "python", "docs", "Makefile", ".ci")
-SUFFIXES = {".py", ".md", ".sh", ".toml", ".txt", ""}
+SCANNED = ("README.md", "vsd_ext", "tests", "bench", "python", "docs", "csrc", "Makefile", ".ci")
+SUFFIXES = {".py", ".md", ".sh", ".toml", ".txt", ".h", ".cpp", ".cu", ".cuh", ""}
 
 
 def scanned_files():
