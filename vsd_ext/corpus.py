@@ -18,7 +18,10 @@ the drafters and benchmarks use it too, so nothing needs to be downloaded.
 - Split: deterministic, by file. `sha256(relative POSIX path)` read as an integer decides:
   `value % 1000 < HELDOUT_PER_MILLE` puts the file in `heldout`, else in `train`. The split
   of a file never changes, on any machine; different Python versions have (slightly)
-  different files, so the corpus is that of the interpreter running.
+  different files, so the corpus is that of the interpreter running. Inside `train`, the
+  files with `HELDOUT_PER_MILLE <= value < TUNE_PER_MILLE` form `tune`: drafters never train
+  on them (their training rows come from `drafter` = train minus tune), so decode settings
+  are fitted and methods are tuned there, never on `heldout`, which only evaluation reads.
 - Tokens: helpers turn files into token sequences with a `tokenizers.Tokenizer`, each file
   followed by the end-of-text id, and cut the stream into fixed-length training rows.
 """
@@ -35,7 +38,8 @@ TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "lib-dynload",
                            "encodings", "pydoc_data"}) | TEST_DIRS
 EXTERNAL_PACKAGES = ("torch/nn/modules", "torch/optim", "torch/utils/data")
-SPLITS = ("train", "heldout", "all")
+TUNE_PER_MILLE = 100
+SPLITS = ("train", "heldout", "all", "tune", "drafter")
 
 
 def stdlib_root() -> Path:
@@ -43,10 +47,27 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _split_value(relative_path: str) -> int:
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % 1000
+
+
 def split_of(relative_path: str) -> str:
     """`"train"` or `"heldout"` for a path relative to the stdlib root (POSIX separators)."""
-    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
-    return "heldout" if int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE else "train"
+    return "heldout" if _split_value(relative_path) < HELDOUT_PER_MILLE else "train"
+
+
+def _in_split(relative_path: str, split: str) -> bool:
+    value = _split_value(relative_path)
+    if split == "all":
+        return True
+    if split == "heldout":
+        return value < HELDOUT_PER_MILLE
+    if split == "tune":
+        return HELDOUT_PER_MILLE <= value < TUNE_PER_MILLE
+    if split == "drafter":
+        return value >= TUNE_PER_MILLE
+    return value >= HELDOUT_PER_MILLE  # train
 
 
 def _excluded(relative: Path, include_tests: bool = False) -> bool:
@@ -59,8 +80,9 @@ def _excluded(relative: Path, include_tests: bool = False) -> bool:
 
 def stdlib_files(split: str = "train", root: str | Path | None = None,
                  include_tests: bool = False) -> list[Path]:
-    """Source files of one split (`train`, `heldout` or `all`), sorted by relative path;
-    `include_tests` adds the test suites' files of that split."""
+    """Source files of one split (`SPLITS`: `train`, `heldout`, `all`, or the parts of train
+    `tune` and `drafter`), sorted by relative path; `include_tests` adds the test suites'
+    files of that split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     base = Path(root) if root is not None else stdlib_root()
@@ -71,7 +93,7 @@ def stdlib_files(split: str = "train", root: str | Path | None = None,
         relative = path.relative_to(base)
         if not path.is_file() or _excluded(relative, include_tests):
             continue
-        if split == "all" or split_of(relative.as_posix()) == split:
+        if _in_split(relative.as_posix(), split):
             files.append(path)
     return sorted(files, key=lambda p: p.relative_to(base).as_posix())
 

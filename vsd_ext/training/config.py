@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .weights import CONFIDENCES, UTILITIES
 
 METHODS = ("eagle3", "auf", "vsd")
 PRECISIONS = ("auto", "fp32", "bf16")
 SCHEDULES = ("cosine", "constant")
 CLOCKS = ("wall", "process")
-ARW_TARGETS = ("emitted", "soft")
-ARW_POSITIONS = ("emitted", "all")
+REACH_MODES = ("expected", "realized")
+BASELINES = ("mean", "none")
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -30,7 +29,7 @@ class Eagle3Config:
     hidden state of the previous step; soft CE against the target on the draft vocabulary
     (teacher logits divided by `soft_temperature`); step j weighted `step_decay ** j`."""
 
-    steps: int = 7
+    steps: int = 5
     step_decay: float = 0.8
     soft_temperature: float = 1.0
 
@@ -49,7 +48,7 @@ class AUFConfig:
     only while the drafter's greedy token matched the ground truth at every step < j (so up
     to and including the first mismatch)."""
 
-    steps: int = 7
+    steps: int = 5
 
     def validate(self) -> None:
         _check(isinstance(self.steps, int) and self.steps >= 1, "auf.steps",
@@ -58,62 +57,67 @@ class AUFConfig:
 
 @dataclass
 class VSDConfig:
-    """The EM step of docs/design/METHOD.md (names follow its notation).
+    """The VSD objective of docs/design/METHOD.md (names follow its notation).
 
-    E-step: `anchors` positions per sequence; at each the drafter samples `paths` (S) i.i.d.
-    paths of `depth` (K) tokens from q at `sample_temperature` (a tree: the S chains share
-    the root); the target scores every node in one tree forward; each path is verified as a
-    chain (`verify_tree`, mode "sampled", target at `sample_temperature`).
-    M-step: ARW-weighted likelihood of the emitted tokens (utility `utility`, ESS ≥ `rho`·S,
-    T_w ≥ `min_temperature`, reach weights clamped at `r_min`) + `lambda_car` · CAR
-    (confidence `confidence` ** `car_beta`) + `lambda_tok` · the eagle3 loss (`eagle3`).
-    `arw_target`: "emitted" (hard CE on the emitted tokens) or "soft" (the target's
-    distribution at the same rows; see `training.vsd`); `arw_positions`: "emitted"
-    (positions up to the correction token) or "all" (every path node; soft targets only).
+    E-step at the decoding temperature `temperature`: at `anchors` positions per sequence,
+    T > 0 — the drafter samples `paths` i.i.d. chains of `depth` tokens from q_T, the target
+    scores every node in one tree forward and each chain is verified ("sampled" mode);
+    T = 0 — the drafter builds its own top-k tree as the decoder does (`depth` levels,
+    `tree_topk` children, `tree_nodes` kept nodes, ranked by cumulative log q at
+    `ranking_temperature`), the target scores it and greedy verification returns the
+    target's greedy path inside it.
+    M-step: T > 0 — per node, reach r (`reach`: "expected" weights every sampled node by r,
+    "realized" keeps the reached nodes unweighted) times (1 + Ŵ) (`future_value`) times the
+    acceptance mass β (`lambda_accept`), the score-function term at the root with a
+    per-context mean baseline (`baseline` "mean" | "none"), and `lambda_kl` · KL(q_T ‖ p_T)
+    on the same rows (CAR); T = 0 — cross-entropy on the next greedy token at the nodes of
+    the greedy path decoding reached, weighted by 1 + Ŵ (`future_value`).
+    L = `lambda_tok` · eagle3 (unrolled `anchor_steps` steps, default `depth`) +
+    `lambda_tree` · tree terms.
     """
 
-    anchors: int = 8
-    paths: int = 8
-    depth: int = 6
-    sample_temperature: float = 1.0
-    utility: str = "expected"
-    rho: float = 0.5
-    min_temperature: float = 1.0
-    r_min: float = 0.05
-    lambda_car: float = 0.1
-    car_beta: float = 1.0
-    confidence: str = "maxprob"
-    lambda_tok: float = 0.0
-    arw_target: str = "emitted"
-    arw_positions: str = "emitted"
-    eagle3: Eagle3Config = field(default_factory=Eagle3Config)
+    temperature: float = 1.0
+    anchors: int = 4
+    paths: int = 4
+    depth: int = 5
+    tree_topk: int = 4
+    tree_nodes: int = 24
+    ranking_temperature: float = 1.0
+    reach: str = "expected"
+    future_value: bool = True
+    baseline: str = "mean"
+    lambda_accept: float = 1.0
+    lambda_kl: float = 0.1
+    lambda_tok: float = 1.0
+    lambda_tree: float = 0.5
+    anchor_steps: int | None = None
+
+    @property
+    def unroll_steps(self) -> int:
+        """Steps of the EAGLE-3 anchor term: `anchor_steps`, else the tree depth."""
+        return self.anchor_steps if self.anchor_steps is not None else self.depth
 
     def validate(self) -> None:
-        for name in ("anchors", "paths", "depth"):
+        for name in ("anchors", "paths", "depth", "tree_topk", "tree_nodes"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"vsd.{name}",
                    f"must be an integer >= 1, got {value!r}")
-        _check(self.sample_temperature > 0, "vsd.sample_temperature",
-               f"must be > 0, got {self.sample_temperature}")
-        _check(self.utility in UTILITIES, "vsd.utility",
-               f"must be one of {UTILITIES}, got {self.utility!r}")
-        _check(0 < self.rho <= 1, "vsd.rho", f"must be in (0, 1], got {self.rho}")
-        _check(self.min_temperature > 0, "vsd.min_temperature",
-               f"must be > 0, got {self.min_temperature}")
-        _check(0 <= self.r_min <= 1, "vsd.r_min", f"must be in [0, 1], got {self.r_min}")
-        _check(self.lambda_car >= 0, "vsd.lambda_car", f"must be >= 0, got {self.lambda_car}")
-        _check(self.car_beta >= 0, "vsd.car_beta", f"must be >= 0, got {self.car_beta}")
-        _check(self.confidence in CONFIDENCES, "vsd.confidence",
-               f"must be one of {CONFIDENCES}, got {self.confidence!r}")
-        _check(self.lambda_tok >= 0, "vsd.lambda_tok", f"must be >= 0, got {self.lambda_tok}")
-        _check(self.arw_target in ARW_TARGETS, "vsd.arw_target",
-               f"must be one of {ARW_TARGETS}, got {self.arw_target!r}")
-        _check(self.arw_positions in ARW_POSITIONS, "vsd.arw_positions",
-               f"must be one of {ARW_POSITIONS}, got {self.arw_positions!r}")
-        _check(self.arw_positions == "emitted" or self.arw_target == "soft", "vsd.arw_positions",
-               "'all' needs vsd.arw_target='soft' (positions past the correction token emit "
-               "no token)")
-        self.eagle3.validate("vsd.eagle3")
+        if self.anchor_steps is not None:
+            _check(isinstance(self.anchor_steps, int) and self.anchor_steps >= 1,
+                   "vsd.anchor_steps", f"must be an integer >= 1, got {self.anchor_steps!r}")
+        _check(self.temperature >= 0, "vsd.temperature",
+               f"must be >= 0, got {self.temperature}")
+        _check(self.ranking_temperature > 0, "vsd.ranking_temperature",
+               f"must be > 0, got {self.ranking_temperature}")
+        _check(self.reach in REACH_MODES, "vsd.reach",
+               f"must be one of {REACH_MODES}, got {self.reach!r}")
+        _check(self.baseline in BASELINES, "vsd.baseline",
+               f"must be one of {BASELINES}, got {self.baseline!r}")
+        _check(isinstance(self.future_value, bool), "vsd.future_value",
+               f"must be true or false, got {self.future_value!r}")
+        for name in ("lambda_accept", "lambda_kl", "lambda_tok", "lambda_tree"):
+            value = getattr(self, name)
+            _check(value >= 0, f"vsd.{name}", f"must be >= 0, got {value}")
 
 
 @dataclass
@@ -246,8 +250,6 @@ class TrainConfig:
         for name, sub in nested.items():
             if isinstance(values.get(name), dict):
                 inner = dict(values[name])
-                if sub is VSDConfig and isinstance(inner.get("eagle3"), dict):
-                    inner["eagle3"] = Eagle3Config(**inner["eagle3"])
                 values[name] = sub(**inner)
         if "betas" in values:
             values["betas"] = tuple(values["betas"])

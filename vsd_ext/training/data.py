@@ -120,16 +120,17 @@ def _eos(target_or_id) -> int:
 # ---- the embedded corpus ------------------------------------------------------------------
 def corpus_splits(tokenizer, seq_len: int, eval_prompts: int = 32, prompt_tokens: int = 96,
                   root=None) -> DataSplits:
-    """The stdlib corpus (vsd_ext.corpus): rows of `seq_len` tokens, every token a target;
-    prompts: the first lines of held-out files (`vsd_ext.corpus.prompts`), at most
-    `prompt_tokens` tokens each."""
+    """The stdlib corpus (vsd_ext.corpus): training rows of `seq_len` tokens from the
+    `drafter` files, held-out rows from the `tune` files (never the evaluation's `heldout`
+    files), every token a target; prompts: the first lines of `tune` files
+    (`vsd_ext.corpus.prompts`), at most `prompt_tokens` tokens each."""
     def rows(split):
         ids = corpus.token_sequences(tokenizer, split, seq_len, root)
         return TokenDataset(ids, torch.ones_like(ids, dtype=torch.bool))
 
-    texts = corpus.prompts("heldout", limit=eval_prompts, root=root)
+    texts = corpus.prompts("tune", limit=eval_prompts, root=root)
     prompts = [p[:prompt_tokens] for p in corpus.encode_texts(tokenizer, texts)]
-    return DataSplits(rows("train"), rows("heldout"), prompts, "corpus")
+    return DataSplits(rows("drafter"), rows("tune"), prompts, "corpus")
 
 
 # ---- JSONL ------------------------------------------------------------------------------

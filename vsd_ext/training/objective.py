@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.cross_entropy import weighted_linear_cross_entropy
+from .divergence_eager import weighted_linear_divergence
 from .auf import auf_loss
 from .drafting import DraftVocab, head_inputs
 from .eagle3 import eagle3_loss
@@ -62,15 +63,34 @@ class LossHead:
     def __init__(self, drafter, dtype: torch.dtype):
         self.drafter, self.dtype = drafter, dtype
 
-    def __call__(self, hidden, targets, weights, soft=None, soft_temperature: float = 1.0):
+    def rows(self, hidden: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The LM head's input rows in the run's dtype; dividing them by `temperature`
+        divides the drafter's logits by it (the head has no bias)."""
+        rows = head_inputs(self.drafter, hidden)
+        return (rows if temperature == 1.0 else rows / temperature).to(self.dtype)
+
+    def __call__(self, hidden, targets, weights, soft=None, soft_temperature: float = 1.0,
+                 temperature: float = 1.0):
+        """Weighted CE of q = softmax(logits / temperature) against hard `targets` or the
+        soft targets softmax(soft / soft_temperature)."""
         if hidden.shape[0] == 0:
             return hidden.new_zeros(0, dtype=torch.float32)
-        rows = head_inputs(self.drafter, hidden).to(self.dtype)
         weight = self.drafter.lm_head.weight.to(self.dtype)
         loss, _ = weighted_linear_cross_entropy(
-            rows, weight, targets, weights.float(), soft_targets=soft,
-            soft_temperature=soft_temperature)
+            self.rows(hidden, temperature), weight, targets, weights.float(),
+            soft_targets=soft, soft_temperature=soft_temperature)
         return loss
+
+    def divergence(self, hidden, teacher, tv_weights, kl_weights, temperature: float = 1.0):
+        """(loss_rows, beta, kl) `[M]`: tv_weights · (1 − β) + kl_weights · KL(q ‖ p) with
+        q = softmax(logits / T), p = softmax(teacher / T), β = Σ_v min(p_v, q_v)."""
+        if hidden.shape[0] == 0:
+            empty = hidden.new_zeros(0, dtype=torch.float32)
+            return empty, empty, empty
+        weight = self.drafter.lm_head.weight.to(self.dtype)
+        return weighted_linear_divergence(self.rows(hidden, temperature), weight, teacher,
+                                          tv_weights.float(), kl_weights.float(),
+                                          soft_temperature=temperature)
 
 
 def connect_all(module: nn.Module) -> torch.Tensor:
