@@ -275,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens,
     const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
     const at::Tensor& out, const at::Tensor& lse, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   check_backward_args(d, q, grad_out, grad_lse, out, lse);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
   at::Tensor dq = at::empty({d.B, d.N, d.Hq, d.D}, q.options());

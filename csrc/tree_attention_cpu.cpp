@@ -105,7 +105,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
     const at::Tensor& tree_mask, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
   at::Tensor out = at::empty({d.B, d.N, d.Hq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.N, d.Hq}, q.options().dtype(lse_dtype(q)));

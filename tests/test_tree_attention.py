@@ -294,3 +294,73 @@ def test_default_scale(gen):
     out_default, _ = vsd_ext.tree_attention(*args)
     out_explicit, _ = vsd_ext.tree_attention(*args, sm_scale=1 / math.sqrt(48))
     assert torch.equal(out_default, out_explicit)
+
+
+# ---- input contract: rejected shapes and scales, empty batches, any prefix_lens stride -------
+
+def small_args(device, B=2, N=5, Hq=4, Hkv=2, D=64, L=10, Bc=None):
+    gen = torch.Generator().manual_seed(0)
+    Bc = B if Bc is None else Bc
+    return list(make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, torch.float32))
+
+
+def backward_args(args, sm_scale=0.125):
+    """The backward op's arguments for forward arguments `args` (grad_out = 1, no grad_lse)."""
+    q = args[0]
+    lse = torch.zeros(q.shape[:3], device=q.device)
+    return (torch.ones_like(q), None, *args, torch.zeros_like(q), lse, sm_scale)
+
+
+@pytest.mark.parametrize("Hq, D, match", [(0, 64, r"at least one query head"),
+                                          (4, 0, r"head dim D >= 1")])
+def test_rejects_no_heads_and_empty_head_dim(device, Hq, D, match):
+    """Hq = 0 or D = 0 would leave lse (and the tree gradients) unwritten: both ops raise, on
+    every device and in the fake kernel, and the default scale is no ZeroDivisionError."""
+    args = small_args(device, Hq=4, D=max(D, 1))
+    args[0] = torch.zeros(2, 5, Hq, D, device=device)
+    Hkv = 1 if Hq == 0 else 2
+    for i in (1, 2):
+        args[i] = torch.zeros(2, 10, Hkv, D, device=device)
+    for i in (4, 5):
+        args[i] = torch.zeros(2, 5, Hkv, D, device=device)
+    pattern = r"argument 'q'.*" + match
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*args)  # default sm_scale
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention(*args, 0.125)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention_backward(*backward_args(args))
+    with pytest.raises(ValueError, match=pattern):  # the fake kernel: meta tensors
+        vsd_ext.tree_attention(*[a.to("meta") for a in args])
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_rejects_non_finite_sm_scale(device, scale):
+    args = small_args(device)
+    pattern = r"argument 'sm_scale'.*finite"
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*args, sm_scale=scale)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention_backward(*backward_args(args, scale))
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*[a.to("meta") for a in args], sm_scale=scale)
+
+
+@pytest.mark.parametrize("B, N", [(0, 5), (3, 0), (0, 0)])
+@pytest.mark.parametrize("shared_cache", [False, True], ids=["Bc=B", "Bc=1"])
+def test_empty_batch_forward_and_backward(device, B, N, shared_cache):
+    """B = 0 or N = 0: empty outputs, and gradients of the inputs' shapes (zeros)."""
+    Bc, L, Hq, Hkv, D = 1 if shared_cache else B, 10, 4, 2, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    args = [randn(B, N, Hq, D), randn(Bc, L, Hkv, D), randn(Bc, L, Hkv, D),
+            torch.full((B,), L, device=device), randn(B, N, Hkv, D), randn(B, N, Hkv, D),
+            torch.zeros(B, N, (N + 63) // 64, dtype=torch.int64, device=device)]
+    out, lse = vsd_ext.tree_attention(*args)
+    assert out.shape == (B, N, 4, 64) and lse.shape == (B, N, 4)
+    inputs = [args[i] for i in (0, 1, 2, 4, 5)]
+    grads = torch.autograd.grad(out.sum() + lse.sum(), inputs)
+    for g, x in zip(grads, inputs):
+        assert g.shape == x.shape and g.dtype == x.dtype and not g.any()
