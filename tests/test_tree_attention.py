@@ -364,3 +364,52 @@ def test_empty_batch_forward_and_backward(device, B, N, shared_cache):
     grads = torch.autograd.grad(out.sum() + lse.sum(), inputs)
     for g, x in zip(grads, inputs):
         assert g.shape == x.shape and g.dtype == x.dtype and not g.any()
+
+
+@pytest.mark.parametrize("layout", ["column", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefix_lens_of_any_stride(device, gen, layout, dtype):
+    """prefix_lens as a column view (stride 2) or an expanded scalar (stride 0), int32 and
+    int64: forward and gradients equal those with the same values contiguous."""
+    B, N, Hq, Hkv, D, L = 4, 20, 4, 2, 64, 150
+    args = list(make_inputs(gen, device, B, B, N, Hq, Hkv, D, L, dtype))
+    for lens_dtype in (torch.int32, torch.int64):
+        if layout == "column":
+            table = torch.stack([torch.tensor([7, L, 0, 99]), torch.full((B,), L + 5)], 1)
+            lens = table.to(device, lens_dtype)[:, 0]
+        else:
+            lens = torch.tensor([63], dtype=lens_dtype, device=device).expand(B)
+        assert not lens.is_contiguous()
+        strided = args[:3] + [lens] + args[4:]
+        dense = args[:3] + [lens.contiguous()] + args[4:]
+        for got, want in zip(vsd_ext.tree_attention(*strided), vsd_ext.tree_attention(*dense)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        check_grads(strided, dtype)
+
+
+# ---- CUDA only: the two kernel paths, determinism, one synchronization ----------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+@cuda_only
+def test_one_synchronization_per_call(gen):
+    """check_prefix_values reads (min, max) of prefix_lens back in one blocking copy: the only
+    synchronization of a forward or backward call."""
+    import warnings
+    args = make_inputs(gen, "cuda", 2, 2, 10, 4, 2, 64, 50, torch.bfloat16)
+    out, lse = vsd_ext.tree_attention(*args)
+    calls = [lambda: torch.ops.vsd_ext.tree_attention(*args, 0.125),
+             lambda: torch.ops.vsd_ext.tree_attention_backward(torch.ones_like(out), None, *args,
+                                                              out, lse, 0.125)]
+    torch.cuda.synchronize()
+    for call in calls:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in caught]

@@ -6,6 +6,7 @@
 
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -42,7 +43,8 @@ ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k
   in.tree_mask = tree_mask.data_ptr<int64_t>();
   in.mask_s0 = tree_mask.stride(0);
   in.mask_s1 = tree_mask.stride(1);
-  in.prefix_lens = prefix_lens.data_ptr();
+  in.prefix_lens = prefix_lens.data_ptr();  // any stride: lens[:, 0], expand(B) (stride 0)
+  in.prefix_lens_stride = prefix_lens.stride(0);
   in.prefix_lens_int64 = prefix_lens.scalar_type() == at::kLong;
   return in;
 }
@@ -54,9 +56,11 @@ void check_cuda_dims(const Dims& d) {
             "too many rows for the CUDA kernels (B N Hq and Bc L Hkv must stay below 2^31)");
 }
 
-// Value check of prefix_lens: a 2-value device-to-host read (one synchronization). Skipped while
-// the stream is being captured into a CUDA graph, where a read is not allowed; the kernels clamp
-// the values to [0, L], so reads stay in bounds either way.
+// Value check of prefix_lens, every call (the op is public and its contract says out-of-range
+// values raise): (min, max) reduced on the device and read back in one blocking 16-byte copy, the
+// only synchronization of a forward or backward call. Skipped while the stream is being captured
+// into a CUDA graph, where a read is not allowed; the kernels clamp the values to [0, L], so reads
+// stay in bounds either way.
 void check_prefix_values(const at::Tensor& prefix_lens, int64_t L, cudaStream_t stream) {
   if (prefix_lens.numel() == 0) return;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -64,7 +68,8 @@ void check_prefix_values(const at::Tensor& prefix_lens, int64_t L, cudaStream_t 
               "vsd_ext: cudaStreamIsCapturing failed");
   if (status != cudaStreamCaptureStatusNone) return;
   const auto [lo, hi] = at::aminmax(prefix_lens);
-  check_prefix_range(lo.item<int64_t>(), hi.item<int64_t>(), L);
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU, at::kLong);  // the one read
+  check_prefix_range(range.data_ptr<int64_t>()[0], range.data_ptr<int64_t>()[1], L);
 }
 
 void check_launch(cudaError_t err, const char* what) {

@@ -43,7 +43,8 @@ struct Inputs {
   Strided q, k_cache, v_cache, k_tree, v_tree;
   const int64_t* tree_mask;  // element (b, n, w) at tree_mask + b mask_s0 + n mask_s1 + w
   int64_t mask_s0, mask_s1;
-  const void* prefix_lens;  // [B], int32 or int64 (values clamped to [0, L] in the kernels)
+  const void* prefix_lens;     // [B], int32 or int64 (values clamped to [0, L] in the kernels):
+  int64_t prefix_lens_stride;  // element b at prefix_lens + b prefix_lens_stride (any stride)
   bool prefix_lens_int64;
 };
 
