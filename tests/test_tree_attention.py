@@ -387,6 +387,65 @@ def test_prefix_lens_of_any_stride(device, gen, layout, dtype):
         check_grads(strided, dtype)
 
 
+# ---- keys no node sees contribute nothing (issue #17, item 2) --------------------------------
+
+def poison_unseen(args, unseen_nodes, value):
+    """Copies of the forward arguments with `value` in k/v of the tree nodes no node of the row
+    sees (unseen_nodes [B, N] bool; their columns cleared from the mask) and of the cache
+    positions no row sees."""
+    q, k_cache, v_cache, lens, k_tree, v_tree, mask = args
+    B, N = unseen_nodes.shape
+    unseen_nodes = unseen_nodes.to(mask.device)
+    dense = tree.unpack_tree_mask(mask, N) & ~unseen_nodes[:, None, :]
+    mask = tree.pack_tree_mask(dense)
+    k_tree, v_tree = k_tree.clone(), v_tree.clone()
+    k_tree[unseen_nodes] = value
+    v_tree[unseen_nodes] = value
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    pos = torch.arange(k_cache.shape[1], device=lens.device)
+    for bc in range(k_cache.shape[0]):
+        seen_len = lens.max() if k_cache.shape[0] == 1 else lens[bc]
+        k_cache[bc, pos >= seen_len] = value
+        v_cache[bc, pos >= seen_len] = value
+    return [q, k_cache, v_cache, lens, k_tree, v_tree, mask]
+
+
+@pytest.mark.parametrize("Bc", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unseen_keys_contribute_nothing(device, gen, Bc, dtype):
+    """NaN / inf in k, v of a tree node that no node of its row sees (padding) and of cache
+    positions past every row's prefix: outputs and gradients are exactly those with zeros
+    there (the 0 * NaN of P V must not happen), and those keys' gradients are 0."""
+    B, N, Hq, Hkv, D, L = 3, 70, 8, 2, 64, 90
+    args = list(make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, dtype))
+    args[3] = torch.tensor([40, 0, 77], device=device)
+    unseen = torch.zeros(B, N, dtype=torch.bool)
+    unseen[0, 50:] = True  # tail padding across both 64-node mask words
+    unseen[1, 10:20] = True  # padding in the middle of a row
+    unseen[2, 3] = True
+    poisoned = poison_unseen(args, unseen, math.nan)
+    poisoned[5][unseen] = math.inf  # and inf values
+    clean = poison_unseen(args, unseen, 0.0)
+    diff = [0, 1, 2, 4, 5]
+
+    def run(fn, inputs):
+        inputs = [a.detach().requires_grad_() if i in diff else a for i, a in enumerate(inputs)]
+        out, lse = fn(*inputs)
+        go = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape).to(out.dtype)
+        loss = (out * go).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, [inputs[i] for i in diff]))
+
+    for fn in (vsd_ext.tree_attention, tree_attention_reference):
+        got, want = run(fn, poisoned), run(fn, clean)
+        for name, g, w in zip(["out", "lse", "dq", "dk_cache", "dv_cache", "dk_tree", "dv_tree"],
+                              got, want):
+            assert torch.equal(g, w), f"{fn.__module__}: {name} differs from the clean run"
+        dk_tree, dv_tree = got[5], got[6]
+        assert not dk_tree[unseen].any() and not dv_tree[unseen].any()
+    out = run(vsd_ext.tree_attention, poisoned)
+    assert all(torch.isfinite(t).all() for t in out[2:])
+
+
 # ---- CUDA only: the two kernel paths, determinism, one synchronization ----------------------
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")

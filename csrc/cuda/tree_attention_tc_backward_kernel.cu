@@ -16,6 +16,9 @@
 //     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
 //     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
 //     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
+// Tree keys that no query of a block (dQ) or of the row (dK, dV) sees are zero-filled, never
+// read, and masked entries of dS are set to 0, not P (dP - delta) with P = 0: a NaN in an
+// unseen key or value cannot reach any gradient.
 #include "cuda/tree_attention_tc_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
@@ -93,7 +96,7 @@ __device__ __forceinline__ void ds_tile(float (&s)[8][4], const float (&dp)[8][4
         const int col = nt * 8 + 2 * tq + (e & 1);
         const bool visible = col < keys && ((w >> col) & 1ull);
         const float p = visible ? exp2f(s[nt][e] * c - lse2[rh]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - dl[rh]);  // dS
+        s[nt][e] = visible ? p * (dp[nt][e] - dl[rh]) : 0.f;  // dS (0, not 0 * NaN, if masked)
       }
   }
 }
@@ -122,6 +125,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, const float* delta) {
   constexpr int LDS = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * LDS;
   T* Ks = dOs + BM * LDS;  // [2][BN][LDS]
@@ -138,13 +142,17 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
   const int n_tiles = n_prefix + (in.N + BN - 1) / BN;
   auto tile_base = [&](int i) { return (i < n_prefix ? i : i - n_prefix) * BN; };
   auto tile_keys = [&](int i) { return min(BN, (i < n_prefix ? len : in.N) - tile_base(i)); };
+  // Called by every thread alike; tree keys no query of the block sees are zero-filled.
   auto load_tile = [&](int i, int buf) {
-    if (i < n_prefix)
+    if (i < n_prefix) {
       load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_cache, in.v_cache, bc,
-                          tile_base(i), tile_keys(i), g, tid);
-    else
-      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
-                          tile_base(i), tile_keys(i), g, tid);
+                          tile_base(i), tile_keys(i), ~0ull, g, tid);
+      return;
+    }
+    const uint64_t visible = seen_tree_word(in, b, first_node(row0, G), end_node(row0, G, R),
+                                            i - n_prefix, seen_scratch);
+    load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
+                        tile_base(i), tile_keys(i), visible, g, tid);
   };
 
   float lse2[2], dl[2];
@@ -210,8 +218,8 @@ __device__ __forceinline__ void dst_tile(float (&st)[8][4], float (&dpt)[8][4], 
       const int key = warp * 16 + gr + 8 * (e >> 1), col = nt * 8 + 2 * tq + (e & 1);
       const bool visible = key < keys && ((words[col] >> key) & 1ull);
       const float p = visible ? exp2f(st[nt][e] * c - lse2[col]) : 0.f;
-      dpt[nt][e] = p * (dpt[nt][e] - dl[col]);  // dS^T
-      st[nt][e] = p;                            // P^T
+      dpt[nt][e] = visible ? p * (dpt[nt][e] - dl[col]) : 0.f;  // dS^T (0, not 0 * NaN)
+      st[nt][e] = p;                                            // P^T
     }
 }
 
@@ -248,6 +256,7 @@ __global__ void __launch_bounds__(kThreads)
     dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles) {
   constexpr int LDS = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
   T* Qs = Vs + BN * LDS;                                              // [2][BM][LDS]
@@ -280,8 +289,10 @@ __global__ void __launch_bounds__(kThreads)
                                  delta_s + buf * BM, words_s + buf * BM);
   };
 
+  // Tree keys that no node of the row sees are zero-filled (block-wide call, uniform).
+  const uint64_t visible = TREE ? seen_tree_word(in, owner, 0, in.N, kt, seen_scratch) : ~0ull;
   load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner,
-                      k0, min(BN, total_keys - k0), g, tid);
+                      k0, min(BN, total_keys - k0), visible, g, tid);
   if (units > 0) load_unit(0, 0);
   cp_async_commit();
 

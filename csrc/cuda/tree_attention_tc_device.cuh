@@ -1,7 +1,8 @@
 // Tile helpers shared by the tensor-core tree-attention kernels, forward
 // (tree_attention_tc_forward_kernel.cu) and backward (tree_attention_tc_backward_kernel.cu):
 // the tile shapes, the cp.async tile loads into padded shared-memory rows (LDS = D + 8 elements:
-// fragment loads hit 32 distinct banks) and the product with a row-major value tile.
+// fragment loads hit 32 distinct banks), which tree keys a block's queries see, and the product
+// with a row-major value tile.
 #pragma once
 
 #include <cstdint>
@@ -28,18 +29,39 @@ __device__ __forceinline__ void load_query_tile(T* dst, const Strided& src, int 
   }
 }
 
-// Copies `keys` rows (zero-filling up to 64) of keys [base, base + 64) of one kv head.
+// Copies keys [base, base + keys) of one kv head into tile rows 0 .. keys - 1 and zero-fills the
+// rest up to 64. Rows whose bit in `visible` is clear are zero-filled too, never read: tree keys
+// that no query of the block sees. Their P is 0, and 0 * NaN in P V (or dS K) would otherwise
+// spread a NaN of an unused key to every query (docs/design/OPS.md).
 template <class T, int D>
 __device__ __forceinline__ void load_key_tile(T* kd, T* vd, const Strided& k, const Strided& v,
-                                              int row, int base, int keys, int g, int tid) {
+                                              int row, int base, int keys, uint64_t visible, int g,
+                                              int tid) {
   constexpr int LDS = D + 8, CHUNKS = D / 8;
   for (int e = tid; e < BN * CHUNKS; e += kThreads) {
     const int j = e / CHUNKS, ch = e % CHUNKS;
-    const bool valid = j < keys;
+    const bool valid = j < keys && ((visible >> j) & 1ull);
     const int key = base + (valid ? j : 0);
     cp_async16(kd + j * LDS + ch * 8, row_ptr<T>(k, row, key, g) + ch * 8, valid);
     cp_async16(vd + j * LDS + ch * 8, row_ptr<T>(v, row, key, g) + ch * 8, valid);
   }
+}
+
+// The keys of tree tile tt (word tt of the mask rows) that some node in [n_begin, n_end) of row
+// b sees: the OR of their mask words. Block-wide: every thread calls it and gets the result
+// (ends synchronized); scratch holds 32 words.
+__device__ __forceinline__ uint64_t seen_tree_word(const Inputs& in, int b, int n_begin, int n_end,
+                                                   int tt, uint64_t* scratch) {
+  uint64_t w = 0;
+  for (int n = n_begin + static_cast<int>(threadIdx.x); n < n_end; n += blockDim.x)
+    w |= static_cast<uint64_t>(in.tree_mask[b * in.mask_s0 + n * in.mask_s1 + tt]);
+  return block_reduce(w, OrOp{}, scratch);
+}
+
+// The nodes [first, last] of the packed rows [row0, row0 + BM) below R (G heads per node).
+__device__ __forceinline__ int first_node(int row0, int G) { return row0 / G; }
+__device__ __forceinline__ int end_node(int row0, int G, int R) {
+  return (min(row0 + BM, R) - 1) / G + 1;
 }
 
 // A fragments (16 rows starting at `row`, k slice kk) of a row-major smem tile.

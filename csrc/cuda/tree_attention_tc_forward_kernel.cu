@@ -176,6 +176,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_tc_kernel(ForwardArgs args, Split sp, float* ws_o, float* ws_lse) {
   constexpr int LDS = D + 8;  // padded smem row: fragment loads hit 32 distinct banks
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Qs = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
   T* Ks = Qs + BM * LDS;                   // [2][BN][LDS]
   T* Vs = Ks + 2 * BN * LDS;               // [2][BN][LDS]
@@ -186,11 +187,16 @@ __global__ void __launch_bounds__(kThreads)
   const int row0 = blockIdx.y * BM, split = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
   const KeyTiles tiles(in, sp, b, split);
-  auto load_tile = [&](int i, int buf) {  // rows past the end are zero-filled (P = 0, no NaN)
+  // Rows past the end are zero-filled (P = 0, no NaN), and so are tree keys no query of the
+  // block sees. Called by every thread alike (the tree test is uniform over the block).
+  auto load_tile = [&](int i, int buf) {
     const bool tree = tiles.tree(i);
+    const uint64_t visible = tree ? seen_tree_word(in, b, first_node(row0, G), end_node(row0, G, R),
+                                                   i - tiles.n_prefix, seen_scratch)
+                                  : ~0ull;
     load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, tree ? in.k_tree : in.k_cache,
                         tree ? in.v_tree : in.v_cache, tree ? b : bc, tiles.base(i), tiles.keys(i),
-                        g, tid);
+                        visible, g, tid);
   };
 
   float o[D / 8][4];
