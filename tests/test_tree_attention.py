@@ -451,6 +451,39 @@ def test_unseen_keys_contribute_nothing(device, gen, Bc, dtype):
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
 
 
+def unaligned(t):
+    """The same values in a view whose rows are not 16-byte aligned: the tensor-core kernels
+    decline it, so the warp-per-row (simple) kernels run."""
+    buf = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    view = buf[..., 1:]
+    view.copy_(t)
+    return view
+
+
+@cuda_only
+@pytest.mark.parametrize("config", [(3, 1, 70, 8, 2, 64, 300), (2, 2, 33, 4, 4, 128, 130)],
+                         ids=lambda c: CONFIG_IDS(*c))
+def test_tensor_core_path_matches_simple_path(gen, config):
+    """The ldmatrix tensor-core kernels (forward, dQ, dK/dV with the split shared-cache
+    reduction) against the simple warp-per-row kernels on the same bf16 inputs."""
+    args = list(make_inputs(gen, "cuda", *config, torch.bfloat16))
+    simple = [unaligned(a) if a.is_floating_point() else a for a in args]
+
+    def outputs(inputs):
+        inputs = [a.detach().requires_grad_() if a.is_floating_point() else a for a in inputs]
+        out, lse = vsd_ext.tree_attention(*inputs)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        grads = torch.autograd.grad((out * go).sum() + lse.masked_fill(lse.isinf(), 0).sum(),
+                                    [a for a in inputs if a.is_floating_point()])
+        return out, lse, *grads
+
+    for name, fast, slow in zip(["out", "lse", "dq", "dk_cache", "dv_cache", "dk_tree", "dv_tree"],
+                                outputs(args), outputs(simple)):
+        scale = slow.float().abs().max().item() or 1.0
+        err = (fast.float() - slow.float()).abs().max().item()
+        assert err <= 2e-2 * scale, f"{name}: tensor-core vs simple {err:.3g} (scale {scale:.3g})"
+
+
 @cuda_only
 def test_one_synchronization_per_call(gen):
     """check_prefix_values reads (min, max) of prefix_lens back in one blocking copy: the only

@@ -16,9 +16,10 @@
 //     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
 //     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
 //     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
-// Tree keys that no query of a block (dQ) or of the row (dK, dV) sees are zero-filled, never
-// read, and masked entries of dS are set to 0, not P (dP - delta) with P = 0: a NaN in an
-// unseen key or value cannot reach any gradient.
+// Operands come from shared memory by ldmatrix.x4 (cuda/tree_attention_tc_device.cuh); tree keys
+// that no query of a block (dQ) or of the row (dK, dV) sees are zero-filled, never read, and
+// masked entries of dS are set to 0, not P (dP - delta) with P = 0: a NaN in an unseen key or
+// value cannot reach any gradient.
 #include "cuda/tree_attention_tc_device.cuh"
 
 namespace vsd_ext::cuda::tree_attn {
@@ -35,22 +36,19 @@ constexpr int dkv_smem_bytes() {
 }
 
 // acc[nt] (16 x 64, 8 column tiles) = A (16 rows of `a_tile` from a_row) x B^T, where B^T is
-// given row-major as `b_tile` (64 rows = the output columns, D contiguous).
-template <class T, int D>
+// given row-major as `b_tile` (64 rows = the output columns, D contiguous). UNROLL: how many k
+// slices are unrolled (the dQ kernel's 2 keeps its registers in bounds: no spills at D = 128).
+template <class T, int D, int UNROLL = D / 16>
 __device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, int a_row,
-                                         const T* b_tile, int gr, int tq) {
+                                         const T* b_tile, int lane) {
   constexpr int LDS = D + 8;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
+#pragma unroll UNROLL
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    load_a<T, LDS>(a, a_tile, a_row, kk, gr, tq);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const T* bp = b_tile + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
-      mma16816<T>(acc[nt], a, ld32(bp), ld32(bp + 8));
-    }
+    load_a<T, LDS>(a, a_tile, a_row, kk, lane);
+    mma_a_bt<T, LDS, 8>(acc, a, b_tile, kk, lane);
   }
 }
 
@@ -175,10 +173,10 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
     const T* K = Ks + (i & 1) * BN * LDS;
     const T* V = Vs + (i & 1) * BN * LDS;
     float s[8][4], dp[8][4];
-    tile_abt<T, D>(s, Qs, warp * 16, K, gr, tq);
-    tile_abt<T, D>(dp, dOs, warp * 16, V, gr, tq);
+    tile_abt<T, D, 2>(s, Qs, warp * 16, K, lane);
+    tile_abt<T, D, 2>(dp, dOs, warp * 16, V, lane);
     ds_tile(s, dp, c, tile_keys(i), i >= n_prefix, i - n_prefix, lse2, dl, words, tq);
-    tile_xm<T, D>(dq, s, K, gr, tq);
+    tile_xm<T, D>(dq, s, K, lane);
     __syncthreads();
   }
   store_dq<T, D>(args, b, g, row0 + wrow, tq, dq);
@@ -314,12 +312,12 @@ __global__ void __launch_bounds__(kThreads)
       const T* Q = Qs + buf * BM * LDS;
       const T* dO = dOs + buf * BM * LDS;
       float st[8][4], dpt[8][4];
-      tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);    // S^T = K Q^T   (rows: keys)
-      tile_abt<T, D>(dpt, Vs, warp * 16, dO, gr, tq);  // dP^T = V dO^T
+      tile_abt<T, D>(st, Ks, warp * 16, Q, lane);    // S^T = K Q^T   (rows: keys)
+      tile_abt<T, D>(dpt, Vs, warp * 16, dO, lane);  // dP^T = V dO^T
       dst_tile(st, dpt, c, keys, lse2_s + buf * BM, delta_s + buf * BM, words_s + buf * BM, warp,
                gr, tq);
-      tile_xm<T, D>(dv, st, dO, gr, tq);  // dV += P^T dO
-      tile_xm<T, D>(dk, dpt, Q, gr, tq);  // dK += dS^T Q
+      tile_xm<T, D>(dv, st, dO, lane);  // dV += P^T dO
+      tile_xm<T, D>(dk, dpt, Q, lane);  // dK += dS^T Q
     }
     __syncthreads();
   }

@@ -54,20 +54,15 @@ struct KeyTiles {
 
 // ---- the steps of one key tile, for this thread's rows wrow and wrow + 8 (rh = 0, 1) ----------
 
-// Score: S = Q K^T (fp32 accumulators), the Q fragments kept in registers.
+// Score: S = Q K^T (fp32 accumulators), the Q fragments kept in registers, K fragments by
+// ldmatrix.x4 (two 8-key column tiles per instruction).
 template <class T, int D>
 __device__ __forceinline__ void score(float (&s)[BN / 8][4], const uint32_t (&qf)[D / 16][4],
-                                      const T* K, int gr, int tq) {
-  constexpr int LDS = D + 8;
+                                      const T* K, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < BN / 8; ++nt) {
-    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const T* k0 = K + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
-      mma16816<T>(s[nt], qf[kk], ld32(k0), ld32(k0 + 8));
-    }
-  }
+  for (int kk = 0; kk < D / 16; ++kk) mma_a_bt<T, D + 8, BN / 8>(s, qf[kk], K, kk, lane);
 }
 
 // Mask words of tree tile tt for this thread's rows (0 past the last packed row R).
@@ -220,17 +215,17 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (i == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<T, LDS>(qf[kk], Qs, warp * 16, kk, gr, tq);
+      for (int kk = 0; kk < D / 16; ++kk) load_a<T, LDS>(qf[kk], Qs, warp * 16, kk, lane);
     }
     float s[BN / 8][4];
-    score<T, D>(s, qf, Ks + (i & 1) * BN * LDS, gr, tq);
+    score<T, D>(s, qf, Ks + (i & 1) * BN * LDS, lane);
     // Prefix tiles are mask-free but for the columns of a partial tile; tree tiles read one
     // mask word per row.
     uint64_t w[2] = {~0ull, ~0ull};
     if (tiles.tree(i)) tree_words(w, in, b, G, R, row0 + wrow, i - tiles.n_prefix);
     scale_and_mask(s, c, tiles.tree(i) || tiles.keys(i) < BN, tiles.keys(i), w, tq);
     online_softmax<D>(s, o, m, l);
-    tile_xm<T, D>(o, s, Vs + (i & 1) * BN * LDS, gr, tq);  // O += P V (S accumulators as A)
+    tile_xm<T, D>(o, s, Vs + (i & 1) * BN * LDS, lane);  // O += P V (S accumulators as A)
     __syncthreads();  // the next iteration's load overwrites this buffer
   }
   store<T, D>(args, sp, split, b, g, row0 + wrow, tq, o, m, l, ws_o, ws_lse);
