@@ -485,6 +485,20 @@ def test_tensor_core_path_matches_simple_path(gen, config):
 
 
 @cuda_only
+def test_shared_cache_backward_is_deterministic(gen):
+    """Bc = 1 with few key tiles: the rows are split over blocks into fp32 partials reduced in
+    a fixed order; two runs give bit-identical gradients."""
+    args = [a.requires_grad_() if a.is_floating_point() else a
+            for a in make_inputs(gen, "cuda", 16, 1, 40, 8, 2, 128, 200, torch.bfloat16)]
+    inputs = [args[i] for i in (0, 1, 2, 4, 5)]
+    runs = [torch.autograd.grad(vsd_ext.tree_attention(*args)[0].float().square().sum(), inputs)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    check_grads(args, torch.bfloat16)
+
+
+@cuda_only
 def test_one_synchronization_per_call(gen):
     """check_prefix_values reads (min, max) of prefix_lens back in one blocking copy: the only
     synchronization of a forward or backward call."""

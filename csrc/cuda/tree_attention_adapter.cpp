@@ -76,6 +76,14 @@ void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vsd_ext: ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Multiprocessor count of the device (queried once per device).
+int multiprocessors(const at::Tensor& t) {
+  int sms = 0;
+  check_launch(cuda::device_attribute<cudaDevAttrMultiProcessorCount>(t.device().index(), &sms),
+               "cudaDeviceGetAttribute");
+  return sms;
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
@@ -98,10 +106,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
                  "tree_attention forward (simple path)");
     return {out, lse};
   }
-  int sms = 0;
-  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()),
-               "cudaDeviceGetAttribute");
-  const int splits = ct::forward_tc_splits(args.in, sms);
+  const int splits = ct::forward_tc_splits(args.in, multiprocessors(q));
   const int64_t ws_bytes = ct::forward_tc_workspace_bytes(args.in, splits);
   at::Tensor workspace = at::empty({ws_bytes}, q.options().dtype(at::kByte));
   check_launch(ct::tree_attention_forward_tc(args, splits,
@@ -143,14 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
   args.dv_cache = dv_cache.data_ptr();
   args.dk_tree = dk_tree.data_ptr();
   args.dv_tree = dv_tree.data_ptr();
-  at::Tensor workspace =
-      at::empty({ct::backward_workspace_bytes(args.in)}, q.options().dtype(at::kByte));
-  if (ct::backward_tc_supported(args))
-    check_launch(ct::tree_attention_backward_tc(args, workspace.data_ptr(), stream),
-                 "tree_attention backward (tensor-core path)");
-  else
+  const auto byte_opts = q.options().dtype(at::kByte);
+  if (!ct::backward_tc_supported(args)) {
+    at::Tensor workspace = at::empty({ct::backward_workspace_bytes(args.in)}, byte_opts);
     check_launch(ct::tree_attention_backward_simple(args, workspace.data_ptr(), stream),
                  "tree_attention backward (simple path)");
+    return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
+  }
+  const int splits = ct::backward_tc_cache_splits(args.in, multiprocessors(q));
+  at::Tensor workspace = at::empty({ct::backward_tc_workspace_bytes(args.in, splits)}, byte_opts);
+  check_launch(ct::tree_attention_backward_tc(args, splits, workspace.data_ptr(), stream),
+               "tree_attention backward (tensor-core path)");
   return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
 }
 

@@ -271,8 +271,11 @@ cudaError_t launch(const ForwardArgs& args, int splits, void* workspace, cudaStr
   float* ws_o = static_cast<float*>(workspace);
   float* ws_lse = splits > 1 ? ws_o + splits * rows_total * D : nullptr;
   constexpr int smem = smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(forward_tc_kernel<T, D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static std::atomic<bool> configured[kMaxDevices];  // per device: the limit is set once
+  const cudaError_t err = once_per_device(configured, [] {
+    return cudaFuncSetAttribute(forward_tc_kernel<T, D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  });
   if (err != cudaSuccess) return err;
   const dim3 grid(in.B * in.Hkv, (R + BM - 1) / BM, splits);
   forward_tc_kernel<T, D><<<grid, kThreads, smem, stream>>>(args, sp, ws_o, ws_lse);
