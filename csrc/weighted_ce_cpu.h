@@ -13,7 +13,6 @@ void grad(const GradArgs& a);
 // stats then grad of the same whole-row tile, fused per row; the gradient overwrites the logits.
 void stats_grad(const StatsArgs& a, const GradArgs& g);
 void colsum_add(const at::Tensor& g, at::Tensor& out);
-void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
 
 struct Kernels {
   // fp16/bf16 GEMMs are slow or emulated on most CPUs: the weight is cast to fp32 once per call
@@ -27,9 +26,6 @@ struct Kernels {
   static void grad(const GradArgs& a) { cpu::grad(a); }
   static void stats_grad(const StatsArgs& a, const GradArgs& g) { cpu::stats_grad(a, g); }
   static void colsum_add(const at::Tensor& g, at::Tensor& out) { cpu::colsum_add(g, out); }
-  static void check_targets(const at::Tensor& t, int64_t V, int64_t ignore) {
-    cpu::check_targets(t, V, ignore);
-  }
 };
 
 }  // namespace vsd_ext::wce::cpu

@@ -20,11 +20,15 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linalg_vector_norm.h>
+#include <ATen/ops/mul.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -109,16 +113,21 @@ inline Tensor inactive_rows(const LinearInputs& in) {
   return in.targets.eq(in.ignore_index).logical_or(in.row_weights.eq(0));
 }
 
-// Rows whose gradient can be nonzero without a gradient into lse (active) and the others. One
-// host synchronization; no index when all are active.
-inline std::pair<RowSet, RowSet> split_active(const LinearInputs& in) {
-  const Tensor active = inactive_rows(in).logical_not();
-  const int64_t n_active = in.M == 0 ? 0 : active.sum().item<int64_t>();
-  if (n_active == in.M) {
-    return {RowSet::all(in.M), RowSet{Tensor(), 0}};
+// Rows whose gradient can be nonzero without a gradient into lse (active) and the others, from the
+// active mask and its count (read to the host by the caller); no index when all are active.
+inline std::pair<RowSet, RowSet> split_rows(const Tensor& active, int64_t n_active, int64_t M) {
+  if (n_active == M) {
+    return {RowSet::all(M), RowSet{Tensor(), 0}};
   }
   return {RowSet{active.nonzero().squeeze(1), n_active},
-          RowSet{active.logical_not().nonzero().squeeze(1), in.M - n_active}};
+          RowSet{active.logical_not().nonzero().squeeze(1), M - n_active}};
+}
+
+// The same, counting the active rows itself (one host synchronization).
+inline std::pair<RowSet, RowSet> split_active(const LinearInputs& in) {
+  const Tensor active = inactive_rows(in).logical_not();
+  const int64_t n_active = in.M == 0 ? 0 : read_to_host({active.sum()})[0];
+  return split_rows(active, n_active, in.M);
 }
 
 // Gradient accumulators of one pass, in acc dtype; undefined = not wanted.
@@ -232,28 +241,57 @@ inline GradArgs chunk_grad_args(const LinearInputs& in, const RowSet& set, const
   return g;
 }
 
+// G of a chunk as its GEMMs take it: `gemm` in the GEMM operand dtype, scaled by 1 / inv_scale
+// (fp16: see scale_for_fp16), and `sum` (the same G, unscaled) for the column sums.
+struct ChunkGrad {
+  Tensor gemm, sum;
+  double inv_scale = 1.0;
+};
+
 // The chunk's share of the wanted gradients, from G [rows, V].
 template <class K>
-void add_chunk_grads(const LinearInputs& in, const RowSet& set, const Chunk& ch, const Tensor& G,
+void add_chunk_grads(const LinearInputs& in, const RowSet& set, const Chunk& ch, const ChunkGrad& G,
                      LinearGrads& grads) {
   if (grads.dhidden.defined()) {
     Tensor dh = set.out(grads.dhidden, ch.r0, ch.rows);
-    gemm(dh, G, in.weight_op, /*accumulate=*/false);  // [rows, V] @ [V, H]
+    gemm(dh, G.gemm, in.weight_op, /*accumulate=*/false, G.inv_scale);  // [rows, V] @ [V, H]
     set.scatter(grads.dhidden, ch.r0, ch.rows, dh);
   }
   if (grads.dweight.defined()) {
-    gemm(grads.dweight, G.t(), ch.hidden, /*accumulate=*/true);  // [V, rows] @ [rows, H]
+    gemm(grads.dweight, G.gemm.t(), ch.hidden, /*accumulate=*/true,
+         G.inv_scale);  // [V, rows] @ [rows, H]
   }
   if (grads.dbias.defined()) {
-    K::colsum_add(G, grads.dbias);
+    K::colsum_add(G.sum, grads.dbias);
   }
+}
+
+// fp16 GEMM operands: G (fp32, in z) rounded to fp16 would lose its small entries. At V = 128k a
+// softmax entry is ~1e-5, times a row weight of 1e-3 (a mean over 1k rows) ~1e-8: below fp16's
+// normal range (6.1e-5) and subnormal, or zero (below 3e-8), and a GradScaler cannot help (these
+// unit gradients are computed at g = 1 in the forward). So G is scaled by 2^k before rounding,
+// with k putting its largest magnitude in [2^14, 2^15) (exact: a power of two), and the GEMMs undo
+// it through alpha = 2^-k (also exact). Costs one host read of max |G| per chunk (fp16 only).
+inline ChunkGrad scale_for_fp16(const Tensor& z, Tensor& g16) {
+  const double amax =
+      at::linalg_vector_norm(z, std::numeric_limits<double>::infinity()).item<double>();
+  int k = 0;
+  if (amax > 0 && std::isfinite(amax)) {
+    int e = 0;
+    std::frexp(amax, &e);  // amax = f 2^e, f in [0.5, 1)
+    k = std::clamp(15 - e, -120, 120);
+  }
+  const double scale = std::ldexp(1.0, k);
+  at::mul_out(g16, z, at::scalar_tensor(scale, at::kDouble));
+  return {g16, z, 1.0 / scale};
 }
 
 // One pass over chunks of the rows in `set`. Each chunk's logits z = h_c W^T + b are
 // materialized one [rows_per, cols_per] tile at a time (never [M, V]). With statistics, the tiles
 // stream into loss, lse and soft_lse (online log-sum-exp across tiles); with gradients wanted, a
 // chunk spans whole rows (cols_per = V) and its logits are overwritten by G = dL/dz (in place, or
-// into a separate fp16/bf16 buffer for the GEMMs on CUDA), which feeds the GEMMs of the gradients.
+// into a separate bf16 / scaled fp16 buffer for the GEMMs on CUDA), which feeds the GEMMs of the
+// gradients.
 // A pass without statistics (the backward's) reads lse and soft_lse from `stats_in`.
 template <class K>
 void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs,
@@ -267,9 +305,12 @@ void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs,
   const int64_t cols_per = want_grad ? V : std::clamp<int64_t>(in.budget / rows_per, 1, V);
   const auto opts = in.hidden.options().dtype(in.acc);
   Tensor zbuf = at::empty({rows_per * cols_per}, opts);
-  const bool separate_g = want_grad && in.weight_op.scalar_type() != in.acc;
-  Tensor gbuf =
-      separate_g ? at::empty({rows_per * V}, opts.dtype(in.weight_op.scalar_type())) : Tensor();
+  // GEMM operands in fp16/bf16 (CUDA): G goes to a buffer of that dtype; bf16 is written by the
+  // row kernels directly, fp16 after scaling (scale_for_fp16).
+  const at::ScalarType op_dtype = in.weight_op.scalar_type();
+  const bool separate_g = want_grad && op_dtype != in.acc;
+  const bool fp16_g = separate_g && op_dtype == at::kHalf;
+  Tensor gbuf = separate_g ? at::empty({rows_per * V}, opts.dtype(op_dtype)) : Tensor();
   Tensor state = (stats && cols_per < V) ? at::empty({rows_per, 6}, opts) : Tensor();
 
   for (int64_t r0 = 0; r0 < set.count; r0 += rows_per) {
@@ -292,14 +333,16 @@ void linear_pass(const LinearInputs& in, const RowSet& set, RowOutputs& outs,
       }
     }
     if (want_grad) {
-      const Tensor out = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : z;
+      Tensor g_half = separate_g ? gbuf.narrow(0, 0, rows * V).view({rows, V}) : Tensor();
+      const Tensor out = (separate_g && !fp16_g) ? g_half : z;
       const GradArgs g = chunk_grad_args(in, set, ch, up, z, out);
       if (stats) {
         K::stats_grad(row_stats, g);
       } else {
         K::grad(g);
       }
-      add_chunk_grads<K>(in, set, ch, g.out, grads);
+      const ChunkGrad G = fp16_g ? scale_for_fp16(z, g_half) : ChunkGrad{out, out, 1.0};
+      add_chunk_grads<K>(in, set, ch, G, grads);
     }
     if (stats) {
       set.scatter(outs.loss, r0, rows, ch.stats.loss);
@@ -324,21 +367,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_forward(
                                             ignore_index, temperature, chunk_size);
   VSD_CHECK(!grad_mask[2] || bias.has_value(), "grad_mask",
             "asks for the bias gradient without a bias");
-  if (!soft.has_value()) {
-    K::check_targets(in.targets, in.V, ignore_index);
-  }
   const auto opts = hidden.options().dtype(in.acc);
   RowOutputs outs{at::empty({in.M}, opts), at::empty({in.M}, opts),
                   at::empty({soft.has_value() ? in.M : 0}, opts)};
   LinearGrads grads = alloc_grads(in, grad_mask);
   Upstream unit;
   unit.unit = true;
+  // One host read (one synchronization on CUDA) for the targets check and the active-row count.
+  const bool check = !soft.has_value() && in.M > 0;
+  const Tensor active = grads.any() ? inactive_rows(in).logical_not() : Tensor();
+  std::vector<Tensor> reads;
+  if (check) reads.push_back(first_bad_target(in.targets, in.V, ignore_index));
+  if (active.defined() && in.M > 0) reads.push_back(active.sum());
+  const std::vector<int64_t> host = read_to_host(reads);
+  if (check) raise_bad_target(in.targets, host[0], in.V, ignore_index);
   if (grads.any()) {
     // Gradient GEMMs only for the rows that have a gradient; the others only need their lse.
-    const auto [active, inactive] = split_active(in);
-    linear_pass<K>(in, active, outs, RowOutputs(), unit, grads);
+    const auto [act, inact] = split_rows(active, in.M > 0 ? host.back() : 0, in.M);
+    linear_pass<K>(in, act, outs, RowOutputs(), unit, grads);
     LinearGrads none;
-    linear_pass<K>(in, inactive, outs, RowOutputs(), unit, none);
+    linear_pass<K>(in, inact, outs, RowOutputs(), unit, none);
   } else {
     linear_pass<K>(in, RowSet::all(in.M), outs, RowOutputs(), unit, grads);
   }
@@ -419,6 +467,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_backward(
     Upstream up;
     up.grad_loss = g;
     up.grad_lse = gl;
+    if (!soft.has_value()) {
+      check_targets(in.targets, in.V, ignore_index);  // direct calls of the backward op
+    }
     const RowOutputs saved{Tensor(), lse.contiguous(), soft_lse.contiguous()};
     RowOutputs none;
     const RowSet rows = gl.defined() ? RowSet::all(in.M) : split_active(in).first;

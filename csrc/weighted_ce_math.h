@@ -51,6 +51,14 @@ VSD_HD A log_(A x) {
 #endif
 }
 
+// e * z for a probability weight e >= 0: exactly 0 where e = 0, even where z = -inf (0 log 0 = 0:
+// a teacher entry of probability 0, or one whose weight underflowed, adds nothing). A NaN e stays
+// NaN. The one guarded product of the soft-target sums, on both devices.
+template <typename A>
+VSD_HD A mass_times(A e, A z) {
+  return e == A(0) ? A(0) : e * z;
+}
+
 // Running statistics of one row over a subset of its vocabulary (one thread's elements, one
 // vocabulary tile, or the whole row). Two disjoint subsets merge exactly (up to rounding), so a
 // row can be streamed in any number of vocabulary tiles (online log-sum-exp).
@@ -89,18 +97,19 @@ struct RowStats {
     }
   }
 
-  // Adds one (teacher, drafter) pair. A teacher entry u = -inf has p = 0 and is skipped, so a
-  // drafter -inf there does not produce 0 * -inf.
+  // Adds one (teacher, drafter) pair. A teacher entry u = -inf has p = 0 and is skipped; every
+  // product of a teacher weight (which may be or underflow to 0) with z goes through mass_times,
+  // so a drafter -inf never meets a zero weight as 0 * -inf.
   VSD_HD void push_soft(A u, A z) {
     if (u > mu) {
       const A r = exp_(mu - u);
       su = su * r + A(1);
-      d = d * r + z;
+      d = mass_times(r, d) + z;
       mu = u;
     } else if (!(u == neg_inf<A>())) {
       const A e = exp_(u - mu);
       su += e;
-      d += e * z;
+      d += mass_times(e, z);
     }
   }
 
@@ -119,7 +128,7 @@ struct RowStats {
     const A r1 = exp_(m1 - mx), r2 = exp_(m2 - mx);
     s1 = s1 * r1 + s2 * r2;
     if (d1 != nullptr) {
-      *d1 = *d1 * r1 + d2 * r2;
+      *d1 = mass_times(r1, *d1) + mass_times(r2, d2);
     }
     m1 = mx;
   }

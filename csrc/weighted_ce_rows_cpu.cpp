@@ -2,16 +2,14 @@
 // target logit, soft-target sums) and the fused softmax-gradient pass, parallel over rows with
 // at::parallel_for (one row per task element: results do not depend on the thread count).
 //
-// A row is a few vectorized passes over memory that stays in L2 (V = 128k floats is 512 KiB):
-// statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse; the
-// fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass and
-// rescales it, one exp per element. The float loops call the branch-free polynomial
+// A row is a few vectorized passes over memory that stays in a core's L2 (V = 128k floats is 512
+// KiB): statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse;
+// the fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass
+// and rescales it, one exp per element. The float loops call the branch-free polynomial
 // simd::fast_exp so that they vectorize, and are compiled per ISA level (VSD_SIMD_CLONES; both in
 // cpu_simd.h). Float64 rows (gradcheck) use std::exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cmath>
 #include <limits>
@@ -20,13 +18,15 @@
 #include "cpu_simd.h"
 #include "weighted_ce_cpu.h"
 #include "weighted_ce_math.h"
+#include "weighted_ce_rows_cpu.h"
 
 namespace vsd_ext::wce::cpu {
-namespace {
 
 using simd::fast_exp;
 
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+// ---- row maxima and sums of exponentials (declared in weighted_ce_rows_cpu.h) ------------------
 
 VSD_SIMD_CLONES float row_max(const float* x, int64_t n) {
   float m = kNegInfF;
@@ -42,8 +42,22 @@ VSD_SIMD_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+double row_sum_exp(const double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+
+namespace {
+
 // sum_v e_v and sum_v e_v z_v with e_v = exp(u_v - shift); an entry with e_v = 0 adds nothing
-// even where z_v = -inf.
+// even where z_v = -inf (mass_times, weighted_ce_math.h).
 VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
                                      float* sum, float* dot) {
   float s = 0.0f, d = 0.0f;
@@ -51,7 +65,7 @@ VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, 
   for (int64_t i = 0; i < n; ++i) {
     const float e = fast_exp(u[i] - shift);
     s += e;
-    d += e > 0.0f ? e * z[i] : 0.0f;
+    d += mass_times(e, z[i]);
   }
   *sum = s;
   *dot = d;
@@ -97,23 +111,13 @@ VSD_SIMD_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, floa
 }
 
 // Float64 versions (exact std::exp), same contracts.
-double row_max(const double* x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-double row_sum_exp(const double* x, int64_t n, double shift) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
-  return s;
-}
 void row_sum_exp_dot(const double* u, const double* z, int64_t n, double shift, double* sum,
                      double* dot) {
   double s = 0.0, d = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double e = std::exp(u[i] - shift);
     s += e;
-    d += e > 0.0 ? e * z[i] : 0.0;
+    d += mass_times(e, z[i]);
   }
   *sum = s;
   *dot = d;
@@ -137,78 +141,6 @@ void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, doub
                        double c) {
   for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
-
-// ---- typed row access: rows of any float dtype are read as (or converted to) acc dtype A ------
-
-template <typename A, typename S>
-void convert_row(const void* src, A* dst, int64_t n, A divisor) {
-  const S* s = static_cast<const S*>(src);
-  if (divisor == A(1)) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]);
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]) / divisor;
-  }
-}
-
-template <typename A, typename D>
-void store_row_as(const A* src, void* dst, int64_t n) {
-  D* d = static_cast<D*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(src[i]);
-}
-
-// A [rows, n] matrix with unit column stride, read row by row in acc dtype A.
-template <typename A>
-struct Rows {
-  char* base = nullptr;
-  int64_t stride_bytes = 0;
-  at::ScalarType dtype = at::kFloat;
-
-  explicit Rows(const at::Tensor& t)
-      : base(static_cast<char*>(t.data_ptr())),
-        stride_bytes(t.stride(0) * static_cast<int64_t>(t.element_size())),
-        dtype(t.scalar_type()) {}
-
-  bool native() const { return dtype == c10::CppTypeToScalarType<A>::value; }
-  void* ptr(int64_t r) const { return base + r * stride_bytes; }
-
-  // Row r divided by `divisor`, pointing into the tensor when no conversion is needed.
-  const A* load(int64_t r, A* scratch, int64_t n, A divisor = A(1)) const {
-    if (native() && divisor == A(1)) {
-      return static_cast<const A*>(ptr(r));
-    }
-    switch (dtype) {
-      case at::kFloat: convert_row<A, float>(ptr(r), scratch, n, divisor); break;
-      case at::kDouble: convert_row<A, double>(ptr(r), scratch, n, divisor); break;
-      case at::kHalf: convert_row<A, c10::Half>(ptr(r), scratch, n, divisor); break;
-      case at::kBFloat16: convert_row<A, c10::BFloat16>(ptr(r), scratch, n, divisor); break;
-      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
-    }
-    return scratch;
-  }
-
-  // Where to compute row r in acc dtype: in place when native, else in `scratch` (then store()).
-  A* out_row(int64_t r, A* scratch) const { return native() ? static_cast<A*>(ptr(r)) : scratch; }
-
-  void store(int64_t r, const A* row, int64_t n) const {
-    if (native()) {
-      return;
-    }
-    switch (dtype) {
-      case at::kFloat: store_row_as<A, float>(row, ptr(r), n); break;
-      case at::kDouble: store_row_as<A, double>(row, ptr(r), n); break;
-      case at::kHalf: store_row_as<A, c10::Half>(row, ptr(r), n); break;
-      case at::kBFloat16: store_row_as<A, c10::BFloat16>(row, ptr(r), n); break;
-      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
-    }
-  }
-};
-
-template <typename A>
-const A* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
-}
-
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 // ---- statistics --------------------------------------------------------------------------------
 
@@ -422,15 +354,6 @@ void colsum_add(const at::Tensor& g, at::Tensor& out) {
     colsum_add_impl<double>(g, out);
   } else {
     colsum_add_impl<float>(g, out);
-  }
-}
-
-void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
-  const int64_t* t = targets.data_ptr<int64_t>();
-  for (int64_t m = 0; m < targets.numel(); ++m) {
-    VSD_CHECK(t[m] == ignore_index || (t[m] >= 0 && t[m] < V), "targets",
-              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index, "), got ",
-              t[m], " at row ", m);
   }
 }
 

@@ -70,6 +70,9 @@ struct ColsumLaunch {
 
 cudaError_t launch_stats(const StatsLaunch& p, cudaStream_t stream);
 cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream);
+// Both on the same whole rows (p.first && p.last), in one kernel: g.lse / g.soft_lse are p.lse /
+// p.soft_lse, written by the statistics before the gradient reads them; g.out may alias p.logits.
+cudaError_t launch_stats_grad(const StatsLaunch& p, const GradLaunch& g, cudaStream_t stream);
 cudaError_t launch_colsum_add(const ColsumLaunch& p, cudaStream_t stream);
 
 }  // namespace vsd_ext::cuda::wce

@@ -106,7 +106,7 @@ def weighted_cross_entropy(
         logits: ``[M, V]`` float16 / bfloat16 / float32 / float64 (any row stride). Differentiable.
         targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get
             loss 0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test
-            is used. An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+            is used. An out-of-range target raises a ValueError (on every device).
         row_weights: ``[M]`` float32 per-row (not per-class) weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None.
             Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v
@@ -190,7 +190,7 @@ def weighted_linear_cross_entropy(
         weight: ``[V, H]`` LM head, dtype of ``hidden``. Differentiable.
         targets: ``[M]`` int64 class indices in ``[0, V)`` or ``ignore_index`` (ignored rows: loss
             0, no gradient from ``loss_rows``); with ``soft_targets`` only the ignore test is used.
-            An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+            An out-of-range target raises a ValueError (on every device, before any gradient).
         row_weights: ``[M]`` float32 per-row weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None
             (see ``weighted_cross_entropy``).
