@@ -142,6 +142,53 @@ void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, doub
   for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
 
+// ---- one row ----------------------------------------------------------------------------------
+
+// The teacher sums of a row: mu, su and d = sum_v exp(u_v - mu) z_v, by RowStats' rules for
+// non-finite u (a non-finite max leaves d = 0: the row has no target, or a NaN loss).
+template <typename A>
+void teacher_sums(const A* u, const A* z, int64_t n, RowStats<A>& st) {
+  st.mu = row_max(u, n);
+  if (is_finite(st.mu)) {
+    row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
+  } else {
+    st.su = nonfinite_sum(u, n, st.mu);
+    st.d = A(0);
+  }
+}
+
+// Writes lse, soft_lse and the loss of a complete row; returns whether the row is active.
+template <typename A>
+bool finish_row(const RowStats<A>& st, bool not_ignored, bool soft, A w, A& lse, A* soft_lse,
+                A& loss) {
+  lse = st.lse();
+  const A lse_u = soft ? st.soft_lse() : A(0);
+  if (soft) {
+    *soft_lse = lse_u;
+  }
+  const bool active = row_active(not_ignored, soft, lse_u);
+  loss = active ? weighted(w, soft ? st.ce_soft() : st.ce_hard()) : A(0);
+  return active;
+}
+
+// out_v = a exp(z_v - lse) - c y_v over a row (out may be z): y = p from u (soft) or the one-hot
+// of t (hard; t = -1 on inactive rows). A term whose coefficient is 0 is skipped, so a teacher
+// row without mass (lse_u = -inf) never computes exp(-inf - -inf).
+template <typename A>
+void row_gradient(A* out, const A* z, const A* u, int64_t n, A lse, A lse_u, RowCoef<A> coef,
+                  int64_t t) {
+  if (coef.a == A(0) && coef.c == A(0)) {
+    std::fill(out, out + n, A(0));
+  } else if (u != nullptr && coef.c != A(0)) {
+    row_grad_soft(out, z, u, n, lse, coef.a, lse_u, coef.c);
+  } else {
+    row_grad(out, z, n, lse, coef.a);
+    if (u == nullptr && t >= 0) {
+      out[t] -= coef.c;
+    }
+  }
+}
+
 // ---- statistics --------------------------------------------------------------------------------
 
 template <typename A>
@@ -157,26 +204,20 @@ void stats_impl(const StatsArgs& a) {
   A* lse = a.lse.defined() ? a.lse.data_ptr<A>() : nullptr;
   A* soft_lse = a.soft_lse.defined() ? a.soft_lse.data_ptr<A>() : nullptr;
   const A temperature = static_cast<A>(a.temperature);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<A> z_scratch(z_rows.native() ? 0 : n), u_scratch(soft ? n : 0);
     for (int64_t r = begin; r < end; ++r) {
       const A* z = z_rows.load(r, z_scratch.data(), n);
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
+      const bool not_ignored = t != a.ignore_index;
       RowStats<A> st = RowStats<A>::empty();
-      st.m = row_max(z, n);
-      st.s = st.m == neg_inf ? A(0) : row_sum_exp(z, n, st.m);
-      if (!soft && active && t >= a.col0 && t < a.col0 + n) {
+      row_max_sum(z, n, st.m, st.s);
+      if (!soft && not_ignored && t >= a.col0 && t < a.col0 + n) {
         st.zt = z[t - a.col0];
       }
       if (soft) {
-        const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
-        st.mu = row_max(u, n);
-        if (st.mu != neg_inf) {
-          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
-        }
+        teacher_sums(u_rows.load(r, u_scratch.data(), n, temperature), z, n, st);
       }
       if (!a.first) {
         RowStats<A> prev = RowStats<A>::load(state + r * RowStats<A>::kFields);
@@ -187,11 +228,7 @@ void stats_impl(const StatsArgs& a) {
         st.store(state + r * RowStats<A>::kFields);
         continue;
       }
-      lse[r] = st.lse();
-      if (soft) {
-        soft_lse[r] = st.soft_lse();
-      }
-      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+      finish_row(st, not_ignored, soft, weights[r], lse[r], soft ? soft_lse + r : nullptr, loss[r]);
     }
   });
 }
@@ -218,32 +255,24 @@ void grad_impl(const GradArgs& a) {
         out_scratch(out_rows.native() ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
+      const A lse_u = soft ? soft_lse[r] : A(0);
+      const bool active = row_active(t != a.ignore_index, soft, lse_u);
       const auto coef =
           RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
       A* out = out_rows.out_row(r, out_scratch.data());
-      if (coef.a == A(0) && coef.c == A(0)) {
-        std::fill(out, out + n, A(0));  // ignored row without gradient into lse
-      } else {
-        const A* z = z_rows.load(r, z_scratch.data(), n);
-        if (soft) {
-          const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
-          row_grad_soft(out, z, u, n, lse[r], coef.a, soft_lse[r], coef.c);
-        } else {
-          row_grad(out, z, n, lse[r], coef.a);
-          if (active) {
-            out[t] -= coef.c;
-          }
-        }
-      }
+      const bool zero = coef.a == A(0) && coef.c == A(0);
+      const A* z = zero ? nullptr : z_rows.load(r, z_scratch.data(), n);
+      const A* u = (zero || !soft) ? nullptr : u_rows.load(r, u_scratch.data(), n, temperature);
+      row_gradient(out, z, u, n, lse[r], lse_u, coef, (active && !soft) ? t : int64_t{-1});
       out_rows.store(r, out, n);
     }
   });
 }
 
-// Statistics and unit-gradient of whole rows in one pass over each row (the fused forward):
-// logits in acc dtype, overwritten by G. Per row: max; soft sums (which need z); exp(z - max)
-// stored in place with its sum S (one exp per element); then G = (a / S) e - c y.
+// Statistics and unit gradient of whole rows in one pass over each row (the fused forward):
+// logits in acc dtype, overwritten by G. Per row: soft sums (which need z); max; exp(z - max)
+// stored in place with its sum S (one exp per element); then G = (a / S) e - c y. A row whose max
+// is not finite (+inf, or all -inf / NaN) takes the general row_gradient instead.
 template <typename A>
 void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
   const int64_t rows = a.logits.size(0), n = a.logits.size(1);
@@ -257,7 +286,6 @@ void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
   A* lse = a.lse.data_ptr<A>();
   A* soft_lse = soft ? a.soft_lse.data_ptr<A>() : nullptr;
   const A temperature = static_cast<A>(a.temperature);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   const A g_default = g.unit_grad_loss ? A(1) : A(0);
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
@@ -265,32 +293,26 @@ void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
     for (int64_t r = begin; r < end; ++r) {
       A* z = z_base + r * ld;
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
       RowStats<A> st = RowStats<A>::empty();
-      const A* u = nullptr;
+      const A* u = soft ? u_rows.load(r, u_scratch.data(), n, temperature) : nullptr;
       if (soft) {
-        u = u_rows.load(r, u_scratch.data(), n, temperature);
-        st.mu = row_max(u, n);
-        if (st.mu != neg_inf) {
-          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
-        }
-      } else if (active) {
+        teacher_sums(u, z, n, st);
+      } else if (t != a.ignore_index) {
         st.zt = z[t];
       }
       st.m = row_max(z, n);
-      st.s = st.m == neg_inf ? A(0) : row_exp_inplace(z, n, st.m);
-      lse[r] = st.lse();
-      if (soft) {
-        soft_lse[r] = st.soft_lse();
-      }
-      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+      const bool finite = is_finite(st.m);
+      st.s = finite ? row_exp_inplace(z, n, st.m) : nonfinite_sum(z, n, st.m);
+      const bool active = finish_row(st, t != a.ignore_index, soft, weights[r], lse[r],
+                                     soft ? soft_lse + r : nullptr, loss[r]);
       const auto coef = RowCoef<A>::make(active, weights[r], g_default, A(0));
-      if (coef.a == A(0) && coef.c == A(0)) {
-        std::fill(z, z + n, A(0));
+      const A lse_u = soft ? soft_lse[r] : A(0);
+      if (!finite || (coef.a == A(0) && coef.c == A(0))) {
+        row_gradient(z, z, u, n, lse[r], lse_u, coef, (active && !soft) ? t : int64_t{-1});
         continue;
       }
-      row_scale_sub_exp(z, u, n, coef.a / st.s, soft ? soft_lse[r] : A(0), coef.c);
-      if (!soft) {
+      row_scale_sub_exp(z, coef.c != A(0) ? u : nullptr, n, coef.a / st.s, lse_u, coef.c);
+      if (!soft && active) {
         z[t] -= coef.c;
       }
     }

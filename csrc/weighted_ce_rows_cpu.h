@@ -8,7 +8,11 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
+
+#include "weighted_ce_math.h"
 
 namespace vsd_ext::wce::cpu {
 
@@ -18,6 +22,36 @@ float row_max(const float* x, int64_t n);
 double row_max(const double* x, int64_t n);
 float row_sum_exp(const float* x, int64_t n, float shift);
 double row_sum_exp(const double* x, int64_t n, double shift);
+
+// sum_v exp(x_v - m) for a non-finite row max m, by RowStats' rules (weighted_ce_math.h): the
+// number of +inf entries for m = +inf, 0 for m = -inf (every entry -inf), NaN when an entry is
+// NaN (whatever m the vectorized max made of it).
+template <typename A>
+A nonfinite_sum(const A* x, int64_t n, A m) {
+  A s = A(0);
+  for (int64_t i = 0; i < n; ++i) {
+    if (x[i] != x[i]) {
+      return std::numeric_limits<A>::quiet_NaN();
+    }
+    s += (m == -neg_inf<A>() && x[i] == m) ? A(1) : A(0);
+  }
+  return m == m ? s : std::numeric_limits<A>::quiet_NaN();
+}
+
+// The max m of a row and s = sum_v exp(x_v - m), exact for non-finite entries as RowStats.
+template <typename A>
+void row_max_sum(const A* x, int64_t n, A& m, A& s) {
+  m = row_max(x, n);
+  s = is_finite(m) ? row_sum_exp(x, n, m) : nonfinite_sum(x, n, m);
+}
+
+// log sum_v exp(x_v): +inf with a +inf entry, -inf when every entry is -inf, NaN with a NaN one.
+template <typename A>
+A row_lse(const A* x, int64_t n) {
+  A m, s;
+  row_max_sum(x, n, m, s);
+  return m + std::log(s);
+}
 
 // ---- typed row access: rows of any float dtype are read as (or converted to) acc dtype A ------
 

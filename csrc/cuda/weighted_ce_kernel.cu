@@ -101,17 +101,18 @@ __device__ void finish_row(const StatsLaunch& p, int64_t r, RowStats<A> st) {
     }
   }
   static_cast<A*>(p.lse)[r] = st.lse();
+  const A lse_u = kSoft ? st.soft_lse() : A(0);
   if constexpr (kSoft) {
-    static_cast<A*>(p.soft_lse)[r] = st.soft_lse();
+    static_cast<A*>(p.soft_lse)[r] = lse_u;
   }
   const int64_t t = p.targets[r];
   A loss = A(0);
-  if (t != p.ignore_index) {
+  if (vsd_ext::wce::row_active(t != p.ignore_index, kSoft, lse_u)) {
     const A w = static_cast<const A*>(p.row_weights)[r];
     if constexpr (kSoft) {
-      loss = w * st.ce_soft();
+      loss = vsd_ext::wce::weighted(w, st.ce_soft());
     } else {  // the drivers reject out-of-range targets before any launch; NaN if one got here
-      loss = (t >= 0 && t < p.vocab) ? w * st.ce_hard() : A(NAN);
+      loss = (t >= 0 && t < p.vocab) ? vsd_ext::wce::weighted(w, st.ce_hard()) : A(NAN);
     }
   }
   static_cast<A*>(p.loss)[r] = loss;
@@ -130,12 +131,12 @@ __global__ void stats_kernel(StatsLaunch p) {
 template <typename T, typename S, bool kSoft, typename O, typename A>
 __device__ void grad_row(const GradLaunch& p, int64_t r, int64_t v0, int64_t step) {
   const int64_t t = p.targets[r];
-  const bool active = t != p.ignore_index;
+  const A lse_u = kSoft ? static_cast<const A*>(p.soft_lse)[r] : A(0);
+  const bool active = vsd_ext::wce::row_active(t != p.ignore_index, kSoft, lse_u);
   const A g = p.grad_loss ? static_cast<const A*>(p.grad_loss)[r] : A(p.unit_grad_loss ? 1 : 0);
   const A gl = p.grad_lse ? static_cast<const A*>(p.grad_lse)[r] : A(0);
   const auto coef = RowCoef<A>::make(active, static_cast<const A*>(p.row_weights)[r], g, gl);
   const A lse = static_cast<const A*>(p.lse)[r];
-  const A lse_u = kSoft ? static_cast<const A*>(p.soft_lse)[r] : A(0);
   const A temperature = static_cast<A>(p.temperature);
   const T* z = static_cast<const T*>(p.logits.data) + r * p.logits.ld;
   const S* s = kSoft ? static_cast<const S*>(p.soft.data) + r * p.soft.ld : nullptr;
@@ -146,9 +147,12 @@ __device__ void grad_row(const GradLaunch& p, int64_t r, int64_t v0, int64_t ste
     A gv = A(0);
     if (!zero_row) {
       gv = coef.a * vsd_ext::wce::exp_(static_cast<A>(to_acc(z[v])) - lse);
+      // A zero c skips the teacher term: a teacher without mass has lse_u = -inf.
       if constexpr (kSoft) {
-        const A u = static_cast<A>(to_acc(s[v])) / temperature;
-        gv -= coef.c * vsd_ext::wce::exp_(u - lse_u);
+        if (coef.c != A(0)) {
+          const A u = static_cast<A>(to_acc(s[v])) / temperature;
+          gv -= coef.c * vsd_ext::wce::exp_(u - lse_u);
+        }
       } else if (active && v == t) {
         gv -= coef.c;
       }
