@@ -10,6 +10,9 @@
 //     static void grad(const GradArgs&);
 //     static void stats_grad(const StatsArgs&, const GradArgs&);  // both on one whole-row tile
 //     static void colsum_add(const at::Tensor& g, at::Tensor& out);  // out[v] += sum_r g[r, v]
+//     static void div_stats(const DivArgs&);       // the divergence rows (weighted_ce_div_math.h)
+//     static void div_grad(const DivArgs&);
+//     static void div_stats_grad(const DivArgs&);  // both on the same whole rows
 //   };
 //
 // All per-row tensors (targets, row weights, upstream gradients, statistics) are contiguous; the
@@ -70,6 +73,21 @@ struct GradArgs {
   at::Tensor soft_lse;  // [rows] acc or undefined without soft targets
   at::Tensor out;       // [rows, V] any float dtype, unit column stride; may be `logits` itself
   int64_t ignore_index = -100;
+  double temperature = 1.0;
+};
+
+// The divergence rows of a [rows, V] chunk of whole rows (weighted_ce_div_math.h): div_stats
+// writes the statistics, div_grad reads them (as saved by the forward) and writes out = dL/dz,
+// div_stats_grad does both in one pass over each row.
+struct DivArgs {
+  at::Tensor logits;                  // [rows, V] acc dtype (the chunk's logits), unit col stride
+  at::Tensor teacher;                 // [rows, V] any float dtype, unit column stride
+  at::Tensor tv_weights, kl_weights;  // [rows] acc
+  at::Tensor grad_loss;               // [rows] acc, or undefined: every g = unit_grad_loss ? 1 : 0
+  bool unit_grad_loss = false;
+  // [rows] acc: all written by div_stats; lse, soft_lse, q_less and kl read by div_grad.
+  at::Tensor loss, beta, kl, lse, soft_lse, q_less;
+  at::Tensor out;  // [rows, V]: the logits themselves, or a bf16 buffer (CUDA); undefined: none
   double temperature = 1.0;
 };
 

@@ -8,7 +8,8 @@
 
 #include "cuda/kernel_dtype.h"
 #include "cuda/weighted_ce_kernel.cuh"
-#include "weighted_ce_linear_driver.h"
+#include "weighted_ce_div_driver.h"
+#include "weighted_ce_linear_ce_driver.h"
 
 namespace vsd_ext::wce::cuda_impl {
 namespace k = vsd_ext::cuda::wce;
@@ -81,6 +82,30 @@ k::GradLaunch grad_launch(const GradArgs& a) {
   return p;
 }
 
+void* ptr_or_null_mut(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+k::DivLaunch div_launch(const DivArgs& a, bool stats, bool grad) {
+  k::DivLaunch p;
+  p.logits = const_matrix(a.logits);
+  p.teacher = const_matrix(a.teacher);
+  p.out = grad ? matrix(a.out) : k::Matrix{};
+  p.tv_weights = a.tv_weights.data_ptr();
+  p.kl_weights = a.kl_weights.data_ptr();
+  p.grad_loss = ptr_or_null(a.grad_loss);
+  p.loss = ptr_or_null_mut(a.loss);
+  p.beta = ptr_or_null_mut(a.beta);
+  p.kl = ptr_or_null_mut(a.kl);
+  p.lse = ptr_or_null_mut(a.lse);
+  p.soft_lse = ptr_or_null_mut(a.soft_lse);
+  p.q_less = ptr_or_null_mut(a.q_less);
+  p.rows = a.logits.size(0);
+  p.cols = a.logits.size(1);
+  p.temperature = a.temperature;
+  p.stats = stats;
+  p.unit_grad_loss = a.unit_grad_loss;
+  return p;
+}
+
 struct Kernels {
   // Native-dtype GEMM operands: cuBLAS runs fp16/bf16 at full rate with fp32 accumulation.
   static constexpr bool kUpcastOperands = false;
@@ -103,6 +128,16 @@ struct Kernels {
   static void stats_grad(const StatsArgs& a, const GradArgs& g) {
     check_launch(k::launch_stats_grad(stats_launch(a), grad_launch(g), stream()),
                  "statistics and gradient");
+  }
+
+  static void div_stats(const DivArgs& a) {
+    check_launch(k::launch_div(div_launch(a, true, false), stream()), "divergence statistics");
+  }
+  static void div_grad(const DivArgs& a) {
+    check_launch(k::launch_div(div_launch(a, false, true), stream()), "divergence gradient");
+  }
+  static void div_stats_grad(const DivArgs& a) {
+    check_launch(k::launch_div(div_launch(a, true, true), stream()), "divergence");
   }
 
   static void colsum_add(const at::Tensor& g, at::Tensor& out) {
@@ -158,11 +193,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_cuda(
                                   ignore_index, temperature, chunk_size, output_mask);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor, at::Tensor>
+div_forward_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& teacher,
+                 const at::Tensor& tv_weights, const at::Tensor& kl_weights,
+                 const std::optional<at::Tensor>& bias, double temperature, int64_t chunk_size,
+                 std::array<bool, 3> grad_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return div_forward<Kernels>(hidden, weight, teacher, tv_weights, kl_weights, bias, temperature,
+                              chunk_size, grad_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> div_backward_cuda(
+    const at::Tensor& grad_loss, const at::Tensor& hidden, const at::Tensor& weight,
+    const at::Tensor& teacher, const at::Tensor& tv_weights, const at::Tensor& kl_weights,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& soft_lse,
+    const at::Tensor& q_less, const at::Tensor& kl, const at::Tensor& dhidden_unit,
+    const at::Tensor& dweight_unit, const at::Tensor& dbias_unit, double temperature,
+    int64_t chunk_size, std::array<bool, 3> output_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return div_backward<Kernels>(grad_loss, hidden, weight, teacher, tv_weights, kl_weights, bias,
+                               lse, soft_lse, q_less, kl, dhidden_unit, dweight_unit, dbias_unit,
+                               temperature, chunk_size, output_mask);
+}
+
 TORCH_LIBRARY_IMPL(vsd_ext, CUDA, m) {
   m.impl("weighted_cross_entropy_forward", &ce_forward_cuda);
   m.impl("weighted_cross_entropy_backward", &ce_backward_cuda);
   m.impl("weighted_linear_cross_entropy_forward", &linear_forward_cuda);
   m.impl("weighted_linear_cross_entropy_backward", &linear_backward_cuda);
+  m.impl("weighted_linear_divergence_forward", &div_forward_cuda);
+  m.impl("weighted_linear_divergence_backward", &div_backward_cuda);
 }
 
 }  // namespace vsd_ext::wce::cuda_impl

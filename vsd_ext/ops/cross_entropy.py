@@ -227,22 +227,34 @@ def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, 
                       soft_temperature, chunk_size, grad_mask):
     _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
                        soft_temperature, chunk_size)
-    (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
+    M, acc = hidden.shape[0], _acc(hidden.dtype)
     return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
             hidden.new_empty(M if soft_targets is not None else 0, dtype=acc),
-            hidden.new_empty((M, H) if grad_mask[0] else (0,), dtype=acc),
+            *unit_grad_fakes(hidden, weight, grad_mask))
+
+
+def unit_grad_fakes(hidden, weight, grad_mask):
+    """The fused forwards' unit gradients (acc dtype) for grad_mask = (hidden, weight, bias), [0]
+    where not asked (shared with vsd_ext.ops.divergence)."""
+    (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
+    return (hidden.new_empty((M, H) if grad_mask[0] else (0,), dtype=acc),
             hidden.new_empty((V, H) if grad_mask[1] else (0,), dtype=acc),
             hidden.new_empty((V,) if grad_mask[2] else (0,), dtype=acc))
+
+
+def grad_fakes(hidden, weight, bias, output_mask):
+    """The fused backwards' gradients, in the dtypes of their inputs, [0] where not asked."""
+    acc = _acc(hidden.dtype)
+    return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
+            weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
+            bias.new_empty(bias.shape) if output_mask[2] else hidden.new_empty(0, dtype=acc))
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_backward")
 def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets,
                        bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index,
                        soft_temperature, chunk_size, output_mask):
-    acc = _acc(hidden.dtype)
-    return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
-            weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
-            bias.new_empty(bias.shape) if output_mask[2] else hidden.new_empty(0, dtype=acc))
+    return grad_fakes(hidden, weight, bias, output_mask)
 
 
 def _lce_setup_context(ctx, inputs, output):
