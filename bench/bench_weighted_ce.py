@@ -108,14 +108,27 @@ def peak_of_call(call, clear):
     return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024, "peak_method": method}
 
 
-def measure_peak_cpu(provider, mode, M, H, V, dtype):
-    """Peak extra resident memory of one warm call, in this (fresh) process."""
-    inputs = make_inputs(M, H, V, dtype, "cpu", mode == "fwd+bwd")
+def peak_main(make_inputs, make_call):
+    """The `--peak PROVIDER MODE M H V DTYPE` entry of a fused-loss bench script (a fresh
+    subprocess): prints the JSON of peak_of_call for one warm call on CPU."""
+    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
+    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
+                        required=True)
+    provider, mode, M, H, V, dtype = parser.parse_args().peak
+    inputs = make_inputs(int(M), int(H), int(V), getattr(torch, dtype), "cpu", mode == "fwd+bwd")
 
     def clear():
         inputs[0].grad = inputs[1].grad = None
 
-    return peak_of_call(make_call(provider, mode, inputs), clear)
+    print(json.dumps(peak_of_call(make_call(provider, mode, inputs), clear)))
+
+
+def assert_agree(got, want, dtype):
+    """Two providers' [loss rows, grad hidden, grad weight] agree, relative to the largest entry."""
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, want):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
 
 
 def peak_bytes_of(script, args, device, call):
@@ -148,20 +161,12 @@ def validate(M, H, V, dtype, device):
         loss = loss_rows(provider, h, W, t[:rows], w[:rows])
         loss.sum().backward()
         results[provider] = [loss.detach().float(), h.grad.float(), W.grad.float()]
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
     for provider in PROVIDERS[1:]:
-        for got, want in zip(results["vsd_ext"], results[provider]):
-            scale = want.abs().max().item()
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+        assert_agree(results["vsd_ext"], results[provider], dtype)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
-    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
-                        required=True)
-    provider, mode, M, H, V, dtype = parser.parse_args().peak
-    peak = measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))
-    print(json.dumps(peak))
+    peak_main(make_inputs, make_call)
     sys.exit(0)
 
 import pytest  # noqa: E402  (not needed by the --peak subprocess)

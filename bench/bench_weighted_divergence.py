@@ -14,12 +14,10 @@ Peak memory and CPU seconds are measured as in bench_weighted_ce.py (its peak_by
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
 import torch
-from bench_weighted_ce import peak_of_call, time_linear_case
+from bench_weighted_ce import assert_agree, peak_main, time_linear_case
 
 import vsd_ext
 
@@ -85,23 +83,11 @@ def validate(M, H, V, dtype, device):
         loss = loss_rows(provider, h, W, s[:rows], tv_w[:rows], kl_w[:rows])
         loss.sum().backward()
         results[provider] = [loss.detach().float(), h.grad.float(), W.grad.float()]
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
-    for got, want in zip(results["vsd_ext"], results["torch"]):
-        scale = want.abs().max().item()
-        torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+    assert_agree(results["vsd_ext"], results["torch"], dtype)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
-    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
-                        required=True)
-    provider, mode, M, H, V, dtype = parser.parse_args().peak
-    inputs = make_inputs(int(M), int(H), int(V), getattr(torch, dtype), "cpu", mode == "fwd+bwd")
-
-    def clear():
-        inputs[0].grad = inputs[1].grad = None
-
-    print(json.dumps(peak_of_call(make_call(provider, mode, inputs), clear)))
+    peak_main(make_inputs, make_call)
     sys.exit(0)
 
 import pytest  # noqa: E402  (not needed by the --peak subprocess)
