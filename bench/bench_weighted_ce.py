@@ -37,7 +37,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -92,12 +91,11 @@ def _status_kib(field):
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M).group(1))
 
 
-def measure_peak_cpu(provider, mode, M, H, V, dtype):
-    """Peak extra resident memory of one warm call, in this (fresh) process."""
-    inputs = make_inputs(M, H, V, dtype, "cpu", mode == "fwd+bwd")
-    call = make_call(provider, mode, inputs)
+def peak_of_call(call, clear):
+    """Peak extra resident memory of one warm call of `call`, in this (fresh) process: one warm-up
+    call, `clear()` (drop the outputs and gradients it left), then the measured call."""
     call()
-    inputs[0].grad = inputs[1].grad = None
+    clear()
     gc.collect()
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -110,7 +108,32 @@ def measure_peak_cpu(provider, mode, M, H, V, dtype):
     return {"peak_bytes": (_status_kib("VmHWM") - before) * 1024, "peak_method": method}
 
 
-def peak_bytes(provider, mode, M, H, V, dtype, device, call):
+def peak_main(make_inputs, make_call):
+    """The `--peak PROVIDER MODE M H V DTYPE` entry of a fused-loss bench script (a fresh
+    subprocess): prints the JSON of peak_of_call for one warm call on CPU."""
+    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
+    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
+                        required=True)
+    provider, mode, M, H, V, dtype = parser.parse_args().peak
+    inputs = make_inputs(int(M), int(H), int(V), getattr(torch, dtype), "cpu", mode == "fwd+bwd")
+
+    def clear():
+        inputs[0].grad = inputs[1].grad = None
+
+    print(json.dumps(peak_of_call(make_call(provider, mode, inputs), clear)))
+
+
+def assert_agree(got, want, dtype):
+    """Two providers' [loss rows, grad hidden, grad weight] agree, relative to the largest entry."""
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    for a, b in zip(got, want):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * scale)
+
+
+def peak_bytes_of(script, args, device, call):
+    """Peak extra memory of `call`: on CUDA in this process (after a warm-up call); on CPU in a
+    fresh `python <script> --peak <args>` subprocess, which prints the JSON of peak_of_call."""
     if device == "cuda":
         call()
         torch.cuda.synchronize()
@@ -119,9 +142,7 @@ def peak_bytes(provider, mode, M, H, V, dtype, device, call):
         call()
         return {"peak_bytes": torch.cuda.max_memory_allocated() - before,
                 "peak_method": "torch.cuda.max_memory_allocated delta after a warm-up call"}
-    cmd = [sys.executable, os.path.abspath(__file__), "--peak", provider, mode,
-           str(M), str(H), str(V),
-           str(dtype).removeprefix("torch.")]
+    cmd = [sys.executable, os.path.abspath(script), "--peak", *map(str, args)]
     path = os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path)
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
@@ -140,23 +161,17 @@ def validate(M, H, V, dtype, device):
         loss = loss_rows(provider, h, W, t[:rows], w[:rows])
         loss.sum().backward()
         results[provider] = [loss.detach().float(), h.grad.float(), W.grad.float()]
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
     for provider in PROVIDERS[1:]:
-        for got, want in zip(results["vsd_ext"], results[provider]):
-            scale = want.abs().max().item()
-            torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale)
+        assert_agree(results["vsd_ext"], results[provider], dtype)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="peak extra memory of one provider call (CPU)")
-    parser.add_argument("--peak", nargs=6, metavar=("PROVIDER", "MODE", "M", "H", "V", "DTYPE"),
-                        required=True)
-    provider, mode, M, H, V, dtype = parser.parse_args().peak
-    peak = measure_peak_cpu(provider, mode, int(M), int(H), int(V), getattr(torch, dtype))
-    print(json.dumps(peak))
+    peak_main(make_inputs, make_call)
     sys.exit(0)
 
 import pytest  # noqa: E402  (not needed by the --peak subprocess)
+
+from conftest import timed  # noqa: E402
 
 _validated = set()
 LINEAR_CASES = [case for device in ("cpu", "cuda")
@@ -166,35 +181,32 @@ LOGITS_CASES = [case for device in ("cpu", "cuda")
                                   lambda s: "M{}-V{}".format(*s))]
 
 
-def _timed(benchmark, call, device):
-    """Time `call` (wall, and the least process CPU time of one call in extra_info)."""
-    cpu_seconds = []
-
-    def timed():
-        start = time.process_time()
-        call()
-        cpu_seconds.append(time.process_time() - start)
-
-    rounds = 2 if device == "cpu" else 10
-    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
-    benchmark.extra_info["cpu_seconds_min"] = min(cpu_seconds)
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("device,dtype,M,H,V", LINEAR_CASES)
 def test_weighted_linear_ce(benchmark, provider, mode, device, dtype, M, H, V):
+    time_linear_case(benchmark, "weighted_linear_ce", sys.modules[__name__], _validated,
+                     provider, mode, device, dtype, M, H, V)
+
+
+def time_linear_case(benchmark, label, module, validated, provider, mode, device, dtype, M, H,
+                     V):
+    """One (provider, mode, shape) of a fused-loss benchmark `module` (its validate, make_inputs,
+    make_call and --peak entry): validation once per shape, outside timing; peak memory; time.
+    Shared with bench_weighted_divergence.py."""
     key = (device, M, H, V, dtype)
-    if key not in _validated:
-        validate(M, H, V, dtype, device)
-        _validated.add(key)
-    inputs = make_inputs(M, H, V, dtype, device, mode == "fwd+bwd")
-    call = make_call(provider, mode, inputs)
-    benchmark.group = f"weighted_linear_ce {mode} M={M} H={H} V={V} {str(dtype)[6:]} {device}"
+    if key not in validated:
+        module.validate(M, H, V, dtype, device)
+        validated.add(key)
+    call = module.make_call(provider, mode, module.make_inputs(M, H, V, dtype, device,
+                                                               mode == "fwd+bwd"))
+    name = str(dtype).removeprefix("torch.")
+    benchmark.group = f"{label} {mode} M={M} H={H} V={V} {name} {device}"
     benchmark.extra_info.update(provider=provider, mode=mode, M=M, H=H, V=V, device=device,
-                                dtype=str(dtype)[6:], flops=(2 if mode == "fwd" else 6) * M * H * V)
-    benchmark.extra_info.update(peak_bytes(provider, mode, M, H, V, dtype, device, call))
-    _timed(benchmark, call, device)
+                                dtype=name, flops=(2 if mode == "fwd" else 6) * M * H * V)
+    benchmark.extra_info.update(
+        peak_bytes_of(module.__file__, [provider, mode, M, H, V, name], device, call))
+    timed(benchmark, call, device)
 
 
 def _ce_rows(provider, logits, t, w):
@@ -229,4 +241,4 @@ def test_weighted_ce(benchmark, provider, mode, device, dtype, M, V):
     benchmark.group = f"weighted_ce {mode} M={M} V={V} {str(dtype)[6:]} {device}"
     benchmark.extra_info.update(provider=provider, mode=mode, M=M, V=V, dtype=str(dtype)[6:],
                                 device=device, bytes=logits.numel() * logits.element_size())
-    _timed(benchmark, call, device)
+    timed(benchmark, call, device)

@@ -1,4 +1,4 @@
-"""What the benchmarks share: the shape registry, CUDA cases, device sync, the H200 floor.
+"""What the benchmarks share: the shape registry, CUDA cases, device sync, timing, the H200 floor.
 
 Every benchmark times vsd_ext against the PyTorch way of doing the same thing, on the shapes
 registered here (one place to read or change what is measured). `cases` turns a registry entry
@@ -6,6 +6,8 @@ into pytest parameters, CUDA cases skipped without a GPU. The bench files import
 (`from conftest import ...`; pytest puts bench/ on sys.path, and so does running a bench file
 as a script).
 """
+import time
+
 import pytest
 import torch
 
@@ -38,6 +40,11 @@ WEIGHTED_CE = {
     "logits_cpu": (torch.float32, [(2048, 32000)]),
     "logits_cuda": (torch.bfloat16, [(8192, 32000), (8192, 128256)]),
 }
+# weighted_linear_divergence: (M rows, H hidden, V vocabulary) per device (teacher logits [M, V]).
+WEIGHTED_DIVERGENCE = {
+    "cpu": (torch.float32, [(512, 1024, 32000), (2048, 1024, 32000)]),
+    "cuda": (torch.bfloat16, [(2048, 4096, 32000), (8192, 4096, 128256)]),
+}
 # end-to-end decoding: new tokens per row, prompt tokens, batch sizes.
 DECODE = {"max_new_tokens": 48, "prompt_tokens": 64, "batch_sizes": (1, 4)}
 
@@ -56,3 +63,19 @@ def sync(device) -> None:
     """Wait for the device, so that a timed call includes its kernels."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def timed(benchmark, call, device) -> None:
+    """Time `call` with pytest-benchmark (wall) and record the least process CPU time of one call
+    in extra_info["cpu_seconds_min"]: on a machine shared with other jobs, wall times of providers
+    measured minutes apart differ by the load of the moment, while CPU seconds compare the work."""
+    cpu_seconds = []
+
+    def run():
+        start = time.process_time()
+        call()
+        cpu_seconds.append(time.process_time() - start)
+
+    rounds = 2 if device == "cpu" else 10
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["cpu_seconds_min"] = min(cpu_seconds)

@@ -47,4 +47,21 @@ TORCH_LIBRARY(vsd_ext, m) {
       "Tensor? bias, Tensor lse, Tensor soft_lse, Tensor dhidden_unit, Tensor dweight_unit, "
       "Tensor dbias_unit, int ignore_index, float soft_temperature, int chunk_size, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+
+  // ---- 4. Fused divergence terms of the VSD objective ---------------------------------------
+  // Public API: vsd_ext.weighted_linear_divergence (vsd_ext/ops/divergence.py, which owns
+  // autograd). The forward returns (loss_rows, beta, kl) and what the backward needs (lse,
+  // soft_lse, q_less per row), then the unit gradients for grad_mask = (hidden, weight, bias)
+  // ([0] when not asked), as the fused cross-entropy (csrc/weighted_ce_div_driver.h).
+  m.def(
+      "weighted_linear_divergence_forward(Tensor hidden, Tensor weight, Tensor teacher_logits, "
+      "Tensor tv_weights, Tensor kl_weights, Tensor? bias, float soft_temperature, int chunk_size, "
+      "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+  m.def(
+      "weighted_linear_divergence_backward(Tensor grad_loss_rows, Tensor hidden, Tensor weight, "
+      "Tensor teacher_logits, Tensor tv_weights, Tensor kl_weights, Tensor? bias, Tensor lse, "
+      "Tensor soft_lse, Tensor q_less, Tensor kl, Tensor dhidden_unit, Tensor dweight_unit, "
+      "Tensor dbias_unit, float soft_temperature, int chunk_size, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
 }

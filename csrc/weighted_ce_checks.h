@@ -8,7 +8,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "checks.h"
 
@@ -52,17 +54,15 @@ inline void check_logits_inputs(const at::Tensor& logits, const at::Tensor& targ
                    temperature);
 }
 
-inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
-                                const at::Tensor& targets, const at::Tensor& row_weights,
-                                const std::optional<at::Tensor>& soft,
-                                const std::optional<at::Tensor>& bias, double temperature,
-                                int64_t chunk_size) {
+// hidden [M, H], weight [V, H] (V >= 1) and bias [V] of a fused op.
+inline void check_linear_head(const at::Tensor& hidden, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, int64_t chunk_size) {
   check_dim(hidden, "hidden", 2);
   check_float(hidden, "hidden");
   check_dim(weight, "weight", 2);
   check_same_dtype(weight, "weight", hidden, "hidden");
   check_same_device(weight, "weight", hidden, "hidden");
-  const int64_t M = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t H = hidden.size(1), V = weight.size(0);
   VSD_CHECK(weight.size(1) == H, "weight", "expected shape [V, ", H, "] (H from 'hidden' ",
             shape_str(hidden), "), got ", shape_str(weight));
   VSD_CHECK(V >= 1, "weight", "expected at least one class (V >= 1), got shape ",
@@ -72,8 +72,50 @@ inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weig
     check_same_dtype(*bias, "bias", weight, "weight");
     check_same_device(*bias, "bias", weight, "weight");
   }
-  check_row_inputs(targets, row_weights, soft, M, V, hidden, "hidden", temperature);
   VSD_CHECK(chunk_size >= 0, "chunk_size", "expected >= 0 (0 = default), got ", chunk_size);
+}
+
+inline void check_linear_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                                const at::Tensor& targets, const at::Tensor& row_weights,
+                                const std::optional<at::Tensor>& soft,
+                                const std::optional<at::Tensor>& bias, double temperature,
+                                int64_t chunk_size) {
+  check_linear_head(hidden, weight, bias, chunk_size);
+  check_row_inputs(targets, row_weights, soft, hidden.size(0), weight.size(0), hidden, "hidden",
+                   temperature);
+}
+
+// The inputs of weighted_linear_divergence.
+inline void check_div_inputs(const at::Tensor& hidden, const at::Tensor& weight,
+                             const at::Tensor& teacher, const at::Tensor& tv_weights,
+                             const at::Tensor& kl_weights, const std::optional<at::Tensor>& bias,
+                             double temperature, int64_t chunk_size) {
+  check_linear_head(hidden, weight, bias, chunk_size);
+  const int64_t M = hidden.size(0), V = weight.size(0);
+  check_shape(teacher, "teacher_logits", {M, V});
+  check_float(teacher, "teacher_logits");
+  check_same_device(teacher, "teacher_logits", hidden, "hidden");
+  for (const auto& [w, name] :
+       {std::pair{&tv_weights, "tv_weights"}, std::pair{&kl_weights, "kl_weights"}}) {
+    check_shape(*w, name, {M});
+    check_dtype(*w, name, {at::kFloat});
+    check_same_device(*w, name, hidden, "hidden");
+  }
+  VSD_CHECK(std::isfinite(temperature) && temperature > 0, "soft_temperature",
+            "expected a finite value > 0, got ", temperature);
+}
+
+// The per-row statistics a divergence backward reads: lse, soft_lse, q_less, kl ([M], acc).
+inline void check_div_saved_stats(std::initializer_list<at::Tensor> stats, int64_t M,
+                                  const at::Tensor& hidden) {
+  const char* names[] = {"lse", "soft_lse", "q_less", "kl"};
+  int i = 0;
+  for (const at::Tensor& t : stats) {
+    check_shape(t, names[i], {M});
+    check_dtype(t, names[i], {acc_dtype(hidden.scalar_type())});
+    check_same_device(t, names[i], hidden, "hidden");
+    ++i;
+  }
 }
 
 inline void check_saved_stats(const at::Tensor& lse, const at::Tensor& soft_lse, bool has_soft,

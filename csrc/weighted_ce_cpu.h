@@ -13,7 +13,10 @@ void grad(const GradArgs& a);
 // stats then grad of the same whole-row tile, fused per row; the gradient overwrites the logits.
 void stats_grad(const StatsArgs& a, const GradArgs& g);
 void colsum_add(const at::Tensor& g, at::Tensor& out);
-void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
+// The divergence rows (weighted_ce_div_rows_cpu.cpp): acc-dtype logits, the gradient in place.
+void div_stats(const DivArgs& a);
+void div_grad(const DivArgs& a);
+void div_stats_grad(const DivArgs& a);
 
 struct Kernels {
   // fp16/bf16 GEMMs are slow or emulated on most CPUs: the weight is cast to fp32 once per call
@@ -27,9 +30,9 @@ struct Kernels {
   static void grad(const GradArgs& a) { cpu::grad(a); }
   static void stats_grad(const StatsArgs& a, const GradArgs& g) { cpu::stats_grad(a, g); }
   static void colsum_add(const at::Tensor& g, at::Tensor& out) { cpu::colsum_add(g, out); }
-  static void check_targets(const at::Tensor& t, int64_t V, int64_t ignore) {
-    cpu::check_targets(t, V, ignore);
-  }
+  static void div_stats(const DivArgs& a) { cpu::div_stats(a); }
+  static void div_grad(const DivArgs& a) { cpu::div_grad(a); }
+  static void div_stats_grad(const DivArgs& a) { cpu::div_stats_grad(a); }
 };
 
 }  // namespace vsd_ext::wce::cpu

@@ -10,7 +10,9 @@
 //     static void grad(const GradArgs&);
 //     static void stats_grad(const StatsArgs&, const GradArgs&);  // both on one whole-row tile
 //     static void colsum_add(const at::Tensor& g, at::Tensor& out);  // out[v] += sum_r g[r, v]
-//     static void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index);
+//     static void div_stats(const DivArgs&);       // the divergence rows (weighted_ce_div_math.h)
+//     static void div_grad(const DivArgs&);
+//     static void div_stats_grad(const DivArgs&);  // both on the same whole rows
 //   };
 //
 // All per-row tensors (targets, row weights, upstream gradients, statistics) are contiguous; the
@@ -19,11 +21,16 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full_like.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "weighted_ce_checks.h"
 
@@ -69,25 +76,46 @@ struct GradArgs {
   double temperature = 1.0;
 };
 
+// The divergence rows of a [rows, V] chunk of whole rows (weighted_ce_div_math.h): div_stats
+// writes the statistics, div_grad reads them (as saved by the forward) and writes out = dL/dz,
+// div_stats_grad does both in one pass over each row.
+struct DivArgs {
+  at::Tensor logits;                  // [rows, V] acc dtype (the chunk's logits), unit col stride
+  at::Tensor teacher;                 // [rows, V] any float dtype, unit column stride
+  at::Tensor tv_weights, kl_weights;  // [rows] acc
+  at::Tensor grad_loss;               // [rows] acc, or undefined: every g = unit_grad_loss ? 1 : 0
+  bool unit_grad_loss = false;
+  // [rows] acc: all written by div_stats; lse, soft_lse, q_less and kl read by div_grad.
+  at::Tensor loss, beta, kl, lse, soft_lse, q_less;
+  at::Tensor out;  // [rows, V]: the logits themselves, or a bf16 buffer (CUDA); undefined: none
+  double temperature = 1.0;
+};
+
 // ---- Helpers of the drivers --------------------------------------------------------------
 
 inline at::Tensor unit_col_stride(const at::Tensor& t) {
   return (t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
 }
 
-// out = a @ b (accumulate: out += a @ b), out in acc dtype; a, b in acc dtype or, on CUDA, in
-// fp16/bf16 with fp32 accumulation and output (cuBLAS through the out_dtype overloads).
-inline void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
-  if (a.scalar_type() == out.scalar_type()) {
-    if (accumulate) {
-      out.addmm_(a, b);
+// out = alpha (a @ b) (accumulate: out += alpha (a @ b)), out in acc dtype; a, b in acc dtype or,
+// on CUDA, in fp16/bf16 with fp32 accumulation and output (cuBLAS through the out_dtype
+// overloads). With beta = 0 the old contents of out are not read.
+inline void gemm(Tensor& out, const Tensor& a, const Tensor& b, bool accumulate,
+                 double alpha = 1.0) {
+  const bool mixed = a.scalar_type() != out.scalar_type();
+  if (!accumulate && alpha == 1.0) {
+    if (mixed) {
+      at::mm_out(out, a, b, out.scalar_type());
     } else {
       at::mm_out(out, a, b);
     }
-  } else if (accumulate) {
-    at::addmm_out(out, out, a, b, out.scalar_type());
+    return;
+  }
+  const double beta = accumulate ? 1.0 : 0.0;
+  if (mixed) {
+    at::addmm_out(out, out, a, b, out.scalar_type(), beta, alpha);
   } else {
-    at::mm_out(out, a, b, out.scalar_type());
+    at::addmm_out(out, out, a, b, beta, alpha);
   }
 }
 
@@ -97,6 +125,46 @@ inline void gemm_bias(Tensor& out, const Tensor& bias, const Tensor& a, const Te
     at::addmm_out(out, bias, a, b);
   } else {
     at::addmm_out(out, bias, a, b, out.scalar_type());
+  }
+}
+
+// ---- Host reads and the targets check ---------------------------------------------------------
+
+// 0-dim int64 tensors (on the device of the call) read to the host together: one synchronization
+// on CUDA, however many values a call needs.
+inline std::vector<int64_t> read_to_host(const std::vector<Tensor>& scalars) {
+  std::vector<int64_t> values;
+  if (scalars.empty()) {
+    return values;
+  }
+  const Tensor host = at::stack(scalars).to(at::kCPU);
+  const int64_t* p = host.data_ptr<int64_t>();
+  values.assign(p, p + host.numel());
+  return values;
+}
+
+// 0-dim int64: the first row whose hard target is neither ignore_index nor in [0, V); M if none.
+inline Tensor first_bad_target(const Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t M = targets.size(0);
+  const Tensor bad = targets.ne(ignore_index).logical_and(targets.lt(0).logical_or(targets.ge(V)));
+  const Tensor rows = at::arange(M, targets.options());
+  return at::where(bad, rows, at::full_like(rows, M)).min();
+}
+
+// Raises the ValueError of an out-of-range hard target at `row` (none when row == M).
+inline void raise_bad_target(const Tensor& targets, int64_t row, int64_t V, int64_t ignore_index) {
+  VSD_CHECK(row >= targets.size(0), "targets", "expected class indices in [0, ", V,
+            ") or ignore_index (", ignore_index, "), got ", targets[row].item<int64_t>(),
+            " at row ", row);
+}
+
+// Every hard target is ignore_index or in [0, V), on every device (one synchronization on CUDA):
+// an out-of-range target would otherwise index outside the row on the CPU and give a NaN loss but
+// a finite, wrong gradient on CUDA.
+inline void check_targets(const Tensor& targets, int64_t V, int64_t ignore_index) {
+  if (targets.size(0) > 0) {
+    raise_bad_target(targets, read_to_host({first_bad_target(targets, V, ignore_index)})[0], V,
+                     ignore_index);
   }
 }
 
@@ -123,7 +191,7 @@ std::tuple<Tensor, Tensor, Tensor> ce_forward(const Tensor& logits, const Tensor
   a.ignore_index = ignore_index;
   a.temperature = temperature;
   if (!soft.has_value()) {
-    K::check_targets(a.targets, V, ignore_index);
+    check_targets(a.targets, V, ignore_index);
   }
   if (M > 0) {
     K::stats(a);
@@ -163,6 +231,9 @@ Tensor ce_backward(const std::optional<Tensor>& grad_loss, const std::optional<T
   a.out = at::empty({M, V}, logits.options());
   a.ignore_index = ignore_index;
   a.temperature = temperature;
+  if (!soft.has_value()) {
+    check_targets(a.targets, V, ignore_index);
+  }
   if (M > 0) {
     K::grad(a);
   }

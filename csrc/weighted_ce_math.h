@@ -9,7 +9,8 @@
 //   p_v            softmax(u)_v = exp(u_v - lse_u),  lse_u = log sum_v exp(u_v)
 //   CE (hard)      lse - z_t
 //   CE (soft)      -sum_v p_v log softmax(z)_v = lse - sum_v p_v z_v      (sum_v p_v = 1)
-//   loss_rows[m]   w_m * CE_m on active rows (t_m != ignore_index), 0 on ignored rows
+//   loss_rows[m]   w_m * CE_m on active rows (t_m != ignore_index and, with soft targets, a
+//                  teacher with mass), 0 on the others and where w_m = 0
 //
 // Gradient. With g_m = dL/dloss_rows[m] and gl_m = dL/dlse[m] (upstream gradients):
 //   dL/dz_v = g_m w_m [active] (softmax(z)_v - y_v) + gl_m softmax(z)_v
@@ -51,9 +52,39 @@ VSD_HD A log_(A x) {
 #endif
 }
 
+template <typename A>
+VSD_HD A nan_() {
+  return std::numeric_limits<A>::quiet_NaN();
+}
+
+// x is neither infinite nor NaN (torch-free, host and device).
+template <typename A>
+VSD_HD bool is_finite(A x) {
+  return x - x == A(0);
+}
+
+// w * x, exactly 0 when w = 0: a term of weight 0 adds nothing, even where x is inf or NaN.
+template <typename A>
+VSD_HD A weighted(A w, A x) {
+  return w == A(0) ? A(0) : w * x;
+}
+
+// e * z for a probability weight e >= 0: exactly 0 where e = 0, even where z = -inf (0 log 0 = 0:
+// a teacher entry of probability 0, or one whose weight underflowed, adds nothing). A NaN e stays
+// NaN. The one guarded product of the soft-target sums, on both devices.
+template <typename A>
+VSD_HD A mass_times(A e, A z) {
+  return e == A(0) ? A(0) : e * z;
+}
+
 // Running statistics of one row over a subset of its vocabulary (one thread's elements, one
 // vocabulary tile, or the whole row). Two disjoint subsets merge exactly (up to rounding), so a
 // row can be streamed in any number of vocabulary tiles (online log-sum-exp).
+//
+// Non-finite logits (docs/design/OPS.md) are exact: a -inf entry adds nothing, +inf entries make
+// the max +inf and each adds 1 (exp(inf - inf) would be NaN), a NaN entry makes the sum NaN. So
+// lse() is +inf with a +inf logit, -inf for an all -inf row, NaN with a NaN logit, as
+// torch.logsumexp; ce_hard() / ce_soft() are NaN for a row with a +inf logit on either side.
 template <typename A>
 struct RowStats {
   A m;   // max of z over the subset (-inf when empty)
@@ -78,30 +109,48 @@ struct RowStats {
 
   VSD_HD static RowStats empty() { return {neg_inf<A>(), A(0), A(0), neg_inf<A>(), A(0), A(0)}; }
 
-  // Adds one logit: the online log-sum-exp update (Milakov & Gimelshein). exp(-inf - m) is 0,
-  // so masked logits need no branch; only an all -inf prefix (m = -inf) must skip the rescale.
-  VSD_HD void push_logit(A z) {
-    if (z > m) {
-      s = s * exp_(m - z) + A(1);
-      m = z;
-    } else if (!(z == neg_inf<A>())) {
-      s += exp_(z - m);  // NaN z lands here and poisons s, as it must
+  // exp(m - mx) rescales a sum kept at max m to the max mx >= m; 1 when they are equal, also
+  // for equal infinities.
+  VSD_HD static A rescale(A m, A mx) { return m == mx ? A(1) : exp_(m - mx); }
+
+  // Adds x to the running max mx and sum sx of exp(x - mx): the online log-sum-exp update
+  // (Milakov & Gimelshein) with the non-finite cases above. Returns the weight exp(x - mx) of x
+  // after the update and sets r to the factor the earlier sum was rescaled by.
+  VSD_HD static A push(A& mx, A& sx, A x, A& r) {
+    r = A(1);
+    if (x > mx) {  // also a first +inf; exp(-inf - x) is 0
+      r = exp_(mx - x);
+      sx = sx * r + A(1);
+      mx = x;
+      return A(1);
     }
+    if (x == neg_inf<A>()) {
+      return A(0);
+    }
+    const A e = rescale(x, mx);  // 1 for an entry equal to the max; NaN for a NaN x
+    sx += e;
+    return e;
   }
 
-  // Adds one (teacher, drafter) pair. A teacher entry u = -inf has p = 0 and is skipped, so a
-  // drafter -inf there does not produce 0 * -inf.
+  // Adds one logit.
+  VSD_HD void push_logit(A z) {
+    A r;
+    push(m, s, z, r);
+  }
+
+  // Adds one teacher logit u (the teacher sums only: the divergence needs no d).
+  VSD_HD void push_teacher(A u) {
+    A r;
+    push(mu, su, u, r);
+  }
+
+  // Adds one (teacher, drafter) pair. A teacher entry u = -inf has p = 0 and adds nothing; every
+  // product of a teacher weight (which may be or underflow to 0) with z goes through mass_times,
+  // so a drafter -inf never meets a zero weight as 0 * -inf.
   VSD_HD void push_soft(A u, A z) {
-    if (u > mu) {
-      const A r = exp_(mu - u);
-      su = su * r + A(1);
-      d = d * r + z;
-      mu = u;
-    } else if (!(u == neg_inf<A>())) {
-      const A e = exp_(u - mu);
-      su += e;
-      d += e * z;
-    }
+    A r;
+    const A e = push(mu, su, u, r);
+    d = mass_times(r, d) + mass_times(e, z);
   }
 
   // Merges the statistics of a disjoint subset.
@@ -111,32 +160,44 @@ struct RowStats {
     zt += o.zt;
   }
 
+  // Two empty subsets (both maxima -inf) add their sums, 0 or NaN: a NaN is never dropped.
   VSD_HD static void merge_pair(A& m1, A& s1, A m2, A s2, A* d1, A d2) {
     const A mx = m1 > m2 ? m1 : m2;
-    if (mx == neg_inf<A>()) {
-      return;  // both empty: nothing to add
-    }
-    const A r1 = exp_(m1 - mx), r2 = exp_(m2 - mx);
+    const A r1 = rescale(m1, mx), r2 = rescale(m2, mx);
     s1 = s1 * r1 + s2 * r2;
     if (d1 != nullptr) {
-      *d1 = *d1 * r1 + d2 * r2;
+      *d1 = mass_times(r1, *d1) + mass_times(r2, d2);
     }
     m1 = mx;
   }
 
   VSD_HD A lse() const { return m + log_(s); }
   VSD_HD A soft_lse() const { return mu + log_(su); }
-  // Cross-entropy of the complete row.
-  VSD_HD A ce_hard() const { return lse() - zt; }
-  VSD_HD A ce_soft() const { return lse() - d / su; }
+  // Cross-entropy of the complete row (NaN where a +inf logit leaves no distribution).
+  VSD_HD A ce_hard() const {
+    const A l = lse();
+    return l == -neg_inf<A>() ? nan_<A>() : l - zt;
+  }
+  VSD_HD A ce_soft() const {
+    const A l = lse();
+    return (l == -neg_inf<A>() || soft_lse() == -neg_inf<A>()) ? nan_<A>() : l - d / su;
+  }
 };
 
-// Per-row gradient coefficients: dL/dz_v = a exp(z_v - lse) - c y_v (see the header comment).
+// Whether a row's loss counts: its target is not ignore_index and, with soft targets, the teacher
+// has mass (an all -inf teacher row, lse_u = -inf, has no target: it counts as ignored).
+template <typename A>
+VSD_HD bool row_active(bool not_ignored, bool soft, A lse_u) {
+  return not_ignored && !(soft && lse_u == neg_inf<A>());
+}
+
+// Per-row gradient coefficients: dL/dz_v = a exp(z_v - lse) - c y_v (see the header comment),
+// c exactly 0 on inactive rows and rows of weight 0 (whatever g is).
 template <typename A>
 struct RowCoef {
   A a, c;
   VSD_HD static RowCoef make(bool active, A w, A g, A gl) {
-    const A c = active ? g * w : A(0);
+    const A c = active ? weighted(w, g) : A(0);
     return {c + gl, c};
   }
 };

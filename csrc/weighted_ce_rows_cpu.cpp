@@ -2,16 +2,14 @@
 // target logit, soft-target sums) and the fused softmax-gradient pass, parallel over rows with
 // at::parallel_for (one row per task element: results do not depend on the thread count).
 //
-// A row is a few vectorized passes over memory that stays in L2 (V = 128k floats is 512 KiB):
-// statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse; the
-// fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass and
-// rescales it, one exp per element. The float loops call the branch-free polynomial
+// A row is a few vectorized passes over memory that stays in a core's L2 (V = 128k floats is 512
+// KiB): statistics = max pass + exp-sum pass; gradient = one exp-and-write pass from the saved lse;
+// the fused forward (statistics + unit gradient) stores exp(z - max) in place during the sum pass
+// and rescales it, one exp per element. The float loops call the branch-free polynomial
 // simd::fast_exp so that they vectorize, and are compiled per ISA level (VSD_SIMD_CLONES; both in
 // cpu_simd.h). Float64 rows (gradcheck) use std::exp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cmath>
 #include <limits>
@@ -20,13 +18,15 @@
 #include "cpu_simd.h"
 #include "weighted_ce_cpu.h"
 #include "weighted_ce_math.h"
+#include "weighted_ce_rows_cpu.h"
 
 namespace vsd_ext::wce::cpu {
-namespace {
 
 using simd::fast_exp;
 
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+// ---- row maxima and sums of exponentials (declared in weighted_ce_rows_cpu.h) ------------------
 
 VSD_SIMD_CLONES float row_max(const float* x, int64_t n) {
   float m = kNegInfF;
@@ -42,8 +42,22 @@ VSD_SIMD_CLONES float row_sum_exp(const float* x, int64_t n, float shift) {
   return s;
 }
 
+double row_max(const double* x, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+double row_sum_exp(const double* x, int64_t n, double shift) {
+  double s = 0.0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
+  return s;
+}
+
+namespace {
+
 // sum_v e_v and sum_v e_v z_v with e_v = exp(u_v - shift); an entry with e_v = 0 adds nothing
-// even where z_v = -inf.
+// even where z_v = -inf (mass_times, weighted_ce_math.h).
 VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, float shift,
                                      float* sum, float* dot) {
   float s = 0.0f, d = 0.0f;
@@ -51,7 +65,7 @@ VSD_SIMD_CLONES void row_sum_exp_dot(const float* u, const float* z, int64_t n, 
   for (int64_t i = 0; i < n; ++i) {
     const float e = fast_exp(u[i] - shift);
     s += e;
-    d += e > 0.0f ? e * z[i] : 0.0f;
+    d += mass_times(e, z[i]);
   }
   *sum = s;
   *dot = d;
@@ -97,23 +111,13 @@ VSD_SIMD_CLONES void row_scale_sub_exp(float* x, const float* u, int64_t n, floa
 }
 
 // Float64 versions (exact std::exp), same contracts.
-double row_max(const double* x, int64_t n) {
-  double m = -std::numeric_limits<double>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-double row_sum_exp(const double* x, int64_t n, double shift) {
-  double s = 0.0;
-  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - shift);
-  return s;
-}
 void row_sum_exp_dot(const double* u, const double* z, int64_t n, double shift, double* sum,
                      double* dot) {
   double s = 0.0, d = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double e = std::exp(u[i] - shift);
     s += e;
-    d += e > 0.0 ? e * z[i] : 0.0;
+    d += mass_times(e, z[i]);
   }
   *sum = s;
   *dot = d;
@@ -138,77 +142,52 @@ void row_scale_sub_exp(double* x, const double* u, int64_t n, double scale, doub
   for (int64_t i = 0; i < n; ++i) x[i] = scale * x[i] - (u ? c * std::exp(u[i] - lse_u) : 0.0);
 }
 
-// ---- typed row access: rows of any float dtype are read as (or converted to) acc dtype A ------
+// ---- one row ----------------------------------------------------------------------------------
 
-template <typename A, typename S>
-void convert_row(const void* src, A* dst, int64_t n, A divisor) {
-  const S* s = static_cast<const S*>(src);
-  if (divisor == A(1)) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]);
+// The teacher sums of a row: mu, su and d = sum_v exp(u_v - mu) z_v, by RowStats' rules for
+// non-finite u (a non-finite max leaves d = 0: the row has no target, or a NaN loss).
+template <typename A>
+void teacher_sums(const A* u, const A* z, int64_t n, RowStats<A>& st) {
+  st.mu = row_max(u, n);
+  if (is_finite(st.mu)) {
+    row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
   } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(s[i]) / divisor;
+    st.su = nonfinite_sum(u, n, st.mu);
+    st.d = A(0);
   }
 }
 
-template <typename A, typename D>
-void store_row_as(const A* src, void* dst, int64_t n) {
-  D* d = static_cast<D*>(dst);
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<D>(src[i]);
-}
-
-// A [rows, n] matrix with unit column stride, read row by row in acc dtype A.
+// Writes lse, soft_lse and the loss of a complete row; returns whether the row is active.
 template <typename A>
-struct Rows {
-  char* base = nullptr;
-  int64_t stride_bytes = 0;
-  at::ScalarType dtype = at::kFloat;
-
-  explicit Rows(const at::Tensor& t)
-      : base(static_cast<char*>(t.data_ptr())),
-        stride_bytes(t.stride(0) * static_cast<int64_t>(t.element_size())),
-        dtype(t.scalar_type()) {}
-
-  bool native() const { return dtype == c10::CppTypeToScalarType<A>::value; }
-  void* ptr(int64_t r) const { return base + r * stride_bytes; }
-
-  // Row r divided by `divisor`, pointing into the tensor when no conversion is needed.
-  const A* load(int64_t r, A* scratch, int64_t n, A divisor = A(1)) const {
-    if (native() && divisor == A(1)) {
-      return static_cast<const A*>(ptr(r));
-    }
-    switch (dtype) {
-      case at::kFloat: convert_row<A, float>(ptr(r), scratch, n, divisor); break;
-      case at::kDouble: convert_row<A, double>(ptr(r), scratch, n, divisor); break;
-      case at::kHalf: convert_row<A, c10::Half>(ptr(r), scratch, n, divisor); break;
-      case at::kBFloat16: convert_row<A, c10::BFloat16>(ptr(r), scratch, n, divisor); break;
-      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
-    }
-    return scratch;
+bool finish_row(const RowStats<A>& st, bool not_ignored, bool soft, A w, A& lse, A* soft_lse,
+                A& loss) {
+  lse = st.lse();
+  const A lse_u = soft ? st.soft_lse() : A(0);
+  if (soft) {
+    *soft_lse = lse_u;
   }
-
-  // Where to compute row r in acc dtype: in place when native, else in `scratch` (then store()).
-  A* out_row(int64_t r, A* scratch) const { return native() ? static_cast<A*>(ptr(r)) : scratch; }
-
-  void store(int64_t r, const A* row, int64_t n) const {
-    if (native()) {
-      return;
-    }
-    switch (dtype) {
-      case at::kFloat: store_row_as<A, float>(row, ptr(r), n); break;
-      case at::kDouble: store_row_as<A, double>(row, ptr(r), n); break;
-      case at::kHalf: store_row_as<A, c10::Half>(row, ptr(r), n); break;
-      case at::kBFloat16: store_row_as<A, c10::BFloat16>(row, ptr(r), n); break;
-      default: TORCH_CHECK(false, "weighted_ce: unsupported dtype ", dtype);
-    }
-  }
-};
-
-template <typename A>
-const A* data_or_null(const at::Tensor& t) {
-  return t.defined() ? t.data_ptr<A>() : nullptr;
+  const bool active = row_active(not_ignored, soft, lse_u);
+  loss = active ? weighted(w, soft ? st.ce_soft() : st.ce_hard()) : A(0);
+  return active;
 }
 
-int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+// out_v = a exp(z_v - lse) - c y_v over a row (out may be z): y = p from u (soft) or the one-hot
+// of t (hard; t = -1 on inactive rows). A term whose coefficient is 0 is skipped, so a teacher
+// row without mass (lse_u = -inf) never computes exp(-inf - -inf).
+template <typename A>
+void row_gradient(A* out, const A* z, const A* u, int64_t n, A lse, A lse_u, RowCoef<A> coef,
+                  int64_t t) {
+  if (coef.a == A(0) && coef.c == A(0)) {
+    std::fill(out, out + n, A(0));
+  } else if (u != nullptr && coef.c != A(0)) {
+    row_grad_soft(out, z, u, n, lse, coef.a, lse_u, coef.c);
+  } else {
+    row_grad(out, z, n, lse, coef.a);
+    if (u == nullptr && t >= 0) {
+      out[t] -= coef.c;
+    }
+  }
+}
 
 // ---- statistics --------------------------------------------------------------------------------
 
@@ -225,26 +204,20 @@ void stats_impl(const StatsArgs& a) {
   A* lse = a.lse.defined() ? a.lse.data_ptr<A>() : nullptr;
   A* soft_lse = a.soft_lse.defined() ? a.soft_lse.data_ptr<A>() : nullptr;
   const A temperature = static_cast<A>(a.temperature);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
     std::vector<A> z_scratch(z_rows.native() ? 0 : n), u_scratch(soft ? n : 0);
     for (int64_t r = begin; r < end; ++r) {
       const A* z = z_rows.load(r, z_scratch.data(), n);
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
+      const bool not_ignored = t != a.ignore_index;
       RowStats<A> st = RowStats<A>::empty();
-      st.m = row_max(z, n);
-      st.s = st.m == neg_inf ? A(0) : row_sum_exp(z, n, st.m);
-      if (!soft && active && t >= a.col0 && t < a.col0 + n) {
+      row_max_sum(z, n, st.m, st.s);
+      if (!soft && not_ignored && t >= a.col0 && t < a.col0 + n) {
         st.zt = z[t - a.col0];
       }
       if (soft) {
-        const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
-        st.mu = row_max(u, n);
-        if (st.mu != neg_inf) {
-          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
-        }
+        teacher_sums(u_rows.load(r, u_scratch.data(), n, temperature), z, n, st);
       }
       if (!a.first) {
         RowStats<A> prev = RowStats<A>::load(state + r * RowStats<A>::kFields);
@@ -255,11 +228,7 @@ void stats_impl(const StatsArgs& a) {
         st.store(state + r * RowStats<A>::kFields);
         continue;
       }
-      lse[r] = st.lse();
-      if (soft) {
-        soft_lse[r] = st.soft_lse();
-      }
-      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+      finish_row(st, not_ignored, soft, weights[r], lse[r], soft ? soft_lse + r : nullptr, loss[r]);
     }
   });
 }
@@ -286,32 +255,24 @@ void grad_impl(const GradArgs& a) {
         out_scratch(out_rows.native() ? 0 : n);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
+      const A lse_u = soft ? soft_lse[r] : A(0);
+      const bool active = row_active(t != a.ignore_index, soft, lse_u);
       const auto coef =
           RowCoef<A>::make(active, weights[r], g ? g[r] : g_default, gl ? gl[r] : A(0));
       A* out = out_rows.out_row(r, out_scratch.data());
-      if (coef.a == A(0) && coef.c == A(0)) {
-        std::fill(out, out + n, A(0));  // ignored row without gradient into lse
-      } else {
-        const A* z = z_rows.load(r, z_scratch.data(), n);
-        if (soft) {
-          const A* u = u_rows.load(r, u_scratch.data(), n, temperature);
-          row_grad_soft(out, z, u, n, lse[r], coef.a, soft_lse[r], coef.c);
-        } else {
-          row_grad(out, z, n, lse[r], coef.a);
-          if (active) {
-            out[t] -= coef.c;
-          }
-        }
-      }
+      const bool zero = coef.a == A(0) && coef.c == A(0);
+      const A* z = zero ? nullptr : z_rows.load(r, z_scratch.data(), n);
+      const A* u = (zero || !soft) ? nullptr : u_rows.load(r, u_scratch.data(), n, temperature);
+      row_gradient(out, z, u, n, lse[r], lse_u, coef, (active && !soft) ? t : int64_t{-1});
       out_rows.store(r, out, n);
     }
   });
 }
 
-// Statistics and unit-gradient of whole rows in one pass over each row (the fused forward):
-// logits in acc dtype, overwritten by G. Per row: max; soft sums (which need z); exp(z - max)
-// stored in place with its sum S (one exp per element); then G = (a / S) e - c y.
+// Statistics and unit gradient of whole rows in one pass over each row (the fused forward):
+// logits in acc dtype, overwritten by G. Per row: soft sums (which need z); max; exp(z - max)
+// stored in place with its sum S (one exp per element); then G = (a / S) e - c y. A row whose max
+// is not finite (+inf, or all -inf / NaN) takes the general row_gradient instead.
 template <typename A>
 void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
   const int64_t rows = a.logits.size(0), n = a.logits.size(1);
@@ -325,7 +286,6 @@ void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
   A* lse = a.lse.data_ptr<A>();
   A* soft_lse = soft ? a.soft_lse.data_ptr<A>() : nullptr;
   const A temperature = static_cast<A>(a.temperature);
-  const A neg_inf = -std::numeric_limits<A>::infinity();
   const A g_default = g.unit_grad_loss ? A(1) : A(0);
 
   at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
@@ -333,32 +293,26 @@ void stats_grad_impl(const StatsArgs& a, const GradArgs& g) {
     for (int64_t r = begin; r < end; ++r) {
       A* z = z_base + r * ld;
       const int64_t t = targets[r];
-      const bool active = t != a.ignore_index;
       RowStats<A> st = RowStats<A>::empty();
-      const A* u = nullptr;
+      const A* u = soft ? u_rows.load(r, u_scratch.data(), n, temperature) : nullptr;
       if (soft) {
-        u = u_rows.load(r, u_scratch.data(), n, temperature);
-        st.mu = row_max(u, n);
-        if (st.mu != neg_inf) {
-          row_sum_exp_dot(u, z, n, st.mu, &st.su, &st.d);
-        }
-      } else if (active) {
+        teacher_sums(u, z, n, st);
+      } else if (t != a.ignore_index) {
         st.zt = z[t];
       }
       st.m = row_max(z, n);
-      st.s = st.m == neg_inf ? A(0) : row_exp_inplace(z, n, st.m);
-      lse[r] = st.lse();
-      if (soft) {
-        soft_lse[r] = st.soft_lse();
-      }
-      loss[r] = active ? weights[r] * (soft ? st.ce_soft() : st.ce_hard()) : A(0);
+      const bool finite = is_finite(st.m);
+      st.s = finite ? row_exp_inplace(z, n, st.m) : nonfinite_sum(z, n, st.m);
+      const bool active = finish_row(st, t != a.ignore_index, soft, weights[r], lse[r],
+                                     soft ? soft_lse + r : nullptr, loss[r]);
       const auto coef = RowCoef<A>::make(active, weights[r], g_default, A(0));
-      if (coef.a == A(0) && coef.c == A(0)) {
-        std::fill(z, z + n, A(0));
+      const A lse_u = soft ? soft_lse[r] : A(0);
+      if (!finite || (coef.a == A(0) && coef.c == A(0))) {
+        row_gradient(z, z, u, n, lse[r], lse_u, coef, (active && !soft) ? t : int64_t{-1});
         continue;
       }
-      row_scale_sub_exp(z, u, n, coef.a / st.s, soft ? soft_lse[r] : A(0), coef.c);
-      if (!soft) {
+      row_scale_sub_exp(z, coef.c != A(0) ? u : nullptr, n, coef.a / st.s, lse_u, coef.c);
+      if (!soft && active) {
         z[t] -= coef.c;
       }
     }
@@ -422,15 +376,6 @@ void colsum_add(const at::Tensor& g, at::Tensor& out) {
     colsum_add_impl<double>(g, out);
   } else {
     colsum_add_impl<float>(g, out);
-  }
-}
-
-void check_targets(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
-  const int64_t* t = targets.data_ptr<int64_t>();
-  for (int64_t m = 0; m < targets.numel(); ++m) {
-    VSD_CHECK(t[m] == ignore_index || (t[m] >= 0 && t[m] < V), "targets",
-              "expected class indices in [0, ", V, ") or ignore_index (", ignore_index, "), got ",
-              t[m], " at row ", m);
   }
 }
 

@@ -15,10 +15,16 @@ from . import corpus, tree  # noqa: E402
 from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
 from .eval import evaluate  # noqa: E402
 from .models import Drafter, load_drafter, load_target  # noqa: E402
-from .ops import tree_attention, verify_tree, weighted_cross_entropy, weighted_linear_cross_entropy  # noqa: E402
+from .ops import (  # noqa: E402
+    tree_attention,
+    verify_tree,
+    weighted_cross_entropy,
+    weighted_linear_cross_entropy,
+    weighted_linear_divergence,
+)
 from .training.trainer import train_drafter  # noqa: E402
 
 __all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",
-           "weighted_linear_cross_entropy", "corpus", "tree", "Drafter",
-           "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter", "evaluate",
-           "train_drafter"]
+           "weighted_linear_cross_entropy", "weighted_linear_divergence", "corpus", "tree",
+           "Drafter", "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter",
+           "evaluate", "train_drafter"]

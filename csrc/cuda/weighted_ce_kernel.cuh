@@ -68,8 +68,33 @@ struct ColsumLaunch {
   bool acc_double = false;
 };
 
+// The divergence rows of a [rows, cols] chunk of whole rows (see DivArgs in
+// csrc/weighted_ce_driver.h; math in csrc/weighted_ce_div_math.h). `stats`: writes loss, beta,
+// kl, lse, soft_lse and q_less; else reads lse, soft_lse, q_less and kl. out.data: the gradient
+// (may alias logits), nullptr for none. Logits fp32 / fp64 (the chunk's, acc dtype).
+struct DivLaunch {
+  ConstMatrix logits, teacher;
+  Matrix out;
+  const void* tv_weights = nullptr;
+  const void* kl_weights = nullptr;
+  const void* grad_loss = nullptr;  // nullptr: g = unit_grad_loss ? 1 : 0
+  void* loss = nullptr;
+  void* beta = nullptr;
+  void* kl = nullptr;
+  void* lse = nullptr;
+  void* soft_lse = nullptr;
+  void* q_less = nullptr;
+  int64_t rows = 0, cols = 0;
+  double temperature = 1.0;
+  bool stats = true, unit_grad_loss = false;
+};
+
 cudaError_t launch_stats(const StatsLaunch& p, cudaStream_t stream);
 cudaError_t launch_grad(const GradLaunch& p, cudaStream_t stream);
+// Both on the same whole rows (p.first && p.last), in one kernel: g.lse / g.soft_lse are p.lse /
+// p.soft_lse, written by the statistics before the gradient reads them; g.out may alias p.logits.
+cudaError_t launch_stats_grad(const StatsLaunch& p, const GradLaunch& g, cudaStream_t stream);
 cudaError_t launch_colsum_add(const ColsumLaunch& p, cudaStream_t stream);
+cudaError_t launch_div(const DivLaunch& p, cudaStream_t stream);
 
 }  // namespace vsd_ext::cuda::wce

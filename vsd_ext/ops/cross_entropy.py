@@ -106,7 +106,7 @@ def weighted_cross_entropy(
         logits: ``[M, V]`` float16 / bfloat16 / float32 / float64 (any row stride). Differentiable.
         targets: ``[M]`` int64 class indices in ``[0, V)``; rows equal to ``ignore_index`` get
             loss 0 and no gradient from ``loss_rows``. With ``soft_targets`` only the ignore test
-            is used. An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+            is used. An out-of-range target raises a ValueError (on every device).
         row_weights: ``[M]`` float32 per-row (not per-class) weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None.
             Then ``CE_m = -sum_v softmax(soft_targets[m] / soft_temperature)_v
@@ -190,7 +190,7 @@ def weighted_linear_cross_entropy(
         weight: ``[V, H]`` LM head, dtype of ``hidden``. Differentiable.
         targets: ``[M]`` int64 class indices in ``[0, V)`` or ``ignore_index`` (ignored rows: loss
             0, no gradient from ``loss_rows``); with ``soft_targets`` only the ignore test is used.
-            An out-of-range target raises on CPU; on CUDA it makes that row's loss NaN.
+            An out-of-range target raises a ValueError (on every device, before any gradient).
         row_weights: ``[M]`` float32 per-row weights.
         soft_targets: ``[M, V]`` float16 / bfloat16 / float32 / float64 teacher logits, or None
             (see ``weighted_cross_entropy``).
@@ -227,22 +227,34 @@ def _lce_forward_fake(hidden, weight, targets, row_weights, soft_targets, bias, 
                       soft_temperature, chunk_size, grad_mask):
     _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
                        soft_temperature, chunk_size)
-    (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
+    M, acc = hidden.shape[0], _acc(hidden.dtype)
     return (hidden.new_empty(M, dtype=acc), hidden.new_empty(M, dtype=acc),
             hidden.new_empty(M if soft_targets is not None else 0, dtype=acc),
-            hidden.new_empty((M, H) if grad_mask[0] else (0,), dtype=acc),
+            *unit_grad_fakes(hidden, weight, grad_mask))
+
+
+def unit_grad_fakes(hidden, weight, grad_mask):
+    """The fused forwards' unit gradients (acc dtype) for grad_mask = (hidden, weight, bias), [0]
+    where not asked (shared with vsd_ext.ops.divergence)."""
+    (M, H), V, acc = hidden.shape, weight.shape[0], _acc(hidden.dtype)
+    return (hidden.new_empty((M, H) if grad_mask[0] else (0,), dtype=acc),
             hidden.new_empty((V, H) if grad_mask[1] else (0,), dtype=acc),
             hidden.new_empty((V,) if grad_mask[2] else (0,), dtype=acc))
+
+
+def grad_fakes(hidden, weight, bias, output_mask):
+    """The fused backwards' gradients, in the dtypes of their inputs, [0] where not asked."""
+    acc = _acc(hidden.dtype)
+    return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
+            weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
+            bias.new_empty(bias.shape) if output_mask[2] else hidden.new_empty(0, dtype=acc))
 
 
 @torch.library.register_fake("vsd_ext::weighted_linear_cross_entropy_backward")
 def _lce_backward_fake(grad_loss_rows, grad_lse, hidden, weight, targets, row_weights, soft_targets,
                        bias, lse, soft_lse, dhidden_unit, dweight_unit, dbias_unit, ignore_index,
                        soft_temperature, chunk_size, output_mask):
-    acc = _acc(hidden.dtype)
-    return (hidden.new_empty(hidden.shape) if output_mask[0] else hidden.new_empty(0, dtype=acc),
-            weight.new_empty(weight.shape) if output_mask[1] else hidden.new_empty(0, dtype=acc),
-            bias.new_empty(bias.shape) if output_mask[2] else hidden.new_empty(0, dtype=acc))
+    return grad_fakes(hidden, weight, bias, output_mask)
 
 
 def _lce_setup_context(ctx, inputs, output):
