@@ -15,7 +15,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import vsd_ext
-from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
+from vsd_ext.models import (
+    CheckpointError,
+    Drafter,
+    default_feature_layers,
+    load_drafter,
+    load_target,
+)
 from vsd_ext.models.layers import Linear, rope_cos_sin, rope_tables
 from vsd_ext.tree import build_tree_mask, tree_depths
 
@@ -115,15 +121,29 @@ def test_prefill_and_decode_match_transformers(arch, checkpoints, gen):
 def test_features_are_layer_inputs(checkpoints, gen):
     directory, hf = checkpoints["llama3"]
     target = load_target(directory)
-    assert target.feature_layers == (2, 2, 2)  # L = 4: (2, L//2, L-3) kept non-decreasing
+    assert target.feature_layers == (1, 2, 3)  # L = 4: (2, L//2, L-3) made distinct
     ids = torch.randint(0, V, (1, 9), generator=gen)
     with torch.no_grad():
         hs = hf(ids, output_hidden_states=True).hidden_states  # hs[i] = input of layer i
     feats = target.run(ids).features
     assert feats.shape == (1, 9, 3 * 64)
-    assert (feats[..., :64] - hs[2]).abs().max() < 1e-4
+    assert (feats[..., :64] - hs[1]).abs().max() < 1e-4
     wide = load_target(directory, feature_layers=(0, 1, 3))
     assert (wide.run(ids).features[..., 128:] - hs[3]).abs().max() < 1e-4
+
+
+def test_default_feature_layers_are_distinct():
+    """Three distinct layers for every depth >= 3 (vLLM and speculators reject repeats), and
+    EAGLE-3's (2, L // 2, L - 3) wherever that is already distinct."""
+    for layers in range(3, 130):
+        chosen = default_feature_layers(layers)
+        assert len(set(chosen)) == 3 and list(chosen) == sorted(chosen), layers
+        assert 0 <= chosen[0] and chosen[2] < layers, layers
+        if layers >= 7:
+            assert chosen == (2, layers // 2, layers - 3), layers
+    assert default_feature_layers(16) == (2, 8, 13)
+    assert default_feature_layers(6) == (2, 3, 4)
+    assert default_feature_layers(3) == (0, 1, 2)
 
 
 # ---- cache steps ------------------------------------------------------------------------
