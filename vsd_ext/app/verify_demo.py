@@ -18,6 +18,7 @@ import torch
 from ..eval.stats import chi_square_p_value
 from ..ops.verify import verify_tree
 from ..reference.verify_tree import verify_tree as verify_tree_reference
+from .arguments import positive_int
 
 
 @dataclass
@@ -69,8 +70,10 @@ def draft_children(tree: DemoTree, trials: int, mode: str, g: torch.Generator) -
 
 def add_verify_demo_command(sub) -> None:
     vdemo = sub.add_parser("verify-demo", help="lossless tree verification on a synthetic tree")
-    vdemo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
-    vdemo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+    vdemo.add_argument("--trials", type=positive_int, default=20000,
+                       help="verifications per mode")
+    vdemo.add_argument("--vocab", type=positive_int, default=256,
+                       help="vocabulary of the synthetic tree")
     vdemo.add_argument("--seed", type=int, default=0)
     vdemo.set_defaults(func=run_verify_demo)
 
