@@ -268,6 +268,50 @@ def test_drafter_roundtrip_and_layout(checkpoints, tmp_path, gen):
     assert torch.isinf(full[..., ~drafter.t2d]).all() and full.shape == (2, 7, V)
 
 
+def test_drafter_export_embedding_and_feature_layers(checkpoints, tmp_path, gen):
+    """Issue #17: the export records the feature layers under the name vLLM and speculators
+    read and can carry the target's embedding; load_drafter takes both exports, checks a
+    saved embedding and refuses a target whose features come from other layers."""
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=4)
+    assert drafter.config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    drafter.save_pretrained(tmp_path / "bare")
+    drafter.save_pretrained(tmp_path / "full", include_embedding=True)
+    drafter.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, include_embedding=True)
+    assert set(load_file(str(tmp_path / "bare" / "model.safetensors"))) == EAGLE3_KEYS
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert set(full) == EAGLE3_KEYS | {"embed_tokens.weight"}
+    assert torch.equal(full["embed_tokens.weight"], target.embed_tokens.weight)
+    for name in ("bare", "full", "bf16"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    ids = torch.randint(0, V, (1, 6), generator=gen)
+    feats = target.run(ids).features
+    logits = [load_drafter(tmp_path / n, target, dtype=torch.float32)(ids, feats).logits
+              for n in ("bare", "full")]
+    assert torch.equal(logits[0], logits[1])
+    load_drafter(tmp_path / "bf16", target)  # the bf16 copy equals the target's in bf16
+    other = load_target(checkpoints["llama3"][0], feature_layers=(0, 1, 2))
+    with pytest.raises(CheckpointError, match=r"eagle_aux_hidden_state_layer_ids.*\[0, 1, 2\]"):
+        load_drafter(tmp_path / "bare", other)
+    with pytest.raises(ValueError, match="target layers"):
+        Drafter.for_target(target).attach(other)
+    with torch.no_grad():
+        target.embed_tokens.weight[3, 0] += 1.0
+    try:
+        with pytest.raises(CheckpointError, match="differs from the target's embedding"):
+            load_drafter(tmp_path / "full", target)
+    finally:
+        with torch.no_grad():
+            target.embed_tokens.weight[3, 0] -= 1.0
+    # A drafter saved before the key existed loads, and takes (then saves) the target's.
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    del config["eagle_aux_hidden_state_layer_ids"]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
+    legacy = load_drafter(tmp_path / "bare", other)
+    assert legacy.feature_layers == (0, 1, 2)
+
+
 def test_drafter_tree_steps_match_causal_forward(checkpoints, gen):
     """Chunked prefill + a tree grown in two calls (past kv) == causal runs of the paths."""
     target = load_target(checkpoints["llama3"][0])

@@ -79,6 +79,10 @@ def add_verify_demo_command(sub) -> None:
 
 
 def run_verify_demo(args) -> int:
+    widest = max(build_tree.__defaults__[0])
+    if args.vocab < widest:
+        raise ValueError(f"--vocab must be >= {widest} (the demo tree's widest node has "
+                         f"{widest} children), got {args.vocab}")
     rows = run(trials=args.trials, vocab=args.vocab, seed=args.seed)
     return 0 if all(r["lossless"] for r in rows) else 1
 

@@ -99,7 +99,8 @@ def _rope_settings(raw: dict) -> tuple[float, dict]:
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
         theta = float(_number(raw, "rope_theta", 10000.0))
-        scaling = raw.get("rope_scaling") or {}
+        scaling = raw.get("rope_scaling")
+        scaling = {} if scaling is None else scaling
         if not isinstance(scaling, dict):
             raise CheckpointError(f"config.json: rope_scaling must be an object or null, "
                                   f"got {scaling!r}")
@@ -149,7 +150,8 @@ def _check_token_ids(raw: dict, key: str) -> None:
 
 def parse_config(raw: dict) -> ModelConfig:
     """Validate an HF config dict and turn it into a `ModelConfig` (clear errors otherwise)."""
-    archs = raw.get("architectures") or []
+    archs = raw.get("architectures")
+    archs = [] if archs is None else archs
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise CheckpointError(f"config.json: architectures must be a list of names, got "
                               f"{archs!r}")
@@ -181,7 +183,7 @@ def parse_config(raw: dict) -> ModelConfig:
                               f"pairs), got {head_dim}")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         _check_token_ids(raw, key)
-    if raw.get("tie_word_embeddings") not in (None, True, False):
+    if not isinstance(raw.get("tie_word_embeddings"), (bool, type(None))):
         raise CheckpointError(f"config.json: tie_word_embeddings must be true, false or "
                               f"absent, got {raw['tie_word_embeddings']!r}")
     theta, scaling = _rope_settings(raw)

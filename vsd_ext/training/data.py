@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +101,7 @@ class DataSplits:
             raise ValueError(f"{path}: no such file")
         try:
             state = torch.load(str(path), weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as err:
+        except Exception as err:  # torch.load fails on foreign files in many ways
             raise ValueError(f"{path}: not a dataset written by DataSplits.save (unreadable: "
                              f"{type(err).__name__})") from err
         try:
@@ -264,7 +263,11 @@ def jsonl_splits(path: str | Path, tokenizer, seq_len: int, eos_id: int,
     renderer = ChatRenderer(chat_template, eos_token=eos_text)
     splits = {"train": [], "heldout": []}
     prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
