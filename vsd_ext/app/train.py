@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..models.config import CheckpointError, read_json
 from ..training.config import TrainConfig
 from ..training.trainer import train_drafter
 
@@ -82,12 +83,9 @@ def _config_file(path: Path) -> dict:
     if not path.is_file():
         raise ValueError(f"--config {path}: no such file")
     try:
-        values = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"--config {path}: not valid JSON ({err})") from err
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: expected a JSON object of TrainConfig fields")
-    return values
+        return read_json(path)
+    except CheckpointError as err:
+        raise ValueError(f"--config {err}") from err
 
 
 def config_from_args(args):

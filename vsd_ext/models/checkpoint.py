@@ -13,13 +13,12 @@ are tied exactly when the checkpoint has no `lm_head.weight`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .config import CheckpointError, read_config
+from .config import CheckpointError, read_config, read_json
 from .target import Target
 
 DEFAULT_TARGET_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_target"
@@ -52,19 +51,6 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as err:  # safetensors raises its own error types, OSError, ...
         raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
-
-
-def read_json(path: Path, kind: type = dict):
-    """`path` parsed as JSON, which must be a `kind` (a CheckpointError naming the file
-    otherwise)."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(value, kind):
-        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got "
-                              f"{type(value).__name__}")
-    return value
 
 
 def load_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:

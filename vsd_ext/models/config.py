@@ -220,16 +220,24 @@ def read_config(directory: str | Path) -> tuple[dict, ModelConfig]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint "
                               f"directory)")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json(path)
     try:
         return raw, parse_config(raw)
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {str(err).removeprefix('config.json: ')}") from err
+
+
+def read_json(path: Path, kind: type = dict):
+    """`path` parsed as JSON, which must be a `kind` (a CheckpointError naming the file
+    otherwise)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got "
+                              f"{type(value).__name__}")
+    return value
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict, device=None) -> torch.Tensor:
