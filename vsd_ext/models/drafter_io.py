@@ -6,14 +6,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (
-    DEFAULT_DRAFTERS,
-    check_floating,
-    read_json,
-    read_safetensors,
-    validate_state,
-)
-from .config import CheckpointError
+from .checkpoint import DEFAULT_DRAFTERS, check_floating, read_safetensors, validate_state
+from .config import CheckpointError, read_json
 from .drafter import ARCHITECTURE, LAYERS_KEY, Drafter
 
 EMBEDDING = "embed_tokens.weight"
