@@ -34,7 +34,7 @@ from ..models import load_drafter, load_target
 from ..models.checkpoint import DEFAULT_DRAFTERS
 from ..training.data import regenerated_corpus_splits
 from ..training.trainer import train_drafter
-from .arguments import count, positive_float, positive_int
+from .arguments import check_length, count, positive_float, positive_int
 
 # Training settings of the fine-tunes (those of the shipped drafter's own training, see
 # vsd_ext/assets/default_drafter/training_info.json): short rows, a constant learning rate.
@@ -166,6 +166,8 @@ def run(cfg: DemoConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     target = load_target("default")
+    prompts = heldout_prompts(cfg.num_prompts)
+    check_length(target, [target.tokenizer.encode(t).ids for t in prompts], cfg.max_new_tokens)
     print(f"vsd demo: default target ({sum(p.numel() for p in target.parameters()) / 1e6:.2f} M "
           f"parameters), {torch.get_num_threads()} CPU threads, output in {out}")
 
@@ -184,7 +186,7 @@ def run(cfg: DemoConfig) -> dict:
               f"T = 0 and T = 1, tree depth {tree.depth} / topk {tree.topk} / "
               f"{tree.total_tokens} nodes (sampled from the drafter at T = 1), "
               f"{cfg.draft_dtype} drafters")
-    results = evaluate(target, drafters, heldout_prompts(cfg.num_prompts),
+    results = evaluate(target, drafters, prompts,
                        temperatures=(0.0, 1.0), max_new_tokens=cfg.max_new_tokens, tree=tree,
                        seeds=(cfg.seed,), threads=cfg.eval_threads or None,
                        progress=cfg.progress)

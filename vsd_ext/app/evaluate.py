@@ -17,7 +17,7 @@ from ..eval import (
     write_report,
 )
 from ..models import Drafter, load_drafter, load_target
-from .arguments import count, non_negative_float, positive_int
+from .arguments import check_length, count, non_negative_float, positive_int
 from .options import add_tree_args, tree_from_args
 
 
@@ -102,6 +102,7 @@ def run_eval(args) -> int:
         texts = read_prompts_jsonl(args.prompts)[: args.num_prompts]
     else:
         texts = heldout_prompts(args.num_prompts)
+    check_length(target, [target.tokenizer.encode(t).ids for t in texts], args.max_new_tokens)
     check = False if args.no_lossless_check else LosslessConfig(samples=args.lossless_samples)
     results = evaluate(target, _load_drafters(args, target, drafts), texts,
                        temperatures=args.temperature, max_new_tokens=args.max_new_tokens,
