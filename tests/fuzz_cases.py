@@ -420,7 +420,7 @@ def _attention_inputs(B=2, N=5, L=7, Hq=4, Hkv=2, D=16):
     return dict(q=torch.randn(B, N, Hq, D, generator=g),
                 k_cache=torch.randn(B, L, Hkv, D, generator=g),
                 v_cache=torch.randn(B, L, Hkv, D, generator=g),
-                prefix_lens=torch.tensor([L, 3][:B]),
+                prefix_lens=torch.tensor([L, 3][:B], dtype=torch.int64),
                 k_tree=torch.randn(B, N, Hkv, D, generator=g),
                 v_tree=torch.randn(B, N, Hkv, D, generator=g),
                 tree_mask=build_tree_mask(random_parents(B, N, g)))
@@ -448,6 +448,14 @@ def _attention_cases() -> list[Case]:
     strided = {**base, "q": base["q"].transpose(1, 2).contiguous().transpose(1, 2)}
     cases.append(Case("tree_attention-strided-q", lambda: tree_attention(**strided),
                       check=lambda out: _close(out[0], expected[0])))
+    for B, N in ((0, 5), (2, 0)):  # empty batches, forward (backward: issue #17 item 6)
+        empty = _attention_inputs(B=B, N=N) if N else {
+            **_attention_inputs(), "q": torch.randn(2, 0, 4, 16),
+            "k_tree": torch.randn(2, 0, 2, 16), "v_tree": torch.randn(2, 0, 2, 16),
+            "tree_mask": torch.zeros(2, 0, 0, dtype=torch.int64)}
+        cases.append(Case(f"tree_attention-empty-B{B}-N{N}", lambda e=empty: tree_attention(**e),
+                          check=lambda out, B=B, N=N: out[0].shape == (B, N, 4, 16)
+                          and out[1].shape == (B, N, 4)))
     shared = {**base, "k_cache": base["k_cache"][:1], "v_cache": base["v_cache"][:1],
               "prefix_lens": torch.tensor([7, 2])}
     cases.append(Case("tree_attention-shared-cache", lambda: tree_attention(**shared),
@@ -481,6 +489,9 @@ def _verify_cases() -> list[Case]:
         **base, mode="target_only", temperature=-1.0), ("temperature",)))
     cases.append(Case("verify_tree-sampled-no-q", lambda: verify_tree(
         **base, mode="sampled"), ("draft_probs",)))
+    cases.append(Case("verify_tree-empty-batch", lambda: verify_tree(
+        **{k: v[:0] for k, v in base.items()}, mode="target_only"),
+        check=lambda out: [tuple(t.shape) for t in out] == [(0, N), (0, N), (0,)]))
     expected = ref_verify.verify_tree(**base, mode="target_only")
     cases.append(Case("verify_tree-strided-logits", lambda: verify_tree(
         **{**base, "target_logits": base["target_logits"].transpose(0, 1).contiguous()
@@ -509,6 +520,9 @@ def _ce_cases() -> list[Case]:
         args = {**base, arg: value}
         cases.append(Case(f"weighted_ce-{name}", lambda a=args: weighted_cross_entropy(**a),
                           (arg,)))
+    cases.append(Case("weighted_ce-empty", lambda: weighted_cross_entropy(
+        torch.randn(0, V), torch.zeros(0, dtype=torch.int64), torch.zeros(0)),
+        check=lambda out: out[0].shape == (0,) and out[1].shape == (0,)))
     expected = ref_ce.weighted_cross_entropy(**base)
     strided = {**base, "logits": torch.randn(V, M, generator=g).t()}
     cases.append(Case("weighted_ce-strided-logits", lambda: weighted_cross_entropy(**strided),
