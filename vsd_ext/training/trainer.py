@@ -386,8 +386,9 @@ def train_drafter(target, out_dir, config: TrainConfig | None = None, *, init=No
 
     target: a `Target`, a Hugging Face checkpoint directory, or "default". config: a
     `TrainConfig` (fields may also be given as keyword overrides, e.g. `method="vsd"`,
-    `max_steps=200`). init: a drafter directory to fine-tune. A checkpoint in `out_dir` of
-    the same run is resumed exactly. See `vsd_ext.training.trainer`.
+    `max_steps=200`). init: a drafter directory to fine-tune. The newest complete checkpoint
+    in `out_dir` of the same run is resumed exactly; SIGINT / SIGTERM save a checkpoint and
+    raise `TrainingInterrupted`. See `vsd_ext.training.trainer`.
     """
     config = config or TrainConfig()
     if overrides:
