@@ -29,6 +29,12 @@ def fsync_tree(directory: Path) -> None:
         fsync_path(Path(root))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """`write(tmp_path)` writes the content to a temporary file next to `path`; it is then
     fsynced and renamed to `path` (replacing an old file atomically)."""
@@ -36,6 +42,7 @@ def atomic_write(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # as a plain open() would (writers may use 0600)
         fsync_path(tmp)
         os.replace(tmp, path)
     finally:
