@@ -36,7 +36,7 @@ from vsd_ext.reference import tree_attention as ref_attention
 from vsd_ext.reference import verify_tree as ref_verify
 from vsd_ext.training.config import TrainConfig
 from vsd_ext.training.data import DataSplits, load_splits
-from vsd_ext.tree import build_tree_mask, random_parents
+from vsd_ext.tree import build_tree_mask, random_parents, tree_depths, tree_paths
 
 from helpers import random_dataset, write_tiny_target
 
@@ -407,7 +407,24 @@ def config_cases(world: World) -> list[Case]:
 
 # ---- op cases (classes the ops already handle) -----------------------------------------
 def op_cases(world: World) -> list[Case]:
-    return _attention_cases() + _verify_cases() + _ce_cases()
+    return _attention_cases() + _verify_cases() + _ce_cases() + _tree_cases()
+
+
+def _tree_cases() -> list[Case]:
+    """`vsd_ext.tree` (masks, depths, paths): empty batches work, bad parents are named."""
+    cases = []
+    for fn in (tree_depths, tree_paths, build_tree_mask):
+        for n in (1, 70):
+            cases.append(Case(f"tree-{fn.__name__}-empty-batch-N{n}", lambda f=fn, n=n: f(
+                torch.zeros(0, n, dtype=torch.int64)), check=lambda out: out.shape[0] == 0))
+        for name, parents in (("rank", torch.tensor([-1, 0])),
+                              ("dtype", torch.tensor([[-1, 0]], dtype=torch.int32)),
+                              ("order", torch.tensor([[-1, 2, 0]])),
+                              ("root", torch.tensor([[0, 0]])),
+                              ("float", torch.tensor([[-1.0, 0.0]]))):
+            cases.append(Case(f"tree-{fn.__name__}-{name}", lambda f=fn, p=parents: f(p),
+                              ("parents",)))
+    return cases
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -423,7 +440,8 @@ def _attention_inputs(B=2, N=5, L=7, Hq=4, Hkv=2, D=16):
                 prefix_lens=torch.tensor([L, 3][:B], dtype=torch.int64),
                 k_tree=torch.randn(B, N, Hkv, D, generator=g),
                 v_tree=torch.randn(B, N, Hkv, D, generator=g),
-                tree_mask=build_tree_mask(random_parents(B, N, g)))
+                tree_mask=build_tree_mask(random_parents(B, N, g)) if B else
+                torch.zeros(0, N, (N + 63) // 64, dtype=torch.int64))
 
 
 def _attention_cases() -> list[Case]:
