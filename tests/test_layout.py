@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vsd_ext"
 # Rooms, bottom to top: a module may import its own room and the rooms of lower levels only.
 LEVELS = {
     "_version": 0,
-    "_loader": 1, "ops": 1, "corpus": 1,
+    "_loader": 1, "ops": 1, "corpus": 1, "durable": 1,
     "tree": 2,
     "reference": 3, "models": 3,
     "decoding": 4,

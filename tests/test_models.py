@@ -15,7 +15,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import vsd_ext
-from vsd_ext.models import CheckpointError, Drafter, load_drafter, load_target
+from vsd_ext.models import (
+    CheckpointError,
+    Drafter,
+    default_feature_layers,
+    load_drafter,
+    load_target,
+)
 from vsd_ext.models.layers import Linear, rope_cos_sin, rope_tables
 from vsd_ext.tree import build_tree_mask, tree_depths
 
@@ -115,15 +121,29 @@ def test_prefill_and_decode_match_transformers(arch, checkpoints, gen):
 def test_features_are_layer_inputs(checkpoints, gen):
     directory, hf = checkpoints["llama3"]
     target = load_target(directory)
-    assert target.feature_layers == (2, 2, 2)  # L = 4: (2, L//2, L-3) kept non-decreasing
+    assert target.feature_layers == (1, 2, 3)  # L = 4: (2, L//2, L-3) made distinct
     ids = torch.randint(0, V, (1, 9), generator=gen)
     with torch.no_grad():
         hs = hf(ids, output_hidden_states=True).hidden_states  # hs[i] = input of layer i
     feats = target.run(ids).features
     assert feats.shape == (1, 9, 3 * 64)
-    assert (feats[..., :64] - hs[2]).abs().max() < 1e-4
+    assert (feats[..., :64] - hs[1]).abs().max() < 1e-4
     wide = load_target(directory, feature_layers=(0, 1, 3))
     assert (wide.run(ids).features[..., 128:] - hs[3]).abs().max() < 1e-4
+
+
+def test_default_feature_layers_are_distinct():
+    """Three distinct layers for every depth >= 3 (vLLM and speculators reject repeats), and
+    EAGLE-3's (2, L // 2, L - 3) wherever that is already distinct."""
+    for layers in range(3, 130):
+        chosen = default_feature_layers(layers)
+        assert len(set(chosen)) == 3 and list(chosen) == sorted(chosen), layers
+        assert 0 <= chosen[0] and chosen[2] < layers, layers
+        if layers >= 7:
+            assert chosen == (2, layers // 2, layers - 3), layers
+    assert default_feature_layers(16) == (2, 8, 13)
+    assert default_feature_layers(6) == (2, 3, 4)
+    assert default_feature_layers(3) == (0, 1, 2)
 
 
 # ---- cache steps ------------------------------------------------------------------------
@@ -246,6 +266,50 @@ def test_drafter_roundtrip_and_layout(checkpoints, tmp_path, gen):
     assert torch.equal(drafter(ids, feats).logits, loaded(ids, feats).logits)
     full = drafter.to_target_logits(drafter(ids, feats).logits)
     assert torch.isinf(full[..., ~drafter.t2d]).all() and full.shape == (2, 7, V)
+
+
+def test_drafter_export_embedding_and_feature_layers(checkpoints, tmp_path, gen):
+    """Issue #17: the export records the feature layers under the name vLLM and speculators
+    read and can carry the target's embedding; load_drafter takes both exports, checks a
+    saved embedding and refuses a target whose features come from other layers."""
+    target = load_target(checkpoints["llama3"][0])
+    drafter = Drafter.for_target(target, seed=4)
+    assert drafter.config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    drafter.save_pretrained(tmp_path / "bare")
+    drafter.save_pretrained(tmp_path / "full", include_embedding=True)
+    drafter.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16, include_embedding=True)
+    assert set(load_file(str(tmp_path / "bare" / "model.safetensors"))) == EAGLE3_KEYS
+    full = load_file(str(tmp_path / "full" / "model.safetensors"))
+    assert set(full) == EAGLE3_KEYS | {"embed_tokens.weight"}
+    assert torch.equal(full["embed_tokens.weight"], target.embed_tokens.weight)
+    for name in ("bare", "full", "bf16"):
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        assert config["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]
+    ids = torch.randint(0, V, (1, 6), generator=gen)
+    feats = target.run(ids).features
+    logits = [load_drafter(tmp_path / n, target, dtype=torch.float32)(ids, feats).logits
+              for n in ("bare", "full")]
+    assert torch.equal(logits[0], logits[1])
+    load_drafter(tmp_path / "bf16", target)  # the bf16 copy equals the target's in bf16
+    other = load_target(checkpoints["llama3"][0], feature_layers=(0, 1, 2))
+    with pytest.raises(CheckpointError, match=r"eagle_aux_hidden_state_layer_ids.*\[0, 1, 2\]"):
+        load_drafter(tmp_path / "bare", other)
+    with pytest.raises(ValueError, match="target layers"):
+        Drafter.for_target(target).attach(other)
+    with torch.no_grad():
+        target.embed_tokens.weight[3, 0] += 1.0
+    try:
+        with pytest.raises(CheckpointError, match="differs from the target's embedding"):
+            load_drafter(tmp_path / "full", target)
+    finally:
+        with torch.no_grad():
+            target.embed_tokens.weight[3, 0] -= 1.0
+    # A drafter saved before the key existed loads, and takes (then saves) the target's.
+    config = json.loads((tmp_path / "bare" / "config.json").read_text())
+    del config["eagle_aux_hidden_state_layer_ids"]
+    (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
+    legacy = load_drafter(tmp_path / "bare", other)
+    assert legacy.feature_layers == (0, 1, 2)
 
 
 def test_drafter_tree_steps_match_causal_forward(checkpoints, gen):

@@ -10,6 +10,7 @@ from vsd_ext.decoding import DrafterProposer, TreeConfig
 from vsd_ext.models import Drafter, load_target, token_counts
 from vsd_ext.training import vsd as vsd_mod
 from vsd_ext.training import vsd_greedy, vsd_sampled
+from vsd_ext.training.checkpoints import CheckpointStore, read_state
 from vsd_ext.training.config import TrainConfig, VSDConfig
 from vsd_ext.training.data import DataSplits
 from vsd_ext.training.drafting import causal_pass
@@ -268,8 +269,9 @@ def test_resume_is_exact(tiny, tmp_path, method):
     full = vsd_ext.train_drafter(target, tmp_path / "full", cfg, progress=False)
     part = TrainConfig.from_dict({**cfg.to_dict(), "stop_after_steps": 2})
     vsd_ext.train_drafter(target, tmp_path / "part", part, progress=False)
-    state = torch.load(tmp_path / "part" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 2
+    latest = CheckpointStore(tmp_path / "part").latest()
+    assert latest.name == "checkpoint-00000002"
+    assert read_state(latest / "trainer_state.pt")["step"] == 2
     resumed = vsd_ext.train_drafter(target, tmp_path / "part", cfg, progress=False)
     for (name, a), (_, b) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name

@@ -177,3 +177,14 @@ def test_chain_mask_is_the_tree_mask_of_its_chains(levels, paths):
     got = tree.unpack_tree_mask(tree.chain_mask(levels, "cpu", paths), n)
     assert torch.equal(got, expected)
     assert tree.chain_mask(levels, "cpu", paths) is tree.chain_mask(levels, "cpu", paths)
+
+
+@pytest.mark.parametrize("n", [1, 5, 70])
+def test_empty_batch(device, n):
+    """B = 0 rows: empty results of the right shapes (issue #17: internal errors before)."""
+    parents = torch.zeros(0, n, dtype=torch.int64, device=device)
+    assert tree.tree_depths(parents).shape == (0, n)
+    assert tree.tree_paths(parents).shape == (0, n, 1)
+    assert tree.build_tree_mask(parents).shape == (0, n, (n + 63) // 64)
+    valid = torch.zeros(0, n, dtype=torch.bool, device=device)
+    assert tree.build_tree_mask(parents, valid).shape == (0, n, (n + 63) // 64)

@@ -127,13 +127,13 @@ def tree_depths(parents: torch.Tensor, valid: torch.Tensor | None = None) -> tor
 def _paths(parents: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     depth, table = _lifting(parents, real)
     B, N = parents.shape
-    max_depth = int(depth.max().clamp(min=0))
+    max_depth = int(depth.max().clamp(min=0)) if depth.numel() else 0  # B = 0: no rows
     d = torch.arange(max_depth + 1, device=parents.device)
     # path[b, i, d] is the (depth(i) - d)-th ancestor of i: jump by the set bits of that count.
     steps = depth.unsqueeze(-1) - d  # [B, N, D+1]; < 0 past the node itself (and on padding)
     cur = torch.arange(N, device=parents.device).view(1, N, 1)
-    cur = cur.expand(B, N, max_depth + 1).reshape(B, -1)
-    flat_steps = steps.clamp(min=0).reshape(B, -1)
+    cur = cur.expand(B, N, max_depth + 1).reshape(B, N * (max_depth + 1))
+    flat_steps = steps.clamp(min=0).reshape(B, N * (max_depth + 1))
     for k, up in enumerate(table):
         jump = ((flat_steps >> k) & 1).bool()
         cur = torch.where(jump, torch.gather(up, 1, cur), cur)

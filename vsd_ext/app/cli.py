@@ -9,6 +9,8 @@
 
 Each command's parser and body live in its own module (`demo.py`, `verify_demo.py`,
 `generate.py`, `evaluate.py`, `train.py`); `python -m vsd_ext` runs the same command.
+A user error prints one line naming the argument or file (`arguments.py`) and exits with
+status 2; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import json
 import sys
 
 from .._loader import build_info
+from .arguments import Parser
 from .demo import add_demo_command
 from .evaluate import add_eval_command
 from .generate import add_generate_command
@@ -39,7 +42,9 @@ COMMANDS = (add_info_command, add_demo_command, add_verify_demo_command, add_gen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vsd", description="Variational Speculative Decoding")
+    parser = Parser(prog="vsd", description="Variational Speculative Decoding")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (any position on the line)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_command in COMMANDS:
         add_command(sub)
@@ -47,9 +52,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one command. A user error (a bad argument, file or config: ValueError, OSError)
+    prints one line naming it and returns 2; an interrupted command returns 130; with
+    --debug errors are raised with their traceback instead."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    try:
+        return args.func(args)
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        print(f"vsd {args.command}: interrupted{f' ({err})' if str(err) else ''}",
+              file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        print(f"vsd {args.command}: {_describe(err)}", file=sys.stderr)
+        return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _describe(err: Exception) -> str:
+    """One line for an error: the message of a user error (it names the argument or file),
+    the exception type too for anything else."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (ValueError, OSError)):
+        return text
+    return f"{type(err).__name__}: {text} (an internal error: rerun with --debug and report it)"

@@ -34,6 +34,7 @@ from ..models import load_drafter, load_target
 from ..models.checkpoint import DEFAULT_DRAFTERS
 from ..training.data import regenerated_corpus_splits
 from ..training.trainer import train_drafter
+from .arguments import check_length, count, positive_float, positive_int
 
 # Training settings of the fine-tunes (those of the shipped drafter's own training, see
 # vsd_ext/assets/default_drafter/training_info.json): short rows, a constant learning rate.
@@ -82,20 +83,21 @@ def add_demo_command(sub) -> None:
                                        "default target, evaluate them against autoregressive "
                                        "decoding at T = 0 and 1 (report.json + plot)")
     demo.add_argument("--out", default=dflt.out, help="output directory (reused when re-run)")
-    demo.add_argument("--minutes", type=float, default=dflt.minutes,
+    demo.add_argument("--minutes", type=positive_float, default=dflt.minutes,
                       help="wall-clock training budget of each fine-tune")
-    demo.add_argument("--rows", type=int, default=dflt.rows, help="regenerated training rows")
-    demo.add_argument("--num-prompts", type=int, default=dflt.num_prompts,
+    demo.add_argument("--rows", type=positive_int, default=dflt.rows,
+                      help="regenerated training rows")
+    demo.add_argument("--num-prompts", type=positive_int, default=dflt.num_prompts,
                       help="held-out prompts of the evaluation")
-    demo.add_argument("--max-new-tokens", type=int, default=dflt.max_new_tokens)
-    demo.add_argument("--depth", type=int, default=dflt.depth, help="draft tree depth")
-    demo.add_argument("--topk", type=int, default=dflt.topk,
+    demo.add_argument("--max-new-tokens", type=positive_int, default=dflt.max_new_tokens)
+    demo.add_argument("--depth", type=positive_int, default=dflt.depth, help="draft tree depth")
+    demo.add_argument("--topk", type=positive_int, default=dflt.topk,
                       help="children per expanded node (1: a chain)")
-    demo.add_argument("--total-tokens", type=int, default=dflt.total_tokens,
+    demo.add_argument("--total-tokens", type=positive_int, default=dflt.total_tokens,
                       help="draft nodes verified per step")
-    demo.add_argument("--threads", type=int, default=dflt.threads,
+    demo.add_argument("--threads", type=count, default=dflt.threads,
                       help="CPU threads of data and training (0: torch's default)")
-    demo.add_argument("--eval-threads", type=int, default=dflt.eval_threads,
+    demo.add_argument("--eval-threads", type=count, default=dflt.eval_threads,
                       help="CPU threads of the timed decoding (0: torch's default; 1 is "
                            "fastest for the small default target)")
     demo.add_argument("--draft-dtype", default=dflt.draft_dtype,
@@ -160,6 +162,8 @@ def run(cfg: DemoConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     target = load_target("default")
+    prompts = heldout_prompts(cfg.num_prompts)
+    check_length(target, [target.tokenizer.encode(t).ids for t in prompts], cfg.max_new_tokens)
     print(f"vsd demo: default target ({sum(p.numel() for p in target.parameters()) / 1e6:.2f} M "
           f"parameters), {torch.get_num_threads()} CPU threads, output in {out}")
 
@@ -178,7 +182,7 @@ def run(cfg: DemoConfig) -> dict:
               f"T = 0 and T = 1, tree depth {tree.depth} / topk {tree.topk} / "
               f"{tree.total_tokens} nodes (sampled from the drafter at T = 1), "
               f"{cfg.draft_dtype} drafters")
-    results = evaluate(target, drafters, heldout_prompts(cfg.num_prompts),
+    results = evaluate(target, drafters, prompts,
                        temperatures=(0.0, 1.0), max_new_tokens=cfg.max_new_tokens, tree=tree,
                        seeds=(cfg.seed,), threads=cfg.eval_threads or None,
                        progress=cfg.progress)

@@ -17,6 +17,7 @@ from ..eval import (
     write_report,
 )
 from ..models import Drafter, load_drafter, load_target
+from .arguments import check_length, count, non_negative_float, positive_int
 from .options import add_tree_args, tree_from_args
 
 
@@ -31,23 +32,23 @@ def add_eval_command(sub) -> None:
                          "(a fresh EAGLE-3 head: the floor); autoregressive is always included")
     ev.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"text\": ...} per "
                                       "line (default: the built-in held-out prompts)")
-    ev.add_argument("--num-prompts", type=int, default=8)
-    ev.add_argument("--temperature", type=float, nargs="+", default=[0.0, 1.0])
-    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--num-prompts", type=positive_int, default=8)
+    ev.add_argument("--temperature", type=non_negative_float, nargs="+", default=[0.0, 1.0])
+    ev.add_argument("--max-new-tokens", type=positive_int, default=64)
     add_tree_args(ev)
     ev.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="drafters' dtype (default: the target's; bfloat16 drafts faster on "
                          "CPUs with bf16 GEMMs and stays lossless)")
     ev.add_argument("--seeds", type=int, nargs="+", default=[0],
                     help="sampling seeds; T > 0 runs repeat for each")
-    ev.add_argument("--lossless-samples", type=int, default=LosslessConfig.samples,
+    ev.add_argument("--lossless-samples", type=positive_int, default=LosslessConfig.samples,
                     help="rows of the T > 0 distribution test per method and temperature")
     ev.add_argument("--no-lossless-check", action="store_true",
                     help="skip the T > 0 distribution test (T = 0 outputs are still compared)")
     ev.add_argument("--out", default="runs/eval", help="directory for report.json and report.png")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--seed", type=int, default=0, help="seed of the 'untrained' drafter")
-    ev.add_argument("--threads", type=int, default=0,
+    ev.add_argument("--threads", type=count, default=0,
                     help="CPU threads while decoding (default: torch's; 1 is fastest for the "
                          "small default target on a busy machine)")
     ev.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -101,6 +102,7 @@ def run_eval(args) -> int:
         texts = read_prompts_jsonl(args.prompts)[: args.num_prompts]
     else:
         texts = heldout_prompts(args.num_prompts)
+    check_length(target, [target.tokenizer.encode(t).ids for t in texts], args.max_new_tokens)
     check = False if args.no_lossless_check else LosslessConfig(samples=args.lossless_samples)
     results = evaluate(target, _load_drafters(args, target, drafts), texts,
                        temperatures=args.temperature, max_new_tokens=args.max_new_tokens,

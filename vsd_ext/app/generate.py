@@ -7,6 +7,7 @@ import torch
 
 from ..decoding import OracleDrafter, generate
 from ..models import load_drafter, load_target
+from .arguments import check_length, count, non_negative_float, positive_int
 from .options import add_tree_args, tree_from_args
 
 
@@ -19,8 +20,8 @@ def add_generate_command(sub) -> None:
                           "continuation, the loop's ceiling); none: autoregressive decoding")
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     gen.add_argument("--prompts-file", help="one prompt per line (\\n for a newline)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
+    gen.add_argument("--temperature", type=non_negative_float, default=0.0, help="0: greedy")
     add_tree_args(gen)
     gen.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
@@ -28,7 +29,7 @@ def add_generate_command(sub) -> None:
                      help="also decode autoregressively and report the speedup")
     gen.add_argument("--device", default="cpu")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--threads", type=int, default=0,
+    gen.add_argument("--threads", type=count, default=0,
                      help="CPU threads (default: torch's; 1 is fastest for the small default "
                           "target on a busy machine)")
     gen.set_defaults(func=run_generate)
@@ -42,8 +43,12 @@ def _fail(message: str) -> int:
 def _prompt_texts(args) -> list[str]:
     texts = list(args.prompt or [])
     if args.prompts_file:
-        with open(args.prompts_file, encoding="utf-8") as f:
-            texts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                texts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+        except (OSError, UnicodeDecodeError) as err:
+            raise ValueError(f"--prompts-file {args.prompts_file}: cannot be read as UTF-8 "
+                             f"text ({type(err).__name__})") from err
     return texts
 
 
@@ -92,6 +97,9 @@ def run_generate(args) -> int:
     if not texts:
         return _fail("give --prompt TEXT or --prompts-file FILE")
     prompts = [target.tokenizer.encode(t).ids for t in texts]
+    if not all(prompts):
+        return _fail(f"--prompt {texts[prompts.index([])]!r}: the prompt has no tokens")
+    check_length(target, prompts, args.max_new_tokens)
     tree = tree_from_args(args)
     drafter = _drafter(args, target, prompts, tree.depth)
     decode = target.tokenizer.decode

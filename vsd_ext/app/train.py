@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..models.config import CheckpointError, read_json
 from ..training.config import TrainConfig
 from ..training.trainer import train_drafter
 
@@ -55,6 +56,9 @@ def add_train_command(sub) -> None:
     train.add_argument("--config", help="JSON file of TrainConfig fields")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="any TrainConfig field, dotted for nested ones (repeatable)")
+    train.add_argument("--save-embedding", action="store_true",
+                       help="also save the target's embedding in the exported drafter (for "
+                            "loaders that need it there, e.g. speculators)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     for flag, (_, kind, text) in FLAGS.items():
         train.add_argument(flag, type=kind, help=text)
@@ -75,13 +79,19 @@ def _assign(values: dict, key: str, raw: str) -> None:
     node[last] = value
 
 
+def _config_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        return read_json(path)
+    except CheckpointError as err:
+        raise ValueError(f"--config {err}") from err
+
+
 def config_from_args(args):
     values = TrainConfig().to_dict()
     if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path}: no such file")
-        for key, value in json.loads(path.read_text()).items():
+        for key, value in _config_file(Path(args.config)).items():
             _assign(values, key, json.dumps(value))
     for flag, (field, _, _) in FLAGS.items():
         value = getattr(args, flag[2:].replace("-", "_"))
@@ -89,6 +99,8 @@ def config_from_args(args):
             values[field] = value
     if args.regenerate:
         values["regenerate"] = True
+    if args.save_embedding:
+        values["save_embedding"] = True
     for item in args.set:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected KEY=VALUE")

@@ -18,6 +18,7 @@ import torch
 from ..eval.stats import chi_square_p_value
 from ..ops.verify import verify_tree
 from ..reference.verify_tree import verify_tree as verify_tree_reference
+from .arguments import positive_int
 
 
 @dataclass
@@ -69,13 +70,19 @@ def draft_children(tree: DemoTree, trials: int, mode: str, g: torch.Generator) -
 
 def add_verify_demo_command(sub) -> None:
     vdemo = sub.add_parser("verify-demo", help="lossless tree verification on a synthetic tree")
-    vdemo.add_argument("--trials", type=int, default=20000, help="verifications per mode")
-    vdemo.add_argument("--vocab", type=int, default=256, help="vocabulary of the synthetic tree")
+    vdemo.add_argument("--trials", type=positive_int, default=20000,
+                       help="verifications per mode")
+    vdemo.add_argument("--vocab", type=positive_int, default=256,
+                       help="vocabulary of the synthetic tree")
     vdemo.add_argument("--seed", type=int, default=0)
     vdemo.set_defaults(func=run_verify_demo)
 
 
 def run_verify_demo(args) -> int:
+    widest = max(build_tree.__defaults__[0])
+    if args.vocab < widest:
+        raise ValueError(f"--vocab must be >= {widest} (the demo tree's widest node has "
+                         f"{widest} children), got {args.vocab}")
     rows = run(trials=args.trials, vocab=args.vocab, seed=args.seed)
     return 0 if all(r["lossless"] for r in rows) else 1
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.verify import verify_tree
+from .arguments import check_generation
 from .draft_tree import DraftTree, TreeConfig
 from .proposer import DrafterProposer
 
@@ -148,11 +149,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
     other / total), mode, temperature, batch_size.
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    prompts = as_batch(prompts)
+    prompts = as_batch(check_generation(target, prompts, max_new_tokens, temperature, stop))
     rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
     timer = _Timer(target.device)
     state = _Decoding(target, _proposer(drafter, tree or TreeConfig(), temperature, generator),

@@ -3,12 +3,14 @@
 - `load_target(path_or_name, dtype=None, device=None)`: a `Target` from a Hugging Face
   checkpoint directory, or `"default"` for the small target shipped in vsd_ext/assets.
 - `Drafter.for_target(target, draft_vocab_size=...)`, `Drafter.save_pretrained(dir)`,
-  `load_drafter(dir, target)`: the EAGLE-3 style draft head and its checkpoints.
+  `load_drafter(dir, target)` (drafter_io.py): the EAGLE-3 style draft head and its
+  checkpoints.
 - `KVCache`: the static cache both use (prefill / decode / tree steps, KV compaction).
 """
 from .checkpoint import load_target
 from .config import CheckpointError, ModelConfig, parse_config
-from .drafter import Drafter, DrafterOutput, draft_vocab_maps, load_drafter, token_counts
+from .drafter import Drafter, DrafterOutput, draft_vocab_maps, token_counts
+from .drafter_io import load_drafter
 from .kv_cache import KVCache
 from .target import Target, TargetOutput, default_feature_layers
 

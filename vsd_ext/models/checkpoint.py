@@ -13,13 +13,12 @@ are tied exactly when the checkpoint has no `lm_head.weight`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from .config import CheckpointError, read_config
+from .config import CheckpointError, read_config, read_json
 from .target import Target
 
 DEFAULT_TARGET_DIR = Path(__file__).resolve().parent.parent / "assets" / "default_target"
@@ -45,26 +44,36 @@ def resolve_checkpoint_dir(path_or_name: str | Path) -> Path:
     return path
 
 
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one safetensors file; a truncated or garbage file is a
+    `CheckpointError` naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types, OSError, ...
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+
+
 def load_safetensors_dir(directory: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors`, or of the shards its index lists."""
     directory = Path(directory)
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     if single.is_file():
-        return load_file(str(single))
+        return read_safetensors(single)
     if not index.is_file():
         raise CheckpointError(f"{directory}: no model.safetensors and no "
                               f"model.safetensors.index.json")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"{index}: not a safetensors index ({err})") from err
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                   for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a safetensors index (no weight_map of tensor "
+                              f"name -> shard file)")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         shard_path = directory / shard
         if not shard_path.is_file():
             raise CheckpointError(f"{index} lists shard {shard!r}, which does not exist")
-        state.update(load_file(str(shard_path)))
+        state.update(read_safetensors(shard_path))
     absent = sorted(set(weight_map) - set(state))
     if absent:
         raise CheckpointError(f"{index} maps tensors that no shard holds: {absent[:5]}")
@@ -79,7 +88,10 @@ def load_tokenizer(directory: str | Path):
     if not path.is_file():
         raise CheckpointError(f"{directory}: no tokenizer.json (vsd_ext needs the fast "
                               f"tokenizer file of the checkpoint)")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # the tokenizers library raises a bare Exception
+        raise CheckpointError(f"{path}: not a readable tokenizer file ({err})") from err
 
 
 def _few(names) -> str:
@@ -101,6 +113,15 @@ def validate_state(expected: dict[str, torch.Size], state: dict[str, torch.Tenso
         if tuple(state[name].shape) != tuple(shape):
             raise CheckpointError(f"{where}: tensor {name} has shape "
                                   f"{tuple(state[name].shape)}, expected {tuple(shape)}")
+
+
+def check_floating(state: dict[str, torch.Tensor], names, where: str) -> None:
+    """Weights must be floating point: an integer or bool weight is a corrupted (or foreign)
+    checkpoint, never something to cast silently."""
+    for name in names:
+        if not state[name].is_floating_point():
+            raise CheckpointError(f"{where}: tensor {name} has dtype {state[name].dtype}, "
+                                  f"expected a floating-point weight")
 
 
 def default_dtype(raw: dict, device: torch.device) -> torch.dtype:
@@ -137,6 +158,7 @@ def load_target(path_or_name: str | Path, dtype: torch.dtype | None = None,
     expected = {k: v.shape for k, v in model.state_dict().items()}
     validate_state(expected, state, str(directory),
                    ignore=lambda name: name.endswith("rotary_emb.inv_freq"))
+    check_floating(state, expected, str(directory))
     state = {k: state[k].to(dtype=dtype) for k in expected}
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = cfg.inv_freq()

@@ -61,6 +61,7 @@ class ModelConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool | None = None  # None: not stated, decided by the checkpoint
     sliding_window: int | None = None
+    max_position_embeddings: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
     pad_token_id: int | None = None
@@ -75,17 +76,35 @@ class ModelConfig:
         return rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling, device)
 
 
+def _number(raw: dict, key: str, default=None, integer: bool = False):
+    """`raw[key]` (or `default` when absent/null), which must be a positive number (an
+    integer when `integer`): a CheckpointError naming the field otherwise."""
+    value = raw.get(key)
+    if value is None:
+        return default
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float)))
+    if not ok or isinstance(value, bool) or not value > 0 or not math.isfinite(value):
+        kind = "a positive integer" if integer else "a positive finite number"
+        raise CheckpointError(f"config.json: {key} must be {kind}, got {value!r}")
+    return value
+
+
 def _rope_settings(raw: dict) -> tuple[float, dict]:
     """(theta, scaling dict with a `rope_type` key) from either config format."""
     params = raw.get("rope_parameters")
     if isinstance(params, dict) and params:
         if "rope_theta" not in params and "rope_theta" not in raw:
             raise CheckpointError("config.json: rope_parameters has no rope_theta")
-        theta = float(params.get("rope_theta", raw.get("rope_theta")))
+        theta = float(_number({**raw, **params}, "rope_theta"))
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
     else:
-        theta = float(raw.get("rope_theta", 10000.0))
-        scaling = dict(raw.get("rope_scaling") or {})
+        theta = float(_number(raw, "rope_theta", 10000.0))
+        scaling = raw.get("rope_scaling")
+        scaling = {} if scaling is None else scaling
+        if not isinstance(scaling, dict):
+            raise CheckpointError(f"config.json: rope_scaling must be an object or null, "
+                                  f"got {scaling!r}")
+        scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     scaling.pop("type", None)
     if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -102,24 +121,40 @@ def _rope_settings(raw: dict) -> tuple[float, dict]:
     missing = [k for k in required if k not in scaling]
     if missing:
         raise CheckpointError(f"config.json: {rope_type} RoPE scaling lacks {missing}")
+    for key in required:
+        _number(scaling, key, integer=key == "original_max_position_embeddings")
     return theta, {"rope_type": rope_type, **scaling}
 
 
 def _sliding_window(raw: dict, model_type: str) -> int | None:
-    window = raw.get("sliding_window")
+    window = _number(raw, "sliding_window", integer=True)
     if window is None:
         return None
     if model_type == "mistral":
         return int(window)
     layer_types = raw.get("layer_types") or []
-    if raw.get("use_sliding_window", False) or "sliding_attention" in layer_types:
+    if raw.get("use_sliding_window", False) is True or (isinstance(layer_types, list)
+                                                        and "sliding_attention" in layer_types):
         return int(window)
     return None
 
 
+def _check_token_ids(raw: dict, key: str) -> None:
+    value = raw.get(key)
+    ids = value if isinstance(value, list) else [value]
+    if value is not None and not all(isinstance(i, int) and not isinstance(i, bool)
+                                     for i in ids):
+        raise CheckpointError(f"config.json: {key} must be a token id (or a list of them), "
+                              f"got {value!r}")
+
+
 def parse_config(raw: dict) -> ModelConfig:
     """Validate an HF config dict and turn it into a `ModelConfig` (clear errors otherwise)."""
-    archs = raw.get("architectures") or []
+    archs = raw.get("architectures")
+    archs = [] if archs is None else archs
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise CheckpointError(f"config.json: architectures must be a list of names, got "
+                              f"{archs!r}")
     model_type = raw.get("model_type")
     arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
     if arch is None and not archs:
@@ -135,15 +170,22 @@ def parse_config(raw: dict) -> ModelConfig:
         raise CheckpointError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads"):
-        if not isinstance(raw.get(key), int) or raw[key] <= 0:
-            raise CheckpointError(f"config.json: {key} must be a positive integer, got "
-                                  f"{raw.get(key)!r}")
+        if _number(raw, key, integer=True) is None:
+            raise CheckpointError(f"config.json: {key} must be a positive integer, got None")
     heads = raw["num_attention_heads"]
-    kv_heads = raw.get("num_key_value_heads") or heads
+    kv_heads = _number(raw, "num_key_value_heads", heads, integer=True)
     if heads % kv_heads:
         raise CheckpointError(f"config.json: num_attention_heads ({heads}) is not a multiple "
                               f"of num_key_value_heads ({kv_heads})")
-    head_dim = raw.get("head_dim") or raw["hidden_size"] // heads
+    head_dim = _number(raw, "head_dim", raw["hidden_size"] // heads, integer=True)
+    if head_dim < 2 or head_dim % 2:
+        raise CheckpointError(f"config.json: head_dim must be even and >= 2 (RoPE rotates "
+                              f"pairs), got {head_dim}")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        _check_token_ids(raw, key)
+    if not isinstance(raw.get("tie_word_embeddings"), (bool, type(None))):
+        raise CheckpointError(f"config.json: tie_word_embeddings must be true, false or "
+                              f"absent, got {raw['tie_word_embeddings']!r}")
     theta, scaling = _rope_settings(raw)
     attention_bias = bool(raw.get("attention_bias", False))
     return ModelConfig(
@@ -156,7 +198,7 @@ def parse_config(raw: dict) -> ModelConfig:
         num_attention_heads=heads,
         num_key_value_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rms_norm_eps=float(_number(raw, "rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
         qkv_bias={"qwen2": True, "mistral": False}.get(model_type, attention_bias),
@@ -165,6 +207,7 @@ def parse_config(raw: dict) -> ModelConfig:
         qk_norm=model_type == "qwen3",
         tie_word_embeddings=raw.get("tie_word_embeddings"),
         sliding_window=_sliding_window(raw, model_type),
+        max_position_embeddings=_number(raw, "max_position_embeddings", integer=True),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
@@ -177,11 +220,24 @@ def read_config(directory: str | Path) -> tuple[dict, ModelConfig]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json (not a Hugging Face checkpoint "
                               f"directory)")
+    raw = read_json(path)
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        return raw, parse_config(raw)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {str(err).removeprefix('config.json: ')}") from err
+
+
+def read_json(path: Path, kind: type = dict):
+    """`path` parsed as JSON, which must be a `kind` (a CheckpointError naming the file
+    otherwise)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from err
-    return raw, parse_config(raw)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"{path}: expected a JSON {kind.__name__}, got "
+                              f"{type(value).__name__}")
+    return value
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict, device=None) -> torch.Tensor:

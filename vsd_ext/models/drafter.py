@@ -13,12 +13,17 @@ Data flow for a token t at position p (H = hidden size, Ht = the target's, Vd = 
 
 Checkpoint layout (what SGLang / vLLM EAGLE-3 load): `config.json` is a Llama config with
 `num_hidden_layers = 1`, `architectures = ["LlamaForCausalLMEagle3"]`, `draft_vocab_size`
-(and `target_hidden_size` when it differs from `hidden_size`); `model.safetensors` holds
+(and `target_hidden_size` when it differs from `hidden_size`), and
+`eagle_aux_hidden_state_layer_ids`: the target layers whose inputs the drafter fuses (the
+name vLLM and speculators read; `Target.feature_layers`); `model.safetensors` holds
 exactly `fc.weight`, `midlayer.{hidden_norm, input_layernorm, post_attention_layernorm}
 .weight`, `midlayer.self_attn.{q,k,v,o}_proj.weight`, `midlayer.mlp.{gate,up,down}_proj
 .weight`, `norm.weight`, `lm_head.weight`, `d2t` (int64 `[Vd]`, target id = draft id +
-d2t[draft id]) and `t2d` (bool `[V]`, True for target ids in the draft vocabulary). The
-token embedding is the target's and is not saved.
+d2t[draft id]) and `t2d` (bool `[V]`, True for target ids in the draft vocabulary), plus,
+with `save_pretrained(..., include_embedding=True)`, `embed_tokens.weight`: a copy of the
+target's embedding for loaders that do not take it from the target (speculators). The
+drafter always uses the target's own embedding; `load_drafter` checks a saved copy
+against it.
 """
 from __future__ import annotations
 
@@ -27,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ..durable import atomic_write
 from ..tree import build_tree_mask, chain_mask, tree_depths
-from .checkpoint import DEFAULT_DRAFTERS, validate_state
-from .config import CheckpointError, ModelConfig, parse_config
+from .config import ModelConfig, parse_config
 from .kv_cache import KVCache
 from .layers import (
     MLP,
@@ -46,6 +51,7 @@ from .layers import (
 )
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
+LAYERS_KEY = "eagle_aux_hidden_state_layer_ids"  # the target layers the features come from
 
 
 @dataclass
@@ -118,6 +124,7 @@ def _drafter_config(target, draft_vocab_size: int, intermediate_size: int | None
         "vocab_size": cfg.vocab_size, "draft_vocab_size": draft_vocab_size,
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
         "torch_dtype": str(target.dtype).removeprefix("torch."),
+        LAYERS_KEY: list(target.feature_layers),
     }
     return config
 
@@ -175,8 +182,17 @@ class Drafter(nn.Module):
             drafter.lm_head.weight.data.copy_(target.output_weight.detach().float().cpu()[ids])
         return drafter.to(device=target.device, dtype=target.dtype).attach(target)
 
+    @property
+    def feature_layers(self) -> tuple[int, ...] | None:
+        """The target layers whose inputs this drafter fuses (config
+        `eagle_aux_hidden_state_layer_ids`); None for an old checkpoint that does not say."""
+        layers = self.config.get(LAYERS_KEY)
+        return None if layers is None else tuple(layers)
+
     def attach(self, target) -> Drafter:
-        """Use `target`'s token embedding (checked against this drafter's sizes)."""
+        """Use `target`'s token embedding (checked against this drafter's sizes) and its
+        features (their layers checked against the drafter's; a drafter that does not record
+        them takes the target's from now on, and saves them)."""
         emb = target.embed_tokens
         if emb.weight.shape != (self.model_config.vocab_size, self.model_config.hidden_size):
             raise ValueError(f"drafter expects a target embedding "
@@ -186,6 +202,13 @@ class Drafter(nn.Module):
         if target.hidden_size != self.target_hidden_size:
             raise ValueError(f"drafter fuses features of hidden size "
                              f"{self.target_hidden_size}, the target's is {target.hidden_size}")
+        layers = tuple(target.feature_layers)
+        if self.feature_layers not in (None, layers):
+            raise ValueError(f"the drafter fuses the inputs of target layers "
+                             f"{list(self.feature_layers)} ({LAYERS_KEY}), the target gives "
+                             f"{list(layers)}: load the target with "
+                             f"load_target(..., feature_layers={self.feature_layers})")
+        self.config[LAYERS_KEY] = list(layers)
         # Kept out of the module tree: the embedding belongs to (and is saved with) the
         # target, never to the drafter's parameters or state_dict.
         self.__dict__["_embed"] = emb
@@ -362,56 +385,26 @@ class Drafter(nn.Module):
             "tree_mask": tree_mask, "past": past}, logits_at)
 
     # ---- checkpoints ----------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> None:
+    def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None,
+                        include_embedding: bool = False) -> None:
         """Write config.json and model.safetensors (the EAGLE-3 layout, module docstring);
-        floating tensors in `dtype` (default: as they are)."""
+        floating tensors in `dtype` (default: as they are). include_embedding: also save the
+        attached target's embedding as `embed_tokens.weight` (for loaders that need it in
+        the drafter, e.g. speculators). Each file is written to a temporary name, fsynced and
+        renamed: a crash never leaves a half-written file under the final name."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        state = dict(self.state_dict())
+        if include_embedding:
+            if self._embed is None:
+                raise RuntimeError("include_embedding: the drafter has no embedding; call "
+                                   "drafter.attach(target) first")
+            state["embed_tokens.weight"] = self._embed.weight
         tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-                   .detach().cpu().contiguous() for k, v in self.state_dict().items()}
+                   .detach().cpu().contiguous() for k, v in state.items()}
         config = dict(self.config)
         config["torch_dtype"] = str(dtype or self.fc.weight.dtype).removeprefix("torch.")
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
-def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None,
-                 device=None) -> Drafter:
-    """Load a drafter saved by `Drafter.save_pretrained` (or any EAGLE-3 checkpoint of this
-    layout) and attach it to `target` (sizes checked). dtype/device default to the target's.
-    directory "default" / "default-vsd": the EAGLE-3 / VSD drafter shipped for the default
-    target.
-
-    The dtype may differ from the target's: a bf16 drafter reads the fp32 target's features
-    (cast on entry) and drafts faster on a CPU with bf16 GEMMs (half the weight bytes, packed
-    oneDNN weights, see `layers.linear`). Decoding stays lossless: verification uses the
-    target's own logits; the drafter's precision only changes which tokens it proposes."""
-    directory = DEFAULT_DRAFTERS.get(str(directory), Path(directory))
-    path = directory / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: no config.json")
-    config = json.loads(path.read_text())
-    if ARCHITECTURE not in (config.get("architectures") or []):
-        raise CheckpointError(f"{directory}: architectures {config.get('architectures')} "
-                              f"is not {[ARCHITECTURE]}")
-    if config.get("num_hidden_layers") != 1:
-        raise CheckpointError(f"{directory}: num_hidden_layers must be 1, got "
-                              f"{config.get('num_hidden_layers')}")
-    if config.get("vocab_size") != target.vocab_size:
-        raise CheckpointError(f"{directory}: vocab_size {config.get('vocab_size')} does not "
-                              f"match the target's {target.vocab_size}")
-    weights = directory / "model.safetensors"
-    if not weights.is_file():
-        raise CheckpointError(f"{directory}: no model.safetensors")
-    state = load_file(str(weights))
-    with torch.device("meta"):
-        drafter = Drafter(config)
-    expected = {k: v.shape for k, v in drafter.state_dict().items()}
-    validate_state(expected, state, str(directory),
-                   ignore=lambda name: name == "embed_tokens.weight")
-    dtype = dtype or target.dtype
-    state = {k: (state[k].to(dtype) if state[k].is_floating_point() else state[k])
-             for k in expected}
-    drafter.load_state_dict(state, strict=True, assign=True)
-    drafter.inv_freq = drafter.model_config.inv_freq()
-    return drafter.to(device or target.device).attach(target)
+        atomic_write(out / "model.safetensors", lambda path: save_file(
+            tensors, str(path), metadata={"format": "pt"}))
+        atomic_write(out / "config.json", lambda path: path.write_text(
+            json.dumps(config, indent=2) + "\n"))

@@ -21,7 +21,7 @@ Positions: token t of a chunk appended to row b sits at `cache.lengths[b] + t`; 
 i at `prefix_lens[b] + depth(i)` (the root, depth 0, is the last emitted token, whose
 keys/values are not cached yet). Every step returns `TargetOutput(logits, features)`:
 `features` concatenates the inputs of the `feature_layers` (default: layers 2, L/2, L−3,
-clamped for small L), the low/mid/high hidden states an EAGLE-3 drafter fuses.
+made distinct for small L), the low/mid/high hidden states an EAGLE-3 drafter fuses.
 """
 from __future__ import annotations
 
@@ -46,12 +46,16 @@ class TargetOutput:
 
 
 def default_feature_layers(num_layers: int) -> tuple[int, int, int]:
-    """EAGLE-3's low/mid/high choice, the inputs of layers (2, L // 2, L − 3), kept inside
-    `[0, L)` and non-decreasing: low = min(2, L−1), high = max(L−3, low),
-    mid = L // 2 clamped to [low, high]. L = 32 → (2, 16, 29); L = 8 → (2, 4, 5)."""
-    low = min(2, num_layers - 1)
-    high = max(num_layers - 3, low)
-    return low, min(max(num_layers // 2, low), high), high
+    """EAGLE-3's low/mid/high choice, the inputs of layers (2, L // 2, L − 3), made distinct
+    for every L ≥ 3 (vLLM and speculators need three distinct layers): low = min(2, L − 3),
+    high = max(L − 3, low + 2), mid = L // 2 clamped to [low + 1, high − 1].
+    L = 32 → (2, 16, 29); 16 → (2, 8, 13); 8 → (2, 4, 5); 6 → (2, 3, 4); 4 → (1, 2, 3);
+    3 → (0, 1, 2). L < 3 has fewer than three layers: (0, 0, 0) and (0, 1, 1)."""
+    if num_layers < 3:
+        return 0, num_layers - 1, num_layers - 1
+    low = min(2, num_layers - 3)
+    high = max(num_layers - 3, low + 2)
+    return low, min(max(num_layers // 2, low + 1), high - 1), high
 
 
 class LlamaModel(nn.Module):
@@ -102,6 +106,15 @@ class Target(nn.Module):
         return self.model_config.num_hidden_layers
 
     @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the target takes: `max_position_embeddings` of its config (and
+        the sliding window, see `ModelConfig.max_length`); None when the config names
+        neither."""
+        limits = [n for n in (self.model_config.max_position_embeddings,
+                              self.model_config.max_length) if n is not None]
+        return min(limits) if limits else None
+
+    @property
     def feature_size(self) -> int:
         """Width of `TargetOutput.features`: len(feature_layers) · hidden_size."""
         return len(self.feature_layers) * self.hidden_size
@@ -131,13 +144,27 @@ class Target(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"{name} must be [B, T], got shape {tuple(input_ids.shape)}")
 
+    def _check_length(self, end: int) -> None:
+        """Positions must stay below `max_positions` (RoPE past the trained range gives
+        fluent-looking but wrong outputs, so it is an error, not a warning)."""
+        if self.max_positions is not None and end > self.max_positions:
+            window = self.model_config.max_length
+            what = (f"sliding window ({window}; longer sequences are not supported)"
+                    if window == self.max_positions else
+                    f"max_position_embeddings ({self.max_positions})")
+            raise ValueError(f"input_ids: a sequence of {end} tokens passes the target's "
+                             f"{what}")
+
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor,
              ctx_args: dict) -> TargetOutput:
-        """Embed (ids < 0 are padding: embedded as 0, outputs ignored), run every layer,
-        collect the feature-layer inputs, project to logits."""
-        if input_ids.numel() and int(input_ids.max()) >= self.vocab_size:
-            raise ValueError(f"input_ids: token id {int(input_ids.max())} is outside the "
-                             f"vocabulary [0, {self.vocab_size})")
+        """Embed (−1 is padding: embedded as 0, outputs ignored), run every layer, collect
+        the feature-layer inputs, project to logits."""
+        if input_ids.numel():
+            low, high = (int(v) for v in torch.aminmax(input_ids))
+            if high >= self.vocab_size or low < -1:
+                bad = high if high >= self.vocab_size else low
+                raise ValueError(f"input_ids: token id {bad} is outside the vocabulary "
+                                 f"[0, {self.vocab_size}) (−1 marks padding)")
         x = self.model.embed_tokens(input_ids.clamp(min=0))
         rope = rope_tables(*rope_cos_sin(self.inv_freq, positions, x.dtype))
         ctx = AttentionContext(rope=rope, **ctx_args)
@@ -153,10 +180,7 @@ class Target(nn.Module):
     def run(self, input_ids: torch.Tensor) -> TargetOutput:
         """Full causal forward without a cache: logits and features of every position."""
         self._check_ids(input_ids)
-        limit = self.model_config.max_length
-        if limit is not None and input_ids.shape[1] > limit:
-            raise ValueError(f"input_ids: {input_ids.shape[1]} tokens exceed the sliding "
-                             f"window ({limit}); longer sequences are not supported")
+        self._check_length(input_ids.shape[1])
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         return self._run(input_ids, positions, {"mode": "causal"})
 
@@ -188,6 +212,7 @@ class Target(nn.Module):
             raise ValueError(f"lengths must be [B] = [{B}] with values in [0, {T}], got "
                              f"{lengths.tolist()}")
         cache.reserve(T)
+        self._check_length(int((cache.lengths + lengths).max()))
         positions = cache.lengths[:, None] + torch.arange(T, device=cache.device)
         if bool((cache.lengths == 0).all()):
             out = self._run(input_ids, positions, {"mode": "causal", "cache": cache,

@@ -7,6 +7,7 @@ raises `ValueError` naming the field for anything out of range.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 METHODS = ("eagle3", "auf", "vsd")
@@ -20,6 +21,36 @@ BASELINES = ("mean", "none")
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ValueError(f"TrainConfig: {name} {msg}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+_KINDS = {  # annotation -> (test, what it must be)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (_is_number, "a finite number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple[float, float]": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2
+                            and all(_is_number(b) for b in v), "two numbers"),
+}
+
+
+def check_types(config, prefix: str = "") -> None:
+    """Every field of a config dataclass has its annotated type (None where allowed), so that
+    the range checks compare numbers with numbers (e.g. `--set lr='"high"'` is named)."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if dataclasses.is_dataclass(value):
+            check_types(value, f"{prefix}{f.name}.")
+            continue
+        optional = kind.endswith(" | None")
+        test, what = _KINDS.get(kind.removesuffix(" | None"), (None, None))
+        if test is None or (optional and value is None):
+            continue
+        _check(test(value), prefix + f.name, f"must be {what}, got {value!r}")
 
 
 @dataclass
@@ -143,7 +174,8 @@ class TrainConfig:
     the tokens before the first target, at most `regenerate_prompt_tokens`).
     Evaluation: every `eval_every` steps, τ of `generate` on `eval_prompts` held-out prompts
     (`eval_new_tokens` tokens, T = 0) and the held-out step-0 KL; `log_every`,
-    `save_every` steps.
+    `save_every` steps. Export: `save_embedding` also writes the target's embedding into the
+    final drafter (`Drafter.save_pretrained(include_embedding=True)`).
     """
 
     method: str = "eagle3"
@@ -176,11 +208,16 @@ class TrainConfig:
     eval_prompts: int = 4
     eval_new_tokens: int = 48
     heldout_sequences: int = 8
+    save_embedding: bool = False
     eagle3: Eagle3Config = field(default_factory=Eagle3Config)
     auf: AUFConfig = field(default_factory=AUFConfig)
     vsd: VSDConfig = field(default_factory=VSDConfig)
 
     def validate(self) -> TrainConfig:
+        for name, sub in (("eagle3", Eagle3Config), ("auf", AUFConfig), ("vsd", VSDConfig)):
+            _check(isinstance(getattr(self, name), sub), name,
+                   f"must be an object of {sub.__name__} fields, got {getattr(self, name)!r}")
+        check_types(self)
         _check(self.method in METHODS, "method", f"must be one of {METHODS}, got {self.method!r}")
         for name in ("seq_len", "batch_size", "max_steps", "log_every", "save_every",
                      "eval_prompts", "eval_new_tokens", "heldout_sequences"):
@@ -249,7 +286,15 @@ class TrainConfig:
         for name, sub in nested.items():
             if isinstance(values.get(name), dict):
                 inner = dict(values[name])
-                values[name] = sub(**inner)
-        if "betas" in values:
+                values[name] = _nested(sub, inner, name)
+        if isinstance(values.get("betas"), list):
             values["betas"] = tuple(values["betas"])
         return cls(**values)
+
+
+def _nested(kind, values: dict, prefix: str):
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(f"{prefix}.{k}" for k in set(values) - known)
+    if unknown:
+        raise ValueError(f"TrainConfig: unknown fields {unknown}")
+    return kind(**values)

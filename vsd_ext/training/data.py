@@ -30,6 +30,7 @@ import torch
 
 from .. import corpus
 from ..decoding import generate
+from ..durable import atomic_write
 
 HELDOUT_PER_MILLE = corpus.HELDOUT_PER_MILLE
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -69,9 +70,12 @@ class TokenDataset:
         return int(self.loss_mask.sum())
 
     def check_vocab(self, vocab_size: int) -> None:
-        if len(self) and int(self.input_ids.max()) >= vocab_size:
-            raise ValueError(f"training data holds token id {int(self.input_ids.max())}, "
-                             f"outside the target's vocabulary [0, {vocab_size})")
+        """Token ids in [0, vocab_size), or −1 (padding)."""
+        if len(self) and (int(self.input_ids.max()) >= vocab_size
+                          or int(self.input_ids.min()) < -1):
+            bad = self.input_ids[(self.input_ids >= vocab_size) | (self.input_ids < -1)]
+            raise ValueError(f"training data holds token id {int(bad[0])}, outside the "
+                             f"target's vocabulary [0, {vocab_size}) (−1 is padding)")
 
 
 @dataclass
@@ -84,18 +88,30 @@ class DataSplits:
     source: str
 
     def save(self, path: str | Path) -> None:
-        torch.save({"train": (self.train.input_ids, self.train.loss_mask),
-                    "heldout": (self.heldout.input_ids, self.heldout.loss_mask),
-                    "prompts": self.prompts, "source": self.source}, str(path))
+        """Write the splits to `path` (crash-safe: a temporary file, fsynced, renamed)."""
+        state = {"train": (self.train.input_ids, self.train.loss_mask),
+                 "heldout": (self.heldout.input_ids, self.heldout.loss_mask),
+                 "prompts": self.prompts, "source": self.source}
+        atomic_write(Path(path), lambda tmp: torch.save(state, str(tmp)))
 
     @classmethod
     def load(cls, path: str | Path) -> DataSplits:
-        state = torch.load(str(path), weights_only=True)
+        """Read splits written by `save`; anything else is a ValueError naming the file."""
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no such file")
         try:
-            return cls(TokenDataset(*state["train"]), TokenDataset(*state["heldout"]),
-                       [list(p) for p in state["prompts"]], state["source"])
-        except (KeyError, TypeError) as err:
+            state = torch.load(str(path), weights_only=True)
+        except Exception as err:  # torch.load fails on foreign files in many ways
+            raise ValueError(f"{path}: not a dataset written by DataSplits.save (unreadable: "
+                             f"{type(err).__name__})") from err
+        try:
+            splits = cls(TokenDataset(*state["train"]), TokenDataset(*state["heldout"]),
+                         [[int(t) for t in p] for p in state["prompts"]], str(state["source"]))
+        except (KeyError, TypeError, IndexError, AttributeError, ValueError) as err:
             raise ValueError(f"{path}: not a dataset written by DataSplits.save ({err})") from err
+        if not len(splits.train) or any(not p for p in splits.prompts):
+            raise ValueError(f"{path}: no training rows, or an empty prompt")
+        return splits
 
 
 def _pad_rows(rows: list[tuple[list[int], list[bool]]], seq_len: int) -> TokenDataset:
@@ -248,7 +264,11 @@ def jsonl_splits(path: str | Path, tokenizer, seq_len: int, eos_id: int,
     renderer = ChatRenderer(chat_template, eos_token=eos_text)
     splits = {"train": [], "heldout": []}
     prompts = []
-    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -404,4 +424,7 @@ def load_splits(target, data: str | Path | None, seq_len: int, target_dir=None,
                               load_chat_template(target_dir), eval_prompts)
     splits.train.check_vocab(target.vocab_size)
     splits.heldout.check_vocab(target.vocab_size)
+    if any(not 0 <= t < target.vocab_size for p in splits.prompts for t in p):
+        raise ValueError(f"--data {data}: a held-out prompt holds a token id outside the "
+                         f"target's vocabulary [0, {target.vocab_size})")
     return splits

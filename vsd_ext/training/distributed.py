@@ -46,6 +46,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when `flag` is set on any process (every process must call it: a collective)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def shard_target(target) -> None:
     """FSDP2 `fully_shard` of every decoder layer of a frozen target over all processes."""
     from torch.distributed.device_mesh import init_device_mesh

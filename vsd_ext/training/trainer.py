@@ -6,14 +6,22 @@ micro-batches, DDP under torchrun (FSDP for the target with `fsdp_target`), a tq
 loss, τ estimate and tokens/s, periodic evaluation, and checkpoints that resume exactly.
 
 Output directory:
-    config.json, model.safetensors     the final drafter (EAGLE-3 layout, fp32)
-    checkpoint/                        the latest checkpoint: the drafter (same layout) and
+    config.json, model.safetensors     the final drafter (EAGLE-3 layout, fp32; with
+                                       `save_embedding`, the target's embedding too)
+    checkpoint-<step>/                 the latest checkpoint: the drafter (same layout) and
         trainer_state.pt               optimizer, scheduler, step, data position, elapsed
                                        training time, RNG state, the TrainConfig
     data.pt                            the dataset of the run (kept so a resumed run trains
                                        on the same rows even after regeneration)
     train_log.jsonl                    one line per logged step / evaluation
     summary.json                       the config, steps, training time, final evaluation
+
+Crash safety (`training.checkpoints`): every file is written under a temporary name, fsynced
+and renamed; a checkpoint directory is committed by one rename and the previous one is kept
+until then, so a run killed at any moment resumes from the newest complete checkpoint.
+SIGINT / SIGTERM end the run after the current step with a checkpoint
+(`TrainingInterrupted`); a second signal stops at once (the checkpoints stay consistent).
+A fresh run refuses an output directory that already holds a drafter but no checkpoint.
 
 The τ estimate of the bar and the log is a one-step proxy, not decoding: eagle3/auf —
 1 + the mean number of leading unrolled steps whose greedy draft equals the target's greedy
@@ -33,25 +41,46 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 
+from ..durable import atomic_write
 from ..models import Drafter, load_drafter, load_target, token_counts
 from ..models.checkpoint import resolve_checkpoint_dir
+from .checkpoints import STATE, CheckpointStore, read_state
 from .config import TrainConfig
 from .data import BatchOrder, DataSplits, load_splits, regenerate
-from .distributed import barrier, init_distributed, is_distributed, shard_target, wrap_data_parallel
+from .distributed import (
+    any_rank,
+    barrier,
+    init_distributed,
+    is_distributed,
+    shard_target,
+    wrap_data_parallel,
+)
 from .evaluate import decode_tau, heldout_kl
 from .objective import TrainStep
 
 # Fields a resumed run may change: they steer this invocation, not the computed steps
 # (max_steps changes the cosine horizon; extending a finished run is what it is for).
 RESUMABLE_CHANGES = {"max_steps", "stop_after_steps", "max_minutes", "budget_clock",
-                     "log_every", "save_every", "eval_every", "eval_prompts", "eval_new_tokens"}
+                     "log_every", "save_every", "eval_every", "eval_prompts", "eval_new_tokens",
+                     "save_embedding"}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM ended the run; a checkpoint of the last finished step was saved."""
+
+    def __init__(self, signum: int, step: int, out: Path):
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at step {step}: checkpoint saved in {out}; run the same "
+                         f"command again to resume")
+        self.signum, self.step = signum, step
 
 
 def _lr_factor(config: TrainConfig):
@@ -65,6 +94,14 @@ def _lr_factor(config: TrainConfig):
         cosine = 0.5 * (1 + math.cos(math.pi * progress))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
     return factor
+
+
+def _logged_step(line: str) -> float:
+    """The step of a train_log.jsonl line; a line cut short by a crash sorts last (dropped)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _micro_seed(seed: int, step: int, micro: int) -> int:
@@ -81,7 +118,9 @@ class Trainer:
         self.config = config.validate()
         self.rank, self.world, device = init_distributed()
         self.out = Path(out_dir)
+        self.store = CheckpointStore(self.out)
         self.progress = progress and self.rank == 0
+        self._signal = None
         if isinstance(target, (str, Path)):
             target_dir = target_dir or resolve_checkpoint_dir(target)
             mixed = config.precision == "bf16" or (config.precision == "auto"
@@ -123,18 +162,16 @@ class Trainer:
         self.micro = micro
         self.num_micro = cfg.batch_size // micro
 
-    def _checkpoint_dir(self) -> Path | None:
-        for name in ("checkpoint", "checkpoint.tmp"):  # .tmp: killed between rm and rename
-            path = self.out / name
-            if (path / "trainer_state.pt").is_file():
-                return path
-        return None
-
     def _load_state(self):
-        path = self._checkpoint_dir()
+        path = self.store.latest()
         if path is None:
+            drafter = [n for n in ("config.json", "model.safetensors") if (self.out / n).exists()]
+            if drafter:
+                raise ValueError(f"{self.out} already holds a drafter ({', '.join(drafter)}) "
+                                 f"and no checkpoint to resume: choose another --out (or "
+                                 f"delete that drafter to train over it)")
             return None
-        state = torch.load(str(path / "trainer_state.pt"), weights_only=False)
+        state = read_state(path / STATE)
         saved = TrainConfig.from_dict(state["config"]).to_dict()
         mine = self.config.to_dict()
         changed = sorted(k for k in mine if mine[k] != saved.get(k) and k not in RESUMABLE_CHANGES)
@@ -182,17 +219,40 @@ class Trainer:
     # ---- checkpoints and logs ---------------------------------------------------------
     def _save(self) -> None:
         if self.rank == 0:
-            tmp, final = self.out / "checkpoint.tmp", self.out / "checkpoint"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.drafter.save_pretrained(tmp)
-            torch.save({"config": self.config.to_dict(), "step": self.step,
-                        "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
-                        "scheduler": self.scheduler.state_dict(),
-                        "data_order": self.order.state_dict(),
-                        "torch_rng": torch.get_rng_state()}, str(tmp / "trainer_state.pt"))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            self.store.save(self.step, self._write_checkpoint)
         barrier()
+
+    def _write_checkpoint(self, directory: Path) -> None:
+        self.drafter.save_pretrained(directory)
+        torch.save({"config": self.config.to_dict(), "step": self.step,
+                    "elapsed": self.elapsed, "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "data_order": self.order.state_dict(),
+                    "torch_rng": torch.get_rng_state()}, str(directory / STATE))
+
+    @contextmanager
+    def _signals_saved(self):
+        """SIGINT / SIGTERM set a flag that the loop reads after each step (it then saves and
+        raises `TrainingInterrupted`); a second signal interrupts at once. Main thread only
+        (elsewhere signals cannot be handled and nothing changes)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self._signal is not None:
+                raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopping now")
+            self._signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _stop_requested(self) -> bool:
+        return any_rank(self._signal is not None, self.device)
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
@@ -205,8 +265,8 @@ class Trainer:
         if self.rank != 0 or not path.is_file():
             return
         lines = [ln for ln in path.read_text().splitlines()
-                 if ln and json.loads(ln).get("step", 0) <= self.step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+                 if ln and _logged_step(ln) <= self.step]
+        atomic_write(path, lambda tmp: tmp.write_text("".join(ln + "\n" for ln in lines)))
 
     # ---- the loop -----------------------------------------------------------------------
     def train_step(self, want_metrics: bool) -> dict:
@@ -250,17 +310,32 @@ class Trainer:
         return result
 
     def run(self) -> Drafter:
-        cfg = self.config
-        clock = time.perf_counter if cfg.budget_clock == "wall" else time.process_time
-        budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+        """Train until max_steps (or the budget, or stop_after_steps), then save the drafter
+        and summary.json. Raises `TrainingInterrupted` after saving on SIGINT / SIGTERM."""
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
         bar = None
         if self.progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {cfg.method}",
-                       unit="step", dynamic_ncols=True)
+            bar = tqdm(total=self.config.max_steps, initial=self.step,
+                       desc=f"train {self.config.method}", unit="step", dynamic_ncols=True)
+        try:
+            with self._signals_saved():
+                last_eval = self._loop(bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._save()
+        self._export(last_eval)
+        return self.drafter
+
+    def _loop(self, bar) -> dict | None:
+        """The optimizer steps with their logs, evaluations and periodic checkpoints;
+        returns the last evaluation."""
+        cfg = self.config
+        clock = time.perf_counter if cfg.budget_clock == "wall" else time.process_time
+        budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
         last_eval, tau = None, None
         while self.step < cfg.max_steps:
             if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
@@ -285,20 +360,25 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 last_eval = self.evaluate()
                 self._log({"step": self.step, "eval": last_eval})
+            if self._stop_requested():
+                self._save()
+                raise TrainingInterrupted(self._signal or signal.SIGTERM, self.step, self.out)
             if self.step % cfg.save_every == 0:
                 self._save()
-        if bar is not None:
-            bar.close()
-        self._save()
+        return last_eval
+
+    def _export(self, last_eval: dict | None) -> None:
+        """The final drafter and summary.json in the output directory."""
+        cfg = self.config
         if self.rank == 0:
-            self.drafter.save_pretrained(self.out)
+            self.drafter.save_pretrained(self.out, include_embedding=cfg.save_embedding)
             summary = {"config": cfg.to_dict(), "steps": self.step,
                        "train_seconds": self.elapsed, "budget_clock": cfg.budget_clock,
                        "data": self.splits.source, "train_rows": len(self.splits.train),
                        "last_eval": last_eval}
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write(self.out / "summary.json", lambda tmp: tmp.write_text(
+                json.dumps(summary, indent=2) + "\n"))
         barrier()
-        return self.drafter
 
 
 def train_drafter(target, out_dir, config: TrainConfig | None = None, *, init=None,
@@ -308,8 +388,9 @@ def train_drafter(target, out_dir, config: TrainConfig | None = None, *, init=No
 
     target: a `Target`, a Hugging Face checkpoint directory, or "default". config: a
     `TrainConfig` (fields may also be given as keyword overrides, e.g. `method="vsd"`,
-    `max_steps=200`). init: a drafter directory to fine-tune. A checkpoint in `out_dir` of
-    the same run is resumed exactly. See `vsd_ext.training.trainer`.
+    `max_steps=200`). init: a drafter directory to fine-tune. The newest complete checkpoint
+    in `out_dir` of the same run is resumed exactly; SIGINT / SIGTERM save a checkpoint and
+    raise `TrainingInterrupted`. See `vsd_ext.training.trainer`.
     """
     config = config or TrainConfig()
     if overrides:
