@@ -109,17 +109,10 @@ def test_vsd_e_step_matches_explicit_sequences(tiny, seed):
                 assert bool((rec.emitted[c, s, n + 1:] == -1).all())
 
 
-@pytest.mark.parametrize("utility,arw_target,positions", [
-    ("expected", "emitted", "emitted"), ("realized", "emitted", "emitted"),
-    ("expected", "soft", "emitted"), ("expected", "soft", "all")])
-def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
-    _, target, data = tiny
-    cfg = TrainConfig(method="vsd", seq_len=20).validate()
-    v = cfg.vsd
-    v.anchors, v.paths, v.depth, v.utility, v.lambda_car, v.r_min = 3, 4, 3, utility, 0.3, 0.2
-    v.arw_target, v.arw_positions = arw_target, positions
-    drafter = make_drafter(target, data, seed)
-    step = TrainStep(drafter, target, cfg)
+def check_vsd_loss_against_reference(step, data, seed):
+    """One VSD E-step + M-step (fp32) of rows 5, 6 of ``data`` against the slow reference
+    (value and gradients); returns the rows (ids, mask)."""
+    drafter, target, v = step.drafter, step.target, step.config.vsd
     ids, mask = batch_of(data, [5, 6], mask_prefix=3)
     batch = target_pass(target, ids, mask, with_cache=True)
     h0, kv = causal_pass(drafter, ids[:, 1:], batch.features[:, :-1])
@@ -129,6 +122,20 @@ def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
                                    records, gen)
     assert 1.0 <= metrics["tau_est"] <= 1.0 + v.depth
     check_against(step, ref.vsd_loss(drafter, target, ids, mask, records, v), loss)
+    return ids, mask
+
+
+@pytest.mark.parametrize("utility,arw_target,positions", [
+    ("expected", "emitted", "emitted"), ("realized", "emitted", "emitted"),
+    ("expected", "soft", "emitted"), ("expected", "soft", "all")])
+def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
+    _, target, data = tiny
+    cfg = TrainConfig(method="vsd", seq_len=20).validate()
+    v = cfg.vsd
+    v.anchors, v.paths, v.depth, v.utility, v.lambda_car, v.r_min = 3, 4, 3, utility, 0.3, 0.2
+    v.arw_target, v.arw_positions = arw_target, positions
+    step = TrainStep(make_drafter(target, data, seed), target, cfg)
+    ids, mask = check_vsd_loss_against_reference(step, data, seed)
     # The module's forward is the same computation (E-step then M-step) under its seed.
     again, _ = step(ids, mask, seed, False)
     first, _ = step(ids, mask, seed, False)
