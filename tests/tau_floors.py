@@ -5,9 +5,10 @@ Each case decodes the same prompts (`PROMPTS`: the first few of a fixed prompt a
 their last tokens) with the default target and a shipped drafter (or the oracle, the loop's
 ceiling) at one tree shape and temperature, one thread, a fixed generator seed: every case is
 deterministic on one machine (T = 0 is greedy; T > 0 draws everything from the seeded
-generator). The floors live in `tau_floors.json`, keyed by the SHA-256 of the weights they
-were measured with (target, tokenizer, drafter, prompt file), so a test fails clearly — not
-with a τ drop — when an asset changes without re-recording.
+generator). The floors live in `tau_floors.json`, keyed by the SHA-256 of the target and
+drafter weights they were measured with (the tokenizer's and the prompt file's are checked
+too), so a test fails clearly — not with a τ drop — when an asset changes without
+re-recording.
 
 Re-record after replacing the default target or the shipped drafters (or changing `CASES`):
 
@@ -183,31 +184,58 @@ def floor_of(floors: dict, name: str) -> dict:
     return entry
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--record", action="store_true", help="rewrite tau_floors.json")
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    args = parser.parse_args(argv)
-    decoder, floors = Decoder(), load_floors()
-    keys = {weights_key(case) for case in CASES.values()}  # entries of other weights are stale
+def compare(decoder: Decoder, names) -> int:
+    """Measure each case once and print it against its floor; 1 if any is below."""
+    floors, below = load_floors(), 0
+    for name in names:
+        start = time.perf_counter()
+        tau = decoder.tau(CASES[name])
+        try:
+            entry = floor_of(floors, name)
+        except LookupError as err:
+            print(f"{name:22s} tau {tau:.4f}  {err}")
+            below += 1
+            continue
+        verdict = "ok" if tau >= entry["floor"] else "BELOW FLOOR"
+        below += tau < entry["floor"]
+        print(f"{name:22s} tau {tau:.4f}  floor {entry['floor']:.4f}  recorded "
+              f"{entry['measured']:.4f}  ({100 * (tau / entry['measured'] - 1):+.1f}%)  {verdict}"
+              f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+    return int(below > 0)
+
+
+def record(decoder: Decoder, names) -> None:
+    """Measure the cases (`record_case`) and rewrite tau_floors.json: the other cases' entries
+    for the current weights are kept, entries of other weights dropped."""
+    floors = load_floors()
+    keys = {weights_key(case) for case in CASES.values()}
     recorded = {key: {n: e for n, e in floors["floors"].get(key, {}).items() if n in CASES}
                 for key in keys}
-    for name in args.cases:
+    for name in names:
         start = time.perf_counter()
         entry = record_case(decoder, CASES[name])
-        old = floors["floors"].get(weights_key(CASES[name]), {}).get(name)
         print(f"{name:22s} tau {entry['measured']:.4f}  reruns {entry['reruns']}  floor "
-              f"{entry['floor']:.4f}  recorded floor {old['floor'] if old else '-'}  "
-              f"{entry.get('seed_spread', '')}  ({time.perf_counter() - start:.1f} s)",
-              flush=True)
-        recorded.setdefault(weights_key(CASES[name]), {})[name] = entry
+              f"{entry['floor']:.4f}  {entry.get('seed_spread', '')}  "
+              f"({time.perf_counter() - start:.1f} s)", flush=True)
+        recorded[weights_key(CASES[name])][name] = entry
+    FLOORS_FILE.write_text(json.dumps({
+        "about": f"τ floors of tests/test_tau_floors.py; written by `{RECORD_COMMAND}` (see "
+                 "tests/tau_floors.py)",
+        "floors": recorded}, indent=1) + "\n")
+    print(f"wrote {FLOORS_FILE}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--record", action="store_true",
+                        help="re-measure (repeated runs, seed spread) and rewrite tau_floors.json")
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    args = parser.parse_args(argv)
+    decoder = Decoder()
     if args.record:
-        FLOORS_FILE.write_text(json.dumps({
-            "about": "τ floors of tests/test_tau_floors.py; written by `" + RECORD_COMMAND
-                     + "` (see tests/tau_floors.py)",
-            "floors": recorded}, indent=1) + "\n")
-        print(f"wrote {FLOORS_FILE}")
-    return 0
+        record(decoder, args.cases)
+        return 0
+    return compare(decoder, args.cases)
 
 
 if __name__ == "__main__":
