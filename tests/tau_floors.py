@@ -14,6 +14,7 @@ Re-record after replacing the default target or the shipped drafters (or changin
 
     python tests/tau_floors.py --record          # measure, write tau_floors.json, print
     python tests/tau_floors.py                   # measure and compare, write nothing
+    python tests/tau_floors.py --seeds           # ... T > 0 cases also over several seeds
 
 Floor = measured − margin, margin = max(MARGIN · τ, 3 × the spread of repeated runs): a
 change that costs 5% of τ falls below it. Recording also measures T > 0 cases over several
@@ -184,8 +185,19 @@ def floor_of(floors: dict, name: str) -> dict:
     return entry
 
 
-def compare(decoder: Decoder, names) -> int:
-    """Measure each case once and print it against its floor; 1 if any is below."""
+def seed_mean(decoder: Decoder, name: str, entry: dict) -> str:
+    """T > 0: τ over the recording's seeds, against the recorded mean over them (tells a
+    regression from a change that only draws random numbers in another order)."""
+    spread = entry["seed_spread"]
+    taus = [decoder.tau(CASES[name], seed) for seed in range(spread["seeds"])]
+    mean = sum(taus) / len(taus)
+    return (f"\n{'':22s} mean over {spread['seeds']} seeds {mean:.4f}, recorded "
+            f"{spread['mean']:.4f} ({100 * (mean / spread['mean'] - 1):+.1f}%)")
+
+
+def compare(decoder: Decoder, names, seeds: bool = False) -> int:
+    """Measure each case once and print it against its floor (``seeds``: T > 0 cases also
+    over the recording's seeds); 1 if any is below."""
     floors, below = load_floors(), 0
     for name in names:
         start = time.perf_counter()
@@ -198,9 +210,10 @@ def compare(decoder: Decoder, names) -> int:
             continue
         verdict = "ok" if tau >= entry["floor"] else "BELOW FLOOR"
         below += tau < entry["floor"]
+        extra = seed_mean(decoder, name, entry) if seeds and "seed_spread" in entry else ""
         print(f"{name:22s} tau {tau:.4f}  floor {entry['floor']:.4f}  recorded "
               f"{entry['measured']:.4f}  ({100 * (tau / entry['measured'] - 1):+.1f}%)  {verdict}"
-              f"  ({time.perf_counter() - start:.1f} s)", flush=True)
+              f"  ({time.perf_counter() - start:.1f} s){extra}", flush=True)
     return int(below > 0)
 
 
@@ -229,13 +242,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--record", action="store_true",
                         help="re-measure (repeated runs, seed spread) and rewrite tau_floors.json")
+    parser.add_argument("--seeds", action="store_true",
+                        help="T > 0 cases: also the mean over the recording's seeds")
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     args = parser.parse_args(argv)
     decoder = Decoder()
     if args.record:
         record(decoder, args.cases)
         return 0
-    return compare(decoder, args.cases)
+    return compare(decoder, args.cases, args.seeds)
 
 
 if __name__ == "__main__":

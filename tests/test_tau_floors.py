@@ -29,7 +29,8 @@ def test_tau_above_floor(decoder, floors, name):
     hint = ("" if case.temperature == 0 else
             f" At T > 0 τ also moves when only the random stream changes (recorded over "
             f"seeds: {entry['seed_spread']}); if the change only draws random numbers in "
-            f"another order, check the mean over seeds before re-recording.")
+            f"another order, compare the mean over seeds (`python tests/tau_floors.py --seeds "
+            f"--cases {name}`) before re-recording.")
     assert tau >= entry["floor"], (
         f"{name}: τ {tau:.4f} < floor {entry['floor']:.4f} (recorded {entry['measured']:.4f}, "
         f"{case}): decoding got slower.{hint}")
