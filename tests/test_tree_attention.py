@@ -25,6 +25,8 @@ def make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, dtype, prefix="random", pa
     k_cache, v_cache = randn(Bc, L, Hkv, D), randn(Bc, L, Hkv, D)
     if prefix == "full":
         lens = torch.full((B,), L, dtype=torch.int64)
+    elif prefix == "nonempty":  # every row sees the cache: a shared cache's gradient sums rows
+        lens = torch.randint(1, L + 1, (B,), generator=gen)
     else:  # ragged, with an empty and a full prefix whenever B allows
         lens = torch.randint(0, L + 1, (B,), generator=gen)
         lens[0] = 0
@@ -60,8 +62,10 @@ def check_forward(args, dtype):
 
 
 # (B, Bc, N, Hq, Hkv, D, L): GQA ratios 1/2/4/8, Bc = 1 and Bc = B, N from 1 to 300,
-# prefixes up to 3000 (ragged, with 0 and L), D 64/128.
+# prefixes up to 3000 (ragged, with 0 and L), D 64/128. B * Hkv = 1 with N = 45: the CPU kernel
+# splits the nodes into query tiles whatever the thread count (each tile reads its own mask rows).
 CONFIGS = [
+    (1, 1, 45, 4, 1, 64, 30),
     (3, 3, 1, 4, 4, 64, 50),
     (2, 1, 200, 8, 1, 128, 3000),
     (4, 4, 67, 8, 2, 64, 1000),
@@ -175,7 +179,7 @@ def test_gradients(device, gen, config, dtype):
 
 @pytest.mark.parametrize("Bc", [1, 2])
 def test_gradcheck_float64(device, gen, Bc):
-    args = make_inputs(gen, device, 2, Bc, 5, 4, 2, 8, 3, torch.float64)
+    args = make_inputs(gen, device, 2, Bc, 5, 4, 2, 8, 3, torch.float64, prefix="nonempty")
     args = [a.requires_grad_() if a.is_floating_point() else a for a in args]
     assert torch.autograd.gradcheck(lambda *a: vsd_ext.tree_attention(*a), args, eps=1e-6,
                                     atol=1e-6)
