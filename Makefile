@@ -1,6 +1,7 @@
 # The README's commands. `make demo` sets up and runs the main job; `make test` sets up and runs
-# the tests. Both create .venv on first use. The build needs --no-build-isolation: it compiles
-# against the torch installed in .venv (a CUDA build of torch + nvcc => CUDA kernels too).
+# the tests. Both create .venv on first use. The build is the README's `pip install -e .`: it
+# compiles against the torch installed in .venv (a CUDA build of torch + nvcc => the CUDA library
+# too), isolated build or not (build_backend.py).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.14.1
@@ -21,11 +22,12 @@ $(VENV)/.deps: pyproject.toml
 
 setup: $(VENV)/.deps build
 
-# Compiles vsd_ext._C in place (incremental with ninja) and installs the package in editable mode.
+# Compiles vsd_ext's libraries in place (incremental with ninja) and installs the package in
+# editable mode.
 build: $(VENV)/.deps
 	@mkdir -p build
-	@echo "building vsd_ext._C (CUDA_HOME=$(CUDA_HOME), MAX_JOBS=$(MAX_JOBS)); full log: build/build.log"
-	$(PY) -m pip install --no-build-isolation --no-deps -e . -v > build/build.log 2>&1 \
+	@echo "building vsd_ext (CUDA_HOME=$(CUDA_HOME), MAX_JOBS=$(MAX_JOBS)); full log: build/build.log"
+	$(PY) -m pip install --no-deps -e . -v > build/build.log 2>&1 \
 		|| { tail -60 build/build.log; exit 1; }
 	@grep -E "vsd_ext: |^ *\[[0-9]+/[0-9]+\] | -shared " build/build.log \
 		| sed -E 's/ -(I|D|W|M[DF]?|f|O|g)[^ ]*//g; s/ \/tmp\/[^ ]*\.o\.d//g' | cut -c1-220 || true
@@ -45,4 +47,4 @@ gpu-check:
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf build vsd_ext/*.so *.egg-info
+	rm -rf build dist vsd_ext/*.so vsd_ext/_build_record.json *.egg-info

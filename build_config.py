@@ -1,4 +1,10 @@
-"""Single source of truth for what vsd_ext._C is built from and how.
+"""Single source of truth for what vsd_ext's two compiled libraries are built from and how.
+
+  vsd_ext._C       the CPU library: CPU kernels, every op schema, the Python module. Always built;
+                   links no CUDA library, so it loads with a CPU or a CUDA build of its torch.
+  vsd_ext._C_cuda  the CUDA library: torch-free kernels and their adapters
+                   (TORCH_LIBRARY_IMPL(vsd_ext, CUDA)). Built when nvcc and a CUDA build of torch
+                   exist; vsd_ext loads it only when the running torch has CUDA.
 
 setup.py imports this; CMakeLists.txt mirrors it and tests/test_build.py checks the two agree.
 """
@@ -10,6 +16,11 @@ import shutil
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+CPU_LIBRARY = "vsd_ext._C"
+CUDA_LIBRARY = "vsd_ext._C_cuda"
+# Written by the build next to the libraries; vsd_ext/_loader.py reads it (same name there).
+BUILD_RECORD = "_build_record.json"
+
 # Host compiler flags for every C++ translation unit (CPU kernels and CUDA adapters). -fopenmp is
 # what makes at::parallel_for parallel (ATen's OpenMP backend is a header template); the link
 # resolves libgomp.so.1 to the copy torch already loaded, so there is one OpenMP runtime.
@@ -20,8 +31,9 @@ LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "-Xcompiler=-Wno-unused-function"]
 
 
-# Source globs, relative to the repository root. CPU: kernels + IMPL(CPU) + schemas + module.
-# CUDA: torch-free kernels (*.cu) plus their thin adapters (*.cpp: checks, stream, IMPL(CUDA)).
+# Source globs, relative to the repository root. CPU library: kernels + IMPL(CPU) + schemas +
+# module. CUDA library: torch-free kernels (*.cu) plus their thin adapters (*.cpp: checks,
+# stream, IMPL(CUDA)) and the nvcc build report (cuda/build_info.cu).
 CPU_GLOBS = ["csrc/*.cpp"]
 CUDA_GLOBS = ["csrc/cuda/*.cu", "csrc/cuda/*.cpp"]
 # Default CUDA architectures: Hopper SASS plus PTX that newer GPUs JIT-compile.
@@ -41,20 +53,12 @@ def cuda_sources() -> list[str]:
     return _expand(CUDA_GLOBS)
 
 
-def sources(with_cuda: bool) -> list[str]:
-    return cpu_sources() + (cuda_sources() if with_cuda else [])
-
-
 def include_dirs() -> list[str]:
     return [os.path.join(ROOT, "csrc")]
 
 
-def define_macros(with_cuda: bool) -> list[tuple[str, str]]:
-    return [("VSD_EXT_WITH_CUDA", "1" if with_cuda else "0")]
-
-
 def cuda_unavailable_reason() -> str | None:
-    """None when CUDA kernels can be compiled here, else why not (no GPU is needed to build)."""
+    """None when the CUDA library can be compiled here, else why not (no GPU is needed to build)."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 

@@ -1,18 +1,12 @@
-// The Python module vsd_ext._C: importing it runs the static TORCH_LIBRARY registrations of every
-// translation unit linked into the .so. It also reports how the binary was built (compilers,
-// CUDA) without pulling pybind11 into the build: plain CPython API, a few seconds to compile.
+// The Python module vsd_ext._C, the CPU library: importing it runs the static TORCH_LIBRARY
+// registrations of every translation unit linked into it (every schema, the CPU kernels). The
+// CUDA kernels live in a separate library, vsd_ext._C_cuda (cuda/build_info.cu reports on it),
+// which vsd_ext loads only when torch has CUDA: nothing here may reference CUDA. It also reports
+// how this binary was built without pulling pybind11 into the build: plain CPython API.
 #include <Python.h>
 #include <torch/version.h>
 
 #include <string>
-#include <vector>
-
-#if VSD_EXT_WITH_CUDA
-namespace vsd_ext::cuda {
-int nvcc_version();                 // defined in csrc/cuda/build_info.cu (compiled by nvcc)
-std::vector<int> compiled_archs();  // __CUDA_ARCH_LIST__ of that translation unit, e.g. {900}
-}  // namespace vsd_ext::cuda
-#endif
 
 namespace {
 
@@ -39,31 +33,12 @@ PyObject* compiled_build_info(PyObject*, PyObject*) {
 #else
   set("openmp", Py_NewRef(Py_False));
 #endif
-#if VSD_EXT_WITH_CUDA
-  const int v = vsd_ext::cuda::nvcc_version();
-  const std::string nvcc =
-      "nvcc " + std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
-  PyObject* archs = PyList_New(0);
-  for (int a : vsd_ext::cuda::compiled_archs()) {
-    PyObject* s = PyUnicode_FromString(
-        (std::to_string(a / 100) + "." + std::to_string((a % 100) / 10)).c_str());
-    PyList_Append(archs, s);
-    Py_DECREF(s);
-  }
-  set("with_cuda", Py_NewRef(Py_True));
-  set("cuda_compiler", PyUnicode_FromString(nvcc.c_str()));
-  set("cuda_archs", archs);
-#else
-  set("with_cuda", Py_NewRef(Py_False));
-  set("cuda_compiler", Py_NewRef(Py_None));
-  set("cuda_archs", PyList_New(0));
-#endif
   return info;
 }
 
 PyMethodDef methods[] = {
     {"compiled_build_info", compiled_build_info, METH_NOARGS,
-     "Compiler versions and whether CUDA kernels are linked into this binary."},
+     "The torch version, C++ compiler and OpenMP this library was built with."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C",

@@ -1,8 +1,9 @@
 """vsd_ext: kernels and training for Variational Speculative Decoding (VSD) drafters.
 
-Importing the package loads the compiled op library `vsd_ext._C` (which registers
-`torch.ops.vsd_ext.*`) and exposes typed wrappers for every op. The subpackages read
-straight down, each using only those below it (docs/design/ARCHITECTURE.md):
+Importing the package loads the compiled op libraries (`vsd_ext._C`, the schemas and CPU kernels
+of `torch.ops.vsd_ext.*`, and `vsd_ext._C_cuda`, the CUDA kernels, when torch has CUDA) and
+exposes typed wrappers for every op. The subpackages read straight down, each using only those
+below it (docs/design/ARCHITECTURE.md):
 
     app → {eval, training} → decoding → models → tree → ops
 """
