@@ -33,6 +33,7 @@ from torch import nn
 from ..tree import build_tree_mask, chain_mask, tree_depths
 from .checkpoint import DEFAULT_DRAFTERS, validate_state
 from .config import CheckpointError, ModelConfig, parse_config
+from .decode_settings import read_decode_settings
 from .kv_cache import KVCache
 from .layers import (
     MLP,
@@ -138,6 +139,8 @@ class Drafter(nn.Module):
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = Linear(H, self.draft_vocab_size, bias=False)
+        # `DecodeSettings` fitted for this drafter (`load_drafter` reads them; None: none).
+        self.decode_settings = None
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
@@ -385,7 +388,11 @@ def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None
     The dtype may differ from the target's: a bf16 drafter reads the fp32 target's features
     (cast on entry) and drafts faster on a CPU with bf16 GEMMs (half the weight bytes, packed
     oneDNN weights, see `layers.linear`). Decoding stays lossless: verification uses the
-    target's own logits; the drafter's precision only changes which tokens it proposes."""
+    target's own logits; the drafter's precision only changes which tokens it proposes.
+
+    A ``decode_settings.json`` in the directory (`vsd_ext.models.decode_settings`, written by
+    `vsd_ext.calibrate_drafter`) is read into ``drafter.decode_settings``, which
+    `vsd_ext.generate` applies by default."""
     directory = DEFAULT_DRAFTERS.get(str(directory), Path(directory))
     path = directory / "config.json"
     if not path.is_file():
@@ -414,4 +421,5 @@ def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None
              for k in expected}
     drafter.load_state_dict(state, strict=True, assign=True)
     drafter.inv_freq = drafter.model_config.inv_freq()
+    drafter.decode_settings = read_decode_settings(directory)
     return drafter.to(device or target.device).attach(target)
