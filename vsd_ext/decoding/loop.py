@@ -28,12 +28,16 @@ convention), averaged over every (row, verify forward) pair; the prefill is not 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
+from ..models.decode_settings import DecodeSettings
 from ..ops.verify import verify_tree
+from .costs import step_costs
 from .draft_tree import DraftTree, TreeConfig
+from .planner import Plan, drafting_pays, plan_tree
 from .proposer import DrafterProposer
 
 __all__ = ["GenerationOutput", "generate"]
@@ -128,7 +132,8 @@ class _Rows:
 @torch.inference_mode()
 def generate(target, drafter, prompts, max_new_tokens: int, temperature: float = 0.0,
              tree: TreeConfig | None = None, stop=None, generator: torch.Generator | None = None,
-             ignore_eos: bool = False, callback=None) -> GenerationOutput:
+             ignore_eos: bool = False, callback=None,
+             decode_settings="drafter") -> GenerationOutput:
     """Speculative (or, with ``drafter=None``, autoregressive) decoding of a batch of prompts.
 
     target: a `vsd_ext.models.Target`. drafter: None, a `vsd_ext.Drafter` (trees per
@@ -136,17 +141,24 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token
     ids, one list or a list of lists (any lengths).
     temperature: 0 → greedy; > 0 → sampling at that temperature (lossless). tree:
-    `TreeConfig` (default depth 4, topk 4, total_tokens 12; ``sampled=True`` for trees drawn
-    from the drafter). stop: extra stop token ids (ints) and stop strings (str, decoded with
-    ``target.tokenizer``). The target's EOS ids stop a row unless ``ignore_eos``.
-    generator: randomness of verification and sampled trees. callback(row, new_tokens):
-    called as tokens are produced (streaming).
+    `TreeConfig`; its fields left None (all of them by default) are chosen by the cost model
+    (`vsd_ext.decoding.planner`: the drafter's acceptance and the step costs measured on this
+    machine), which may also decide that autoregressive decoding is faster. stop: extra stop
+    token ids (ints) and stop strings (str, decoded with ``target.tokenizer``). The target's
+    EOS ids stop a row unless ``ignore_eos``. generator: randomness of verification and
+    sampled trees. callback(row, new_tokens): called as tokens are produced (streaming).
+    decode_settings: the drafter's fitted settings (`vsd_ext.models.decode_settings`):
+    "drafter" (default: ``drafter.decode_settings``, read by `load_drafter`), None or "off"
+    (none: ranking temperature 1, the planner's prior acceptance), a `DecodeSettings`, a dict
+    or the path of a settings file / drafter directory. ``tree.ranking_temperature``
+    overrides their ranking temperature.
 
     Returns a `GenerationOutput`; ``stats``: tau (accepted + 1 per target forward per row),
     target_forwards (batched verify forwards, prefill excluded), row_forwards,
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
-    other / total), mode, temperature, batch_size.
+    other / total), mode, temperature, batch_size, plan (the tree decoded with and the cost
+    model's expectations; None for autoregressive decoding or a proposer object).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -155,17 +167,43 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     prompts = as_batch(prompts)
     rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
     timer = _Timer(target.device)
-    state = _Decoding(target, _proposer(drafter, tree or TreeConfig(), temperature, generator),
-                      temperature, generator)
+    settings = resolve_decode_settings(drafter, decode_settings)
+    proposer, plan = _proposer(target, drafter, tree or TreeConfig(), temperature, generator,
+                               settings, len(prompts))
+    state = _Decoding(target, proposer, temperature, generator)
+    state.plan = plan
+    return run_decoding(state, rows, timer, prompts, max_new_tokens)
 
+
+def run_decoding(state, rows, timer, prompts, max_new_tokens) -> GenerationOutput:
+    """The loop of `generate` on a prepared state: prefill, then speculative steps until
+    every row is finished."""
     first = prefill(state, prompts, max_new_tokens)
     drop_finished(state, [rows.add(b, [token]) for b, token in enumerate(first)])
     timer.lap("prefill")
     while state.active:
         emitted = speculative_step(state, timer)
         drop_finished(state, [rows.add(b, new) for b, new in zip(state.active, emitted)])
+        check_drafting(state)
         timer.lap(None)
     return GenerationOutput(rows.tokens, rows.reasons, _stats(state, rows, timer))
+
+
+def resolve_decode_settings(drafter, decode_settings) -> DecodeSettings | None:
+    """`generate`'s ``decode_settings`` argument → the settings to apply (or None)."""
+    if decode_settings is None or (isinstance(decode_settings, str)
+                                   and decode_settings == "off"):
+        return None
+    if isinstance(decode_settings, str) and decode_settings == "drafter":
+        return getattr(drafter, "decode_settings", None)
+    if isinstance(decode_settings, DecodeSettings):
+        return decode_settings
+    if isinstance(decode_settings, dict):
+        return DecodeSettings.from_dict(decode_settings)
+    if isinstance(decode_settings, (str, Path)):
+        return DecodeSettings.load(decode_settings)
+    raise ValueError(f"decode_settings: expected 'drafter', None, 'off', a DecodeSettings, a "
+                     f"dict or a path, got {type(decode_settings).__name__}")
 
 
 class _Decoding:
@@ -183,6 +221,9 @@ class _Decoding:
         self.hist = torch.zeros(self.num_nodes, dtype=torch.int64)  # row-forwards per accepted
         self.forwards = 0
         self.mode = ""
+        self.plan: Plan | None = None
+        self.fallback_step: int | None = None  # step after which drafting stopped paying
+        self.observer = None  # observer(tree, target_logits, num_accepted) after each verify
 
     def verify(self, logits: torch.Tensor, tree: DraftTree):
         """`verify_tree` of the trees (T = 0: greedy; trees that carry the drafter's q were
@@ -194,12 +235,27 @@ class _Decoding:
                            generator=self.generator)
 
 
-def _proposer(drafter, tree: TreeConfig, temperature: float, generator):
-    """None (autoregressive decoding), the drafter itself when it is a proposer (anything
-    with ``propose``, e.g. `OracleDrafter`), or a `DrafterProposer` of an EAGLE-3 drafter."""
+def _proposer(target, drafter, tree: TreeConfig, temperature: float, generator, settings,
+              batch_size: int):
+    """(proposer, plan): None for autoregressive decoding (no drafter, or the plan says it is
+    faster), the drafter itself when it is a proposer (anything with ``propose``, e.g.
+    `OracleDrafter`; plan None), or a `DrafterProposer` of an EAGLE-3 drafter drafting the
+    planned trees (`vsd_ext.decoding.planner`; a fully sized ``tree`` is used as given)."""
     if drafter is None or hasattr(drafter, "propose"):
-        return drafter
-    return DrafterProposer(drafter, tree, temperature, generator)
+        return drafter, None
+    if tree.is_sized and (temperature == 0 or tree.sampled is not None):
+        ranking = tree.ranking_temperature
+        if ranking is None and settings is not None:
+            ranking = settings.ranking_temperature
+        sampled = bool(tree.sampled) and temperature > 0
+        mode = "greedy" if temperature == 0 else "sampled" if sampled else "target_only"
+        plan = Plan(replace(tree, sampled=sampled, ranking_temperature=ranking), mode,
+                    float("nan"), float("nan"), "given", None)
+    else:
+        plan = plan_tree(tree, settings, step_costs(target, drafter, batch_size), temperature)
+    if plan.tree is None:
+        return None, plan
+    return DrafterProposer(drafter, plan.tree, temperature, generator), plan
 
 
 def prefill(state: _Decoding, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -235,6 +291,8 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     timer.lap("draft")
     scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache)
     accepted, emitted, num = state.verify(scored.logits, tree)
+    if state.observer is not None:
+        state.observer(tree, scored.logits, num)
     state.target.commit(state.cache, accepted)
     timer.lap("verify")
     if state.proposer is not None:  # the target features of the accepted nodes, root first
@@ -245,6 +303,21 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     state.forwards += 1
     state.hist += torch.bincount(num.cpu(), minlength=state.num_nodes)
     return [row[:n] for row, n in zip(emitted.tolist(), (num + 1).tolist())]
+
+
+CHECK_EVERY = 8  # steps between the checks of `check_drafting`
+
+
+def check_drafting(state: _Decoding) -> None:
+    """Every CHECK_EVERY steps of a planned tree: when the τ measured so far no longer pays
+    for drafting (`vsd_ext.decoding.planner.drafting_pays`), the remaining steps are
+    autoregressive (``state.fallback_step`` records when)."""
+    if (state.plan is None or state.proposer is None or state.forwards % CHECK_EVERY
+            or state.fallback_step is not None):
+        return
+    emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
+    if not drafting_pays(state.plan, float(emitted) / max(int(state.hist.sum()), 1)):
+        state.proposer, state.fallback_step = None, state.forwards
 
 
 def drop_finished(state: _Decoding, finished: list[bool]) -> None:
@@ -280,4 +353,6 @@ def _stats(state: _Decoding, rows: _Rows, timer: _Timer) -> dict:
         "mode": state.mode,
         "temperature": state.temperature,
         "batch_size": len(rows.tokens),
+        "plan": None if state.plan is None else {**state.plan.describe(),
+                                                 "fallback_step": state.fallback_step},
     }

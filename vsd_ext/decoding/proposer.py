@@ -3,6 +3,8 @@
 tree builder of `vsd_ext.decoding.draft_tree`."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..tree import append_child, append_nodes, chain_mask
@@ -33,20 +35,24 @@ class DrafterProposer:
     def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
                  generator: torch.Generator | None = None):
         self.drafter = drafter
-        self.config = config
-        self.sampled = config.sampled and temperature > 0
-        self.temperature = temperature if self.sampled else 1.0
+        self.draft_temperature = temperature
         self.generator = generator
-        self.num_nodes = config.num_nodes
         self.cache = None
         self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
+        # on_level(logits [B, k, Vd]): called with the drafter's logits at the parents of
+        # each level, level 1 (the root) first (`vsd_ext.decoding.calibrate` records them).
+        self.on_level = None
         self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,
                                                           device=drafter.d2t.device))
+        self.configure(config)
 
-    @property
-    def tree_config(self) -> TreeConfig:
-        return TreeConfig(self.config.depth, self.config.topk, self.config.total_tokens,
-                          self.sampled)
+    def configure(self, config: TreeConfig) -> None:
+        """Draft trees of this (sized) shape from the next `propose` on."""
+        self.config = config
+        self.sampled = bool(config.sampled) and self.draft_temperature > 0
+        self.temperature = self.draft_temperature if self.sampled else 1.0
+        self.num_nodes = config.num_nodes
+        self.tree_config = replace(config, sampled=self.sampled)
 
     def start(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor,
               first_tokens: torch.Tensor, capacity: int) -> None:
@@ -120,8 +126,12 @@ class DrafterProposer:
                                           past=state["past"])
             state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
                          start=start)
+            if self.on_level is not None:
+                self.on_level(step.logits)
             return step.logits
 
+        if self.on_level is not None:
+            self.on_level(state["logits"][:, None])
         return build_tree(state["logits"], expand, self.tree_config, roots, self.temperature,
                           self.generator, self.d2t_ids, self.drafter.model_config.vocab_size)
 
@@ -136,6 +146,8 @@ class DrafterProposer:
         levels = min(self.config.depth, self.config.total_tokens)
         drafts = []
         for level in range(levels):
+            if self.on_level is not None:
+                self.on_level(logits[:, None])
             drafts.append(child_slots(logits, 1, sampled=False)[1])  # [B, 1] draft ids
             if level + 1 == levels:
                 break
