@@ -56,6 +56,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tree import unchecked_mask_and_depths
+
 __all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree"]
 
 
@@ -143,11 +145,15 @@ class TreeConfig:
 @dataclass
 class DraftTree:
     """One step's proposal (module docstring): tokens ``[B, N]``, parents ``[B, N]`` (int64)
-    and, for sampled trees, draft_probs ``[B, N, V]`` fp32."""
+    and, for sampled trees, draft_probs ``[B, N, V]`` fp32. ``tree_mask`` / ``depths``: the
+    tree's `vsd_ext.tree.build_tree_mask` / `tree_depths` when its builder knows them (the
+    target's verify then skips rebuilding and re-checking them), else None."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     draft_probs: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    depths: torch.Tensor | None = None
 
 
 def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -273,6 +279,7 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
         return torch.cat((root, torch.where(valid, values, -1), pad.expand(B, missing)), 1)
 
     tree = DraftTree(nodes(root_tokens.view(B, 1), target_ids), nodes(pad, parent))
+    tree.tree_mask, tree.depths = unchecked_mask_and_depths(tree.parents, config.depth)
     if q_rows:
         q = torch.cat(q_rows, 1)                                    # [B, 1 + (D-1)k, Vd]
         node_qrow = nodes(torch.zeros_like(pad), cand_qrow.gather(1, kept))  # root: row 0

@@ -35,6 +35,7 @@ import torch
 
 from ..models.decode_settings import DecodeSettings
 from ..ops.verify import verify_tree
+from ..tree import padded_chain
 from .costs import step_costs
 from .draft_tree import DraftTree, TreeConfig
 from .planner import Plan, drafting_pays, plan_tree
@@ -285,11 +286,15 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     verify all trees with one target forward, commit the accepted paths to the cache, give
     the proposer what was emitted. Returns each row's emitted tokens (accepted + 1)."""
     if state.proposer is None:  # autoregressive decoding: the root alone
-        tree = DraftTree(state.roots[:, None], state.root_parents[:len(state.active)])
+        B = len(state.active)
+        mask, depths = padded_chain(0, 1, state.roots.device)
+        tree = DraftTree(state.roots[:, None], state.root_parents[:B],
+                         tree_mask=mask.expand(B, -1, -1), depths=depths.expand(B, -1))
     else:
         tree = state.proposer.propose(state.roots)
     timer.lap("draft")
-    scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache)
+    scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache,
+                                      tree_mask=tree.tree_mask, depths=tree.depths)
     accepted, emitted, num = state.verify(scored.logits, tree)
     if state.observer is not None:
         state.observer(tree, scored.logits, num)

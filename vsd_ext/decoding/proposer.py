@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import torch
 
-from ..tree import append_child, append_nodes, chain_mask
+from ..tree import append_child, append_nodes, chain_mask, padded_chain
 from .draft_tree import DraftTree, TreeConfig, build_tree, child_slots
 
 
@@ -163,7 +163,9 @@ class DrafterProposer:
         B = ids.shape[0]
         pad = ids.new_full((B, self.config.total_tokens - levels), -1)
         chain = torch.arange(-1, levels, device=ids.device).expand(B, -1)
-        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1))
+        mask, depths = padded_chain(levels, self.config.total_tokens + 1, ids.device)
+        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1),
+                         tree_mask=mask.expand(B, -1, -1), depths=depths.expand(B, -1))
 
     def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
                 features: torch.Tensor) -> None:

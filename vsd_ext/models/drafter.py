@@ -268,6 +268,7 @@ class Drafter(nn.Module):
         tree = ctx_args.get("mode") == "tree"
         ctx = AttentionContext(keep_kv=tree, **ctx_args)
         h = self.layer(input_ids, self.features(hidden), positions, ctx)
+        ctx.flush()
         # The LM head is the largest GEMM: run it only where the caller needs logits.
         head_in = h if logits_at is None else h.gather(
             1, logits_at[..., None].expand(-1, -1, h.shape[-1]))
