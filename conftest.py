@@ -14,16 +14,27 @@ def _under(item, directory: Path) -> bool:
     return directory in Path(str(item.path)).resolve().parents
 
 
+def _needs_cuda(item) -> bool:
+    """A test that a machine without a GPU skips: a CUDA case of the `device` fixture or a
+    test marked skipif(no CUDA device)."""
+    return any("CUDA" in str(mark.kwargs.get("reason", ""))
+               for mark in item.iter_markers("skipif"))
+
+
 def pytest_collection_modifyitems(config, items):
     benchmark_only = config.getoption("benchmark_only", default=False)
     unwanted = _DIRS["tests"] if benchmark_only else _DIRS["bench"]
-    keep = [item for item in items if not _under(item, unwanted)]
-    dropped = [item for item in items if _under(item, unwanted)]
+    cuda_only = config.getoption("cuda_only")
+    dropped = [item for item in items
+               if _under(item, unwanted) or (cuda_only and not _needs_cuda(item))]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = keep
+        gone = {id(item) for item in dropped}
+        items[:] = [item for item in items if id(item) not in gone]
 
 
 def pytest_addoption(parser):
     parser.addoption("--vsd-seed", default=None, type=int,
                      help="fixed seed for the random-input tests (default: fresh per run)")
+    parser.addoption("--cuda-only", action="store_true",
+                     help="run only the tests that need a GPU (those a CPU machine skips)")

@@ -1,14 +1,18 @@
-"""One table of speed (and memory) ratios from a pytest-benchmark JSON file.
+"""One table of speed (and memory) ratios from pytest-benchmark JSON files.
 
 Every benchmark in bench/ sets `benchmark.group` (one problem shape) and
 `benchmark.extra_info["provider"]` ("vsd_ext" or a PyTorch baseline such as "torch"), optionally
 "bytes" (memory traffic of one call), "flops" (arithmetic of one call), "peak_bytes" (peak extra
-memory) and "device". Ratios compare providers measured in the same run:
+memory) and "device" (else the benchmark's `device` parameter). Ratios compare providers measured
+in the same run:
     speedup = baseline median time / vsd_ext median time      (> 1: vsd_ext is faster)
     memory  = vsd_ext peak bytes / baseline peak bytes         (< 1: vsd_ext uses less)
-On CUDA, achieved bandwidth / FLOP rate is also shown as a % of the H200 floor.
+On CUDA, achieved bandwidth / FLOP rate is also shown as a % of the H200's (HBM 4.3 TB/s,
+bf16 tensor cores 790 TFLOP/s), and "% of floor" is vsd_ext's H200 floor time (the larger of
+bytes / 4.3 TB/s and flops / 790 TFLOP/s) over its measured time: 100% = at the floor.
 
-    python bench/summary.py bench/results/latest.json [--markdown]
+    python bench/summary.py bench/results/latest.json [more.json ...] [--markdown]
+        [--merged all.json]
 """
 from __future__ import annotations
 
@@ -34,16 +38,28 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.3g} GiB"
 
 
-def _rate(info: dict, seconds: float) -> str:
+def _on_gpu(bench: dict) -> bool:
+    info = bench.get("extra_info", {})
+    device = info.get("device") or (bench.get("params") or {}).get("device") or "cpu"
+    return str(device).startswith("cuda")
+
+
+def _floor(info: dict, seconds: float) -> str:
+    """The H200 floor time (bytes at the HBM rate, flops at the tensor-core rate, the larger)
+    as a % of the measured time."""
+    floor = max(info.get("bytes", 0) / H200_BYTES_PER_S, info.get("flops", 0) / H200_FLOPS_PER_S)
+    return f"{100 * floor / seconds:.0f}%" if floor > 0 else ""
+
+
+def _rate(info: dict, seconds: float, on_gpu: bool) -> str:
     parts = []
-    on_gpu = info.get("device", "cpu").startswith("cuda")
     if info.get("bytes"):
         bw = info["bytes"] / seconds
-        parts.append(f"{bw / 1e9:.3g} GB/s" + (f" ({100 * bw / H200_BYTES_PER_S:.0f}% floor)"
+        parts.append(f"{bw / 1e9:.3g} GB/s" + (f" ({100 * bw / H200_BYTES_PER_S:.0f}% of HBM)"
                                                if on_gpu else ""))
     if info.get("flops"):
         fl = info["flops"] / seconds
-        parts.append(f"{fl / 1e12:.3g} TFLOP/s" + (f" ({100 * fl / H200_FLOPS_PER_S:.0f}% floor)"
+        parts.append(f"{fl / 1e12:.3g} TFLOP/s" + (f" ({100 * fl / H200_FLOPS_PER_S:.0f}% of TC)"
                                                    if on_gpu else ""))
     return ", ".join(parts)
 
@@ -65,9 +81,11 @@ def summarize(data: dict) -> list[dict]:
             if name == "vsd_ext":
                 continue
             t_base = base["stats"]["median"]
+            gpu = _on_gpu(ours)
             row = {"group": group, "baseline": name, "vsd_ext": _fmt_time(t_ours),
                    "baseline_time": _fmt_time(t_base), "speedup": f"{t_base / t_ours:.2f}x",
-                   "rate": _rate(ours["extra_info"], t_ours), "memory": ""}
+                   "rate": _rate(ours["extra_info"], t_ours, gpu), "memory": "",
+                   "floor": _floor(ours["extra_info"], t_ours) if gpu else ""}
             p_ours = ours["extra_info"].get("peak_bytes")
             p_base = base["extra_info"].get("peak_bytes")
             if p_ours is not None and p_base:
@@ -78,9 +96,9 @@ def summarize(data: dict) -> list[dict]:
 
 
 def render(rows: list[dict], markdown: bool) -> str:
-    cols = ["group", "baseline", "vsd_ext", "baseline_time", "speedup", "memory", "rate"]
-    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "peak memory",
-             "vsd_ext rate"]
+    cols = ["group", "baseline", "vsd_ext", "baseline_time", "speedup", "floor", "memory", "rate"]
+    heads = ["problem", "baseline", "vsd_ext", "baseline time", "speedup", "% of floor",
+             "peak memory", "vsd_ext rate"]
     table = [heads] + [[r[c] for c in cols] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(cols)]
@@ -92,11 +110,21 @@ def render(rows: list[dict], markdown: bool) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json_file", help="output of pytest --benchmark-json")
+    parser.add_argument("json_files", nargs="+", help="outputs of pytest --benchmark-json")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--merged", help="also write the benchmarks of all files to this JSON")
     args = parser.parse_args(argv)
-    with open(args.json_file) as f:
-        data = json.load(f)
+    data = None
+    for name in args.json_files:
+        with open(name) as f:
+            part = json.load(f)
+        if data is None:
+            data = part
+        else:
+            data["benchmarks"] += part["benchmarks"]
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump(data, f)
     machine = data.get("machine_info", {})
     print(f"# {data.get('datetime', '')}  {machine.get('cpu', {}).get('brand_raw', '')}  "
           f"{machine.get('node', '')}")

@@ -122,6 +122,7 @@ struct PassA {
   using A = cpu::acc_t<T>;
   BackwardCall<T>& k;
   std::vector<A> qs, qt, dos, dot, dqa, st, dpt, kbuf, vbuf, gbuf, lse2, dl;
+  std::vector<int64_t> seen;  // tree keys some node of the unit's row sees
 
   explicit PassA(BackwardCall<T>& call)
       : k(call),
@@ -136,7 +137,8 @@ struct PassA {
         vbuf(k.max_keys * k.D),
         gbuf(k.max_keys * k.D),
         lse2(k.R),
-        dl(k.R) {}
+        dl(k.R),
+        seen(k.d.W) {}
 
   // Packs cQ and dO of (b, g) with their transposes, lse2, and delta of the unit's queries.
   void prepare(int64_t b, int64_t g) {
@@ -159,13 +161,16 @@ struct PassA {
     std::fill(dqa.begin(), dqa.end(), A(0));
   }
 
-  // One key tile of n keys of row b; writes dK/dV of the tile to (dk, dv) rows when given.
+  // One key tile of n keys of row b; writes dK/dV of the tile to (dk, dv) rows when given. On
+  // the tree tile, keys that no node of the row sees are zeroed (their P and dS are 0: 0 * NaN).
   void key_tile(int64_t b, const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n,
                 bool tree, T* dk, T* dv) {
     const int64_t R = k.R, D = k.D;
     int64_t ldk, ldv;
-    const A* K = cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
-    const A* V = cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
+    const A* K = tree ? cpu::tree_rows_as(keys, k_rs, n, D, seen.data(), kbuf.data(), ldk)
+                      : cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
+    const A* V = tree ? cpu::tree_rows_as(values, v_rs, n, D, seen.data(), vbuf.data(), ldv)
+                      : cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
     cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, st.data(), R, false);    // St = K (cQ)^T
     cpu::gemm(n, R, D, V, ldv, 1, dot.data(), R, dpt.data(), R, false);  // dP^T = V dO^T
     if (tree) cpu::mask_tree_scores(st.data(), n, R, k.G, 0, k.mask + b * k.mask_b, k.mask_n);
@@ -190,6 +195,7 @@ struct PassA {
                k.shared_cache ? nullptr : k.dvc_p + off);
     }
     const int64_t toff = b * k.N * k.kv_rs + g * D;
+    cpu::seen_tree_keys(k.mask + b * k.mask_b, k.mask_n, 0, k.N, d.W, seen.data());
     key_tile(b, k.Kt.row(b, 0, g), k.Kt.s1, k.Vt.row(b, 0, g), k.Vt.s1, k.N, true, k.dkt_p + toff,
              k.dvt_p + toff);
     for (int64_t r = 0; r < k.R; ++r) {
@@ -275,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens,
     const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
     const at::Tensor& out, const at::Tensor& lse, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   check_backward_args(d, q, grad_out, grad_lse, out, lse);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
   at::Tensor dq = at::empty({d.B, d.N, d.Hq, d.D}, q.options());

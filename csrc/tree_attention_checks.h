@@ -5,6 +5,7 @@
 #include "checks.h"
 #include "tree_attention_math.h"
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -19,12 +20,19 @@ struct Dims {
   int64_t B, N, Hq, Hkv, D, Bc, L, W, group;
 };
 
+// Every argument of the forward (the backward gets the same ones): shapes, dtypes, devices,
+// strides, and a finite sm_scale. B = 0 and N = 0 are valid (empty results); Hq = 0 and D = 0
+// are not (there would be no head to attend with, and no default scale 1 / sqrt(D)).
 inline Dims check_forward_args(const at::Tensor& q, const at::Tensor& k_cache,
                                const at::Tensor& v_cache, const at::Tensor& prefix_lens,
                                const at::Tensor& k_tree, const at::Tensor& v_tree,
-                               const at::Tensor& tree_mask) {
+                               const at::Tensor& tree_mask, double sm_scale) {
   check_dim(q, "q", 4);
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble});
+  VSD_CHECK(q.size(2) >= 1, "q", "expected at least one query head (Hq >= 1), got shape ",
+            shape_str(q));
+  VSD_CHECK(q.size(3) >= 1, "q", "expected a head dim D >= 1, got shape ", shape_str(q));
+  VSD_CHECK(std::isfinite(sm_scale), "sm_scale", "expected a finite softmax scale, got ", sm_scale);
   check_dim(k_cache, "k_cache", 4);
   Dims d{};
   d.B = q.size(0);

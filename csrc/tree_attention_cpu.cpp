@@ -57,7 +57,8 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
             o_acc = std::vector<A>(nodes * G * D), s = std::vector<A>(nodes * G * max_keys),
             kbuf = std::vector<A>(max_keys * D), vbuf = std::vector<A>(max_keys * D),
             m = std::vector<A>(nodes * G), l = std::vector<A>(nodes * G),
-            scratch = std::vector<A>(3 * nodes * G)](int64_t unit) mutable {
+            scratch = std::vector<A>(3 * nodes * G),
+            seen = std::vector<int64_t>(d.W)](int64_t unit) mutable {
       const int64_t b = unit / (d.Hkv * chunks), g = (unit / chunks) % d.Hkv;
       const int64_t n0 = (unit % chunks) * nodes, nn = std::min(nodes, N - n0), R = nn * G;
       const int64_t bc = d.Bc == 1 ? 0 : b;
@@ -68,16 +69,19 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
       std::fill(m.begin(), m.begin() + R, -std::numeric_limits<A>::infinity());
       std::fill(l.begin(), l.begin() + R, A(0));
 
-      // One key tile of n keys (row stride k_rs) and values (v_rs); St [n, R] = K Q^T.
+      // One key tile of n keys (row stride k_rs) and values (v_rs); St [n, R] = K Q^T. On the
+      // tree tile, keys that no node of the unit sees are zeroed (their P is 0: 0 * NaN).
       auto step = [&](const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n,
                       bool tree) {
         int64_t ldk, ldv;
-        const A* K = cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
+        const A* K = tree ? cpu::tree_rows_as(keys, k_rs, n, D, seen.data(), kbuf.data(), ldk)
+                          : cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
         cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, s.data(), R, false);
         if (tree) cpu::mask_tree_scores(s.data(), n, R, G, n0, mask + b * mask_b, mask_n);
         cpu::softmax_step(s.data(), n, R, m.data(), l.data(), O, D, scratch.data());
         // O += P V with P[r, j] = St[j, r] (a stride swap, no copy).
-        const A* V = cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
+        const A* V = tree ? cpu::tree_rows_as(values, v_rs, n, D, seen.data(), vbuf.data(), ldv)
+                          : cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
         cpu::gemm(R, D, n, s.data(), 1, R, V, ldv, O, D, true);
       };
       // Prefix: mask-free key tiles.
@@ -85,6 +89,7 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
         step(Kc.row(bc, j0, g), Kc.s1, Vc.row(bc, j0, g), Vc.s1,
              std::min(cpu::kKeyTile, lens[b] - j0), false);
       // Tree tile: the row's N tree keys, bitmask applied to the scores.
+      cpu::seen_tree_keys(mask + b * mask_b, mask_n, n0, nn, d.W, seen.data());
       step(Kt.row(b, 0, g), Kt.s1, Vt.row(b, 0, g), Vt.s1, N, true);
 
       // out = O / l, lse = ln2 (m + log2 l); rows that saw nothing: 0 and -inf.
@@ -105,7 +110,8 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cpu(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
     const at::Tensor& tree_mask, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   const std::vector<int64_t> lens = host_prefix_lens(prefix_lens, d.L);
   at::Tensor out = at::empty({d.B, d.N, d.Hq, d.D}, q.options());
   at::Tensor lse = at::empty({d.B, d.N, d.Hq}, q.options().dtype(lse_dtype(q)));

@@ -198,6 +198,33 @@ inline const A* rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D, A
   }
 }
 
+// Tree keys that some node in [n0, n0 + nn) of a row sees: seen[w] = OR of their mask words w.
+inline void seen_tree_keys(const int64_t* mask, int64_t mask_row_stride, int64_t n0, int64_t nn,
+                           int64_t W, int64_t* seen) {
+  std::fill(seen, seen + W, int64_t{0});
+  for (int64_t n = n0; n < n0 + nn; ++n)
+    for (int64_t w = 0; w < W; ++w) seen[w] |= mask[n * mask_row_stride + w];
+}
+
+// The [rows, D] tile of tree keys (or values) 0..rows-1 as rows_as gives it, but with the rows
+// of keys that no query sees (a clear bit in `seen`) zeroed: a masked key then contributes
+// exactly nothing to the tile GEMMs, not even NaN through 0 * NaN (docs/design/OPS.md).
+template <class T, class A>
+inline const A* tree_rows_as(const T* src, int64_t src_rs, int64_t rows, int64_t D,
+                             const int64_t* seen, A* buf, int64_t& ld) {
+  bool all_seen = true;
+  for (int64_t j = 0; j < rows && all_seen; ++j) all_seen = tree_bit(seen, j);
+  if (all_seen) return rows_as(src, src_rs, rows, D, buf, ld);
+  for (int64_t j = 0; j < rows; ++j) {
+    if (tree_bit(seen, j))
+      load_rows(src + j * src_rs, src_rs, 1, D, buf + j * D);
+    else
+      std::fill(buf + j * D, buf + (j + 1) * D, A(0));
+  }
+  ld = D;
+  return buf;
+}
+
 // Packs the G query-like rows of kv head g for nodes [n0, n0 + nn) of row b: packed row
 // (n * G + h) = x[b, n0 + n, g * G + h, :] * scale.
 template <class T, class A>

@@ -1,26 +1,29 @@
-"""Compare drafter training methods on one target: eagle3, auf and vsd, same data, same budget.
+"""The method comparison of the VSD issue: EAGLE-3 vs VSD on one target, same data, paired.
 
-Per seed, with budgets in minutes of training time (evaluation excluded; `--clock process`
-counts the trainer's CPU time, which is fair when the machine is shared, and `--threads 1`
-keeps idle threads from spin-waiting on that clock):
+Protocol (decided before running; docs/results/ has each run's exact command and figures):
 
-    eagle3_base   eagle3 from scratch for B minutes
-    eagle3        eagle3_base fine-tuned for E more minutes (--init, fresh optimizer)
-    vsd           eagle3_base fine-tuned with VSD for the same E minutes (--init)
-    auf           auf from scratch for B + E minutes
+1. data      `--rows` corpus rows (`drafter` files) answered by the target at T = 1, plus
+             held-out rows and prompts from the `tune` files (`regenerated_corpus_splits`).
+2. base      one EAGLE-3 drafter from scratch, `--base-steps` optimizer steps, cosine
+             schedule; its τ on tune prompts every `--base-eval-every` steps is the plateau
+             check (train_log.jsonl).
+3. arms      per seed, fine-tunes of the base for `--fine-steps` equal steps (fresh AdamW,
+             warmup then cosine, `--fine-lr`): `eagle3` (more EAGLE-3), `vsd_t0` (VSD with
+             its greedy E-step), `vsd_t1` (VSD at T = 1), and ablations (`ARMS`).
+4. calibrate per run, the ranking temperature of its top-k trees (a lossless decode
+             setting) fitted on mid-file windows of the `tune` files by τ at T = 0.
+5. evaluate  τ = accepted + 1 per target forward of real decoding (`vsd_ext.generate`, B = 1,
+             `--new-tokens` per prompt, tree depth / top-k / nodes as given) on the fixed
+             evaluation set (`--eval-set`, mid-file windows of held-out files) at T = 0 and
+             T = 1 (sampled trees, verified against q), each run with its own calibrated
+             ranking temperature (and at 1.0: the "no calibration" ablation).
+6. report    per arm and temperature: τ mean and 95% CI; the paired ratio
+             τ(arm) / τ(eagle3) per seed, its mean with a t-interval over seeds and a
+             paired bootstrap over (seed, prompt) pairs; steps and seconds per step.
 
-then τ (accepted + 1 per target forward) of real speculative decoding (`vsd_ext.generate`,
-EAGLE-2 dynamic trees: depth 5, top-k 4, 24 nodes) on held-out prompts at T = 0 (top-k
-tree, greedy verification) and T = 1 (trees sampled from the drafter, verified against its
-q). Everyone trains on the same dataset: the built-in corpus's prompts answered by the
-target itself (regenerated once, `data.pt`). Runs resume after interruption (re-run the
-same command); finished runs and evaluations are reused.
+Everything is resumable: finished stages are reused (re-run the same command).
 
-Writes `<out>/results.json` and `<out>/results.md` (mean ± 95% t-interval over seeds, and
-the per-seed paired ratio vsd / eagle3).
-
-    nice python python/compare_methods.py --out runs/compare --seeds 0 1 2 \\
-        --base-minutes 4 --extra-minutes 2
+    python python/compare_methods.py --out runs/protocol --seeds 0 1 2 3 4
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -37,85 +41,142 @@ import torch
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
 TEMPERATURES = (0.0, 1.0)
-EVAL_TREE = dict(depth=5, topk=4, total_tokens=24)
+RANKING_GRID = (0.3, 0.5, 0.7, 1.0)
+# arm -> (method, TrainConfig overrides). VSD's defaults are docs/design/METHOD.md's.
+ARMS = {
+    "eagle3": ("eagle3", []),
+    "vsd_t0": ("vsd", ["vsd.temperature=0"]),
+    "vsd_t1": ("vsd", ["vsd.temperature=1"]),
+    "vsd_t0-nofuture": ("vsd", ["vsd.temperature=0", "vsd.future_value=false"]),
+    "vsd_t0-notree": ("vsd", ["vsd.temperature=0", "vsd.lambda_tree=0"]),
+    "vsd_t1-nofuture": ("vsd", ["vsd.temperature=1", "vsd.future_value=false"]),
+    "vsd_t1-nobaseline": ("vsd", ["vsd.temperature=1", "vsd.baseline=none"]),
+    "vsd_t1-nokl": ("vsd", ["vsd.temperature=1", "vsd.lambda_kl=0"]),
+    "vsd_t1-realized": ("vsd", ["vsd.temperature=1", "vsd.reach=realized"]),
+}
 
 
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--target", default="default")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--arms", nargs="+", default=["eagle3", "vsd_t0", "vsd_t1"],
+                   choices=sorted(ARMS))
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--base-steps", type=int, default=2000)
+    p.add_argument("--base-lr", type=float, default=2e-3)
+    p.add_argument("--base-eval-every", type=int, default=250)
+    p.add_argument("--fine-steps", type=int, default=300)
+    p.add_argument("--fine-lr", type=float, default=5e-4)
+    p.add_argument("--depth", type=int, default=5, help="tree depth = EAGLE-3 unroll")
+    p.add_argument("--topk", type=int, default=4)
+    p.add_argument("--nodes", type=int, default=24)
+    p.add_argument("--eval-set", default="heldout_midfile_v1")
+    p.add_argument("--tune-prompts", type=int, default=24)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--eval-seed", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stage", choices=["train", "eval", "all"], default="all",
+                   help="train only, evaluate only (finished runs), or both")
+    return p.parse_args(argv)
+
+
+# ---- training ---------------------------------------------------------------------------
 def build_data(args, out: Path) -> Path:
-    """The shared dataset: corpus rows' first tokens, answered by the target (T = 1)."""
     path = out / "data.pt"
-    if path.is_file():
-        return path
-    from vsd_ext.models import load_target
-    from vsd_ext.training.data import regenerated_corpus_splits
+    if not path.is_file():
+        from vsd_ext.models import load_target
+        from vsd_ext.training.data import regenerated_corpus_splits
 
-    target = load_target(args.target)
-    regenerated_corpus_splits(target, args.seq_len, args.rows, eval_prompts=args.eval_prompts,
-                              progress=True).save(path)
+        target = load_target(args.target, dtype=torch.bfloat16)
+        splits = regenerated_corpus_splits(target, args.seq_len, args.rows, heldout_rows=64,
+                                           progress=True)
+        splits.save(path)
     return path
 
 
-def train(args, name: str, seed: int, method: str, minutes: float, data: Path, out: Path,
-          init: Path | None = None, extra: list[str] = (), lr: float | None = None) -> Path:
-    run = out / f"seed{seed}" / name
+def run_train(args, run: Path, method: str, seed: int, steps: int, lr: float, data: Path,
+              init: Path | None = None, overrides=(), eval_every: int = 0) -> Path:
     if (run / "summary.json").is_file():
         return run
     cmd = [sys.executable, "-m", "vsd_ext", "train", "--target", args.target,
            "--method", method, "--out", str(run), "--data", str(data), "--seed", str(seed),
-           "--max-minutes", str(minutes), "--budget-clock", args.clock,
-           "--max-steps", "1000000", "--schedule", "constant", "--lr", str(lr or args.lr),
-           "--warmup-steps", "10", "--batch-size", str(args.batch_size),
-           "--seq-len", str(args.seq_len), "--save-every", "5", "--no-progress",
-           "--set", f"eagle3.steps={args.steps}", "--set", f"auf.steps={args.steps}",
-           "--set", f"vsd.depth={args.steps}", *extra]
+           "--max-steps", str(steps), "--schedule", "cosine", "--lr", str(lr),
+           "--warmup-steps", "20", "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--precision", "bf16", "--save-every", "25",
+           "--eval-every", str(eval_every), "--no-progress",
+           "--set", f"eagle3.steps={args.depth}", "--set", f"vsd.depth={args.depth}",
+           "--set", f"vsd.tree_topk={args.topk}", "--set", f"vsd.tree_nodes={args.nodes}"]
+    for kv in overrides:
+        cmd += ["--set", kv]
     if init is not None:
         cmd += ["--init", str(init)]
-    elif args.draft_vocab:
-        cmd += ["--draft-vocab-size", str(args.draft_vocab)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     return run
 
 
-def eval_prompts(target, count: int) -> list[list[int]]:
-    """The first `count` held-out prompts of the corpus (first lines of held-out files, at
-    most 96 tokens; the same list `data.pt` starts with)."""
+# ---- calibration and evaluation ---------------------------------------------------------
+def prompt_sets(target, args) -> dict:
+    """Token ids of the tune prompts (calibration) and of the evaluation set."""
+    import vsd_ext
     from vsd_ext import corpus
+    from vsd_ext.eval import read_prompts_jsonl
 
-    texts = corpus.prompts("heldout", limit=count)
-    return [p[:96] for p in corpus.encode_texts(target.tokenizer, texts)]
+    path = Path(vsd_ext.__file__).parent / "assets" / "prompts" / f"{args.eval_set}.jsonl"
+    encode = target.tokenizer.encode
+    return {"tune": [encode(t).ids for t in corpus.tune_prompts(args.tune_prompts)],
+            "eval": [encode(t).ids for t in read_prompts_jsonl(path)]}
 
 
-def evaluate(args, run: Path) -> dict:
-    from vsd_ext.decoding import TreeConfig
-    from vsd_ext.models import load_drafter, load_target
-    from vsd_ext.training.config import TrainConfig
-    from vsd_ext.training.data import DataSplits
-    from vsd_ext.training.evaluate import decode_tau, heldout_kl
-    from vsd_ext.training.objective import TrainStep
+def decode_taus(target, drafter, prompts, temperature, ranking, args) -> list[float]:
+    """τ of each prompt (B = 1), `--new-tokens` each, EOS ignored."""
+    from vsd_ext.decoding import TreeConfig, generate
 
-    settings = {"eval_prompts": args.eval_prompts, "eval_new_tokens": args.eval_new_tokens,
-                "eval_seed": args.eval_seed, "tree": EVAL_TREE}
+    tree = TreeConfig(args.depth, args.topk, args.nodes, sampled=temperature > 0,
+                      ranking_temperature=ranking)
+    taus = []
+    for i, ids in enumerate(prompts):
+        gen = torch.Generator().manual_seed(args.eval_seed * 100_003 + i)
+        out = generate(target, drafter, ids, args.new_tokens, temperature=temperature,
+                       tree=tree, generator=gen, ignore_eos=True)
+        taus.append(out.stats["tau"])
+    return taus
+
+
+def evaluate_run(args, run: Path, prompts: dict, target) -> dict:
     path = run / "eval.json"
-    if path.is_file():
-        cached = json.loads(path.read_text())
-        if cached.get("settings") == settings:
-            return cached
-    target = load_target(args.target)
-    drafter = load_drafter(run, target)
-    splits = DataSplits.load(Path(args.out) / "data.pt")
-    prompts = eval_prompts(target, args.eval_prompts)
-    step = TrainStep(drafter, target, TrainConfig())
-    result = {"settings": settings,
+    settings = {"eval_set": args.eval_set, "new_tokens": args.new_tokens,
+                "tree": [args.depth, args.topk, args.nodes], "grid": RANKING_GRID,
+                "eval_seed": args.eval_seed, "tune_prompts": args.tune_prompts}
+    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+        return json.loads(path.read_text())
+    from vsd_ext.models import load_drafter
+
+    drafter = load_drafter(run, target, dtype=torch.bfloat16)
+    tune = {t: sum(decode_taus(target, drafter, prompts["tune"], 0.0, t, args))
+            for t in RANKING_GRID}
+    best = max(RANKING_GRID, key=lambda t: (tune[t], t))
+    n = len(prompts["tune"])
+    result = {"settings": settings, "ranking_temperature": best,
+              "tune_tau_T0": {str(t): v / n for t, v in tune.items()},
+              "tune_tau_T1": sum(decode_taus(target, drafter, prompts["tune"], 1.0, best,
+                                             args)) / n,
               "steps": json.loads((run / "summary.json").read_text())["steps"],
-              "heldout_kl": heldout_kl(step, splits.heldout)}
-    for t in TEMPERATURES:
-        stats = decode_tau(target, drafter, prompts, t, args.eval_new_tokens,
-                           TreeConfig(**EVAL_TREE), seed=args.eval_seed)
-        result[f"tau_T{t:g}"] = stats["tau"]
+              "train_seconds": json.loads((run / "summary.json").read_text())["train_seconds"]}
+    for T in TEMPERATURES:
+        result[f"tau_T{T:g}"] = decode_taus(target, drafter, prompts["eval"], T, best, args)
+        if best != 1.0:
+            result[f"tau_T{T:g}_uncalibrated"] = decode_taus(target, drafter, prompts["eval"],
+                                                             T, 1.0, args)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
+# ---- report -----------------------------------------------------------------------------
 def mean_ci(values: list[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
@@ -125,101 +186,86 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, T_975.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
+def paired_bootstrap(arm: dict, base: dict, resamples: int = 4000) -> tuple[float, float]:
+    """95% percentile interval of Σ τ_arm / Σ τ_base over (seed, prompt) pairs, resampling
+    prompts within each seed (same prompts for both: paired)."""
+    gen = torch.Generator().manual_seed(0)
+    ratios = torch.zeros(resamples, dtype=torch.float64)
+    num = torch.zeros(resamples, dtype=torch.float64)
+    den = torch.zeros(resamples, dtype=torch.float64)
+    for seed in arm:
+        a = torch.tensor(arm[seed], dtype=torch.float64)
+        b = torch.tensor(base[seed], dtype=torch.float64)
+        idx = torch.randint(0, len(a), (resamples, len(a)), generator=gen)
+        num += a[idx].sum(1)
+        den += b[idx].sum(1)
+    ratios = num / den
+    return float(ratios.quantile(0.025)), float(ratios.quantile(0.975))
+
+
 def report(args, results: dict, out: Path) -> None:
-    methods = ["eagle3_base", *[m for m in ("eagle3", "auf", "vsd") if m in args.methods]]
-    rows, summary = [], {}
-    for m in methods:
-        for t in TEMPERATURES:
-            key = f"tau_T{t:g}"
-            vals = [results[s][m][key] for s in args.seeds]
-            mean, ci = mean_ci(vals)
-            summary[f"{m} {key}"] = {"mean": mean, "ci95": ci, "per_seed": vals}
-            rows.append(f"| {m} | {t:g} | {mean:.3f} ± {ci:.3f} | "
-                        + ", ".join(f"{v:.3f}" for v in vals) + " |")
-    for t in TEMPERATURES:
-        key = f"tau_T{t:g}"
-        ratios = [results[s]["vsd"][key] / results[s]["eagle3"][key] for s in args.seeds]
-        mean, ci = mean_ci(ratios)
-        summary[f"vsd/eagle3 {key}"] = {"mean": mean, "ci95": ci, "per_seed": ratios}
-        rows.append(f"| vsd / eagle3 (paired) | {t:g} | {mean:.3f} ± {ci:.3f} | "
-                    + ", ".join(f"{v:.3f}" for v in ratios) + " |")
-    extra = ["", "| method | optimizer steps (mean) | held-out step-0 KL mean ± 95% CI |",
-             "|---|---|---|"]
-    for m in methods:
-        steps = [results[s][m]["steps"] for s in args.seeds]
-        mean, ci = mean_ci([results[s][m]["heldout_kl"] for s in args.seeds])
-        summary[f"{m} heldout_kl"] = {"mean": mean, "ci95": ci}
-        extra.append(f"| {m} | {sum(steps) / len(steps):.0f} | {mean:.4f} ± {ci:.4f} |")
-    (out / f"results{args.tag}.json").write_text(json.dumps(
-        {"settings": vars(args), "summary": summary, "runs": results}, indent=2) + "\n")
-    table = ["| method | T | τ mean ± 95% CI | per seed |", "|---|---|---|---|", *rows]
-    text = (f"τ = accepted + 1 per target forward, {args.eval_prompts} held-out prompts, "
-            f"{args.eval_new_tokens} new tokens, tree depth 5 / top-k 4 / 24 nodes; "
-            f"budgets {args.base_minutes} + {args.extra_minutes} min ({args.clock} clock), "
-            f"lr {args.lr:g} (fine-tunes {args.extra_lr or args.lr:g}), "
-            f"seeds {args.seeds}.\n\n" + "\n".join(table + extra) + "\n")
-    (out / f"results{args.tag}.md").write_text(text)
+    lines = [f"τ = accepted + 1 per target forward; eval set `{args.eval_set}`, "
+             f"{args.new_tokens} new tokens, B = 1, tree depth {args.depth} / top-k "
+             f"{args.topk} / {args.nodes} nodes, each run with its calibrated ranking "
+             f"temperature; base {args.base_steps} steps, fine-tunes {args.fine_steps} steps "
+             f"(lr {args.fine_lr:g}); seeds {args.seeds}.", "",
+             "| arm | T | τ mean ± 95% CI (seeds) | τ / eagle3 per seed | ratio mean ± CI "
+             "| paired bootstrap 95% | s/step |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for arm in args.arms:
+        for T in TEMPERATURES:
+            key = f"tau_T{T:g}"
+            taus = {s: results[s][arm][key] for s in args.seeds}
+            base = {s: results[s]["eagle3"][key] for s in args.seeds}
+            pooled = [sum(v) / len(v) for v in taus.values()]
+            ratios = [sum(taus[s]) / sum(base[s]) for s in args.seeds]
+            mean, ci = mean_ci(pooled)
+            rmean, rci = mean_ci(ratios)
+            lo, hi = paired_bootstrap(taus, base)
+            sps = sum(results[s][arm]["train_seconds"] / results[s][arm]["steps"]
+                      for s in args.seeds) / len(args.seeds)
+            summary[f"{arm} {key}"] = {"tau": [mean, ci], "ratio": [rmean, rci],
+                                       "ratio_per_seed": ratios, "bootstrap95": [lo, hi],
+                                       "seconds_per_step": sps}
+            lines.append(f"| {arm} | {T:g} | {mean:.3f} ± {ci:.3f} | "
+                         + ", ".join(f"{r:.3f}" for r in ratios)
+                         + f" | {rmean:.3f} ± {rci:.3f} | [{lo:.3f}, {hi:.3f}] | {sps:.2f} |")
+    text = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(text)
+    (out / "results.json").write_text(json.dumps({"settings": vars(args), "summary": summary,
+                                                  "runs": results}, indent=2) + "\n")
     print(text)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True)
-    p.add_argument("--target", default="default")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--base-minutes", type=float, default=4.0)
-    p.add_argument("--extra-minutes", type=float, default=2.0)
-    p.add_argument("--clock", default="process", choices=["wall", "process"])
-    p.add_argument("--rows", type=int, default=512, help="regenerated training rows")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--steps", type=int, default=5, help="unroll steps / VSD depth")
-    p.add_argument("--draft-vocab", type=int, default=0,
-                   help="reduced draft vocabulary of fresh drafters (0: the target's)")
-    p.add_argument("--eval-prompts", type=int, default=24)
-    p.add_argument("--eval-new-tokens", type=int, default=64)
-    p.add_argument("--eval-seed", type=int, default=7)
-    p.add_argument("--vsd-set", action="append", default=None, metavar="KEY=VALUE",
-                   help="TrainConfig overrides of the vsd runs (default: the settings of "
-                        "vsd_ext.app.demo.VSD_SETTINGS except depth: 4 anchors x 4 paths, "
-                        "lambda_tok 1, soft ARW targets; give 'none' for the defaults of "
-                        "docs/design/METHOD.md)")
-    p.add_argument("--methods", nargs="+", default=["eagle3", "auf", "vsd"],
-                   choices=["eagle3", "auf", "vsd"], help="runs besides eagle3_base")
-    p.add_argument("--vsd-name", default="vsd", help="run directory of the vsd runs (variants)")
-    p.add_argument("--extra-lr", type=float, default=None,
-                   help="learning rate of the eagle3 and vsd fine-tunes (default: --lr)")
-    p.add_argument("--tag", default="",
-                   help="suffix of the fine-tunes' run directories and of results.{json,md} "
-                        "(variants next to the main runs)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads per run (1: CPU time is compute, not spin-waiting)")
-    args = p.parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = build_data(args, out)
-    if args.vsd_set is None:
-        args.vsd_set = ["vsd.anchors=4", "vsd.paths=4", "vsd.lambda_tok=1.0",
-                        "vsd.arw_target=soft"]
-    vsd_extra = [x for kv in args.vsd_set if kv != "none" for x in ("--set", kv)]
-    results = {}
+    base = run_train(args, out / "eagle3_base", "eagle3", 0, args.base_steps, args.base_lr,
+                     data, eval_every=args.base_eval_every)
+    runs = {}
     for seed in args.seeds:
-        base = train(args, "eagle3_base", seed, "eagle3", args.base_minutes, data, out)
-        plan = {
-            "eagle3": lambda: train(args, "eagle3" + args.tag, seed, "eagle3",
-                                    args.extra_minutes, data, out, base, lr=args.extra_lr),
-            "auf": lambda: train(args, "auf", seed, "auf", args.base_minutes + args.extra_minutes,
-                                 data, out),
-            "vsd": lambda: train(args, args.vsd_name + args.tag, seed, "vsd",
-                                 args.extra_minutes, data, out, base, vsd_extra,
-                                 lr=args.extra_lr),
-        }
-        runs = {"eagle3_base": base, **{m: plan[m]() for m in args.methods}}
-        results[seed] = {name: evaluate(args, run) for name, run in runs.items()}
-        print(json.dumps({seed: results[seed]}), flush=True)
-    if {"eagle3", "vsd"} <= set(args.methods):
+        for arm in args.arms:
+            method, overrides = ARMS[arm]
+            run = out / f"seed{seed}" / arm
+            if args.stage != "eval":
+                run_train(args, run, method, seed, args.fine_steps, args.fine_lr, data, base,
+                          overrides)
+            runs[(seed, arm)] = run
+    if args.stage == "train":
+        return
+    from vsd_ext.models import load_target
+
+    target = load_target(args.target)
+    prompts = prompt_sets(target, args)
+    results = {s: {} for s in args.seeds}
+    for (seed, arm), run in runs.items():
+        t0 = time.time()
+        results[seed][arm] = evaluate_run(args, run, prompts, target)
+        print(f"evaluated {run} in {time.time() - t0:.0f} s", flush=True)
+    if "eagle3" in args.arms:
         report(args, results, out)
 
 

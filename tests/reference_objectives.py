@@ -3,15 +3,14 @@
 Everything here is loops over sequences, columns, anchors and paths, using only the models'
 decoding-time API: `Drafter.prefill` of the pairs before a root and `Drafter.tree_step` down
 a chain (exactly what a draft tree does at inference time), materialized logits, and
-float64 cross-entropies. No shared code with `vsd_ext.training` besides the ARW/CAR weight
-functions of `vsd_ext.training.weights` (tested on their own, tests/test_training_weights.py).
-They live with the tests, not in `vsd_ext.reference`, because they depend on that code.
+float64 cross-entropies. No code shared with `vsd_ext.training`: the weights are computed by
+explicit loops here.
 """
 from __future__ import annotations
 
-import torch
+import math
 
-from vsd_ext.training.weights import arw_path_weights, car_confidence
+import torch
 
 
 def chain_outputs(drafter, input_ids, features, column: int, chain: list[int]):
@@ -110,62 +109,102 @@ def vsd_alphas(drafter, target, input_ids, features, anchor: int, z_target: list
     return torch.stack(qs), torch.tensor(alphas, dtype=torch.float64)
 
 
-def vsd_loss(drafter, target, input_ids, loss_mask, records, cfg):
-    """ARW + λ_CAR·CAR of docs/design/METHOD.md given the E-step records (`training.vsd.PathRecord`:
-    anchors, ok, z, alphas, num_accepted, emitted), by loops (λ_tok = 0)."""
+def _target_next(target, prefix: list[int], temperature: float) -> torch.Tensor:
+    """The target's next-token logits after the token list `prefix` (float64)."""
+    seq = torch.tensor([prefix], dtype=torch.int64)
+    return target.run(seq).logits[0, -1].double() / temperature
+
+
+def _chain_values(alphas: list[float]) -> tuple[list[float], list[float]]:
+    """(reach r_k, future value Ŵ_k) of nodes k = 0..K−1 of one chain, by explicit loops."""
+    K = len(alphas)
+    reach = [math.prod(alphas[:k]) for k in range(K)]
+    future = [sum(math.prod(alphas[k + 1:j + 1]) for j in range(k + 1, K)) for k in range(K)]
+    return reach, future
+
+
+def vsd_sampled_tree_loss(drafter, target, input_ids, anchors, ok, z, num, cfg):
+    """The T > 0 tree terms of docs/design/METHOD.md by loops over anchors, chains and
+    nodes, from explicit sequences (float64). anchors/ok `[B, C]`, z `[B, C, S, K]` draft
+    ids (the E-step's samples), num `[B, C, S]` accepted counts (used by reach="realized")."""
     ids = _draft_ids(drafter)
-    to_draft = {int(t): d for d, t in enumerate(ids.tolist())}
-    B, T = input_ids.shape
-    rows = []  # (weight, ce)
-    for rec in records:
-        out = target.run(input_ids[rec.b:rec.b + 1])
-        C, S, K = rec.z.shape
-        for ci in range(C):
-            if not bool(rec.ok[ci]):
-                continue
-            alphas = rec.alphas[ci].double()
-            utility = torch.zeros(S, dtype=torch.float64)
-            for s in range(S):
-                prod = 1.0
-                for k in range(K):
-                    prod *= float(alphas[s, k])
-                    utility[s] += prod if cfg.utility == "expected" else 0.0
-                if cfg.utility == "realized":
-                    utility[s] = float(rec.num_accepted[ci, s]) + 1.0
-            w = arw_path_weights(utility[None], cfg.rho, cfg.min_temperature)[0]
-            a = int(rec.anchors[ci])
-            for s in range(S):
-                n = int(rec.num_accepted[ci, s])
-                emitted = rec.emitted[ci, s, :n + 1].tolist()
-                if cfg.arw_positions == "all":  # every node of the sampled path
-                    n = K
-                    emitted = ids[rec.z[ci, s]].tolist()
-                results = chain_outputs(drafter, input_ids[rec.b], out.features[0], a - 1,
-                                        emitted[:n])
-                reach = 1.0
-                for i in range(n + 1):
-                    r = max(cfg.r_min, reach)
-                    reach *= float(alphas[s, i]) if i < K else 1.0
-                    if cfg.arw_target == "soft":  # the target's distribution at the node
-                        seq = torch.tensor(input_ids[rec.b, :a + 1].tolist() + emitted[:i])
-                        teacher = target.run(seq[None]).logits[0, -1][ids]
-                        rows.append((float(w[s]) * r, _soft_ce(results[i][1], teacher)))
-                        continue
-                    if emitted[i] not in to_draft:
-                        continue
-                    ce = -torch.log_softmax(results[i][1].double(), -1)[to_draft[emitted[i]]]
-                    rows.append((float(w[s]) * r, ce))
-    weights = torch.tensor([r[0] for r in rows], dtype=torch.float64)
-    arw = sum(wt * ce for wt, (_, ce) in zip(weights / weights.sum(), rows))
-    car_num, car_den = torch.zeros((), dtype=torch.float64), 0.0
+    T = cfg.temperature
+    B, C, S, K = z.shape
+    total = torch.zeros((), dtype=torch.float64)
     for b in range(B):
-        out = target.run(input_ids[b:b + 1])
-        logits = drafter(input_ids[b:b + 1, 1:], out.features[:, :-1]).logits[0]
-        for c in range(T - 1):
-            if not _valid(loss_mask[b], T, c, 0):
+        features = target.run(input_ids[b:b + 1]).features[0]
+        for c in range(C):
+            if not bool(ok[b, c]):
                 continue
-            teacher = out.logits[0, c + 1]
-            conf = float(car_confidence(teacher[None], cfg.car_beta, cfg.confidence)[0])
-            car_num = car_num + conf * _soft_ce(logits[c], teacher[ids])
-            car_den += conf
-    return arw + cfg.lambda_car * car_num / car_den
+            a = int(anchors[b, c])
+            context = input_ids[b, :a + 1].tolist()
+            chains = []
+            for s in range(S):
+                zt = ids[z[b, c, s]].tolist()
+                outs = chain_outputs(drafter, input_ids[b], features, a - 1, zt[:-1])
+                logq = [torch.log_softmax(o[1].double() / T, -1) for o in outs]
+                full = [torch.log_softmax(_target_next(target, context + zt[:k], T), -1)
+                        for k in range(K)]
+                # β and KL use the target renormalized on the draft vocabulary; α (reach,
+                # future value) is the true acceptance probability, with the full p.
+                logp = [torch.log_softmax(f[ids], -1) for f in full]
+                alphas = [min(1.0, float(full[k][zt[k]].exp() / logq[k][z[b, c, s, k]].exp()))
+                          for k in range(K)]
+                chains.append((logq, logp, alphas))
+            values = []
+            for s, (logq, logp, alphas) in enumerate(chains):
+                reach, future = _chain_values(alphas)
+                if cfg.reach == "realized":
+                    reach = [float(k <= int(num[b, c, s])) for k in range(K)]
+                value = [1.0 + f if cfg.future_value else 1.0 for f in future]
+                values.append(value)
+                for k in range(1, K):  # the nodes below the root
+                    q, p = logq[k].exp(), logp[k].exp()
+                    beta = torch.minimum(q, p).sum()
+                    kl = (q * (logq[k] - logp[k])).sum()
+                    total = total + cfg.lambda_accept * reach[k] * value[k] * (1 - beta)
+                    total = total + cfg.lambda_kl * reach[k] * kl
+            base = sum(v[0] for v in values) / S
+            logq0, logp0 = chains[0][0][0], chains[0][1][0]
+            q0, p0 = logq0.exp(), logp0.exp()
+            total = total + cfg.lambda_accept * base * (1 - torch.minimum(q0, p0).sum())
+            total = total + cfg.lambda_kl * (q0 * (logq0 - logp0)).sum()
+            if cfg.baseline == "mean":  # the score-function term at the root
+                for s in range(S):
+                    z1 = int(z[b, c, s, 0])
+                    if float(q0[z1]) < float(p0[z1]):
+                        total = total - (values[s][0] - base) / S * logq0[z1]
+    return total / max(int(ok.sum()), 1)
+
+
+def greedy_continuation(target, prefix: list[int], n: int) -> list[int]:
+    """The target's greedy continuation of `prefix`, n tokens, one full forward per token."""
+    out = list(prefix)
+    for _ in range(n):
+        out.append(int(_target_next(target, out, 1.0).argmax()))
+    return out[len(prefix):]
+
+
+def vsd_greedy_tree_loss(drafter, target, input_ids, anchors, ok, num, emitted, cfg):
+    """The T = 0 tree terms given the E-step's greedy paths (num `[B, C]`, emitted
+    `[B, C, N]`): Σ_k (1 + Ŵ_k) CE(y_{k+1}) along each path, from explicit sequences."""
+    to_draft = {int(t): d for d, t in enumerate(_draft_ids(drafter).tolist())}
+    B, C = anchors.shape
+    mean_n = float(num[ok].double().mean())
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(B):
+        features = target.run(input_ids[b:b + 1]).features[0]
+        for c in range(C):
+            if not bool(ok[b, c]):
+                continue
+            n = int(num[b, c])
+            y = emitted[b, c, :n + 1].tolist()
+            outs = chain_outputs(drafter, input_ids[b], features, int(anchors[b, c]) - 1, y[:n])
+            for k in range(n + 1):
+                if y[k] not in to_draft:
+                    continue
+                future = (n - k - 1) if k < n else mean_n
+                weight = 1.0 + future if cfg.future_value else 1.0
+                total = total - weight * torch.log_softmax(outs[k][1].double(), -1)[
+                    to_draft[y[k]]]
+    return total / max(int(ok.sum()), 1)

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import vsd_ext
+from vsd_ext.decoding import DrafterProposer, TreeConfig
 from vsd_ext.models import Drafter, load_target, token_counts
 from vsd_ext.training import vsd as vsd_mod
+from vsd_ext.training import vsd_greedy, vsd_sampled
 from vsd_ext.training.config import TrainConfig, VSDConfig
 from vsd_ext.training.data import DataSplits
 from vsd_ext.training.drafting import causal_pass
@@ -81,58 +83,127 @@ def test_unrolled_objectives_match_reference(tiny, seed, method):
     check_against(step, slow, loss)
 
 
-def test_vsd_e_step_matches_explicit_sequences(tiny, seed):
+def vsd_setup(tiny, seed, rows, **settings):
     _, target, data = tiny
     cfg = TrainConfig(method="vsd", seq_len=20).validate()
-    cfg.vsd.anchors, cfg.vsd.paths, cfg.vsd.depth = 2, 3, 3
-    cfg.vsd.sample_temperature = 1.3
+    for name, value in settings.items():
+        setattr(cfg.vsd, name, value)
+    cfg.validate()
     drafter = make_drafter(target, data, seed)
     step = TrainStep(drafter, target, cfg)
-    ids, mask = batch_of(data, [3, 4], mask_prefix=4)
+    ids, mask = batch_of(data, rows, mask_prefix=3)
     batch = target_pass(target, ids, mask, with_cache=True)
     h0, kv = causal_pass(drafter, ids[:, 1:], batch.features[:, :-1])
-    records = vsd_mod.e_step(step, batch, h0, kv, torch.Generator().manual_seed(seed))
+    picks = [vsd_mod.sample_anchors(ids[b], mask[b], cfg.vsd.anchors,
+                                    torch.Generator().manual_seed(seed + b)) for b in range(2)]
+    anchors = torch.stack([a for a, _ in picks])
+    ok = torch.stack([o for _, o in picks])
+    return step, batch, h0, kv, anchors, ok
+
+
+def test_vsd_sampled_e_step_matches_explicit_sequences(tiny, seed):
+    """q, α and the soft targets at the run's temperature (T = 1.3 here), from explicit
+    sequences; accepted counts within the chain."""
+    step, batch, h0, kv, anchors, ok = vsd_setup(tiny, seed, [3, 4], anchors=2, paths=3,
+                                                  depth=3, temperature=1.3)
+    drafter, target = step.drafter, step.target
+    gen = torch.Generator().manual_seed(seed)
+    z, q, _ = vsd_sampled.sample_paths(step, h0, kv, anchors, step.config.vsd, gen)
     ids_d = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size))
-    for rec in records:
-        assert bool(rec.ok.all())
-        assert bool(mask[rec.b, rec.anchors + 1].all())
+    for b in range(2):
+        alphas, num, teacher = vsd_sampled.score_and_verify(step, batch, b, anchors[b], z[b],
+                                                            q[b], 1.3, gen)
         for c in range(2):
             for s in range(3):
-                z = ids_d[rec.z[c, s]].tolist()
-                q, alphas = ref.vsd_alphas(drafter, target, ids[rec.b], batch.features[rec.b],
-                                           int(rec.anchors[c]), z, 1.3)
-                assert torch.allclose(rec.q[c, s].double(), q, atol=1e-5)
-                assert torch.allclose(rec.alphas[c, s].double(), alphas, atol=1e-4)
-                n = int(rec.num_accepted[c, s])
-                assert rec.emitted[c, s, :n].tolist() == z[:n]          # accepted prefix
-                assert 0 <= int(rec.emitted[c, s, n]) < target.vocab_size  # + one token
-                assert bool((rec.emitted[c, s, n + 1:] == -1).all())
+                path = ids_d[z[b, c, s]].tolist()
+                q_ref, a_ref = ref.vsd_alphas(drafter, target, batch.input_ids[b],
+                                              batch.features[b], int(anchors[b, c]), path, 1.3)
+                assert torch.allclose(q[b, c, s].double(), q_ref, atol=1e-5)
+                assert torch.allclose(alphas[c, s].double(), a_ref, atol=1e-4)
+                assert 0 <= int(num[c, s]) <= 3
+                seq = batch.input_ids[b, :int(anchors[b, c]) + 1].tolist() + path[:1]
+                logits = target.run(torch.tensor([seq])).logits[0, -1]
+                p_ref = torch.softmax(logits[ids_d] / 1.3, -1)
+                p_fast = torch.softmax(teacher[c, s, 1].double() / 1.3, -1)
+                assert torch.allclose(p_fast, p_ref.double(), atol=1e-5)
 
 
-@pytest.mark.parametrize("utility,arw_target,positions", [
-    ("expected", "emitted", "emitted"), ("realized", "emitted", "emitted"),
-    ("expected", "soft", "emitted"), ("expected", "soft", "all")])
-def test_vsd_loss_matches_reference(tiny, seed, utility, arw_target, positions):
-    _, target, data = tiny
-    cfg = TrainConfig(method="vsd", seq_len=20).validate()
-    v = cfg.vsd
-    v.anchors, v.paths, v.depth, v.utility, v.lambda_car, v.r_min = 3, 4, 3, utility, 0.3, 0.2
-    v.arw_target, v.arw_positions = arw_target, positions
-    drafter = make_drafter(target, data, seed)
-    step = TrainStep(drafter, target, cfg)
-    ids, mask = batch_of(data, [5, 6], mask_prefix=3)
-    batch = target_pass(target, ids, mask, with_cache=True)
-    h0, kv = causal_pass(drafter, ids[:, 1:], batch.features[:, :-1])
-    gen = torch.Generator().manual_seed(seed)
-    records = vsd_mod.e_step(step, batch, h0, kv, gen)
-    loss, metrics = vsd_mod.m_step(step, batch, LossHead(drafter, torch.float32), h0, kv,
-                                   records, gen)
-    assert 1.0 <= metrics["tau_est"] <= 1.0 + v.depth
-    check_against(step, ref.vsd_loss(drafter, target, ids, mask, records, v), loss)
-    # The module's forward is the same computation (E-step then M-step) under its seed.
-    again, _ = step(ids, mask, seed, False)
-    first, _ = step(ids, mask, seed, False)
-    assert torch.equal(again, first)
+@pytest.mark.parametrize("reach,future_value,baseline", [
+    ("expected", True, "mean"), ("realized", True, "mean"), ("expected", False, "none")])
+def test_vsd_sampled_tree_loss_matches_reference(tiny, seed, reach, future_value, baseline):
+    step, batch, h0, kv, anchors, ok = vsd_setup(
+        tiny, seed, [5, 6], anchors=3, paths=3, depth=3, temperature=1.3, reach=reach,
+        future_value=future_value, baseline=baseline, lambda_kl=0.3, lambda_accept=1.5)
+    head = LossHead(step.drafter, torch.float32)
+    loss, metrics = vsd_sampled.sampled_tree_loss(step, batch, head, h0, kv, anchors, ok,
+                                                  torch.Generator().manual_seed(seed))
+    assert 1.0 <= metrics["tau_est"] <= 4.0
+    gen = torch.Generator().manual_seed(seed)  # the same draws: samples, then verification
+    z, q, _ = vsd_sampled.sample_paths(step, h0, kv, anchors, step.config.vsd, gen)
+    num = torch.stack([vsd_sampled.score_and_verify(step, batch, b, anchors[b], z[b], q[b],
+                                                    1.3, gen)[1] for b in range(2)])
+    slow = ref.vsd_sampled_tree_loss(step.drafter, step.target, batch.input_ids, anchors, ok,
+                                     z, num, step.config.vsd)
+    check_against(step, slow, loss)
+
+
+def test_vsd_greedy_tree_is_the_decoders_tree(tiny, seed):
+    """The T = 0 E-step builds below each anchor exactly the tree `DrafterProposer` drafts
+    when decoding the same context."""
+    step, batch, h0, kv, anchors, ok = vsd_setup(tiny, seed, [3, 4], anchors=2, temperature=0.0,
+                                                  depth=3, tree_topk=2, tree_nodes=5)
+    tree = vsd_greedy.draft_trees(step, h0, kv, anchors, step.config.vsd)
+    tokens, parents = tree.tokens.view(2, 2, -1), tree.parents.view(2, 2, -1)
+    for b in range(2):
+        for c in range(2):
+            a = int(anchors[b, c])
+            prompt = batch.input_ids[b:b + 1, :a]
+            proposer = DrafterProposer(step.drafter, TreeConfig(3, 2, 5))
+            features = step.target.run(prompt).features
+            proposer.start(prompt, torch.tensor([a]), features, batch.input_ids[b, a:a + 1],
+                           a + 16)
+            draft = proposer.propose(batch.input_ids[b, a:a + 1])
+            assert tokens[b, c, 1:].tolist() == draft.tokens[0, 1:].tolist()
+            assert parents[b, c].tolist() == draft.parents[0].tolist()
+
+
+def test_vsd_greedy_paths_and_loss_match_reference(tiny, seed):
+    step, batch, h0, kv, anchors, ok = vsd_setup(tiny, seed, [5, 6], anchors=3, temperature=0.0,
+                                                  depth=3, tree_topk=3, tree_nodes=8)
+    tree = vsd_greedy.draft_trees(step, h0, kv, anchors, step.config.vsd)
+    num, emitted = vsd_greedy.greedy_paths(step, batch, anchors, tree)
+    for b in range(2):
+        for c in range(3):
+            n, a = int(num[b, c]), int(anchors[b, c])
+            y = ref.greedy_continuation(step.target, batch.input_ids[b, :a + 1].tolist(), n + 1)
+            assert emitted[b, c, :n + 1].tolist() == y
+    head = LossHead(step.drafter, torch.float32)
+    loss, metrics = vsd_greedy.greedy_tree_loss(step, batch, head, h0, kv, anchors, ok, None)
+    assert metrics["tau_est"] == pytest.approx(1.0 + float(num[ok].float().mean()))
+    slow = ref.vsd_greedy_tree_loss(step.drafter, step.target, batch.input_ids, anchors, ok,
+                                    num, emitted, step.config.vsd)
+    check_against(step, slow, loss)
+
+
+def test_vsd_unroll_is_the_tree_depth_unless_set():
+    cfg = TrainConfig(method="vsd").validate()
+    assert cfg.vsd.unroll_steps == cfg.vsd.depth == cfg.eagle3.steps == 5
+    cfg.vsd.depth = 3
+    assert cfg.vsd.unroll_steps == 3
+    cfg.vsd.anchor_steps = 4
+    assert cfg.vsd.unroll_steps == 4
+
+
+def test_vsd_loss_is_anchor_plus_tree_terms(tiny, seed):
+    for temperature in (0.0, 1.0):
+        step, batch, h0, kv, anchors, ok = vsd_setup(tiny, seed, [5, 6], anchors=2, paths=2,
+                                                      depth=2, temperature=temperature,
+                                                      lambda_tok=0.7, lambda_tree=0.4)
+        loss, metrics = step(batch.input_ids, batch.loss_mask, seed, True)
+        assert metrics["loss"] == pytest.approx(0.7 * metrics["tok"] + 0.4 * metrics["tree"],
+                                                rel=1e-5)
+        again, _ = step(batch.input_ids, batch.loss_mask, seed, False)
+        assert torch.equal(again, step(batch.input_ids, batch.loss_mask, seed, False)[0])
 
 
 def test_gradients_reach_only_the_drafter(tiny, seed):
@@ -208,14 +279,14 @@ def test_bad_configs_raise_clear_errors(tiny, tmp_path):
     _, target, data = tiny
     with pytest.raises(ValueError, match="method"):
         TrainConfig(method="eagle2").validate()
-    with pytest.raises(ValueError, match="vsd.rho"):
-        TrainConfig(vsd=vsd_mod_config(rho=0.0)).validate()
-    with pytest.raises(ValueError, match="vsd.utility"):
-        TrainConfig(vsd=vsd_mod_config(utility="best")).validate()
-    with pytest.raises(ValueError, match="vsd.arw_target"):
-        TrainConfig(vsd=vsd_mod_config(arw_target="both")).validate()
-    with pytest.raises(ValueError, match="vsd.arw_positions.*soft"):
-        TrainConfig(vsd=vsd_mod_config(arw_positions="all")).validate()
+    with pytest.raises(ValueError, match="vsd.reach"):
+        TrainConfig(vsd=vsd_mod_config(reach="both")).validate()
+    with pytest.raises(ValueError, match="vsd.baseline"):
+        TrainConfig(vsd=vsd_mod_config(baseline="ema")).validate()
+    with pytest.raises(ValueError, match="vsd.temperature"):
+        TrainConfig(vsd=vsd_mod_config(temperature=-1.0)).validate()
+    with pytest.raises(ValueError, match="vsd.ranking_temperature"):
+        TrainConfig(vsd=vsd_mod_config(ranking_temperature=0.0)).validate()
     with pytest.raises(ValueError, match="eagle3.steps"):
         TrainConfig.from_dict({"eagle3": {"steps": 0}}).validate()
     with pytest.raises(ValueError, match="unknown fields"):

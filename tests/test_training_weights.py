@@ -1,84 +1,68 @@
-"""ARW / CAR weights (docs/design/METHOD.md): ESS bound, uniform reduction, reach
-probabilities, confidence."""
-import math
+"""Per-node weights of the VSD M-step (docs/design/METHOD.md): reach, future value, the
+expected length of a chain, the greedy path's row weights — against brute force, and the
+reach counted once."""
+import itertools
 
-import pytest
 import torch
 
 from vsd_ext.training.weights import (
-    arw_path_weights,
-    arw_position_weights,
-    car_confidence,
-    effective_sample_size,
-    normalize_mean_one,
-    path_utility,
+    expected_lengths,
+    future_values,
+    greedy_row_weights,
+    path_length,
+    reach_weights,
 )
 
 
-def test_expected_utility_is_the_expected_accepted_length():
-    alphas = torch.tensor([[1.0, 1.0, 1.0], [0.5, 0.5, 0.5], [0.0, 1.0, 1.0]])
-    assert torch.allclose(path_utility(alphas), torch.tensor([3.0, 0.875, 0.0]))
-    realized = path_utility(alphas, "realized", accepted=torch.tensor([3, 1, 0]))
-    assert torch.equal(realized, torch.tensor([4.0, 2.0, 1.0]))
-    with pytest.raises(ValueError, match="accepted"):
-        path_utility(alphas, "realized")
-    with pytest.raises(ValueError, match="kind"):
-        path_utility(alphas, "best")
+def brute_force(alphas: list[float]):
+    """Enumerate every accept/reject outcome of a chain: (P(node k reached), E[accepted],
+    E[accepted after z_{k+1} | z_{k+1} accepted])."""
+    K = len(alphas)
+    reach, length = [0.0] * K, 0.0
+    after = [0.0] * K
+    for outcome in itertools.product([0, 1], repeat=K):
+        prob = 1.0
+        for a, o in zip(alphas, outcome):
+            prob *= a if o else 1 - a
+        n = next((i for i, o in enumerate(outcome) if not o), K)  # accepted prefix
+        length += prob * n
+        for k in range(K):
+            reach[k] += prob * (k <= n)
+    for k in range(K):
+        tail = alphas[k + 1:]
+        after[k] = sum(torch.tensor(tail[:j + 1]).prod().item() for j in range(len(tail)))
+    return reach, length, after
 
 
-@pytest.mark.parametrize("rho", [0.25, 0.5, 0.9])
-def test_arw_weights_meet_the_ess_bound_and_are_sharpest_such(gen, rho):
-    c, s = 64, 16
-    utility = torch.rand(c, s, generator=gen, dtype=torch.float64) * 7
-    utility[:8] = 0.0
-    utility[8:16, 1:] = 1e-9          # one path dominates: needs a high temperature
-    w = arw_path_weights(utility, rho=rho)
-    assert torch.allclose(w.sum(-1), torch.full((c,), float(s), dtype=w.dtype))
-    ess = effective_sample_size(w)
-    assert bool((ess >= rho * s * (1 - 1e-6)).all())
-    # Higher utility never gets a lower weight.
-    order = utility.argsort(-1)
-    assert bool((w.gather(-1, order).diff(dim=-1) >= -1e-12).all())
-    # Sharpest: where the bound is active (T > 1), the ESS sits on the bound.
-    plain = s * utility.clamp_min(1e-6) / utility.clamp_min(1e-6).sum(-1, keepdim=True)
-    active = effective_sample_size(plain) < rho * s
-    assert bool(active.any())
-    assert torch.allclose(ess[active], torch.full_like(ess[active], rho * s), rtol=1e-4)
-    # Where proportional-to-utility weights already satisfy it, they are used as they are.
-    assert torch.allclose(w[~active], plain[~active], rtol=1e-9)
+def test_weights_equal_brute_force_enumeration():
+    gen = torch.Generator().manual_seed(0)
+    alphas = torch.rand(6, 4, generator=gen, dtype=torch.float64)
+    alphas[0] = 1.0
+    alphas[1, 2] = 0.0
+    for row in alphas:
+        reach, length, after = brute_force(row.tolist())
+        assert torch.allclose(reach_weights(row), torch.tensor(reach, dtype=torch.float64))
+        assert abs(float(path_length(row)) - length) < 1e-12
+        assert torch.allclose(future_values(row), torch.tensor(after, dtype=torch.float64))
+    assert expected_lengths(alphas).shape == (6, 5)
+    assert bool((expected_lengths(alphas)[:, -1] == 0).all())
 
 
-def test_arw_weights_reduce_to_uniform_for_equal_utilities():
-    w = arw_path_weights(torch.full((3, 5), 2.5))
-    assert torch.allclose(w, torch.ones(3, 5))
+def test_reach_is_counted_once():
+    """Sampling outcomes and keeping the reached nodes unweighted ("realized") has the same
+    expected row weight as weighting every node by r ("expected"): r, not r²."""
+    alphas = torch.tensor([0.9, 0.5, 0.7, 0.3], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    u = torch.rand(200_000, 4, generator=gen, dtype=torch.float64)
+    accepted = torch.cumprod((u < alphas).long(), 1).sum(1)                  # n per draw
+    realized = (torch.arange(4)[None] <= accepted[:, None]).double().mean(0)  # reached
+    assert torch.allclose(realized, reach_weights(alphas), atol=3e-3)
+    assert not torch.allclose(realized, reach_weights(alphas) ** 2, atol=3e-2)
 
 
-def test_arw_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="rho"):
-        arw_path_weights(torch.ones(2, 3), rho=0.0)
-    with pytest.raises(ValueError, match="non-negative"):
-        arw_path_weights(-torch.ones(2, 3))
-    with pytest.raises(ValueError, match=r"\[C, S\]"):
-        arw_path_weights(torch.ones(3))
-
-
-def test_position_weights_are_clamped_reach_probabilities():
-    alphas = torch.tensor([[0.5, 0.5, 0.01, 1.0]])
-    r = arw_position_weights(alphas, r_min=0.05)
-    assert torch.allclose(r, torch.tensor([[1.0, 0.5, 0.25, 0.05]]))
-
-
-def test_normalize_mean_one_ignores_masked_tokens():
-    w = torch.tensor([1.0, 3.0, 100.0])
-    out = normalize_mean_one(w, torch.tensor([True, True, False]))
-    assert torch.allclose(out, torch.tensor([0.5, 1.5, 0.0]))
-    assert torch.equal(normalize_mean_one(w, torch.zeros(3, dtype=torch.bool)), torch.zeros(3))
-
-
-def test_car_confidence():
-    logits = torch.tensor([[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    c = car_confidence(logits)
-    assert c[0] > 0.99 and math.isclose(float(c[1]), 0.25, rel_tol=1e-6)
-    e = car_confidence(logits, kind="neg_entropy")
-    assert e[0] > 0.99 and abs(float(e[1])) < 1e-6
-    assert torch.allclose(car_confidence(logits, beta=2.0), c.square())
+def test_greedy_row_weights():
+    num = torch.tensor([0, 2, 3])
+    w = greedy_row_weights(num, 3, future_value=True, fail_value=1.5)
+    assert w.tolist() == [[2.5, 0, 0, 0], [2.0, 1.0, 2.5, 0], [3.0, 2.0, 1.0, 2.5]]
+    plain = greedy_row_weights(num, 3, future_value=False, fail_value=1.5)
+    assert plain.tolist() == [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]

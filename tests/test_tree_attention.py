@@ -294,3 +294,228 @@ def test_default_scale(gen):
     out_default, _ = vsd_ext.tree_attention(*args)
     out_explicit, _ = vsd_ext.tree_attention(*args, sm_scale=1 / math.sqrt(48))
     assert torch.equal(out_default, out_explicit)
+
+
+# ---- input contract: rejected shapes and scales, empty batches, any prefix_lens stride -------
+
+def small_args(device, B=2, N=5, Hq=4, Hkv=2, D=64, L=10, Bc=None):
+    gen = torch.Generator().manual_seed(0)
+    Bc = B if Bc is None else Bc
+    return list(make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, torch.float32))
+
+
+def backward_args(args, sm_scale=0.125):
+    """The backward op's arguments for forward arguments `args` (grad_out = 1, no grad_lse)."""
+    q = args[0]
+    lse = torch.zeros(q.shape[:3], device=q.device)
+    return (torch.ones_like(q), None, *args, torch.zeros_like(q), lse, sm_scale)
+
+
+@pytest.mark.parametrize("Hq, D, match", [(0, 64, r"at least one query head"),
+                                          (4, 0, r"head dim D >= 1")])
+def test_rejects_no_heads_and_empty_head_dim(device, Hq, D, match):
+    """Hq = 0 or D = 0 would leave lse (and the tree gradients) unwritten: both ops raise, on
+    every device and in the fake kernel, and the default scale is no ZeroDivisionError."""
+    args = small_args(device, Hq=4, D=max(D, 1))
+    args[0] = torch.zeros(2, 5, Hq, D, device=device)
+    Hkv = 1 if Hq == 0 else 2
+    for i in (1, 2):
+        args[i] = torch.zeros(2, 10, Hkv, D, device=device)
+    for i in (4, 5):
+        args[i] = torch.zeros(2, 5, Hkv, D, device=device)
+    pattern = r"argument 'q'.*" + match
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*args)  # default sm_scale
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention(*args, 0.125)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention_backward(*backward_args(args))
+    with pytest.raises(ValueError, match=pattern):  # the fake kernel: meta tensors
+        vsd_ext.tree_attention(*[a.to("meta") for a in args])
+
+
+@pytest.mark.parametrize("scale", [math.nan, math.inf, -math.inf])
+def test_rejects_non_finite_sm_scale(device, scale):
+    args = small_args(device)
+    pattern = r"argument 'sm_scale'.*finite"
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*args, sm_scale=scale)
+    with pytest.raises(ValueError, match=pattern):
+        torch.ops.vsd_ext.tree_attention_backward(*backward_args(args, scale))
+    with pytest.raises(ValueError, match=pattern):
+        vsd_ext.tree_attention(*[a.to("meta") for a in args], sm_scale=scale)
+
+
+@pytest.mark.parametrize("B, N", [(0, 5), (3, 0), (0, 0)])
+@pytest.mark.parametrize("shared_cache", [False, True], ids=["Bc=B", "Bc=1"])
+def test_empty_batch_forward_and_backward(device, B, N, shared_cache):
+    """B = 0 or N = 0: empty outputs, and gradients of the inputs' shapes (zeros)."""
+    Bc, L, Hq, Hkv, D = 1 if shared_cache else B, 10, 4, 2, 64
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, requires_grad=True)
+
+    args = [randn(B, N, Hq, D), randn(Bc, L, Hkv, D), randn(Bc, L, Hkv, D),
+            torch.full((B,), L, device=device), randn(B, N, Hkv, D), randn(B, N, Hkv, D),
+            torch.zeros(B, N, (N + 63) // 64, dtype=torch.int64, device=device)]
+    out, lse = vsd_ext.tree_attention(*args)
+    assert out.shape == (B, N, 4, 64) and lse.shape == (B, N, 4)
+    inputs = [args[i] for i in (0, 1, 2, 4, 5)]
+    grads = torch.autograd.grad(out.sum() + lse.sum(), inputs)
+    for g, x in zip(grads, inputs):
+        assert g.shape == x.shape and g.dtype == x.dtype and not g.any()
+
+
+@pytest.mark.parametrize("layout", ["column", "expanded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefix_lens_of_any_stride(device, gen, layout, dtype):
+    """prefix_lens as a column view (stride 2) or an expanded scalar (stride 0), int32 and
+    int64: forward and gradients equal those with the same values contiguous."""
+    B, N, Hq, Hkv, D, L = 4, 20, 4, 2, 64, 150
+    args = list(make_inputs(gen, device, B, B, N, Hq, Hkv, D, L, dtype))
+    for lens_dtype in (torch.int32, torch.int64):
+        if layout == "column":
+            table = torch.stack([torch.tensor([7, L, 0, 99]), torch.full((B,), L + 5)], 1)
+            lens = table.to(device, lens_dtype)[:, 0]
+        else:
+            lens = torch.tensor([63], dtype=lens_dtype, device=device).expand(B)
+        assert not lens.is_contiguous()
+        strided = args[:3] + [lens] + args[4:]
+        dense = args[:3] + [lens.contiguous()] + args[4:]
+        for got, want in zip(vsd_ext.tree_attention(*strided), vsd_ext.tree_attention(*dense)):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        check_grads(strided, dtype)
+
+
+# ---- keys no node sees contribute nothing (issue #17, item 2) --------------------------------
+
+def poison_unseen(args, unseen_nodes, value):
+    """Copies of the forward arguments with `value` in k/v of the tree nodes no node of the row
+    sees (unseen_nodes [B, N] bool; their columns cleared from the mask) and of the cache
+    positions no row sees."""
+    q, k_cache, v_cache, lens, k_tree, v_tree, mask = args
+    B, N = unseen_nodes.shape
+    unseen_nodes = unseen_nodes.to(mask.device)
+    dense = tree.unpack_tree_mask(mask, N) & ~unseen_nodes[:, None, :]
+    mask = tree.pack_tree_mask(dense)
+    k_tree, v_tree = k_tree.clone(), v_tree.clone()
+    k_tree[unseen_nodes] = value
+    v_tree[unseen_nodes] = value
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    pos = torch.arange(k_cache.shape[1], device=lens.device)
+    for bc in range(k_cache.shape[0]):
+        seen_len = lens.max() if k_cache.shape[0] == 1 else lens[bc]
+        k_cache[bc, pos >= seen_len] = value
+        v_cache[bc, pos >= seen_len] = value
+    return [q, k_cache, v_cache, lens, k_tree, v_tree, mask]
+
+
+@pytest.mark.parametrize("Bc", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_unseen_keys_contribute_nothing(device, gen, Bc, dtype):
+    """NaN / inf in k, v of a tree node that no node of its row sees (padding) and of cache
+    positions past every row's prefix: outputs and gradients are exactly those with zeros
+    there (the 0 * NaN of P V must not happen), and those keys' gradients are 0."""
+    B, N, Hq, Hkv, D, L = 3, 70, 8, 2, 64, 90
+    args = list(make_inputs(gen, device, B, Bc, N, Hq, Hkv, D, L, dtype))
+    args[3] = torch.tensor([40, 0, 77], device=device)
+    unseen = torch.zeros(B, N, dtype=torch.bool)
+    unseen[0, 50:] = True  # tail padding across both 64-node mask words
+    unseen[1, 10:20] = True  # padding in the middle of a row
+    unseen[2, 3] = True
+    poisoned = poison_unseen(args, unseen, math.nan)
+    poisoned[5][unseen] = math.inf  # and inf values
+    clean = poison_unseen(args, unseen, 0.0)
+    diff = [0, 1, 2, 4, 5]
+
+    def run(fn, inputs):
+        inputs = [a.detach().requires_grad_() if i in diff else a for i, a in enumerate(inputs)]
+        out, lse = fn(*inputs)
+        go = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape).to(out.dtype)
+        loss = (out * go).sum() + lse.masked_fill(torch.isinf(lse), 0).sum()
+        return (out, lse, *torch.autograd.grad(loss, [inputs[i] for i in diff]))
+
+    for fn in (vsd_ext.tree_attention, tree_attention_reference):
+        got, want = run(fn, poisoned), run(fn, clean)
+        for name, g, w in zip(["out", "lse", "dq", "dk_cache", "dv_cache", "dk_tree", "dv_tree"],
+                              got, want):
+            assert torch.equal(g, w), f"{fn.__module__}: {name} differs from the clean run"
+        dk_tree, dv_tree = got[5], got[6]
+        assert not dk_tree[unseen].any() and not dv_tree[unseen].any()
+    out = run(vsd_ext.tree_attention, poisoned)
+    assert all(torch.isfinite(t).all() for t in out[2:])
+
+
+# ---- CUDA only: the two kernel paths, determinism, one synchronization ----------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device visible")
+
+
+def unaligned(t):
+    """The same values in a view whose rows are not 16-byte aligned: the tensor-core kernels
+    decline it, so the warp-per-row (simple) kernels run."""
+    buf = torch.empty(*t.shape[:-1], t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+    view = buf[..., 1:]
+    view.copy_(t)
+    return view
+
+
+@cuda_only
+@pytest.mark.parametrize("config", [(3, 1, 70, 8, 2, 64, 300), (2, 2, 33, 4, 4, 128, 130)],
+                         ids=lambda c: CONFIG_IDS(*c))
+def test_tensor_core_path_matches_simple_path(gen, config):
+    """The ldmatrix tensor-core kernels (forward, dQ, dK/dV with the split shared-cache
+    reduction) against the simple warp-per-row kernels on the same bf16 inputs."""
+    args = list(make_inputs(gen, "cuda", *config, torch.bfloat16))
+    simple = [unaligned(a) if a.is_floating_point() else a for a in args]
+
+    def outputs(inputs):
+        inputs = [a.detach().requires_grad_() if a.is_floating_point() else a for a in inputs]
+        out, lse = vsd_ext.tree_attention(*inputs)
+        go = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        grads = torch.autograd.grad((out * go).sum() + lse.masked_fill(lse.isinf(), 0).sum(),
+                                    [a for a in inputs if a.is_floating_point()])
+        return out, lse, *grads
+
+    for name, fast, slow in zip(["out", "lse", "dq", "dk_cache", "dv_cache", "dk_tree", "dv_tree"],
+                                outputs(args), outputs(simple)):
+        scale = slow.float().abs().max().item() or 1.0
+        err = (fast.float() - slow.float()).abs().max().item()
+        assert err <= 2e-2 * scale, f"{name}: tensor-core vs simple {err:.3g} (scale {scale:.3g})"
+
+
+@cuda_only
+def test_shared_cache_backward_is_deterministic(gen):
+    """Bc = 1 with few key tiles: the rows are split over blocks into fp32 partials reduced in
+    a fixed order; two runs give bit-identical gradients."""
+    args = [a.requires_grad_() if a.is_floating_point() else a
+            for a in make_inputs(gen, "cuda", 16, 1, 40, 8, 2, 128, 200, torch.bfloat16)]
+    inputs = [args[i] for i in (0, 1, 2, 4, 5)]
+    runs = [torch.autograd.grad(vsd_ext.tree_attention(*args)[0].float().square().sum(), inputs)
+            for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    check_grads(args, torch.bfloat16)
+
+
+@cuda_only
+def test_one_synchronization_per_call(gen):
+    """check_prefix_values reads (min, max) of prefix_lens back in one blocking copy: the only
+    synchronization of a forward or backward call."""
+    import warnings
+    args = make_inputs(gen, "cuda", 2, 2, 10, 4, 2, 64, 50, torch.bfloat16)
+    out, lse = vsd_ext.tree_attention(*args)
+    calls = [lambda: torch.ops.vsd_ext.tree_attention(*args, 0.125),
+             lambda: torch.ops.vsd_ext.tree_attention_backward(torch.ones_like(out), None, *args,
+                                                              out, lse, 0.125)]
+    torch.cuda.synchronize()
+    for call in calls:
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message)]
+        assert len(syncs) == 1, [str(w.message) for w in caught]

@@ -1,15 +1,57 @@
 // What every torch-free CUDA kernel shares: the one dtype enum of the kernel interfaces, the
-// element conversions to and from the accumulation type, and the warp / block reductions.
+// once-per-device attribute calls, the element conversions to and from the accumulation type,
+// and the warp / block reductions.
 //
-// The enum is plain C++: the adapters (compiled by the host compiler) see it through the
-// *_kernel.cuh launch interfaces. Everything else is device code, compiled by nvcc only.
+// The enum and the once-per-device helpers are plain C++: the adapters (compiled by the host
+// compiler) see them through the *_kernel.cuh launch interfaces. Everything else is device code,
+// compiled by nvcc only.
 #pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <atomic>
 
 namespace vsd_ext::cuda {
 
 // Element dtype of a tensor handed to a kernel (the adapters map at::ScalarType onto it with
 // kernel_dtype(), cuda/kernel_dtype.h).
 enum class DType : int { kFloat16, kBFloat16, kFloat32, kFloat64 };
+
+// ---- once per device (host code) ---------------------------------------------------------------
+// cudaFuncSetAttribute and device attribute queries are driver calls: the launchers make them
+// once per device, not per call. Devices past kMaxDevices (none in practice) repeat the call.
+constexpr int kMaxDevices = 64;
+
+// Runs set() on the current device unless it already succeeded there; `done` is the call site's
+// flag per device (a function-local static). Two threads' first calls may both run it: the
+// attribute calls it makes are idempotent.
+template <class F>
+cudaError_t once_per_device(std::atomic<bool> (&done)[kMaxDevices], F&& set) {
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);  // thread-local state, no driver round trip
+  if (err != cudaSuccess) return err;
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  err = set();
+  if (err == cudaSuccess && cached) done[device].store(true, std::memory_order_release);
+  return err;
+}
+
+// cudaDeviceGetAttribute(value, kAttr, device), queried once per device (for the positive
+// attributes the kernels size themselves by: multiprocessor count, shared-memory limits).
+template <cudaDeviceAttr kAttr>
+cudaError_t device_attribute(int device, int* value) {
+  static std::atomic<int> cache[kMaxDevices];  // 0: not queried yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  const int known = cached ? cache[device].load(std::memory_order_relaxed) : 0;
+  if (known > 0) {
+    *value = known;
+    return cudaSuccess;
+  }
+  const cudaError_t err = cudaDeviceGetAttribute(value, kAttr, device);
+  if (err == cudaSuccess && cached) cache[device].store(*value, std::memory_order_relaxed);
+  return err;
+}
 
 }  // namespace vsd_ext::cuda
 

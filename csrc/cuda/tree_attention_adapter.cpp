@@ -6,6 +6,7 @@
 
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -42,7 +43,8 @@ ct::Inputs kernel_inputs(const Dims& d, const at::Tensor& q, const at::Tensor& k
   in.tree_mask = tree_mask.data_ptr<int64_t>();
   in.mask_s0 = tree_mask.stride(0);
   in.mask_s1 = tree_mask.stride(1);
-  in.prefix_lens = prefix_lens.data_ptr();
+  in.prefix_lens = prefix_lens.data_ptr();  // any stride: lens[:, 0], expand(B) (stride 0)
+  in.prefix_lens_stride = prefix_lens.stride(0);
   in.prefix_lens_int64 = prefix_lens.scalar_type() == at::kLong;
   return in;
 }
@@ -54,9 +56,11 @@ void check_cuda_dims(const Dims& d) {
             "too many rows for the CUDA kernels (B N Hq and Bc L Hkv must stay below 2^31)");
 }
 
-// Value check of prefix_lens: a 2-value device-to-host read (one synchronization). Skipped while
-// the stream is being captured into a CUDA graph, where a read is not allowed; the kernels clamp
-// the values to [0, L], so reads stay in bounds either way.
+// Value check of prefix_lens, every call (the op is public and its contract says out-of-range
+// values raise): (min, max) reduced on the device and read back in one blocking 16-byte copy, the
+// only synchronization of a forward or backward call. Skipped while the stream is being captured
+// into a CUDA graph, where a read is not allowed; the kernels clamp the values to [0, L], so reads
+// stay in bounds either way.
 void check_prefix_values(const at::Tensor& prefix_lens, int64_t L, cudaStream_t stream) {
   if (prefix_lens.numel() == 0) return;
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -64,18 +68,28 @@ void check_prefix_values(const at::Tensor& prefix_lens, int64_t L, cudaStream_t 
               "vsd_ext: cudaStreamIsCapturing failed");
   if (status != cudaStreamCaptureStatusNone) return;
   const auto [lo, hi] = at::aminmax(prefix_lens);
-  check_prefix_range(lo.item<int64_t>(), hi.item<int64_t>(), L);
+  const at::Tensor range = at::stack({lo, hi}).to(at::kCPU, at::kLong);  // the one read
+  check_prefix_range(range.data_ptr<int64_t>()[0], range.data_ptr<int64_t>()[1], L);
 }
 
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "vsd_ext: ", what, " failed: ", cudaGetErrorString(err));
 }
 
+// Multiprocessor count of the device (queried once per device).
+int multiprocessors(const at::Tensor& t) {
+  int sms = 0;
+  check_launch(cuda::device_attribute<cudaDevAttrMultiProcessorCount>(t.device().index(), &sms),
+               "cudaDeviceGetAttribute");
+  return sms;
+}
+
 std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
     const at::Tensor& prefix_lens, const at::Tensor& k_tree, const at::Tensor& v_tree,
     const at::Tensor& tree_mask, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   check_cuda_dims(d);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
@@ -92,10 +106,7 @@ std::tuple<at::Tensor, at::Tensor> tree_attention_cuda(
                  "tree_attention forward (simple path)");
     return {out, lse};
   }
-  int sms = 0;
-  check_launch(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.device().index()),
-               "cudaDeviceGetAttribute");
-  const int splits = ct::forward_tc_splits(args.in, sms);
+  const int splits = ct::forward_tc_splits(args.in, multiprocessors(q));
   const int64_t ws_bytes = ct::forward_tc_workspace_bytes(args.in, splits);
   at::Tensor workspace = at::empty({ws_bytes}, q.options().dtype(at::kByte));
   check_launch(ct::tree_attention_forward_tc(args, splits,
@@ -109,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
     const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& prefix_lens,
     const at::Tensor& k_tree, const at::Tensor& v_tree, const at::Tensor& tree_mask,
     const at::Tensor& out, const at::Tensor& lse, double sm_scale) {
-  const Dims d = check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask);
+  const Dims d =
+      check_forward_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale);
   check_backward_args(d, q, grad_out, grad_lse, out, lse);
   check_cuda_dims(d);
   const c10::cuda::CUDAGuard guard(q.device());
@@ -136,14 +148,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> tree_atte
   args.dv_cache = dv_cache.data_ptr();
   args.dk_tree = dk_tree.data_ptr();
   args.dv_tree = dv_tree.data_ptr();
-  at::Tensor workspace =
-      at::empty({ct::backward_workspace_bytes(args.in)}, q.options().dtype(at::kByte));
-  if (ct::backward_tc_supported(args))
-    check_launch(ct::tree_attention_backward_tc(args, workspace.data_ptr(), stream),
-                 "tree_attention backward (tensor-core path)");
-  else
+  const auto byte_opts = q.options().dtype(at::kByte);
+  if (!ct::backward_tc_supported(args)) {
+    at::Tensor workspace = at::empty({ct::backward_workspace_bytes(args.in)}, byte_opts);
     check_launch(ct::tree_attention_backward_simple(args, workspace.data_ptr(), stream),
                  "tree_attention backward (simple path)");
+    return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
+  }
+  const int splits = ct::backward_tc_cache_splits(args.in, multiprocessors(q));
+  at::Tensor workspace = at::empty({ct::backward_tc_workspace_bytes(args.in, splits)}, byte_opts);
+  check_launch(ct::tree_attention_backward_tc(args, splits, workspace.data_ptr(), stream),
+               "tree_attention backward (tensor-core path)");
   return {dq, dk_cache, dv_cache, dk_tree, dv_tree};
 }
 

@@ -21,9 +21,11 @@ __device__ __forceinline__ double fast_log2(double x) { return log2(x); }
 
 // prefix_lens[b] clamped to [0, L] (the adapter already rejected out-of-range values; the clamp
 // keeps every read in bounds whatever the caller passed).
+// Element b sits at b * prefix_lens_stride (a column view, an expanded scalar: any stride).
 __device__ __forceinline__ int prefix_len(const Inputs& in, int b) {
-  const int64_t v = in.prefix_lens_int64 ? static_cast<const int64_t*>(in.prefix_lens)[b]
-                                         : static_cast<const int32_t*>(in.prefix_lens)[b];
+  const int64_t at = b * in.prefix_lens_stride;
+  const int64_t v = in.prefix_lens_int64 ? static_cast<const int64_t*>(in.prefix_lens)[at]
+                                         : static_cast<const int32_t*>(in.prefix_lens)[at];
   return static_cast<int>(v < 0 ? 0 : (v > in.L ? in.L : v));
 }
 

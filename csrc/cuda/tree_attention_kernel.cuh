@@ -14,8 +14,9 @@
 //   tensor-core path does not cover.
 // - tree_attention_backward_tc (tree_attention_tc_backward_kernel.cu): tensor cores, same
 //   coverage as the forward; a dQ kernel over query tiles and a dK/dV kernel over key tiles
-//   (key-major), the sum over the rows that share a cache kept inside one block: deterministic,
-//   no atomics.
+//   (key-major); the sum over the rows that share a cache stays inside one block, or (few key
+//   tiles) is split over blocks into fp32 partials reduced in a fixed order: deterministic, no
+//   atomics.
 // - tree_attention_backward_simple (tree_attention_simple_kernel.cu): deterministic,
 //   atomics-free, one warp per query for dQ and one warp per key (summing over every row and
 //   query that sees it) for dK/dV; every dtype and layout.
@@ -43,7 +44,8 @@ struct Inputs {
   Strided q, k_cache, v_cache, k_tree, v_tree;
   const int64_t* tree_mask;  // element (b, n, w) at tree_mask + b mask_s0 + n mask_s1 + w
   int64_t mask_s0, mask_s1;
-  const void* prefix_lens;  // [B], int32 or int64 (values clamped to [0, L] in the kernels)
+  const void* prefix_lens;     // [B], int32 or int64 (values clamped to [0, L] in the kernels):
+  int64_t prefix_lens_stride;  // element b at prefix_lens + b prefix_lens_stride (any stride)
   bool prefix_lens_int64;
 };
 
@@ -79,15 +81,19 @@ struct BackwardArgs {
   void *dq, *dk_cache, *dv_cache, *dk_tree, *dv_tree;
 };
 
-// Workspace bytes of either backward (delta = rowsum(dO * O) - dlse per query, fp32; fp64 for
-// fp64 inputs), and the kernel that fills it (run by both backward entry points).
+// Workspace bytes of the warp-per-row backward (delta = rowsum(dO * O) - dlse per query, fp32;
+// fp64 for fp64 inputs), and the kernel that fills delta (run by both backward entry points).
 int64_t backward_workspace_bytes(const Inputs& in);
 cudaError_t launch_backward_delta(const BackwardArgs& args, void* delta, cudaStream_t stream);
 
 // Tensor-core backward (tree_attention_tc_backward_kernel.cu): the forward_tc_supported inputs
-// with a 16-byte aligned grad_out.
+// with a 16-byte aligned grad_out. A cache shared by the batch (Bc = 1) splits its rows over
+// `cache_splits` blocks per key tile (backward_tc_cache_splits: as many as fill two waves of a
+// GPU with `num_sms` SMs); its workspace holds delta and the splits' fp32 dK, dV partials.
 bool backward_tc_supported(const BackwardArgs& args);
-cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace,
+int backward_tc_cache_splits(const Inputs& in, int num_sms);
+int64_t backward_tc_workspace_bytes(const Inputs& in, int cache_splits);
+cudaError_t tree_attention_backward_tc(const BackwardArgs& args, int cache_splits, void* workspace,
                                        cudaStream_t stream);
 
 // Warp-per-row backward (tree_attention_simple_kernel.cu): any dtype, D <= kSimpleMaxD, any layout.

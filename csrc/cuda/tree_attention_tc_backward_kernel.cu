@@ -13,10 +13,20 @@
 //       S^T = K Q^T, P^T = 2^(c S^T - lse2), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //       dV += P^T dO, dK += dS^T Q
 //     over the query tiles of every row that sees the keys: all B rows for a cache shared by
-//     the batch (Bc = 1; the sum over rows stays inside one block, in a fixed order), row b
-//     otherwise; for tree keys, row b with the bitmask of each query's node. Query tiles
-//     (Q, dO, and their lse2 / delta / mask words) are double-buffered with cp.async.
+//     the batch (Bc = 1), row b otherwise; for tree keys, row b with the bitmask of each
+//     query's node. Query tiles (Q, dO, and their lse2 / delta / mask words) are
+//     double-buffered with cp.async.
+//     Shared cache (Bc = 1): when Hkv x key tiles blocks would not fill the GPU, the B rows are
+//     split over gridDim.z (consecutive row ranges); each split writes its fp32 dK, dV partial
+//     to the workspace and a reduce kernel sums the partials in split order (deterministic, no
+//     atomics). Without a split the sum over rows stays inside one block, in row order.
+// Operands come from shared memory by ldmatrix.x4 (cuda/tree_attention_tc_device.cuh); tree keys
+// that no query of a block (dQ) or of the row (dK, dV) sees are zero-filled, never read, and
+// masked entries of dS are set to 0, not P (dP - delta) with P = 0: a NaN in an unseen key or
+// value cannot reach any gradient.
 #include "cuda/tree_attention_tc_device.cuh"
+
+#include <algorithm>
 
 namespace vsd_ext::cuda::tree_attn {
 namespace {
@@ -32,22 +42,19 @@ constexpr int dkv_smem_bytes() {
 }
 
 // acc[nt] (16 x 64, 8 column tiles) = A (16 rows of `a_tile` from a_row) x B^T, where B^T is
-// given row-major as `b_tile` (64 rows = the output columns, D contiguous).
-template <class T, int D>
+// given row-major as `b_tile` (64 rows = the output columns, D contiguous). UNROLL: how many k
+// slices are unrolled (the dQ kernel's 2 keeps its registers in bounds: no spills at D = 128).
+template <class T, int D, int UNROLL = D / 16>
 __device__ __forceinline__ void tile_abt(float (&acc)[8][4], const T* a_tile, int a_row,
-                                         const T* b_tile, int gr, int tq) {
+                                         const T* b_tile, int lane) {
   constexpr int LDS = D + 8;
 #pragma unroll
   for (int nt = 0; nt < 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
-#pragma unroll
+#pragma unroll UNROLL
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t a[4];
-    load_a<T, LDS>(a, a_tile, a_row, kk, gr, tq);
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const T* bp = b_tile + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
-      mma16816<T>(acc[nt], a, ld32(bp), ld32(bp + 8));
-    }
+    load_a<T, LDS>(a, a_tile, a_row, kk, lane);
+    mma_a_bt<T, LDS, 8>(acc, a, b_tile, kk, lane);
   }
 }
 
@@ -93,7 +100,7 @@ __device__ __forceinline__ void ds_tile(float (&s)[8][4], const float (&dp)[8][4
         const int col = nt * 8 + 2 * tq + (e & 1);
         const bool visible = col < keys && ((w >> col) & 1ull);
         const float p = visible ? exp2f(s[nt][e] * c - lse2[rh]) : 0.f;
-        s[nt][e] = p * (dp[nt][e] - dl[rh]);  // dS
+        s[nt][e] = visible ? p * (dp[nt][e] - dl[rh]) : 0.f;  // dS (0, not 0 * NaN, if masked)
       }
   }
 }
@@ -122,6 +129,7 @@ template <class T, int D>
 __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, const float* delta) {
   constexpr int LDS = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* dOs = Qs + BM * LDS;
   T* Ks = dOs + BM * LDS;  // [2][BN][LDS]
@@ -138,13 +146,17 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
   const int n_tiles = n_prefix + (in.N + BN - 1) / BN;
   auto tile_base = [&](int i) { return (i < n_prefix ? i : i - n_prefix) * BN; };
   auto tile_keys = [&](int i) { return min(BN, (i < n_prefix ? len : in.N) - tile_base(i)); };
+  // Called by every thread alike; tree keys no query of the block sees are zero-filled.
   auto load_tile = [&](int i, int buf) {
-    if (i < n_prefix)
+    if (i < n_prefix) {
       load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_cache, in.v_cache, bc,
-                          tile_base(i), tile_keys(i), g, tid);
-    else
-      load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
-                          tile_base(i), tile_keys(i), g, tid);
+                          tile_base(i), tile_keys(i), ~0ull, g, tid);
+      return;
+    }
+    const uint64_t visible = seen_tree_word(in, b, first_node(row0, G), end_node(row0, G, R),
+                                            i - n_prefix, seen_scratch);
+    load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, in.k_tree, in.v_tree, b,
+                        tile_base(i), tile_keys(i), visible, g, tid);
   };
 
   float lse2[2], dl[2];
@@ -167,10 +179,10 @@ __global__ void __launch_bounds__(kThreads) dq_tc_kernel(BackwardArgs args, cons
     const T* K = Ks + (i & 1) * BN * LDS;
     const T* V = Vs + (i & 1) * BN * LDS;
     float s[8][4], dp[8][4];
-    tile_abt<T, D>(s, Qs, warp * 16, K, gr, tq);
-    tile_abt<T, D>(dp, dOs, warp * 16, V, gr, tq);
+    tile_abt<T, D, 2>(s, Qs, warp * 16, K, lane);
+    tile_abt<T, D, 2>(dp, dOs, warp * 16, V, lane);
     ds_tile(s, dp, c, tile_keys(i), i >= n_prefix, i - n_prefix, lse2, dl, words, tq);
-    tile_xm<T, D>(dq, s, K, gr, tq);
+    tile_xm<T, D>(dq, s, K, lane);
     __syncthreads();
   }
   store_dq<T, D>(args, b, g, row0 + wrow, tq, dq);
@@ -210,27 +222,48 @@ __device__ __forceinline__ void dst_tile(float (&st)[8][4], float (&dpt)[8][4], 
       const int key = warp * 16 + gr + 8 * (e >> 1), col = nt * 8 + 2 * tq + (e & 1);
       const bool visible = key < keys && ((words[col] >> key) & 1ull);
       const float p = visible ? exp2f(st[nt][e] * c - lse2[col]) : 0.f;
-      dpt[nt][e] = p * (dpt[nt][e] - dl[col]);  // dS^T
-      st[nt][e] = p;                            // P^T
+      dpt[nt][e] = visible ? p * (dpt[nt][e] - dl[col]) : 0.f;  // dS^T (0, not 0 * NaN)
+      st[nt][e] = p;                                            // P^T
     }
 }
 
-// dk, dv rows of keys k0 + warp 16 + gr + 8 rh of `owner` (dk scaled by sm_scale).
+// Where a dK/dV block writes: the gradient tensors (dtype T, dk scaled by sm_scale), or, when a
+// shared cache's rows are split over gridDim.z, split z's fp32 partial (dk unscaled) at slice z
+// of dk, dv ([splits][L][Hkv][D] each, in the workspace).
+struct DkvPartials {
+  float* dk;  // null: no split
+  float* dv;
+  int rows_per_split;  // rows b in [z rows_per_split, (z + 1) rows_per_split) of a shared cache
+};
+
+// dk, dv rows of keys key0 + 8 rh of `owner` (dk scaled by sm_scale, or the fp32 partials).
 template <class T, int D, bool TREE>
-__device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, int g, int key0,
-                                          int tq, const float (&dk)[D / 8][4],
+__device__ __forceinline__ void store_dkv(const BackwardArgs& args, const DkvPartials& part,
+                                          int owner, int g, int key0, int tq,
+                                          const float (&dk)[D / 8][4],
                                           const float (&dv)[D / 8][4]) {
   const Inputs& in = args.in;
   const int total_keys = TREE ? in.N : in.L;
   const float scale = static_cast<float>(in.sm_scale);
-  T* dk_base = static_cast<T*>(TREE ? args.dk_tree : args.dk_cache);
-  T* dv_base = static_cast<T*>(TREE ? args.dv_tree : args.dv_cache);
+  const int64_t slice = static_cast<int64_t>(blockIdx.z) * in.L * in.Hkv * D;
 #pragma unroll
   for (int rh = 0; rh < 2; ++rh) {
     const int key = key0 + 8 * rh;
     if (key >= total_keys) continue;
     const int64_t off =
         ((static_cast<int64_t>(owner) * total_keys + key) * in.Hkv + g) * D + 2 * tq;
+    if (!TREE && part.dk != nullptr) {
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        *reinterpret_cast<float2*>(part.dk + slice + off + dt * 8) =
+            make_float2(dk[dt][2 * rh], dk[dt][2 * rh + 1]);
+        *reinterpret_cast<float2*>(part.dv + slice + off + dt * 8) =
+            make_float2(dv[dt][2 * rh], dv[dt][2 * rh + 1]);
+      }
+      continue;
+    }
+    T* dk_base = static_cast<T*>(TREE ? args.dk_tree : args.dk_cache);
+    T* dv_base = static_cast<T*>(TREE ? args.dv_tree : args.dv_cache);
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
       *reinterpret_cast<uint32_t*>(dk_base + off + dt * 8) =
@@ -241,13 +274,15 @@ __device__ __forceinline__ void store_dkv(const BackwardArgs& args, int owner, i
   }
 }
 
-// TREE = false: cache keys, blockIdx.x = (cache row bc, kv head g, key tile of L);
-// TREE = true: tree keys, blockIdx.x = (row b, kv head g, key tile of N).
+// TREE = false: cache keys, blockIdx.x = (cache row bc, kv head g, key tile of L), blockIdx.z =
+// the split of a shared cache's rows; TREE = true: tree keys, blockIdx.x = (row b, kv head g,
+// key tile of N).
 template <class T, int D, bool TREE>
 __global__ void __launch_bounds__(kThreads)
-    dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles) {
+    dkv_tc_kernel(BackwardArgs args, const float* delta, int key_tiles, DkvPartials part) {
   constexpr int LDS = D + 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + BN * LDS;
   T* Qs = Vs + BN * LDS;                                              // [2][BM][LDS]
@@ -264,9 +299,11 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
   const int total_keys = TREE ? in.N : in.L;
 
-  // Rows whose queries see these keys: a shared cache (Bc = 1) is seen by all B rows.
-  const int b_first = (TREE || in.Bc != 1) ? owner : 0;
-  const int b_count = (TREE || in.Bc != 1) ? 1 : in.B;
+  // Rows whose queries see these keys: a shared cache (Bc = 1) is seen by all B rows (this
+  // split's range of them), a cache row or a tree row by its own row.
+  const bool shared = !TREE && in.Bc == 1;
+  const int b_first = shared ? static_cast<int>(blockIdx.z) * part.rows_per_split : owner;
+  const int b_count = shared ? max(0, min(part.rows_per_split, in.B - b_first)) : 1;
   auto keys_seen = [&](int b) { return min(BN, (TREE ? in.N : prefix_len(in, b)) - k0); };
   const int units = b_count * q_tiles;  // (row, query tile) pairs, in a fixed order
 
@@ -280,8 +317,10 @@ __global__ void __launch_bounds__(kThreads)
                                  delta_s + buf * BM, words_s + buf * BM);
   };
 
+  // Tree keys that no node of the row sees are zero-filled (block-wide call, uniform).
+  const uint64_t visible = TREE ? seen_tree_word(in, owner, 0, in.N, kt, seen_scratch) : ~0ull;
   load_key_tile<T, D>(Ks, Vs, TREE ? in.k_tree : in.k_cache, TREE ? in.v_tree : in.v_cache, owner,
-                      k0, min(BN, total_keys - k0), g, tid);
+                      k0, min(BN, total_keys - k0), visible, g, tid);
   if (units > 0) load_unit(0, 0);
   cp_async_commit();
 
@@ -303,41 +342,99 @@ __global__ void __launch_bounds__(kThreads)
       const T* Q = Qs + buf * BM * LDS;
       const T* dO = dOs + buf * BM * LDS;
       float st[8][4], dpt[8][4];
-      tile_abt<T, D>(st, Ks, warp * 16, Q, gr, tq);    // S^T = K Q^T   (rows: keys)
-      tile_abt<T, D>(dpt, Vs, warp * 16, dO, gr, tq);  // dP^T = V dO^T
+      tile_abt<T, D>(st, Ks, warp * 16, Q, lane);    // S^T = K Q^T   (rows: keys)
+      tile_abt<T, D>(dpt, Vs, warp * 16, dO, lane);  // dP^T = V dO^T
       dst_tile(st, dpt, c, keys, lse2_s + buf * BM, delta_s + buf * BM, words_s + buf * BM, warp,
                gr, tq);
-      tile_xm<T, D>(dv, st, dO, gr, tq);  // dV += P^T dO
-      tile_xm<T, D>(dk, dpt, Q, gr, tq);  // dK += dS^T Q
+      tile_xm<T, D>(dv, st, dO, lane);  // dV += P^T dO
+      tile_xm<T, D>(dk, dpt, Q, lane);  // dK += dS^T Q
     }
     __syncthreads();
   }
-  store_dkv<T, D, TREE>(args, owner, g, k0 + warp * 16 + gr, tq, dk, dv);
+  store_dkv<T, D, TREE>(args, part, owner, g, k0 + warp * 16 + gr, tq, dk, dv);
+}
+
+// dK, dV of a shared cache from the `splits` fp32 partials, summed in split order (the same
+// order every run: deterministic), dk scaled by sm_scale, rounded to T. Four consecutive
+// elements per thread (L Hkv D is a multiple of 64).
+template <class T>
+__global__ void __launch_bounds__(256)
+    reduce_cache_partials_kernel(BackwardArgs args, DkvPartials part, int splits) {
+  const Inputs& in = args.in;
+  const int64_t total = static_cast<int64_t>(in.L) * in.Hkv * in.D;
+  const int64_t i = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 4;
+  if (i >= total) return;
+  float4 k = make_float4(0.f, 0.f, 0.f, 0.f), v = k;
+  for (int z = 0; z < splits; ++z) {
+    const float4 pk = *reinterpret_cast<const float4*>(part.dk + z * total + i);
+    const float4 pv = *reinterpret_cast<const float4*>(part.dv + z * total + i);
+    k = make_float4(k.x + pk.x, k.y + pk.y, k.z + pk.z, k.w + pk.w);
+    v = make_float4(v.x + pv.x, v.y + pv.y, v.z + pv.z, v.w + pv.w);
+  }
+  const float s = static_cast<float>(in.sm_scale);
+  *reinterpret_cast<uint2*>(static_cast<T*>(args.dk_cache) + i) =
+      make_uint2(pack2<T>(k.x * s, k.y * s), pack2<T>(k.z * s, k.w * s));
+  *reinterpret_cast<uint2*>(static_cast<T*>(args.dv_cache) + i) =
+      make_uint2(pack2<T>(v.x, v.y), pack2<T>(v.z, v.w));
+}
+
+// The dynamic shared-memory limits of the three kernels, set once per device.
+template <class T, int D>
+cudaError_t configure() {
+  static std::atomic<bool> configured[kMaxDevices];
+  return once_per_device(configured, [] {
+    const int dq_smem = dq_smem_bytes<D>(), dkv_smem = dkv_smem_bytes<D>();
+    constexpr auto kAttr = cudaFuncAttributeMaxDynamicSharedMemorySize;
+    cudaError_t err = cudaFuncSetAttribute(dq_tc_kernel<T, D>, kAttr, dq_smem);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, false>, kAttr, dkv_smem);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, true>, kAttr, dkv_smem);
+    return err;
+  });
+}
+
+// dK, dV of the cache: one launch over (cache row, kv head, key tile) x row splits, then (split
+// only) the reduce of the partials.
+template <class T, int D>
+void launch_cache_dkv(const BackwardArgs& args, const float* delta, int cache_splits,
+                      float* partials, cudaStream_t stream) {
+  const Inputs& in = args.in;
+  const int cache_tiles = (in.L + BN - 1) / BN;
+  if (cache_tiles == 0) return;
+  const bool split = in.Bc == 1 && cache_splits > 1;
+  const int per = split ? (in.B + cache_splits - 1) / cache_splits : in.B;
+  const int splits = split ? (in.B + per - 1) / per : 1;  // no empty split
+  const int64_t total = static_cast<int64_t>(in.L) * in.Hkv * D;
+  const DkvPartials part{split ? partials : nullptr,
+                         split ? partials + cache_splits * total : nullptr, per};
+  dkv_tc_kernel<T, D, false>
+      <<<dim3(in.Bc * in.Hkv * cache_tiles, 1, splits), kThreads, dkv_smem_bytes<D>(), stream>>>(
+          args, delta, cache_tiles, part);
+  if (!split) return;
+  const unsigned blocks = static_cast<unsigned>((total / 4 + 255) / 256);
+  reduce_cache_partials_kernel<T><<<blocks, 256, 0, stream>>>(args, part, splits);
 }
 
 template <class T, int D>
-cudaError_t launch(const BackwardArgs& args, const float* delta, cudaStream_t stream) {
+cudaError_t launch(const BackwardArgs& args, const float* delta, int cache_splits, float* partials,
+                   cudaStream_t stream) {
   const Inputs& in = args.in;
   const int R = in.N * (in.Hq / in.Hkv);
-  constexpr int dq_smem = dq_smem_bytes<D>(), dkv_smem = dkv_smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(dq_tc_kernel<T, D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, dq_smem);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, false>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(dkv_tc_kernel<T, D, true>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize, dkv_smem);
+  const cudaError_t err = configure<T, D>();
   if (err != cudaSuccess) return err;
   dq_tc_kernel<T, D>
-      <<<dim3(in.B * in.Hkv, (R + BM - 1) / BM), kThreads, dq_smem, stream>>>(args, delta);
-  const int cache_tiles = (in.L + BN - 1) / BN, tree_tiles = (in.N + BN - 1) / BN;
-  if (cache_tiles > 0)
-    dkv_tc_kernel<T, D, false>
-        <<<in.Bc * in.Hkv * cache_tiles, kThreads, dkv_smem, stream>>>(args, delta, cache_tiles);
-  dkv_tc_kernel<T, D, true>
-      <<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem, stream>>>(args, delta, tree_tiles);
+      <<<dim3(in.B * in.Hkv, (R + BM - 1) / BM), kThreads, dq_smem_bytes<D>(), stream>>>(args,
+                                                                                         delta);
+  launch_cache_dkv<T, D>(args, delta, cache_splits, partials, stream);
+  const int tree_tiles = (in.N + BN - 1) / BN;
+  dkv_tc_kernel<T, D, true><<<in.B * in.Hkv * tree_tiles, kThreads, dkv_smem_bytes<D>(), stream>>>(
+      args, delta, tree_tiles, DkvPartials{nullptr, nullptr, 1});
   return cudaGetLastError();
+}
+
+// Bytes of the delta vector at the start of the workspace, rounded up so that the partials
+// behind it stay 256-byte aligned.
+int64_t delta_bytes(const Inputs& in) {
+  return (static_cast<int64_t>(in.B) * in.N * in.Hq * 4 + 255) / 256 * 256;
 }
 
 }  // namespace
@@ -346,19 +443,37 @@ bool backward_tc_supported(const BackwardArgs& args) {
   return forward_tc_supported(args.in) && aligned16(args.grad_out);
 }
 
-cudaError_t tree_attention_backward_tc(const BackwardArgs& args, void* workspace,
+int backward_tc_cache_splits(const Inputs& in, int num_sms) {
+  if (in.Bc != 1 || in.B < 2 || in.L == 0) return 1;
+  const int64_t blocks = static_cast<int64_t>(in.Hkv) * ((in.L + BN - 1) / BN);
+  const int64_t want = (2 * static_cast<int64_t>(num_sms) + blocks - 1) / blocks;  // two waves
+  const int64_t splits = std::min<int64_t>({want, in.B, 64});
+  if (splits <= 1) return 1;
+  const int64_t per = (in.B + splits - 1) / splits;
+  return static_cast<int>((in.B + per - 1) / per);  // no empty split
+}
+
+int64_t backward_tc_workspace_bytes(const Inputs& in, int cache_splits) {
+  const int64_t partials = in.Bc == 1 && cache_splits > 1
+                               ? 2 * static_cast<int64_t>(cache_splits) * in.L * in.Hkv * in.D * 4
+                               : 0;
+  return delta_bytes(in) + partials;
+}
+
+cudaError_t tree_attention_backward_tc(const BackwardArgs& args, int cache_splits, void* workspace,
                                        cudaStream_t stream) {
   const Inputs& in = args.in;
   if (static_cast<int64_t>(in.B) * in.N * in.Hq == 0) return cudaSuccess;
   cudaError_t err = launch_backward_delta(args, workspace, stream);
   if (err != cudaSuccess) return err;
   const float* delta = static_cast<const float*>(workspace);
+  float* partials = reinterpret_cast<float*>(static_cast<char*>(workspace) + delta_bytes(in));
   const bool half = in.dtype == DType::kFloat16;
   if (in.D == 64)
-    return half ? launch<__half, 64>(args, delta, stream)
-                : launch<__nv_bfloat16, 64>(args, delta, stream);
-  return half ? launch<__half, 128>(args, delta, stream)
-              : launch<__nv_bfloat16, 128>(args, delta, stream);
+    return half ? launch<__half, 64>(args, delta, cache_splits, partials, stream)
+                : launch<__nv_bfloat16, 64>(args, delta, cache_splits, partials, stream);
+  return half ? launch<__half, 128>(args, delta, cache_splits, partials, stream)
+              : launch<__nv_bfloat16, 128>(args, delta, cache_splits, partials, stream);
 }
 
 }  // namespace vsd_ext::cuda::tree_attn

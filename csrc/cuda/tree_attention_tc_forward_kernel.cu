@@ -54,20 +54,15 @@ struct KeyTiles {
 
 // ---- the steps of one key tile, for this thread's rows wrow and wrow + 8 (rh = 0, 1) ----------
 
-// Score: S = Q K^T (fp32 accumulators), the Q fragments kept in registers.
+// Score: S = Q K^T (fp32 accumulators), the Q fragments kept in registers, K fragments by
+// ldmatrix.x4 (two 8-key column tiles per instruction).
 template <class T, int D>
 __device__ __forceinline__ void score(float (&s)[BN / 8][4], const uint32_t (&qf)[D / 16][4],
-                                      const T* K, int gr, int tq) {
-  constexpr int LDS = D + 8;
+                                      const T* K, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < BN / 8; ++nt) {
-    s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+  for (int nt = 0; nt < BN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      const T* k0 = K + (nt * 8 + gr) * LDS + kk * 16 + 2 * tq;
-      mma16816<T>(s[nt], qf[kk], ld32(k0), ld32(k0 + 8));
-    }
-  }
+  for (int kk = 0; kk < D / 16; ++kk) mma_a_bt<T, D + 8, BN / 8>(s, qf[kk], K, kk, lane);
 }
 
 // Mask words of tree tile tt for this thread's rows (0 past the last packed row R).
@@ -176,6 +171,7 @@ __global__ void __launch_bounds__(kThreads)
     forward_tc_kernel(ForwardArgs args, Split sp, float* ws_o, float* ws_lse) {
   constexpr int LDS = D + 8;  // padded smem row: fragment loads hit 32 distinct banks
   extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ uint64_t seen_scratch[32];
   T* Qs = reinterpret_cast<T*>(smem_raw);  // [BM][LDS]
   T* Ks = Qs + BM * LDS;                   // [2][BN][LDS]
   T* Vs = Ks + 2 * BN * LDS;               // [2][BN][LDS]
@@ -186,11 +182,16 @@ __global__ void __launch_bounds__(kThreads)
   const int row0 = blockIdx.y * BM, split = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, gr = lane / 4, tq = lane % 4;
   const KeyTiles tiles(in, sp, b, split);
-  auto load_tile = [&](int i, int buf) {  // rows past the end are zero-filled (P = 0, no NaN)
+  // Rows past the end are zero-filled (P = 0, no NaN), and so are tree keys no query of the
+  // block sees. Called by every thread alike (the tree test is uniform over the block).
+  auto load_tile = [&](int i, int buf) {
     const bool tree = tiles.tree(i);
+    const uint64_t visible = tree ? seen_tree_word(in, b, first_node(row0, G), end_node(row0, G, R),
+                                                   i - tiles.n_prefix, seen_scratch)
+                                  : ~0ull;
     load_key_tile<T, D>(Ks + buf * BN * LDS, Vs + buf * BN * LDS, tree ? in.k_tree : in.k_cache,
                         tree ? in.v_tree : in.v_cache, tree ? b : bc, tiles.base(i), tiles.keys(i),
-                        g, tid);
+                        visible, g, tid);
   };
 
   float o[D / 8][4];
@@ -214,17 +215,17 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     if (i == 0) {
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) load_a<T, LDS>(qf[kk], Qs, warp * 16, kk, gr, tq);
+      for (int kk = 0; kk < D / 16; ++kk) load_a<T, LDS>(qf[kk], Qs, warp * 16, kk, lane);
     }
     float s[BN / 8][4];
-    score<T, D>(s, qf, Ks + (i & 1) * BN * LDS, gr, tq);
+    score<T, D>(s, qf, Ks + (i & 1) * BN * LDS, lane);
     // Prefix tiles are mask-free but for the columns of a partial tile; tree tiles read one
     // mask word per row.
     uint64_t w[2] = {~0ull, ~0ull};
     if (tiles.tree(i)) tree_words(w, in, b, G, R, row0 + wrow, i - tiles.n_prefix);
     scale_and_mask(s, c, tiles.tree(i) || tiles.keys(i) < BN, tiles.keys(i), w, tq);
     online_softmax<D>(s, o, m, l);
-    tile_xm<T, D>(o, s, Vs + (i & 1) * BN * LDS, gr, tq);  // O += P V (S accumulators as A)
+    tile_xm<T, D>(o, s, Vs + (i & 1) * BN * LDS, lane);  // O += P V (S accumulators as A)
     __syncthreads();  // the next iteration's load overwrites this buffer
   }
   store<T, D>(args, sp, split, b, g, row0 + wrow, tq, o, m, l, ws_o, ws_lse);
@@ -270,8 +271,11 @@ cudaError_t launch(const ForwardArgs& args, int splits, void* workspace, cudaStr
   float* ws_o = static_cast<float*>(workspace);
   float* ws_lse = splits > 1 ? ws_o + splits * rows_total * D : nullptr;
   constexpr int smem = smem_bytes<D>();
-  cudaError_t err = cudaFuncSetAttribute(forward_tc_kernel<T, D>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static std::atomic<bool> configured[kMaxDevices];  // per device: the limit is set once
+  const cudaError_t err = once_per_device(configured, [] {
+    return cudaFuncSetAttribute(forward_tc_kernel<T, D>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  });
   if (err != cudaSuccess) return err;
   const dim3 grid(in.B * in.Hkv, (R + BM - 1) / BM, splits);
   forward_tc_kernel<T, D><<<grid, kThreads, smem, stream>>>(args, sp, ws_o, ws_lse);

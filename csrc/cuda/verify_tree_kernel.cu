@@ -2,6 +2,8 @@
 // (verify_tree_cpu.cpp, shared formulas in verify_tree_math.h); the reference is
 // vsd_ext/reference/verify_tree.py.
 //
+// Kernel 0, child_flags (non-greedy modes; one thread per (row, node)): marks the nodes that have
+// a real child, once, so that no node_stats block scans the parents row for it.
 // Kernel 1, node_stats (grid: vocab chunk x node x row): one pass over each real node's logits
 // row with 16-byte loads: max, first argmax, finiteness and, for nodes with children
 // (non-greedy), S = sum exp((x - M) / T) by a per-thread online rescaled sum; in sampled mode
@@ -35,6 +37,9 @@ constexpr int64_t kChunk = 8192;  // vocabulary entries per node_stats block
 constexpr int kWalkThreads = 512;
 constexpr int kWalkWarps = kWalkThreads / 32;
 
+// The kernels' static shared memory, rounded up (the walk's dynamic part gets the rest).
+constexpr int kStaticSmemBytes = 4096;
+
 constexpr uint32_t kBadLogits = 1;  // NaN / +inf in the row, or no finite entry
 constexpr uint32_t kBadQ = 2;       // draft_probs row negative / non-finite / no mass
 constexpr uint32_t kDuplicate = 4;  // an earlier sibling has the same token
@@ -46,6 +51,28 @@ struct __align__(16) NodePartial {
   int32_t argmax;
   uint32_t flags;
 };
+
+// The launch's device scratch (verify_tree_workspace_bytes).
+struct Workspace {
+  unsigned long long* error;  // the first bad input's key, kNoError if none
+  NodePartial* partials;      // [B, N, chunks]
+  uint8_t* has_children;      // [B, N]
+};
+
+// ---- kernel 0: which nodes have children ------------------------------------------------------
+
+// has_children[b, i] = 1 iff a real node j > i of row b has parent i (zeroed before the launch).
+// Invalid parents are skipped here (the walk reports them); several children of one node store
+// the same 1.
+__global__ void __launch_bounds__(256)
+    child_flags_kernel(VerifyTreeParams p, uint8_t* has_children) {
+  const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (k >= p.batch * p.nodes) return;
+  const int64_t b = k / p.nodes, j = k % p.nodes;
+  const int64_t parent = p.parents[k];
+  if (j > 0 && p.tokens[k] != -1 && parent >= 0 && parent < j)
+    has_children[b * p.nodes + parent] = 1;
+}
 
 // ---- kernel 1: per (row, node, vocabulary chunk) statistics ---------------------------------
 
@@ -83,7 +110,8 @@ __device__ __forceinline__ StatsAcc shfl_xor(const StatsAcc& a, int o) {
 
 template <typename TL, typename TQ>
 __global__ void __launch_bounds__(kStatsThreads)
-    node_stats_kernel(VerifyTreeParams p, int64_t nchunks, NodePartial* partials) {
+    node_stats_kernel(VerifyTreeParams p, int64_t nchunks, const uint8_t* has_children_of,
+                      NodePartial* partials) {
   const int64_t N = p.nodes, V = p.vocab;
   const int64_t chunk = blockIdx.x, i = blockIdx.y;
   const int64_t lo = chunk * kChunk, hi = lo + kChunk < V ? lo + kChunk : V;
@@ -93,14 +121,8 @@ __global__ void __launch_bounds__(kStatsThreads)
   for (int64_t b = blockIdx.z; b < p.batch; b += gridDim.z) {
     const int64_t* tok = p.tokens + b * N;
     if (i > 0 && tok[i] == -1) continue;  // padding rows are never read
-    // Only nodes with children need S (their children's probabilities) and q.
-    int has_children = 0;
-    if (p.mode != kGreedy) {
-      for (int64_t j = i + 1 + threadIdx.x; j < N; j += blockDim.x) {
-        has_children |= p.parents[b * N + j] == i && tok[j] != -1;
-      }
-      has_children = __syncthreads_or(has_children);
-    }
+    // Only nodes with children need S (their children's probabilities) and q (kernel 0).
+    const bool has_children = p.mode != kGreedy && has_children_of[b * N + i] != 0;
     const TL* row = static_cast<const TL*>(p.logits) + b * p.logits_sb + i * p.logits_sn;
     StatsAcc acc{-INFINITY, 0.0, INT32_MAX, 0u};
     for_each_element(row, lo, hi, [&](int64_t v, float xf) {
@@ -488,70 +510,98 @@ __global__ void __launch_bounds__(kWalkThreads, 1)
   if (tid == 0) p.num_accepted[b] = nacc;
 }
 
+// The walk kernel's dynamic shared-memory limit: raised once per device to the device's opt-in
+// maximum, which covers every N that verify_tree_max_nodes admits.
 template <typename TL, typename TQ>
-cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
-                         unsigned long long* error, cudaStream_t stream) {
+cudaError_t configure_walk() {
+  static std::atomic<bool> configured[kMaxDevices];
+  return once_per_device(configured, [] {
+    int device = 0, optin = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess)
+      err = device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &optin);
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(walk_kernel<TL, TQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 optin - kStaticSmemBytes);
+    return err;
+  });
+}
+
+template <typename TL, typename TQ>
+cudaError_t launch_typed(const VerifyTreeParams& p, int64_t nchunks, const Workspace& ws,
+                         cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
+  if (p.mode != kGreedy) {
+    err = cudaMemsetAsync(ws.has_children, 0, size_t(p.batch * p.nodes), stream);
+    if (err != cudaSuccess) return err;
+    const unsigned blocks = unsigned((p.batch * p.nodes + 255) / 256);
+    child_flags_kernel<<<blocks, 256, 0, stream>>>(p, ws.has_children);
+  }
   const dim3 stats_grid(unsigned(nchunks), unsigned(p.nodes),
                         unsigned(p.batch < 65535 ? p.batch : 65535));
-  node_stats_kernel<TL, TQ><<<stats_grid, kStatsThreads, 0, stream>>>(p, nchunks, partials);
-  cudaError_t err = cudaGetLastError();
+  node_stats_kernel<TL, TQ>
+      <<<stats_grid, kStatsThreads, 0, stream>>>(p, nchunks, ws.has_children, ws.partials);
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const size_t smem = walk_smem_bytes(p.nodes);
   if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(walk_kernel<TL, TQ>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(smem));
+    err = configure_walk<TL, TQ>();
     if (err != cudaSuccess) return err;
   }
   walk_kernel<TL, TQ>
-      <<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, partials, error);
+      <<<unsigned(p.batch), kWalkThreads, smem, stream>>>(p, nchunks, ws.partials, ws.error);
   return cudaGetLastError();
 }
 
 template <typename TL>
-cudaError_t launch_q(const VerifyTreeParams& p, int64_t nchunks, NodePartial* partials,
-                     unsigned long long* error, cudaStream_t stream) {
+cudaError_t launch_q(const VerifyTreeParams& p, int64_t nchunks, const Workspace& ws,
+                     cudaStream_t stream) {
   if (p.draft_probs != nullptr && p.draft_probs_dtype == DType::kBFloat16) {
-    return launch_typed<TL, __nv_bfloat16>(p, nchunks, partials, error, stream);
+    return launch_typed<TL, __nv_bfloat16>(p, nchunks, ws, stream);
   }
-  return launch_typed<TL, float>(p, nchunks, partials, error, stream);
+  return launch_typed<TL, float>(p, nchunks, ws, stream);
 }
 
 int64_t chunks_of(int64_t vocab) { return (vocab + kChunk - 1) / kChunk; }
 
+// The workspace: the error word (16 bytes), the chunk partials, the has-children flags.
+Workspace carve_workspace(void* base, int64_t batch, int64_t nodes, int64_t vocab) {
+  auto* bytes = static_cast<unsigned char*>(base);
+  const size_t partial_bytes = size_t(batch * nodes * chunks_of(vocab)) * sizeof(NodePartial);
+  return {reinterpret_cast<unsigned long long*>(bytes), reinterpret_cast<NodePartial*>(bytes + 16),
+          bytes + 16 + partial_bytes};
+}
+
 }  // namespace
 
 size_t verify_tree_workspace_bytes(int64_t batch, int64_t nodes, int64_t vocab) {
-  return 16 + size_t(batch * nodes * chunks_of(vocab)) * sizeof(NodePartial);
+  return 16 + size_t(batch * nodes * chunks_of(vocab)) * sizeof(NodePartial) +
+         size_t(batch * nodes);
 }
 
 int64_t verify_tree_max_nodes(int device) {
   int optin = 0;
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
-      cudaSuccess) {
+  if (device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &optin) != cudaSuccess) {
     return 0;
   }
-  const int64_t static_bytes = 4096;  // the kernels' static shared memory, rounded up
   const int64_t per_node = kSmemDoubles * sizeof(double) + kSmemInts * sizeof(int);
-  return (optin - static_bytes - int64_t(sizeof(double))) / per_node;
+  return (optin - kStaticSmemBytes - int64_t(sizeof(double))) / per_node;
 }
 
 VerifyTreeStatus verify_tree_launch(const VerifyTreeParams& p, void* workspace,
                                     cudaStream_t stream) {
-  auto* error = static_cast<unsigned long long*>(workspace);
-  auto* partials = reinterpret_cast<NodePartial*>(static_cast<unsigned char*>(workspace) + 16);
+  const Workspace ws = carve_workspace(workspace, p.batch, p.nodes, p.vocab);
   const int64_t nchunks = chunks_of(p.vocab);
-  cudaError_t err = cudaMemsetAsync(error, 0xff, sizeof(unsigned long long), stream);
+  cudaError_t err = cudaMemsetAsync(ws.error, 0xff, sizeof(unsigned long long), stream);
   if (err != cudaSuccess) return {err, kNoError};
   switch (p.logits_dtype) {
-    case DType::kFloat16: err = launch_q<__half>(p, nchunks, partials, error, stream); break;
-    case DType::kBFloat16:
-      err = launch_q<__nv_bfloat16>(p, nchunks, partials, error, stream);
-      break;
-    default: err = launch_q<float>(p, nchunks, partials, error, stream); break;
+    case DType::kFloat16: err = launch_q<__half>(p, nchunks, ws, stream); break;
+    case DType::kBFloat16: err = launch_q<__nv_bfloat16>(p, nchunks, ws, stream); break;
+    default: err = launch_q<float>(p, nchunks, ws, stream); break;
   }
   if (err != cudaSuccess) return {err, kNoError};
   unsigned long long key = kNoError;
-  err = cudaMemcpyAsync(&key, error, sizeof(key), cudaMemcpyDeviceToHost, stream);
+  err = cudaMemcpyAsync(&key, ws.error, sizeof(key), cudaMemcpyDeviceToHost, stream);
   if (err == cudaSuccess) err = cudaStreamSynchronize(stream);
   return {err, uint64_t(key)};
 }

@@ -44,12 +44,8 @@ FINE_TUNE = dict(seq_len=128, batch_size=8, lr=5e-4, schedule="constant", warmup
                  max_steps=1_000_000, budget_clock="wall", save_every=5)
 SHIPPED = {"eagle3": "default", "vsd": "default-vsd"}  # the drafter each fine-tune starts from
 UNROLL = 5  # eagle3 training-time-test steps = VSD path depth = the decoding chain's depth
-# VSD settings of the shipped VSD drafter and of the method comparison's `vsd` runs (the best
-# of the variants tried there on seed 0): 4 anchors × 4 paths, soft (Rao-Blackwellized) ARW
-# targets, and the EAGLE-3 term kept at weight 1 (the defaults of docs/design/METHOD.md — 8 × 8,
-# hard targets, no EAGLE-3 term — lost τ in that comparison; see README, "Training methods
-# compared").
-VSD_SETTINGS = dict(depth=UNROLL, anchors=4, paths=4, lambda_tok=1.0, arw_target="soft")
+# VSD settings of the shipped VSD drafter (docs/design/METHOD.md; its training_info.json).
+VSD_SETTINGS = dict(depth=UNROLL, temperature=1.0)
 
 
 @dataclass

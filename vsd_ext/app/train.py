@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 -m vsd_ext train ...      (data parallel; --fsdp-target)
 
 Every `TrainConfig` field is reachable: common ones have flags, any other (nested ones too)
-with `--set vsd.lambda_car=0.2 --set eagle3.steps=5` (values parsed as JSON, else strings),
+with `--set vsd.lambda_kl=0.2 --set eagle3.steps=5` (values parsed as JSON, else strings),
 or a JSON file of fields with `--config FILE` (flags and --set override it).
 """
 from __future__ import annotations

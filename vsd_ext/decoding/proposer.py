@@ -121,7 +121,8 @@ class DrafterProposer:
             start = state["depths"].shape[1]
             mask, depths = append_nodes(state["mask"], state["depths"],
                                         torch.where(valid, par, -1))
-            step = self.drafter.grow_tree(torch.where(valid, tokens, -1), hidden,
+            ids = torch.where(valid, self.d2t_ids[tokens], -1)  # draft → target ids
+            step = self.drafter.grow_tree(ids, hidden,
                                           depths[:, start:], mask, self.cache,
                                           past=state["past"])
             state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
@@ -156,8 +157,8 @@ class DrafterProposer:
                 mask, depths = append_nodes(mask, depths, state["root"][:, None])
             else:           # below the previous level's node, node start - 1 in every row
                 mask, depths = append_child(mask, depths, start - 1)
-            step = self.drafter.grow_tree(drafts[-1], hidden, depths[:, start:], mask,
-                                          self.cache, past=past)
+            step = self.drafter.grow_tree(self.d2t_ids[drafts[-1]], hidden, depths[:, start:],
+                                          mask, self.cache, past=past)
             logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
         ids = self.d2t_ids[torch.cat(drafts, 1)]
         B = ids.shape[0]

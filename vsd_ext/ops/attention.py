@@ -15,11 +15,17 @@ from .checks import FLOATS, check_device, check_dtype, check_rank, check_tensor,
 __all__ = ["tree_attention"]
 
 
-def _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask) -> None:
-    """The fake kernels' checks (`vsd_ext.ops.checks`): shapes, dtypes, devices, strides.
-    Value checks (prefix_lens in [0, L]) need the data: the kernels make them."""
+def _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale) -> None:
+    """The fake kernels' checks (`vsd_ext.ops.checks`): shapes, dtypes, devices, strides, a
+    finite sm_scale. Value checks (prefix_lens in [0, L]) need the data: the kernels make them."""
     B, N, Hq, D = check_rank(q, "q", 4, "[B, N, Hq, D]")
     check_dtype(q, "q", FLOATS)
+    if Hq < 1:
+        fail("q", f"expected at least one query head (Hq >= 1), got shape {list(q.shape)}")
+    if D < 1:
+        fail("q", f"expected a head dim D >= 1, got shape {list(q.shape)}")
+    if not math.isfinite(sm_scale):
+        fail("sm_scale", f"expected a finite softmax scale, got {sm_scale}")
     Bc, L, Hkv, Dk = check_rank(k_cache, "k_cache", 4, "[Bc, L, Hkv, D]")
     shape = list(k_cache.shape)
     if Bc not in (1, B):
@@ -40,7 +46,7 @@ def _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask) -> 
         check_tensor(t, name, expected, dtypes, q, "q")
     for name, t in dict(q=q, k_cache=k_cache, v_cache=v_cache, k_tree=k_tree, v_tree=v_tree,
                         tree_mask=tree_mask).items():
-        if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        if t.dim() and t.numel() and t.shape[-1] > 1 and t.stride(-1) != 1:
             fail(name, f"expected a contiguous last dimension, got strides {t.stride()}")
 
 
@@ -84,16 +90,16 @@ def tree_attention(
         ``out = 0`` and ``lse = -inf``. Differentiable w.r.t. q and the four K/V tensors
         (with ``Bc = 1`` the cache gradients sum over rows).
     """
-    if sm_scale is None:  # (a q the op rejects gets its error there)
+    if sm_scale is None:  # (a q the op rejects, D = 0 too, gets its error there)
         head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() else 1
-        sm_scale = 1.0 / math.sqrt(head_dim)
+        sm_scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
                                             tree_mask, float(sm_scale))
 
 
 @torch.library.register_fake("vsd_ext::tree_attention")
 def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale):
-    _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)
+    _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=_lse_dtype(q), device=q.device)
     return out, lse
@@ -102,7 +108,7 @@ def _tree_attention_fake(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_
 @torch.library.register_fake("vsd_ext::tree_attention_backward")
 def _tree_attention_backward_fake(grad_out, grad_lse, q, k_cache, v_cache, prefix_lens, k_tree,
                                   v_tree, tree_mask, out, lse, sm_scale):
-    _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask)
+    _check_args(q, k_cache, v_cache, prefix_lens, k_tree, v_tree, tree_mask, sm_scale)
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device)
                  for t in (q, k_cache, v_cache, k_tree, v_tree))
 

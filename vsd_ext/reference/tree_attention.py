@@ -37,7 +37,9 @@ def tree_attention(
     """Returns ``(out [B, N, Hq, D], lse [B, N, Hq])``, both in ``compute_dtype``.
 
     Differentiable (autograd) w.r.t. q and the four K/V tensors. A node that sees no key
-    gets ``out = 0`` and ``lse = -inf`` with zero gradients (no NaN anywhere).
+    gets ``out = 0`` and ``lse = -inf`` with zero gradients (no NaN anywhere). A key that no
+    node of its row sees (a padding node, a cache position past ``prefix_lens``) contributes
+    exactly nothing, even when its k / v hold NaN or inf: it is replaced by zeros first.
     """
     B, N, Hq, D = q.shape
     Bc, L, Hkv, _ = k_cache.shape
@@ -48,9 +50,10 @@ def tree_attention(
         x = x.to(compute_dtype).expand(B, -1, -1, -1)
         return x.repeat_interleave(group, dim=2).transpose(1, 2)
 
-    keys = torch.cat([heads(k_cache), heads(k_tree)], dim=2)  # [B, Hq, L + N, D]
-    values = torch.cat([heads(v_cache), heads(v_tree)], dim=2)
     visible = dense_visibility(prefix_lens, tree_mask, L, N).unsqueeze(1)  # [B, 1, N, L + N]
+    unseen = ~visible.any(2).view(B, 1, L + N, 1)  # keys no node of the row sees
+    keys = torch.cat([heads(k_cache), heads(k_tree)], dim=2).masked_fill(unseen, 0)
+    values = torch.cat([heads(v_cache), heads(v_tree)], dim=2).masked_fill(unseen, 0)
     scores = (q.to(compute_dtype).transpose(1, 2) @ keys.transpose(-1, -2)) * scale
     any_key = visible.any(-1, keepdim=True)
     # Rows that see nothing use zeros instead of -inf so logsumexp and its gradient stay finite.

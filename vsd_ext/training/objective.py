@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from ..ops.cross_entropy import weighted_linear_cross_entropy
-from .divergence_eager import weighted_linear_divergence
 from .auf import auf_loss
+from .divergence_eager import weighted_linear_divergence
 from .drafting import DraftVocab, head_inputs
 from .eagle3 import eagle3_loss
 from .vsd import vsd_loss

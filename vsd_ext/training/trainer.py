@@ -18,7 +18,9 @@ Output directory:
 The τ estimate of the bar and the log is a one-step proxy, not decoding: eagle3/auf —
 1 + the mean number of leading unrolled steps whose greedy draft equals the target's greedy
 token (teacher-forced on the data, T = 0, chain of `steps`); vsd — 1 + the expected accepted
-length ℓ of the E-step's sampled chains (T = `vsd.sample_temperature`, depth `vsd.depth`).
+length of the E-step's trees at the run's decoding temperature (`vsd.temperature`): the
+sampled chains' ℓ at T > 0, the greedy path's accepted length in the drafter's own tree at
+T = 0.
 Real τ comes from the periodic evaluation (`eval_every`): `vsd_ext.generate` with the
 default dynamic tree on held-out prompts at T = 0, plus the held-out step-0 KL.
 
