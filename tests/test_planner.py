@@ -1,8 +1,9 @@
 """The cost model (vsd_ext.decoding.costs, vsd_ext.decoding.planner): acceptance tables and
 their interpolation in T, the expected tokens of EAGLE-2 trees against hand-computed values,
 the plans chosen for cheap and for expensive drafting, fixed fields kept, the measured costs,
-the fallback to autoregressive steps when drafts do not pay, and `TreeConfig()` decoding
-exactly (T = 0) whatever it plans."""
+the fallback to autoregressive steps when drafts do not pay, `TreeConfig()` decoding exactly
+(T = 0) whatever it plans; the per-step policy (vsd_ext.decoding.policy) against hand-computed
+decisions."""
 import pytest
 import torch
 from test_decoding import PROMPTS, greedy_reference, random_drafter
@@ -15,6 +16,7 @@ from vsd_ext.decoding.planner import (
     drafting_pays,
     expected_tokens,
 )
+from vsd_ext.decoding.policy import StepPolicy
 from vsd_ext.models import DecodeSettings
 from vsd_ext.models.decode_settings import Acceptance
 
@@ -128,3 +130,44 @@ def test_default_tree_is_exact_at_t0(target, seed):
     for s in (None, settings(), settings(greedy=0.01)):
         out = generate(target, drafter, PROMPTS, 16, decode_settings=s)
         assert out.tokens == references and out.stats["plan"] is not None
+
+
+# ---- per-step sizing (vsd_ext.decoding.policy) ---------------------------------------------
+
+def policy(B=1, expected_tau=3.0):
+    return StepPolicy(costs(verify_base=10.0, verify_node=0.5, draft=1.0), [[0.7, 0.9]] * 4,
+                      expected_tau, TreeConfig(4, 2, 6), B)
+
+
+def test_policy_keeps_the_columns_that_pay():
+    pol = policy()
+    # Plan: step(4, 2, 6) = 10 + 6 * 0.5 + 1 + 3 * (1 + 0.1 * 2) = 17.6 per 3 tokens (prior).
+    assert pol.rate == pytest.approx(3 / 17.6)
+    # A node pays when its p exceeds rate * verify_node = 0.0852.
+    scores = torch.tensor([[0.9, 0.5, 0.2, 0.09, 0.08, 0.01]]).log()
+    assert pol.columns(scores) == 4
+    # Two rows share a column: it pays when their summed p exceeds 6 / 17.6 * 0.5 = 0.170.
+    rows = torch.tensor([[0.9, 0.1, 0.05], [0.9, 0.1, 0.01]]).log()
+    assert policy(B=2).columns(rows) == 2
+    assert pol.columns(torch.tensor([[0.05, 0.01]]).log()) == 0  # not even the first node
+
+
+def test_policy_drafts_a_level_while_its_expected_gain_pays():
+    pol = policy()
+    # Node cost 0.0852, level cost rate * 1.2 = 0.2045, marginals at depth 2: 0.7, 0.2.
+    # Frontier (0.5, 0.3): gains 0.265 + 0.015 + 0.125 = 0.405 > 0.2045.
+    assert pol.keep_expanding(torch.tensor([[0.5, 0.3]]).log(), 1)
+    # Frontier (0.2, 0.1): gain 0.055 only.
+    assert not pol.keep_expanding(torch.tensor([[0.2, 0.1]]).log(), 1)
+
+
+def test_policy_rate_follows_the_steps():
+    pol = policy()
+    pol.record(3, 5)
+    pol.update(4)  # step(3, 2, 5) = 10 + 2.5 + 1 + 2 * 1.2 = 15.9
+    assert pol.rate == pytest.approx((12 + 4) / (70.4 + 15.9))
+    assert pol.beats_autoregressive()  # 4 tokens in 15.9 against 1 per 10
+    pol.record(3, 5)
+    for _ in range(5):
+        pol.update(1)
+    assert not pol.beats_autoregressive()  # 9 tokens in 95.4

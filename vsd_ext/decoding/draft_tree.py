@@ -78,6 +78,9 @@ class TreeConfig:
         per depth (the last repeats): candidates rank by the cumulative
         ``log softmax(logits / t_r)`` of their path. None: the drafter's decode settings
         (`vsd_ext.models.decode_settings`), 1 without. Never changes the output at T = 0.
+    adaptive: at T = 0, size each step's tree within the planned one by what the drafter
+        expects of this context (`vsd_ext.decoding.policy`): None (default) does so when the
+        cost model planned the tree, False never, True also for a fully sized tree.
 
     Measurements of tree shapes on the development CPU: docs/results/. On a GPU, where
     verification is memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8,
@@ -89,6 +92,7 @@ class TreeConfig:
     total_tokens: int | None = None
     sampled: bool | None = None
     ranking_temperature: float | tuple[float, ...] | None = None
+    adaptive: bool | None = None
 
     def __post_init__(self):
         for name in ("depth", "topk", "total_tokens"):
@@ -97,9 +101,10 @@ class TreeConfig:
                                       or value < 1):
                 raise ValueError(f"TreeConfig: {name} must be an integer >= 1 or None, got "
                                  f"{value!r}")
-        if self.sampled not in (None, True, False):
-            raise ValueError(f"TreeConfig: sampled must be True, False or None, got "
-                             f"{self.sampled!r}")
+        for name in ("sampled", "adaptive"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"TreeConfig: {name} must be True, False or None, got "
+                                 f"{getattr(self, name)!r}")
         t = self.ranking_temperature
         if t is not None:
             values = tuple(t) if isinstance(t, (tuple, list)) else (t,)
@@ -204,14 +209,16 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
                root_tokens: torch.Tensor, temperature: float = 1.0,
                generator: torch.Generator | None = None,
                draft_to_target: torch.Tensor | None = None,
-               vocab_size: int | None = None) -> DraftTree:
+               vocab_size: int | None = None, policy=None) -> DraftTree:
     """Grow one dynamic draft tree per row (module docstring).
 
     root_logits ``[B, Vd]``: the drafter's logits at the root. expand: runs the drafter on a
     level's frontier (see `ExpandFn`); called ``depth − 1`` times. root_tokens ``[B]``: the
     root's target id. draft_to_target ``[Vd]`` int64: target id of every draft id (default:
     identity); vocab_size: V of ``draft_probs`` (default Vd). Sampled trees
-    (``config.sampled``) draw at ``temperature`` with ``generator``.
+    (``config.sampled``) draw at ``temperature`` with ``generator``. policy: a
+    `vsd_ext.decoding.policy.StepPolicy` (deterministic trees only) that may stop before
+    ``depth`` levels and keep fewer than ``total_tokens`` nodes (N then shrinks).
     """
     B, Vd = root_logits.shape
     device = root_logits.device
@@ -226,7 +233,11 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
     frontier = torch.arange(k, device=device).expand(B, k)  # candidate ids of the frontier
     front_score, parent_slot = log_s, torch.full((B, k), -1, dtype=torch.int64, device=device)
     offset = k
+    levels = 1
     for level in range(1, config.depth):
+        if policy is not None and not policy.keep_expanding(front_score, level):
+            break
+        levels += 1
         valid = front_score > float("-inf")
         logits = expand(torch.cat(cand_tokens, 1).gather(1, frontier), parent_slot, valid)
         log_s, tokens, probs = child_slots(logits, k, sampled, temperature, generator,
@@ -252,19 +263,24 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
                                + torch.arange(k, device=device).expand(B, k))
     return _select(torch.cat(scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
                    cand_qrow, q_rows, config, root_tokens, draft_to_target,
-                   vocab_size or Vd)
+                   vocab_size or Vd, policy, levels)
 
 
 def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_tokens,
-            draft_to_target, vocab_size) -> DraftTree:
-    """Keep the best ``total_tokens`` candidates of every row, listed in rank order (padded
-    with -1 nodes to ``N = total_tokens + 1`` when a row has fewer valid candidates)."""
+            draft_to_target, vocab_size, policy=None, levels=None) -> DraftTree:
+    """Keep the best ``total_tokens`` candidates of every row (or the number ``policy``
+    says pays), listed in rank order (padded with -1 nodes to ``N = total + 1`` when a row
+    has fewer valid candidates)."""
     B, C = score.shape
     device = score.device
     order = torch.sort(-score, dim=1, stable=True).indices           # rank -> candidate
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=device)
                                             .expand(B, C))          # candidate -> rank
-    kept = order[:, :config.total_tokens]
+    total = config.total_tokens
+    if policy is not None:
+        total = min(total, policy.columns(score.gather(1, order[:, :total])))
+        policy.record(levels, total)
+    kept = order[:, :total]
     valid = score.gather(1, kept) > float("-inf")
     draft_ids = cand_tokens.gather(1, kept)
     target_ids = draft_ids if draft_to_target is None else draft_to_target[draft_ids]
@@ -272,7 +288,7 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     # A kept candidate's parent is kept too and ranks earlier: node index = rank + 1.
     parent = torch.where(parent_cand < 0, torch.zeros_like(parent_cand),
                          rank.gather(1, parent_cand.clamp(min=0)) + 1)
-    missing = config.total_tokens - kept.shape[1]  # > 0 when there are fewer candidates
+    missing = total - kept.shape[1]  # > 0 when there are fewer candidates
     pad = torch.full((B, 1), -1, dtype=torch.int64, device=device)
 
     def nodes(root, values):

@@ -38,10 +38,14 @@ from ..ops.verify import verify_tree
 from ..tree import padded_chain
 from .costs import step_costs
 from .draft_tree import DraftTree, TreeConfig
-from .planner import Plan, drafting_pays, plan_tree
+from .planner import MAX_DEPTH, MAX_NODES, Plan, acceptance_table, drafting_pays, plan_tree
+from .policy import StepPolicy
 from .proposer import DrafterProposer
 
 __all__ = ["GenerationOutput", "generate"]
+
+CHECK_EVERY = 8  # steps between the checks of `check_drafting`
+ENVELOPE_DEPTH = 2  # levels a per-step policy may draft past the planned depth
 
 
 @dataclass
@@ -241,7 +245,8 @@ def _proposer(target, drafter, tree: TreeConfig, temperature: float, generator, 
     """(proposer, plan): None for autoregressive decoding (no drafter, or the plan says it is
     faster), the drafter itself when it is a proposer (anything with ``propose``, e.g.
     `OracleDrafter`; plan None), or a `DrafterProposer` of an EAGLE-3 drafter drafting the
-    planned trees (`vsd_ext.decoding.planner`; a fully sized ``tree`` is used as given)."""
+    planned trees (`vsd_ext.decoding.planner`; a fully sized ``tree`` is used as given),
+    sized per step at T = 0 (`vsd_ext.decoding.policy`, see `TreeConfig.adaptive`)."""
     if drafter is None or hasattr(drafter, "propose"):
         return drafter, None
     if tree.is_sized and (temperature == 0 or tree.sampled is not None):
@@ -256,7 +261,31 @@ def _proposer(target, drafter, tree: TreeConfig, temperature: float, generator, 
         plan = plan_tree(tree, settings, step_costs(target, drafter, batch_size), temperature)
     if plan.tree is None:
         return None, plan
-    return DrafterProposer(drafter, plan.tree, temperature, generator), plan
+    adaptive = temperature == 0 and (tree.adaptive or (tree.adaptive is None
+                                                       and plan.costs is not None))
+    if not adaptive:
+        return DrafterProposer(drafter, plan.tree, temperature, generator), plan
+    plan = replace(plan, tree=envelope(plan.tree, tree))
+    costs = plan.costs or step_costs(target, drafter, batch_size)
+    proposer = DrafterProposer(drafter, plan.tree, temperature, generator)
+    expected = plan.expected_tau if plan.costs is not None else 1.0
+    proposer.policy = StepPolicy(costs, acceptance_table(settings, "greedy", 0.0)[0], expected,
+                                 plan.tree, batch_size)
+    return proposer, plan
+
+
+def envelope(planned: TreeConfig, given: TreeConfig) -> TreeConfig:
+    """The tree a per-step policy may use around a planned one: ``ENVELOPE_DEPTH`` more
+    levels and half as many nodes again (within the planner's limits), where ``given`` left
+    the size to the cost model; chains stay chains."""
+    depth = given.depth or min(planned.depth + ENVELOPE_DEPTH, MAX_DEPTH)
+    if given.total_tokens is not None:
+        total = given.total_tokens
+    elif planned.topk == 1:
+        total = depth
+    else:
+        total = min(planned.total_tokens + (planned.total_tokens + 1) // 2, MAX_NODES)
+    return replace(planned, depth=depth, total_tokens=total, adaptive=True)
 
 
 def prefill(state: _Decoding, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -310,18 +339,23 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     return [row[:n] for row, n in zip(emitted.tolist(), (num + 1).tolist())]
 
 
-CHECK_EVERY = 8  # steps between the checks of `check_drafting`
 
 
 def check_drafting(state: _Decoding) -> None:
     """Every CHECK_EVERY steps of a planned tree: when the τ measured so far no longer pays
-    for drafting (`vsd_ext.decoding.planner.drafting_pays`), the remaining steps are
-    autoregressive (``state.fallback_step`` records when)."""
+    for drafting (`vsd_ext.decoding.planner.drafting_pays`; with a per-step policy, its
+    modelled rate against autoregressive steps), the remaining steps are autoregressive
+    (``state.fallback_step`` records when)."""
     if (state.plan is None or state.proposer is None or state.forwards % CHECK_EVERY
-            or state.fallback_step is not None):
+            or state.fallback_step is not None or state.plan.costs is None):
         return
-    emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
-    if not drafting_pays(state.plan, float(emitted) / max(int(state.hist.sum()), 1)):
+    policy = getattr(state.proposer, "policy", None)
+    if policy is not None:
+        pays = policy.beats_autoregressive()
+    else:
+        emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
+        pays = drafting_pays(state.plan, float(emitted) / max(int(state.hist.sum()), 1))
+    if not pays:
         state.proposer, state.fallback_step = None, state.forwards
 
 
