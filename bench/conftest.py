@@ -38,8 +38,10 @@ WEIGHTED_CE = {
     "logits_cpu": (torch.float32, [(2048, 32000)]),
     "logits_cuda": (torch.bfloat16, [(8192, 32000), (8192, 128256)]),
 }
-# end-to-end decoding: new tokens per row, prompt tokens, batch sizes.
-DECODE = {"max_new_tokens": 48, "prompt_tokens": 64, "batch_sizes": (1, 4)}
+# end-to-end decoding: new tokens per row, prompt tokens (the last ones of each held-out
+# mid-file window), batch sizes and temperatures of the default configuration's cases.
+DECODE = {"max_new_tokens": 48, "prompt_tokens": 256, "batch_sizes": (1, 4, 16),
+          "temperatures": (0.0, 0.7, 1.0)}
 
 
 def cases(device: str, dtype: torch.dtype, shapes, name) -> list:
