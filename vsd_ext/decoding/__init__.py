@@ -8,6 +8,9 @@ model that sizes the trees.
 - `costs.py`       `StepCosts`: drafting and verification costs measured on this machine
 - `planner.py`     `plan_tree`: the tree (or autoregressive decoding) the cost model expects
                    to be fastest, from the costs and the drafter's per-depth acceptance
+- `policy.py`      `StepPolicy`: sizes each greedy tree within the plan (per-step gain/cost)
+- `configure.py`   how `generate` turns a drafter, a `TreeConfig` and decode settings into a
+                   proposer (plan, policy)
 - `calibrate.py`   `calibrate_drafter`: fits a drafter's decode settings (ranking
                    temperature, per-depth acceptance; `vsd_ext.models.decode_settings`)
 """

@@ -1,7 +1,10 @@
 """The speculative decoding loop: `generate(target, drafter, prompts, ...)`.
 
-`prefill` fills the target's cache with the prompts and draws each row's first token; then
-`speculative_step`, for every unfinished row at once:
+`generate` first plans (`vsd_ext.decoding.configure`): a `TreeConfig` with sizes left to the
+cost model gets the tree `vsd_ext.decoding.planner` expects to be fastest on this machine (or
+autoregressive decoding), ranked by the drafter's decode settings, and at T = 0 a per-step
+policy (`vsd_ext.decoding.policy`). `prefill` fills the target's cache with the prompts and draws
+each row's first token; then `speculative_step`, for every unfinished row at once:
 
     1. draft      the proposer grows a tree per row below the last emitted token (the root):
                   `DrafterProposer` (proposer.py) for an EAGLE-3 drafter, or any object with
@@ -17,6 +20,9 @@ and `drop_finished`:
     4. finish     rows stop independently (EOS / stop tokens, stop strings, max_new_tokens)
                   and leave the batch (their cache rows are dropped)
 
+and `check_drafting`: every few steps, a planned tree whose measured τ no longer pays for
+drafting gives way to autoregressive steps for the rest of the call.
+
 Plain autoregressive decoding (`drafter=None`) is the same loop with a one-node tree, so
 both are measured through identical code. Verification modes: T = 0 → "greedy" (output
 identical to greedy decoding); T > 0 → "target_only" (top-k trees, or the oracle) or
@@ -28,24 +34,19 @@ convention), averaged over every (row, verify forward) pair; the prefill is not 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-from ..models.decode_settings import DecodeSettings
 from ..ops.verify import verify_tree
 from ..tree import padded_chain
-from .costs import step_costs
+from .configure import configure_proposer, resolve_decode_settings
 from .draft_tree import DraftTree, TreeConfig
-from .planner import MAX_DEPTH, MAX_NODES, Plan, acceptance_table, drafting_pays, plan_tree
-from .policy import StepPolicy
-from .proposer import DrafterProposer
+from .planner import Plan, drafting_pays
 
 __all__ = ["GenerationOutput", "generate"]
 
 CHECK_EVERY = 8  # steps between the checks of `check_drafting`
-ENVELOPE_DEPTH = 2  # levels a per-step policy may draft past the planned depth
 
 
 @dataclass
@@ -162,8 +163,11 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     target_forwards (batched verify forwards, prefill excluded), row_forwards,
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
-    other / total), mode, temperature, batch_size, plan (the tree decoded with and the cost
-    model's expectations; None for autoregressive decoding or a proposer object).
+    other / total), mode, temperature, batch_size, plan (the tree decoded with, the cost
+    model's expectations and costs, the step after which drafting stopped paying if it did,
+    the seconds spent planning — once per process, batch size and drafter they include
+    measuring the costs — which the times above leave out; None without a drafter or with a
+    proposer object).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -171,13 +175,13 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = as_batch(prompts)
     rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
-    timer = _Timer(target.device)
     settings = resolve_decode_settings(drafter, decode_settings)
-    proposer, plan = _proposer(target, drafter, tree or TreeConfig(), temperature, generator,
-                               settings, len(prompts))
+    start = time.perf_counter()
+    proposer, plan = configure_proposer(target, drafter, tree or TreeConfig(), temperature,
+                                        generator, settings, len(prompts))
     state = _Decoding(target, proposer, temperature, generator)
-    state.plan = plan
-    return run_decoding(state, rows, timer, prompts, max_new_tokens)
+    state.plan, state.plan_seconds = plan, time.perf_counter() - start
+    return run_decoding(state, rows, _Timer(target.device), prompts, max_new_tokens)
 
 
 def run_decoding(state, rows, timer, prompts, max_new_tokens) -> GenerationOutput:
@@ -192,23 +196,6 @@ def run_decoding(state, rows, timer, prompts, max_new_tokens) -> GenerationOutpu
         check_drafting(state)
         timer.lap(None)
     return GenerationOutput(rows.tokens, rows.reasons, _stats(state, rows, timer))
-
-
-def resolve_decode_settings(drafter, decode_settings) -> DecodeSettings | None:
-    """`generate`'s ``decode_settings`` argument → the settings to apply (or None)."""
-    if decode_settings is None or (isinstance(decode_settings, str)
-                                   and decode_settings == "off"):
-        return None
-    if isinstance(decode_settings, str) and decode_settings == "drafter":
-        return getattr(drafter, "decode_settings", None)
-    if isinstance(decode_settings, DecodeSettings):
-        return decode_settings
-    if isinstance(decode_settings, dict):
-        return DecodeSettings.from_dict(decode_settings)
-    if isinstance(decode_settings, (str, Path)):
-        return DecodeSettings.load(decode_settings)
-    raise ValueError(f"decode_settings: expected 'drafter', None, 'off', a DecodeSettings, a "
-                     f"dict or a path, got {type(decode_settings).__name__}")
 
 
 class _Decoding:
@@ -227,6 +214,7 @@ class _Decoding:
         self.forwards = 0
         self.mode = ""
         self.plan: Plan | None = None
+        self.plan_seconds = 0.0  # planning (with the first measurement of the step costs)
         self.fallback_step: int | None = None  # step after which drafting stopped paying
         self.observer = None  # observer(tree, target_logits, num_accepted) after each verify
 
@@ -238,54 +226,6 @@ class _Decoding:
         return verify_tree(logits, tree.tokens, tree.parents, draft_probs=tree.draft_probs,
                            mode=self.mode, temperature=self.temperature or 1.0,
                            generator=self.generator)
-
-
-def _proposer(target, drafter, tree: TreeConfig, temperature: float, generator, settings,
-              batch_size: int):
-    """(proposer, plan): None for autoregressive decoding (no drafter, or the plan says it is
-    faster), the drafter itself when it is a proposer (anything with ``propose``, e.g.
-    `OracleDrafter`; plan None), or a `DrafterProposer` of an EAGLE-3 drafter drafting the
-    planned trees (`vsd_ext.decoding.planner`; a fully sized ``tree`` is used as given),
-    sized per step at T = 0 (`vsd_ext.decoding.policy`, see `TreeConfig.adaptive`)."""
-    if drafter is None or hasattr(drafter, "propose"):
-        return drafter, None
-    if tree.is_sized and (temperature == 0 or tree.sampled is not None):
-        ranking = tree.ranking_temperature
-        if ranking is None and settings is not None:
-            ranking = settings.ranking_temperature
-        sampled = bool(tree.sampled) and temperature > 0
-        mode = "greedy" if temperature == 0 else "sampled" if sampled else "target_only"
-        plan = Plan(replace(tree, sampled=sampled, ranking_temperature=ranking), mode,
-                    float("nan"), float("nan"), "given", None)
-    else:
-        plan = plan_tree(tree, settings, step_costs(target, drafter, batch_size), temperature)
-    if plan.tree is None:
-        return None, plan
-    adaptive = temperature == 0 and (tree.adaptive or (tree.adaptive is None
-                                                       and plan.costs is not None))
-    if not adaptive:
-        return DrafterProposer(drafter, plan.tree, temperature, generator), plan
-    plan = replace(plan, tree=envelope(plan.tree, tree))
-    costs = plan.costs or step_costs(target, drafter, batch_size)
-    proposer = DrafterProposer(drafter, plan.tree, temperature, generator)
-    expected = plan.expected_tau if plan.costs is not None else 1.0
-    proposer.policy = StepPolicy(costs, acceptance_table(settings, "greedy", 0.0)[0], expected,
-                                 plan.tree, batch_size)
-    return proposer, plan
-
-
-def envelope(planned: TreeConfig, given: TreeConfig) -> TreeConfig:
-    """The tree a per-step policy may use around a planned one: ``ENVELOPE_DEPTH`` more
-    levels and half as many nodes again (within the planner's limits), where ``given`` left
-    the size to the cost model; chains stay chains."""
-    depth = given.depth or min(planned.depth + ENVELOPE_DEPTH, MAX_DEPTH)
-    if given.total_tokens is not None:
-        total = given.total_tokens
-    elif planned.topk == 1:
-        total = depth
-    else:
-        total = min(planned.total_tokens + (planned.total_tokens + 1) // 2, MAX_NODES)
-    return replace(planned, depth=depth, total_tokens=total, adaptive=True)
 
 
 def prefill(state: _Decoding, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -393,5 +333,6 @@ def _stats(state: _Decoding, rows: _Rows, timer: _Timer) -> dict:
         "temperature": state.temperature,
         "batch_size": len(rows.tokens),
         "plan": None if state.plan is None else {**state.plan.describe(),
-                                                 "fallback_step": state.fallback_step},
+                                                 "fallback_step": state.fallback_step,
+                                                 "seconds": state.plan_seconds},
     }
