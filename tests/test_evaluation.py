@@ -207,7 +207,8 @@ def test_cli_eval(tmp_path, untrained, capsys):
     assert rows == [(m, t) for t in (0.0, 1.0) for m in ("autoregressive", "oracle", "mine")]
     assert all(r["lossless"] is True and r["num_prompts"] == 2 for r in report["results"])
     assert report["results"][2]["tree"] == {"depth": 3, "topk": 4, "total_tokens": 8,
-                                            "sampled": True, "ranking_temperature": None}
+                                            "sampled": True, "ranking_temperature": None,
+                                            "adaptive": None}
     # Sampled trees: verified against the drafter's q at T > 0, top-k trees at T = 0.
     assert [r["mode"] for r in report["results"]] == ["greedy"] * 3 + [
         "target_only", "target_only", "sampled"]

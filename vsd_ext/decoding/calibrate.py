@@ -40,7 +40,7 @@ from .proposer import DrafterProposer
 
 __all__ = ["calibrate_drafter", "measure_acceptance", "ranking_tau"]
 
-GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.85, 1.0)
+GRID = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)
 REFERENCE_TREE = TreeConfig(depth=6, topk=4, total_tokens=10)
 DEPTH = 8        # chain depth of the acceptance runs
 TOPK = 4         # k = 1 .. TOPK per depth
