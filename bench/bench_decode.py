@@ -2,19 +2,22 @@
 target through the same loop (provider "torch": `generate(target, None, ...)`).
 
 Target: the embedded default (`vsd_ext.load_target("default")`, fp32 on CPU; the environment
-variable VSD_TARGET may name another checkpoint directory). Prompts: the
-first lines of held-out standard-library files (`vsd_ext.corpus.prompts`), cut to PROMPT_TOKENS.
-Drafters: "oracle" (the target's own greedy continuation: every draft accepted, so the ratio is
-the loop's ceiling at this depth), "untrained" (a freshly initialized EAGLE-3 head: nearly
-nothing accepted, so the ratio is the drafting + tree-verification overhead) and "trained":
-the EAGLE-3 drafter shipped for the default target, or the drafter directory named by the
-environment variable VSD_DRAFTER (with VSD_TARGET set and no VSD_DRAFTER there are no
-"trained" cases), run in bf16 (the target stays fp32; decoding stays lossless). Trees: the
-default `TreeConfig` for the oracle and the untrained head, a depth-5 chain (`CHAIN`, sampled
-from the drafter at T > 0) for the trained drafter — on a CPU, where each verified node costs
-real compute, chains are the fastest.
-Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per target
-forward), tokens/s and the time split of the measured call.
+variable VSD_TARGET may name another checkpoint directory). Prompts: the held-out mid-file
+windows (`vsd_ext/assets/prompts/heldout_midfile_v1.jsonl`), their last PROMPT_TOKENS tokens.
+Drafters, each with the library's default tree (`TreeConfig()`: the cost model sizes it on
+this machine, per batch size and temperature, or decodes autoregressively when drafting does
+not pay):
+- "default": the EAGLE-3 drafter shipped for the default target (or the directory named by
+  VSD_DRAFTER; with VSD_TARGET set and no VSD_DRAFTER there are no such cases) in bf16 with
+  its decode settings — what a user gets; T ∈ {0, 0.7, 1}, B ∈ {1, 4, 16};
+- "untrained": a freshly initialized EAGLE-3 head: nothing is accepted, so the defaults must
+  fall back to autoregressive steps (its ratio is the cost of finding that out);
+- "oracle": the target's own greedy continuation as a depth-4 chain (every draft accepted at
+  T = 0): the loop's ceiling at that depth.
+Groups: one per (drafter, batch size, temperature); extra_info holds τ (accepted + 1 per
+target forward), tokens/s, the time split of the measured call and the planned tree. The two
+providers of a group run back to back; the side-by-side measurement that interleaves them
+prompt by prompt is `python/measure_defaults.py`.
 
 CPU threads: VSD_BENCH_THREADS (default 1). The default target's ops are small: on a shared
 machine, intra-op threads mostly wait on each other at OpenMP barriers, and one thread gives
@@ -26,16 +29,18 @@ import pytest
 import torch
 
 import vsd_ext
-from vsd_ext import corpus
 from vsd_ext.decoding import OracleDrafter, TreeConfig, generate
+from vsd_ext.eval import read_prompts_jsonl
+from vsd_ext.eval.report import tree_text
 from vsd_ext.models import Drafter
 
 from conftest import DECODE
 
 MAX_NEW = DECODE["max_new_tokens"]
 PROMPT_TOKENS = DECODE["prompt_tokens"]
-TREE = TreeConfig()  # depth 4, topk 4, total_tokens 12
-CHAIN = TreeConfig(depth=5, topk=1, total_tokens=5)
+ORACLE = TreeConfig(depth=4, topk=1, total_tokens=4)
+PROMPTS = os.path.join(os.path.dirname(vsd_ext.__file__), "assets", "prompts",
+                       "heldout_midfile_v1.jsonl")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,13 +58,13 @@ def target():
 
 @pytest.fixture(scope="module")
 def prompt_ids(target):
-    texts = corpus.prompts("heldout", num_lines=12, limit=4)
+    texts = read_prompts_jsonl(PROMPTS)[:max(DECODE["batch_sizes"])]
     return [target.tokenizer.encode(t).ids[-PROMPT_TOKENS:] for t in texts]
 
 
 def make_drafter(kind, target, prompts):
     if kind == "oracle":
-        return OracleDrafter.from_target(target, prompts, MAX_NEW, TREE.depth)
+        return OracleDrafter.from_target(target, prompts, MAX_NEW, ORACLE.depth)
     if kind == "untrained":
         return Drafter.for_target(target, seed=0)
     return vsd_ext.load_drafter(os.environ.get("VSD_DRAFTER", "default"), target,
@@ -67,29 +72,27 @@ def make_drafter(kind, target, prompts):
 
 
 # The shipped drafter belongs to the default target: another target is measured with a
-# trained drafter only when VSD_DRAFTER names one (no "trained" cases otherwise).
+# trained drafter only when VSD_DRAFTER names one (no "default" cases otherwise).
 TRAINED = not os.environ.get("VSD_TARGET") or bool(os.environ.get("VSD_DRAFTER"))
-KINDS = ("oracle", "untrained", "trained") if TRAINED else ("oracle", "untrained")
-CASES = [(kind, B, T) for kind in KINDS for B in DECODE["batch_sizes"] for T in (0.0,)]
-CASES += [("untrained", 4, 1.0)] + ([("trained", 1, 1.0), ("trained", 4, 1.0)] if TRAINED
-                                    else [])
+CASES = ([("default", B, T) for B in DECODE["batch_sizes"]
+          for T in DECODE["temperatures"]] if TRAINED else [])
+CASES += [("untrained", B, T) for B in (1, 4) for T in (0.0, 1.0)]
+CASES += [("oracle", B, 0.0) for B in (1, 4)]
+# Both providers of a case next to each other (the providers' runs stay close in time).
+PARAMS = [pytest.param(kind, B, T, provider, id=f"{kind}-B{B}-T{T:g}-{provider}")
+          for kind, B, T in CASES for provider in ("vsd_ext", "torch")]
 
 
-@pytest.mark.parametrize("kind,B,T", CASES, ids=[f"{k}-B{B}-T{T:g}" for k, B, T in CASES])
-@pytest.mark.parametrize("provider", ["vsd_ext", "torch"])
+@pytest.mark.parametrize("kind,B,T,provider", PARAMS)
 def test_decode(benchmark, target, prompt_ids, provider, kind, B, T):
     prompts = prompt_ids[:B]
     drafter = make_drafter(kind, target, prompts)
-    shape = CHAIN if kind == "trained" else TREE
-    tree = TreeConfig(shape.depth, shape.topk, shape.total_tokens, sampled=T > 0)
-    if provider == "torch":
-        def run():
-            return generate(target, None, prompts, MAX_NEW, T, ignore_eos=True,
-                            generator=torch.Generator().manual_seed(0))
-    else:
-        def run():  # (an OracleDrafter restarts from its references on every call)
-            return generate(target, drafter, prompts, MAX_NEW, T, tree, ignore_eos=True,
-                            generator=torch.Generator().manual_seed(0))
+    tree = ORACLE if kind == "oracle" else TreeConfig()
+
+    def run():  # (an OracleDrafter restarts from its references on every call)
+        return generate(target, drafter if provider == "vsd_ext" else None, prompts, MAX_NEW,
+                        T, tree, ignore_eos=True, generator=torch.Generator().manual_seed(0))
+
     out = run()  # validate once, outside the timed region: greedy output is the target's
     if T == 0:
         base = generate(target, None, prompts, MAX_NEW, ignore_eos=True)
@@ -97,10 +100,11 @@ def test_decode(benchmark, target, prompt_ids, provider, kind, B, T):
     benchmark.group = f"decode {kind} B={B} T={T:g} ({MAX_NEW} new tokens per row)"
     result = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=0)
     stats = result.stats
+    plan = stats["plan"]
     benchmark.extra_info.update({
         "provider": provider, "device": "cpu", "tau": stats["tau"],
         "tokens_per_second": stats["tokens_per_second"], "new_tokens": stats["new_tokens"],
         "target_forwards": stats["target_forwards"], "time_s": stats["time_s"],
-        "tree": f"depth {tree.depth}, topk {tree.topk}, total_tokens {tree.total_tokens}, "
-                f"{'sampled' if tree.sampled else 'top-k'}",
+        "tree": tree_text({"plan": plan, "temperature": T}) if plan else
+        ("d4 k1 n4 chain" if kind == "oracle" and provider == "vsd_ext" else "-"),
     })

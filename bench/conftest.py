@@ -45,8 +45,10 @@ WEIGHTED_DIVERGENCE = {
     "cpu": (torch.float32, [(512, 1024, 32000), (2048, 1024, 32000)]),
     "cuda": (torch.bfloat16, [(2048, 4096, 32000), (8192, 4096, 128256)]),
 }
-# end-to-end decoding: new tokens per row, prompt tokens, batch sizes.
-DECODE = {"max_new_tokens": 48, "prompt_tokens": 64, "batch_sizes": (1, 4)}
+# end-to-end decoding: new tokens per row, prompt tokens (the last ones of each held-out
+# mid-file window), batch sizes and temperatures of the default configuration's cases.
+DECODE = {"max_new_tokens": 48, "prompt_tokens": 256, "batch_sizes": (1, 4, 16),
+          "temperatures": (0.0, 0.7, 1.0)}
 
 
 def cases(device: str, dtype: torch.dtype, shapes, name) -> list:

@@ -3,7 +3,8 @@
 Every benchmark in bench/ sets `benchmark.group` (one problem shape) and
 `benchmark.extra_info["provider"]` ("vsd_ext" or a PyTorch baseline such as "torch"), optionally
 "bytes" (memory traffic of one call), "flops" (arithmetic of one call), "peak_bytes" (peak extra
-memory) and "device" (else the benchmark's `device` parameter). Ratios compare providers measured
+memory), "device" (else the benchmark's `device` parameter) and, for decoding, "tau" and "tree"
+(shown in the rate column). Ratios compare providers measured
 in the same run:
     speedup = baseline median time / vsd_ext median time      (> 1: vsd_ext is faster)
     memory  = vsd_ext peak bytes / baseline peak bytes         (< 1: vsd_ext uses less)
@@ -57,6 +58,8 @@ def _rate(info: dict, seconds: float, on_gpu: bool) -> str:
         bw = info["bytes"] / seconds
         parts.append(f"{bw / 1e9:.3g} GB/s" + (f" ({100 * bw / H200_BYTES_PER_S:.0f}% of HBM)"
                                                if on_gpu else ""))
+    if "tau" in info:  # end-to-end decoding: τ and the tree decoded with
+        parts.append(f"tau {info['tau']:.2f}" + (f", {info['tree']}" if info.get("tree") else ""))
     if info.get("flops"):
         fl = info["flops"] / seconds
         parts.append(f"{fl / 1e12:.3g} TFLOP/s" + (f" ({100 * fl / H200_FLOPS_PER_S:.0f}% of TC)"

@@ -21,9 +21,7 @@ Each line: {"prompt": text, "source": relative path, "line": line number of the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import random
 from pathlib import Path
 
 import torch
@@ -44,29 +42,9 @@ def parse_args(argv=None):
 
 
 def midfile_windows(text: str, name: str, args) -> list[dict]:
-    """Up to `args.per_file` windows of one file (module docstring)."""
-    lines = text.splitlines(keepends=True)
-    n = len(lines)
-    candidates = list(range(max(1, n // 5), max(1, (4 * n) // 5)))
-    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
-    random.Random(seed).shuffle(candidates)
-    windows, used = [], []
-    for cut in candidates:
-        if len(windows) == args.per_file:
-            break
-        if any(abs(cut - u) < 40 for u in used):
-            continue
-        prompt = ""
-        for line in reversed(lines[:cut]):
-            if len(prompt) + len(line) > args.max_chars:
-                break
-            prompt = line + prompt
-        after = "".join(lines[cut:])
-        if len(prompt) < args.min_chars or len(after) < args.min_after or not prompt.strip():
-            continue
-        used.append(cut)
-        windows.append({"prompt": prompt, "source": name, "line": cut + 1})
-    return windows
+    """Up to `args.per_file` windows of one file (`vsd_ext.corpus.midfile_windows`)."""
+    return corpus.midfile_windows(text, name, args.per_file, args.max_chars, args.min_chars,
+                                  args.min_after)
 
 
 def build_set(files: list[Path], base: Path, args) -> list[dict]:

@@ -1,10 +1,11 @@
 """Quickstart: speculative decoding with the small target that ships with vsd_ext.
 
-Loads the embedded default target (a 6-layer Llama trained on the standard library's
+Loads the embedded default target (a 16-layer Llama trained on the standard library's
 source), an EAGLE-3 drafter (the one shipped for it, a directory such as the output of
-`vsd train`, or an untrained head), and continues a held-out prompt speculatively. τ is
-tokens emitted per target forward (accepted draft tokens + 1): an untrained head gets about
-1, the same as plain decoding; the shipped drafter about 4 at T = 0.
+`vsd train`, or an untrained head), and continues a held-out prompt speculatively with the
+library's defaults: the draft tree is sized by the cost model (the drafter's decode settings,
+the costs measured on this machine), which decodes plainly when drafting would not pay. τ is
+tokens emitted per target forward (accepted draft tokens + 1): about 1 for an untrained head.
 
     python python/quickstart.py                      # the shipped drafter ("default")
     python python/quickstart.py default-vsd          # the shipped VSD drafter
@@ -41,15 +42,16 @@ def main(argv=None) -> None:
     prompt = vsd_ext.corpus.prompts("heldout", limit=1)[0]  # unseen code, 12 lines
     ids = target.tokenizer.encode(prompt).ids
     out = vsd_ext.generate(target, drafter, ids, args.max_new_tokens, args.temperature,
-                           tree=vsd_ext.TreeConfig(depth=5, topk=1, total_tokens=5),
-                           ignore_eos=True,
-                           generator=torch.Generator().manual_seed(0))
+                           ignore_eos=True, generator=torch.Generator().manual_seed(0))
 
     print(prompt + target.tokenizer.decode(out.tokens[0]))
     s = out.stats
+    tree = s["plan"]["tree"]
+    shape = ("autoregressive (drafting would not pay)" if tree is None else
+             f"tree depth {tree['depth']}, top-k {tree['topk']}, {tree['total_tokens']} nodes")
     print(f"\ntau = {s['tau']:.2f} tokens per target forward (accepted + 1) | "
           f"{s['new_tokens']} tokens in {s['target_forwards']} target forwards | "
-          f"{s['tokens_per_second']:.1f} tok/s | T = {args.temperature:g}")
+          f"{s['tokens_per_second']:.1f} tok/s | T = {args.temperature:g} | {shape}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vsd_ext.app.cli import main
-from vsd_ext.decoding import OracleDrafter, TreeConfig, build_tree, generate
+from vsd_ext.decoding import DrafterProposer, OracleDrafter, TreeConfig, build_tree, generate
 from vsd_ext.models import Drafter, load_drafter
 
 from helpers import chi2_pvalue, save_checkpoint, tiny_target, word_tokenizer
@@ -258,3 +258,63 @@ def test_cli_generate(target, references, tmp_path, capsys, seed):
                  "--temperature", "0.9", "--sampled", "--topk", "2"]) == 0
     out, err = capsys.readouterr()
     assert out.count("--- ") == 2 and "mode sampled" in err
+
+
+# ---- the proposer against explicit per-node drafter forwards -------------------------------
+
+def reduced_vocab_drafter(target, seed):
+    """A random drafter over the 40 most frequent of the target's 97 ids (d2t != 0)."""
+    counts = torch.arange(97, 0, -1).roll(seed % 97)
+    drafter = Drafter.for_target(target, draft_vocab_size=40, token_counts=counts, seed=seed)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.mul_(5.0)
+    assert bool((drafter.d2t != 0).any())
+    return drafter
+
+
+def explicit_children(drafter, cache, first, feature, path, k):
+    """Target ids of the top-k children of the node reached by ``path`` (target ids below
+    the pending root pair (first, feature)), from `Drafter.tree_step` over the whole path."""
+    ids = torch.tensor([[first] + path])
+    parents = torch.arange(-1, len(path))[None]
+    out = drafter.tree_step(ids[:, :1], feature, parents[:, :1], cache)
+    for i, token in enumerate(path):  # each node reads its parent's hidden state
+        out = drafter.tree_step(torch.tensor([[token]]), out.hidden[:, -1:],
+                                parents[:, :i + 2], cache, past=out.tree_kv)
+    top = out.logits[0, -1].float().topk(k).indices
+    return drafter.to_target_ids(top).tolist()
+
+
+@pytest.mark.parametrize("config", [TreeConfig(4, 1, 4), TreeConfig(3, 2, 10)])
+def test_proposer_trees_match_explicit_forwards(target, config, seed):
+    """A reduced-vocabulary drafter: every node of the proposer's tree (chain fast path and
+    `build_tree` path) is among the top-k children that explicit forwards of its path give
+    (embedding target ids): with every candidate kept (k at level 1, k per frontier node
+    below), each expanded node's children are exactly its top k."""
+    drafter = reduced_vocab_drafter(target, seed)
+    prompt = torch.tensor([PROMPTS[0]])
+    with torch.inference_mode():
+        cache = target.new_cache(1, 64)
+        out = target.prefill(prompt, cache)
+        first = int(out.logits[0, -1].argmax())
+        proposer = DrafterProposer(drafter, config, 0.0)
+        proposer.start(prompt, torch.tensor([prompt.shape[1]]), out.features,
+                       torch.tensor([first]), 64)
+        reference_cache = drafter.new_cache(1, 64)
+        drafter.prefill(prompt[:, 1:], out.features[:, :-1], reference_cache, logits=False)
+        tree = proposer.propose(torch.tensor([first]))
+        feature = out.features[:, -1:]
+        tokens, parents = tree.tokens[0].tolist(), tree.parents[0].tolist()
+        paths = {0: []}
+        for i in range(1, len(tokens)):
+            paths[i] = paths[parents[i]] + [tokens[i]]
+        assert len(paths) == config.total_tokens + 1  # no padding: every candidate kept
+        expanded = 0
+        for i in paths:
+            children = [tokens[j] for j in range(1, len(tokens)) if parents[j] == i]
+            if children:
+                expanded += 1
+                assert children == explicit_children(drafter, reference_cache, first,
+                                                     feature, paths[i], config.topk)
+        assert expanded == 1 + (config.depth - 1) * (config.topk if config.topk > 1 else 1)

@@ -9,7 +9,7 @@ import torch
 
 import vsd_ext
 from vsd_ext.app.cli import main
-from vsd_ext.decoding import generate
+from vsd_ext.decoding import TreeConfig, generate
 from vsd_ext.eval import (
     LosslessConfig,
     evaluate,
@@ -49,7 +49,7 @@ def untrained(target):
 def results(target, prompts, untrained):
     return evaluate(target, {"oracle": "oracle", "untrained": untrained}, prompts,
                     temperatures=(0.0, 1.0), max_new_tokens=NEW, lossless_check=CHECK,
-                    progress=False)
+                    progress=False, tree=TreeConfig(depth=4, topk=4, total_tokens=12))
 
 
 def by_key(results):
@@ -198,15 +198,17 @@ def test_cli_eval(tmp_path, untrained, capsys):
     out = tmp_path / "report"
     assert main(["eval", "--draft", "oracle", "--draft", f"mine={tmp_path / 'mine'}",
                  "--prompts", str(prompts), "--temperature", "0", "1", "--max-new-tokens", "8",
-                 "--lossless-samples", "64", "--depth", "3", "--total-tokens", "8",
-                 "--sampled", "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+                 "--lossless-samples", "64", "--depth", "3", "--topk", "4",
+                 "--total-tokens", "8", "--sampled", "--out", str(out), "--threads", "1",
+                 "--no-progress"]) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     rows = [(r["method"], r["temperature"]) for r in report["results"]]
     assert rows == [(m, t) for t in (0.0, 1.0) for m in ("autoregressive", "oracle", "mine")]
     assert all(r["lossless"] is True and r["num_prompts"] == 2 for r in report["results"])
     assert report["results"][2]["tree"] == {"depth": 3, "topk": 4, "total_tokens": 8,
-                                            "sampled": True}
+                                            "sampled": True, "ranking_temperature": None,
+                                            "adaptive": None}
     # Sampled trees: verified against the drafter's q at T > 0, top-k trees at T = 0.
     assert [r["mode"] for r in report["results"]] == ["greedy"] * 3 + [
         "target_only", "target_only", "sampled"]

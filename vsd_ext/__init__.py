@@ -13,9 +13,9 @@ from ._version import __version__
 load_extension()
 
 from . import corpus, tree  # noqa: E402
-from .decoding import OracleDrafter, TreeConfig, generate  # noqa: E402
+from .decoding import OracleDrafter, TreeConfig, calibrate_drafter, generate  # noqa: E402
 from .eval import evaluate  # noqa: E402
-from .models import Drafter, load_drafter, load_target  # noqa: E402
+from .models import DecodeSettings, Drafter, load_drafter, load_target  # noqa: E402
 from .ops import (  # noqa: E402
     tree_attention,
     verify_tree,
@@ -28,4 +28,4 @@ from .training.trainer import train_drafter  # noqa: E402
 __all__ = ["__version__", "build_info", "tree_attention", "verify_tree", "weighted_cross_entropy",
            "weighted_linear_cross_entropy", "weighted_linear_divergence", "corpus", "tree",
            "Drafter", "load_drafter", "load_target", "generate", "TreeConfig", "OracleDrafter",
-           "evaluate", "train_drafter"]
+           "evaluate", "train_drafter", "calibrate_drafter", "DecodeSettings"]

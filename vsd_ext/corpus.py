@@ -22,12 +22,16 @@ the drafters and benchmarks use it too, so nothing needs to be downloaded.
   files with `HELDOUT_PER_MILLE <= value < TUNE_PER_MILLE` form `tune`: drafters never train
   on them (their training rows come from `drafter` = train minus tune), so decode settings
   are fitted and methods are tuned there, never on `heldout`, which only evaluation reads.
+- Prompts: `prompts` (file openings), `midfile_windows` (cuts from the middle of a file, as
+  the evaluation prompt sets of `python/make_eval_sets.py` are made) and `tune_prompts`
+  (mid-file windows of the tune files: what decode settings are fitted on).
 - Tokens: helpers turn files into token sequences with a `tokenizers.Tokenizer`, each file
   followed by the end-of-text id, and cut the stream into fixed-length training rows.
 """
 from __future__ import annotations
 
 import hashlib
+import random
 import sysconfig
 from pathlib import Path
 
@@ -176,3 +180,46 @@ def prompts(split: str = "heldout", num_lines: int = 12, limit: int | None = Non
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def midfile_windows(text: str, name: str, per_file: int = 3, max_chars: int = 1000,
+                    min_chars: int = 300, min_after: int = 300) -> list[dict]:
+    """Up to ``per_file`` prompts cut from the middle of one file: each ends at a line
+    boundary between 20% and 80% of the file and holds the complete lines before the cut, at
+    most ``max_chars`` characters (at least ``min_chars``), with at least ``min_after``
+    characters of the file after it; cuts at least 40 lines apart, drawn by a generator
+    seeded from ``name``. Each: {"prompt", "source": name, "line": line number of the cut}."""
+    lines = text.splitlines(keepends=True)
+    n = len(lines)
+    candidates = list(range(max(1, n // 5), max(1, (4 * n) // 5)))
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+    random.Random(seed).shuffle(candidates)
+    windows, used = [], []
+    for cut in candidates:
+        if len(windows) == per_file:
+            break
+        if any(abs(cut - u) < 40 for u in used):
+            continue
+        prompt = ""
+        for line in reversed(lines[:cut]):
+            if len(prompt) + len(line) > max_chars:
+                break
+            prompt = line + prompt
+        after = "".join(lines[cut:])
+        if len(prompt) < min_chars or len(after) < min_after or not prompt.strip():
+            continue
+        used.append(cut)
+        windows.append({"prompt": prompt, "source": name, "line": cut + 1})
+    return windows
+
+
+def tune_prompts(limit: int = 48, root: str | Path | None = None) -> list[str]:
+    """Mid-file windows (`midfile_windows`) of the tune files: the first window of every
+    file in path order, then the second ones, ...: the prompts decode settings are fitted
+    on (module docstring)."""
+    base = Path(root) if root is not None else stdlib_root()
+    per_file = [midfile_windows(read_source(p), p.relative_to(base).as_posix())
+                for p in stdlib_files("tune", root)]
+    rounds = max((len(w) for w in per_file), default=0)
+    out = [w[r]["prompt"] for r in range(rounds) for w in per_file if r < len(w)]
+    return out[:limit]

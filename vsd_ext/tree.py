@@ -28,6 +28,8 @@ __all__ = [
     "append_nodes",
     "append_child",
     "chain_mask",
+    "unchecked_mask_and_depths",
+    "padded_chain",
     "pack_tree_mask",
     "unpack_tree_mask",
     "chain_parents",
@@ -235,6 +237,25 @@ def append_child(tree_mask: torch.Tensor, depths: torch.Tensor, parent: int):
             torch.cat((depths, depths[:, parent:parent + 1] + 1), 1))
 
 
+def unchecked_mask_and_depths(parents: torch.Tensor, max_depth: int):
+    """`build_tree_mask(parents)` and `tree_depths(parents)` of a tree its caller built
+    itself (valid by construction, at most ``max_depth`` deep), without the checks and the
+    pointer jumping: a few small GEMMs instead of a hundred small ops, for a draft tree each
+    decoding step. With A the parent relation (``A[i, parents[i]] = 1``) and I on the real
+    nodes, ``(I + A)^(2^r)`` for ``2^r >= max_depth`` marks every ancestor of a node and the
+    node itself (padding nodes: nothing); a node's depth is its row sum minus one."""
+    B, N = parents.shape
+    device = parents.device
+    idx = torch.arange(N, device=device)
+    real = (parents >= 0) | (idx == 0)
+    reach = torch.zeros(B, N, N + 1, device=device)
+    reach.scatter_(2, torch.where(parents >= 0, parents, N)[..., None], 1.0)
+    reach = reach[..., :N] + torch.diag_embed(real.float())
+    for _ in range(max(max_depth - 1, 0).bit_length()):
+        reach = torch.bmm(reach, reach).clamp_(max=1.0)
+    return pack_tree_mask(reach > 0), reach.sum(-1).long() - 1
+
+
 _CHAIN_MASKS: dict = {}
 
 
@@ -254,6 +275,25 @@ def chain_mask(levels: int, device, paths: int = 1) -> torch.Tensor:
 
         _CHAIN_MASKS[key] = persistent(build)
     return _CHAIN_MASKS[key]
+
+
+_PADDED_CHAINS: dict = {}
+
+
+def padded_chain(levels: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask ``[1, n, ceil(n/64)]`` and depths ``[1, n]`` of a tree of n nodes whose first
+    ``levels`` + 1 form a chain from the root and whose others are padding (a draft chain
+    shorter than its tree, or the root alone): `build_tree_mask` / `tree_depths` of it,
+    cached per (levels, n, device)."""
+    key = (levels, n, str(device))
+    if key not in _PADDED_CHAINS:
+        def build():
+            parents = torch.arange(-1, n - 1, device=device)
+            parents[levels + 1:] = -1
+            return build_tree_mask(parents[None]), tree_depths(parents[None])
+
+        _PADDED_CHAINS[key] = persistent(build)
+    return _PADDED_CHAINS[key]
 
 
 def chain_parents(batch: int, n: int, device: torch.device | str | None = None) -> torch.Tensor:

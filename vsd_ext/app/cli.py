@@ -6,11 +6,12 @@
     vsd generate      speculative decoding with a target and a drafter (streams the output)
     vsd eval          τ, tokens/s and speedup of drafters vs autoregressive decoding (report)
     vsd train         train a drafter (eagle3 | auf | vsd)
+    vsd calibrate     fit a drafter's decode settings (ranking temperature, acceptance)
 
 Each command's parser and body live in its own module (`demo.py`, `verify_demo.py`,
-`generate.py`, `evaluate.py`, `train.py`); `python -m vsd_ext` runs the same command.
-A user error prints one line naming the argument or file (`arguments.py`) and exits with
-status 2; `--debug` shows the traceback instead.
+`generate.py`, `evaluate.py`, `train.py`, `calibrate.py`); `python -m vsd_ext` runs the same
+command. A user error prints one line naming the argument or file (`arguments.py`) and exits
+with status 2; `--debug` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import sys
 
 from .._loader import build_info
 from .arguments import Parser
+from .calibrate import add_calibrate_command
 from .demo import add_demo_command
 from .evaluate import add_eval_command
 from .generate import add_generate_command
@@ -38,7 +40,7 @@ def run_info(args) -> int:
 
 
 COMMANDS = (add_info_command, add_demo_command, add_verify_demo_command, add_generate_command,
-            add_eval_command, add_train_command)
+            add_eval_command, add_train_command, add_calibrate_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

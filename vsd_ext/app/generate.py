@@ -6,6 +6,7 @@ import sys
 import torch
 
 from ..decoding import OracleDrafter, generate
+from ..decoding.oracle import DEFAULT_DEPTH
 from ..models import load_drafter, load_target
 from .arguments import check_length, count, non_negative_float, positive_int
 from .options import add_tree_args, tree_from_args
@@ -16,8 +17,12 @@ def add_generate_command(sub) -> None:
     gen.add_argument("--target", default="default",
                      help="Hugging Face checkpoint directory, or 'default' (the embedded model)")
     gen.add_argument("--draft", default=None,
-                     help="EAGLE-3 drafter directory ('oracle': the target's own greedy "
-                          "continuation, the loop's ceiling); none: autoregressive decoding")
+                     help="EAGLE-3 drafter directory, 'default' / 'default-vsd' (the drafters "
+                          "shipped for the default target), 'oracle' (the target's own greedy "
+                          "continuation, the loop's ceiling) or 'none' (autoregressive "
+                          "decoding); default: 'default' with --target default, else 'none'")
+    gen.add_argument("--draft-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="the drafter's dtype (default: the target's)")
     gen.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     gen.add_argument("--prompts-file", help="one prompt per line (\\n for a newline)")
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
@@ -53,11 +58,14 @@ def _prompt_texts(args) -> list[str]:
 
 
 def _drafter(args, target, prompts, depth):
-    if args.draft is None:
+    draft = args.draft or ("default" if args.target == "default" else "none")
+    if draft == "none":
         return None
-    if args.draft == "oracle":
-        return OracleDrafter.from_target(target, prompts, args.max_new_tokens, depth)
-    return load_drafter(args.draft, target)
+    if draft == "oracle":
+        return OracleDrafter.from_target(target, prompts, args.max_new_tokens,
+                                         depth or DEFAULT_DEPTH)
+    dtype = getattr(torch, args.draft_dtype) if args.draft_dtype else None
+    return load_drafter(draft, target, dtype=dtype)
 
 
 class _Stream:
@@ -73,11 +81,22 @@ class _Stream:
         self.text = text
 
 
+def _plan_text(plan) -> str:
+    if plan is None:
+        return ""
+    tree = plan["tree"]
+    if tree is None:
+        return " | autoregressive (the cost model expects no speedup from drafting)"
+    kind = "sampled" if tree["sampled"] else "top-k"
+    return (f" | tree depth {tree['depth']} topk {tree['topk']} {tree['total_tokens']} nodes "
+            f"{kind}")
+
+
 def _stats_line(args, stats, target, prompts, drafter, gen) -> str:
     line = (f"[vsd] tau {stats['tau']:.2f} (accepted + 1 per target forward) | "
             f"{stats['tokens_per_second']:.1f} tok/s | {stats['new_tokens']} tokens, "
             f"{stats['target_forwards']} target forwards, batch {stats['batch_size']}, "
-            f"T = {args.temperature:g}, mode {stats['mode']}")
+            f"T = {args.temperature:g}, mode {stats['mode']}{_plan_text(stats['plan'])}")
     if args.compare and drafter is not None:
         base = generate(target, None, prompts, args.max_new_tokens, args.temperature,
                         stop=args.stop, generator=gen, ignore_eos=args.ignore_eos)
@@ -109,7 +128,8 @@ def run_generate(args) -> int:
         print(texts[0], end="", flush=True)
     out = generate(target, drafter, prompts, args.max_new_tokens, args.temperature, tree,
                    stop=args.stop, generator=gen, ignore_eos=args.ignore_eos,
-                   callback=_Stream(decode) if single else None)
+                   callback=_Stream(decode) if single else None,
+                   decode_settings=args.decode_settings)
     if single:
         print(flush=True)
     else:

@@ -19,7 +19,8 @@ Growth (EAGLE-2, `build_tree`), with k = topk and D = depth:
     keep the best ``total_tokens`` candidates of every level by cumulative score.
 
 The score of slot j under node n is ``score(n) + log s_j(n)``, where ``s_1 ≥ s_2 ≥ ...`` are
-the sorted probabilities of the drafter's distribution at n, and candidates are ranked by
+the sorted probabilities of the drafter's distribution at n (for deterministic trees that of
+the calibrated ``logits / t_r``, see `TreeConfig.ranking_temperature`), and candidates are ranked by
 (score descending, creation order ascending) — one total order for the frontier choices
 and the final cut. A child never outranks its parent (its score is no larger and it is
 created later), so the kept set is closed under ancestors, and listing the kept nodes in rank
@@ -49,63 +50,115 @@ builder; `vsd_ext.decoding.generate` uses it.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from ..tree import unchecked_mask_and_depths
 
 __all__ = ["TreeConfig", "DraftTree", "child_slots", "build_tree"]
 
 
 @dataclass(frozen=True)
 class TreeConfig:
-    """Shape of the dynamic draft tree.
+    """Shape of the dynamic draft tree. Fields left None are chosen by `generate`'s cost model
+    (`vsd_ext.decoding.planner`): ``TreeConfig()`` is the fast default, and any field given
+    is kept as given (all three sizes given: exactly this tree, as before the cost model).
 
     depth: levels of draft tokens below the root (drafter forwards per step, root included).
     topk: children per expanded node, and nodes expanded per level.
     total_tokens: draft nodes kept (the verified tree has ``total_tokens + 1`` nodes with the
         root); rows with fewer valid candidates are padded.
-    sampled: draw children without replacement from the drafter (verified against ``q``)
-        instead of taking its top-k (ignored at temperature 0, where trees are top-k).
+    sampled: at T > 0, draw children without replacement from the drafter (verified against
+        ``q``) instead of taking its top-k (verified against the target alone); None: the
+        cost model picks the one that pays more. Ignored at T = 0, where trees are top-k.
+    ranking_temperature: t_r of the calibrated ranking of deterministic trees, a float or one
+        per depth (the last repeats): candidates rank by the cumulative
+        ``log softmax(logits / t_r)`` of their path. None: the drafter's decode settings
+        (`vsd_ext.models.decode_settings`), 1 without. Never changes the output at T = 0.
+    adaptive: at T = 0, size each step's tree within the planned one by what the drafter
+        expects of this context (`vsd_ext.decoding.policy`): None (default) does so when the
+        cost model planned the tree, False never, True also for a fully sized tree.
 
-    The defaults suit the embedded default target on a CPU at batch size 1, where verifying
-    each extra tree node costs real compute; with the trained drafters shipped for it a
-    depth-5 chain (topk 1, total_tokens 5) is faster, and `vsd demo` and the decode
-    benchmark use that (measurements: docs/results/decoding_overheads_2026-11-29.md). On a
-    GPU, where verification is memory-bound, EAGLE-style larger trees pay off (e.g. depth 6,
-    topk 8, 48–64 nodes).
+    Measurements of tree shapes on the development CPU: docs/results/. On a GPU, where
+    verification is memory-bound, EAGLE-style larger trees pay off (e.g. depth 6, topk 8,
+    48–64 nodes).
     """
 
-    depth: int = 4
-    topk: int = 4
-    total_tokens: int = 12
-    sampled: bool = False
+    depth: int | None = None
+    topk: int | None = None
+    total_tokens: int | None = None
+    sampled: bool | None = None
+    ranking_temperature: float | tuple[float, ...] | None = None
+    adaptive: bool | None = None
 
     def __post_init__(self):
         for name in ("depth", "topk", "total_tokens"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TreeConfig: {name} must be an integer >= 1, got {value!r}")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise ValueError(f"TreeConfig: {name} must be an integer >= 1 or None, got "
+                                 f"{value!r}")
+        for name in ("sampled", "adaptive"):
+            if getattr(self, name) not in (None, True, False):
+                raise ValueError(f"TreeConfig: {name} must be True, False or None, got "
+                                 f"{getattr(self, name)!r}")
+        t = self.ranking_temperature
+        if t is not None:
+            values = tuple(t) if isinstance(t, (tuple, list)) else (t,)
+            if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                     and math.isfinite(v) and v > 0 for v in values):
+                raise ValueError(f"TreeConfig: ranking_temperature must be a number > 0, a "
+                                 f"non-empty tuple of them, or None, got {t!r}")
+            if isinstance(t, list):
+                object.__setattr__(self, "ranking_temperature", tuple(t))
+
+    @property
+    def is_sized(self) -> bool:
+        """Whether depth, topk and total_tokens are all given."""
+        return None not in (self.depth, self.topk, self.total_tokens)
+
+    def _sizes(self) -> tuple[int, int, int]:
+        if not self.is_sized:
+            raise ValueError(f"TreeConfig: {self} has sizes left to the cost model; "
+                             f"`generate` resolves them")
+        return self.depth, self.topk, self.total_tokens
 
     @property
     def num_nodes(self) -> int:
         """N of the verified tree: the kept draft nodes plus the root."""
-        return self.total_tokens + 1
+        return self._sizes()[2] + 1
 
     @property
     def num_candidates(self) -> int:
         """Candidates the growth creates: k at level 1, k² at each deeper level."""
-        return self.topk + (self.depth - 1) * self.topk ** 2
+        depth, topk, _ = self._sizes()
+        return topk + (depth - 1) * topk ** 2
+
+    def ranking_temperature_at(self, depth: int) -> float:
+        """t_r at ``depth`` (1 = the root's children); 1 when None."""
+        t = self.ranking_temperature
+        if t is None:
+            return 1.0
+        if not isinstance(t, tuple):
+            return float(t)
+        return float(t[min(max(depth, 1), len(t)) - 1])
 
 
 @dataclass
 class DraftTree:
     """One step's proposal (module docstring): tokens ``[B, N]``, parents ``[B, N]`` (int64)
-    and, for sampled trees, draft_probs ``[B, N, V]`` fp32."""
+    and, for sampled trees, draft_probs ``[B, N, V]`` fp32. ``tree_mask`` / ``depths``: the
+    tree's `vsd_ext.tree.build_tree_mask` / `tree_depths` when its builder knows them (the
+    target's verify then skips rebuilding and re-checking them), else None."""
 
     tokens: torch.Tensor
     parents: torch.Tensor
     draft_probs: torch.Tensor | None = None
+    tree_mask: torch.Tensor | None = None
+    depths: torch.Tensor | None = None
 
 
 def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tensor:
@@ -117,7 +170,7 @@ def gumbel_noise(shape, generator: torch.Generator | None, device) -> torch.Tens
 
 
 def child_slots(logits: torch.Tensor, k: int, sampled: bool, temperature: float = 1.0,
-                generator: torch.Generator | None = None):
+                generator: torch.Generator | None = None, ranking_temperature: float = 1.0):
     """The k child slots of every distribution in ``logits`` ``[..., Vd]``.
 
     Returns ``(log_s, tokens, probs)``: ``log_s`` ``[..., k]`` fp32, the sorted top-k
@@ -125,11 +178,15 @@ def child_slots(logits: torch.Tensor, k: int, sampled: bool, temperature: float 
     draft-vocabulary ids, the top-k (deterministic) or k draws without replacement in draw
     order (sampled, via Gumbel-top-k); ``probs`` ``[..., Vd]`` fp32, the distribution drawn
     from (sampled only, else None). Sampled slots use ``softmax(logits / temperature)``,
-    deterministic ones ``softmax(logits)``.
+    deterministic ones ``softmax(logits / ranking_temperature)`` (the calibrated ranking: the
+    same tokens in the same order, other scores).
     """
     k = min(k, logits.shape[-1])
     if not sampled:
-        logq = torch.log_softmax(logits.float(), dim=-1)
+        scaled = logits.float()
+        if ranking_temperature != 1:
+            scaled = scaled / ranking_temperature
+        logq = torch.log_softmax(scaled, dim=-1)
         log_s, top = torch.topk(logq, k, dim=-1)
         return log_s, top, None
     # Draw from exactly the fp32 q handed to verification: a token whose probability
@@ -152,19 +209,22 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
                root_tokens: torch.Tensor, temperature: float = 1.0,
                generator: torch.Generator | None = None,
                draft_to_target: torch.Tensor | None = None,
-               vocab_size: int | None = None) -> DraftTree:
+               vocab_size: int | None = None, policy=None) -> DraftTree:
     """Grow one dynamic draft tree per row (module docstring).
 
     root_logits ``[B, Vd]``: the drafter's logits at the root. expand: runs the drafter on a
     level's frontier (see `ExpandFn`); called ``depth − 1`` times. root_tokens ``[B]``: the
     root's target id. draft_to_target ``[Vd]`` int64: target id of every draft id (default:
     identity); vocab_size: V of ``draft_probs`` (default Vd). Sampled trees
-    (``config.sampled``) draw at ``temperature`` with ``generator``.
+    (``config.sampled``) draw at ``temperature`` with ``generator``. policy: a
+    `vsd_ext.decoding.policy.StepPolicy` (deterministic trees only) that may stop before
+    ``depth`` levels and keep fewer than ``total_tokens`` nodes (N then shrinks).
     """
     B, Vd = root_logits.shape
     device = root_logits.device
     k, sampled = min(config.topk, Vd), config.sampled
-    log_s, tokens, probs = child_slots(root_logits, k, sampled, temperature, generator)
+    log_s, tokens, probs = child_slots(root_logits, k, sampled, temperature, generator,
+                                       config.ranking_temperature_at(1))
     # Candidate arrays in creation order: level 1 (k), then k*k per deeper level.
     scores, cand_tokens = [log_s], [tokens]
     cand_parents = [torch.full((B, k), -1, dtype=torch.int64, device=device)]
@@ -173,10 +233,15 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
     frontier = torch.arange(k, device=device).expand(B, k)  # candidate ids of the frontier
     front_score, parent_slot = log_s, torch.full((B, k), -1, dtype=torch.int64, device=device)
     offset = k
-    for _ in range(1, config.depth):
+    levels = 1
+    for level in range(1, config.depth):
+        if policy is not None and not policy.keep_expanding(front_score, level):
+            break
+        levels += 1
         valid = front_score > float("-inf")
         logits = expand(torch.cat(cand_tokens, 1).gather(1, frontier), parent_slot, valid)
-        log_s, tokens, probs = child_slots(logits, k, sampled, temperature, generator)
+        log_s, tokens, probs = child_slots(logits, k, sampled, temperature, generator,
+                                           config.ranking_temperature_at(level + 1))
         expanded.append(frontier)
         if sampled:
             q_rows.append(probs)
@@ -198,19 +263,24 @@ def build_tree(root_logits: torch.Tensor, expand: ExpandFn, config: TreeConfig,
                                + torch.arange(k, device=device).expand(B, k))
     return _select(torch.cat(scores, 1), torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1),
                    cand_qrow, q_rows, config, root_tokens, draft_to_target,
-                   vocab_size or Vd)
+                   vocab_size or Vd, policy, levels)
 
 
 def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_tokens,
-            draft_to_target, vocab_size) -> DraftTree:
-    """Keep the best ``total_tokens`` candidates of every row, listed in rank order (padded
-    with -1 nodes to ``N = total_tokens + 1`` when a row has fewer valid candidates)."""
+            draft_to_target, vocab_size, policy=None, levels=None) -> DraftTree:
+    """Keep the best ``total_tokens`` candidates of every row (or the number ``policy``
+    says pays), listed in rank order (padded with -1 nodes to ``N = total + 1`` when a row
+    has fewer valid candidates)."""
     B, C = score.shape
     device = score.device
     order = torch.sort(-score, dim=1, stable=True).indices           # rank -> candidate
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(C, device=device)
                                             .expand(B, C))          # candidate -> rank
-    kept = order[:, :config.total_tokens]
+    total = config.total_tokens
+    if policy is not None:
+        total = min(total, policy.columns(score.gather(1, order[:, :total])))
+        policy.record(levels, total)
+    kept = order[:, :total]
     valid = score.gather(1, kept) > float("-inf")
     draft_ids = cand_tokens.gather(1, kept)
     target_ids = draft_ids if draft_to_target is None else draft_to_target[draft_ids]
@@ -218,13 +288,14 @@ def _select(score, cand_tokens, cand_parents, cand_qrow, q_rows, config, root_to
     # A kept candidate's parent is kept too and ranks earlier: node index = rank + 1.
     parent = torch.where(parent_cand < 0, torch.zeros_like(parent_cand),
                          rank.gather(1, parent_cand.clamp(min=0)) + 1)
-    missing = config.total_tokens - kept.shape[1]  # > 0 when there are fewer candidates
+    missing = total - kept.shape[1]  # > 0 when there are fewer candidates
     pad = torch.full((B, 1), -1, dtype=torch.int64, device=device)
 
     def nodes(root, values):
         return torch.cat((root, torch.where(valid, values, -1), pad.expand(B, missing)), 1)
 
     tree = DraftTree(nodes(root_tokens.view(B, 1), target_ids), nodes(pad, parent))
+    tree.tree_mask, tree.depths = unchecked_mask_and_depths(tree.parents, config.depth)
     if q_rows:
         q = torch.cat(q_rows, 1)                                    # [B, 1 + (D-1)k, Vd]
         node_qrow = nodes(torch.zeros_like(pad), cand_qrow.gather(1, kept))  # root: row 0

@@ -1,7 +1,10 @@
 """The speculative decoding loop: `generate(target, drafter, prompts, ...)`.
 
-`prefill` fills the target's cache with the prompts and draws each row's first token; then
-`speculative_step`, for every unfinished row at once:
+`generate` first plans (`vsd_ext.decoding.configure`): a `TreeConfig` with sizes left to the
+cost model gets the tree `vsd_ext.decoding.planner` expects to be fastest on this machine (or
+autoregressive decoding), ranked by the drafter's decode settings, and at T = 0 a per-step
+policy (`vsd_ext.decoding.policy`). `prefill` fills the target's cache with the prompts and draws
+each row's first token; then `speculative_step`, for every unfinished row at once:
 
     1. draft      the proposer grows a tree per row below the last emitted token (the root):
                   `DrafterProposer` (proposer.py) for an EAGLE-3 drafter, or any object with
@@ -16,6 +19,9 @@ and `drop_finished`:
 
     4. finish     rows stop independently (EOS / stop tokens, stop strings, max_new_tokens)
                   and leave the batch (their cache rows are dropped)
+
+and `check_drafting`: every few steps, a planned tree whose measured τ no longer pays for
+drafting gives way to autoregressive steps for the rest of the call.
 
 Plain autoregressive decoding (`drafter=None`) is the same loop with a one-node tree, so
 both are measured through identical code. Verification modes: T = 0 → "greedy" (output
@@ -34,10 +40,14 @@ import torch
 
 from ..ops.verify import verify_tree
 from .arguments import check_generation
+from ..tree import padded_chain
+from .configure import configure_proposer, resolve_decode_settings
 from .draft_tree import DraftTree, TreeConfig
-from .proposer import DrafterProposer
+from .planner import Plan, drafting_pays
 
 __all__ = ["GenerationOutput", "generate"]
+
+CHECK_EVERY = 8  # steps between the checks of `check_drafting`
 
 
 @dataclass
@@ -129,7 +139,8 @@ class _Rows:
 @torch.inference_mode()
 def generate(target, drafter, prompts, max_new_tokens: int, temperature: float = 0.0,
              tree: TreeConfig | None = None, stop=None, generator: torch.Generator | None = None,
-             ignore_eos: bool = False, callback=None) -> GenerationOutput:
+             ignore_eos: bool = False, callback=None,
+             decode_settings="drafter") -> GenerationOutput:
     """Speculative (or, with ``drafter=None``, autoregressive) decoding of a batch of prompts.
 
     target: a `vsd_ext.models.Target`. drafter: None, a `vsd_ext.Drafter` (trees per
@@ -137,30 +148,49 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     ``start``, ``propose``, ``advance``, ``keep``; see `DrafterProposer`). prompts: token
     ids, one list or a list of lists (any lengths).
     temperature: 0 → greedy; > 0 → sampling at that temperature (lossless). tree:
-    `TreeConfig` (default depth 4, topk 4, total_tokens 12; ``sampled=True`` for trees drawn
-    from the drafter). stop: extra stop token ids (ints) and stop strings (str, decoded with
-    ``target.tokenizer``). The target's EOS ids stop a row unless ``ignore_eos``.
-    generator: randomness of verification and sampled trees. callback(row, new_tokens):
-    called as tokens are produced (streaming).
+    `TreeConfig`; its fields left None (all of them by default) are chosen by the cost model
+    (`vsd_ext.decoding.planner`: the drafter's acceptance and the step costs measured on this
+    machine), which may also decide that autoregressive decoding is faster. stop: extra stop
+    token ids (ints) and stop strings (str, decoded with ``target.tokenizer``). The target's
+    EOS ids stop a row unless ``ignore_eos``. generator: randomness of verification and
+    sampled trees. callback(row, new_tokens): called as tokens are produced (streaming).
+    decode_settings: the drafter's fitted settings (`vsd_ext.models.decode_settings`):
+    "drafter" (default: ``drafter.decode_settings``, read by `load_drafter`), None or "off"
+    (none: ranking temperature 1, the planner's prior acceptance), a `DecodeSettings`, a dict
+    or the path of a settings file / drafter directory. ``tree.ranking_temperature``
+    overrides their ranking temperature.
 
     Returns a `GenerationOutput`; ``stats``: tau (accepted + 1 per target forward per row),
     target_forwards (batched verify forwards, prefill excluded), row_forwards,
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
-    other / total), mode, temperature, batch_size.
+    other / total), mode, temperature, batch_size, plan (the tree decoded with, the cost
+    model's expectations and costs, the step after which drafting stopped paying if it did,
+    the seconds spent planning — once per process, batch size and drafter they include
+    measuring the costs — which the times above leave out; None without a drafter or with a
+    proposer object).
     """
     prompts = as_batch(check_generation(target, prompts, max_new_tokens, temperature, stop))
     rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
-    timer = _Timer(target.device)
-    state = _Decoding(target, _proposer(drafter, tree or TreeConfig(), temperature, generator),
-                      temperature, generator)
+    settings = resolve_decode_settings(drafter, decode_settings)
+    start = time.perf_counter()
+    proposer, plan = configure_proposer(target, drafter, tree or TreeConfig(), temperature,
+                                        generator, settings, len(prompts))
+    state = _Decoding(target, proposer, temperature, generator)
+    state.plan, state.plan_seconds = plan, time.perf_counter() - start
+    return run_decoding(state, rows, _Timer(target.device), prompts, max_new_tokens)
 
+
+def run_decoding(state, rows, timer, prompts, max_new_tokens) -> GenerationOutput:
+    """The loop of `generate` on a prepared state: prefill, then speculative steps until
+    every row is finished."""
     first = prefill(state, prompts, max_new_tokens)
     drop_finished(state, [rows.add(b, [token]) for b, token in enumerate(first)])
     timer.lap("prefill")
     while state.active:
         emitted = speculative_step(state, timer)
         drop_finished(state, [rows.add(b, new) for b, new in zip(state.active, emitted)])
+        check_drafting(state)
         timer.lap(None)
     return GenerationOutput(rows.tokens, rows.reasons, _stats(state, rows, timer))
 
@@ -180,6 +210,10 @@ class _Decoding:
         self.hist = torch.zeros(self.num_nodes, dtype=torch.int64)  # row-forwards per accepted
         self.forwards = 0
         self.mode = ""
+        self.plan: Plan | None = None
+        self.plan_seconds = 0.0  # planning (with the first measurement of the step costs)
+        self.fallback_step: int | None = None  # step after which drafting stopped paying
+        self.observer = None  # observer(tree, target_logits, num_accepted) after each verify
 
     def verify(self, logits: torch.Tensor, tree: DraftTree):
         """`verify_tree` of the trees (T = 0: greedy; trees that carry the drafter's q were
@@ -189,14 +223,6 @@ class _Decoding:
         return verify_tree(logits, tree.tokens, tree.parents, draft_probs=tree.draft_probs,
                            mode=self.mode, temperature=self.temperature or 1.0,
                            generator=self.generator)
-
-
-def _proposer(drafter, tree: TreeConfig, temperature: float, generator):
-    """None (autoregressive decoding), the drafter itself when it is a proposer (anything
-    with ``propose``, e.g. `OracleDrafter`), or a `DrafterProposer` of an EAGLE-3 drafter."""
-    if drafter is None or hasattr(drafter, "propose"):
-        return drafter
-    return DrafterProposer(drafter, tree, temperature, generator)
 
 
 def prefill(state: _Decoding, prompts: list[list[int]], max_new_tokens: int) -> list[int]:
@@ -226,12 +252,18 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     verify all trees with one target forward, commit the accepted paths to the cache, give
     the proposer what was emitted. Returns each row's emitted tokens (accepted + 1)."""
     if state.proposer is None:  # autoregressive decoding: the root alone
-        tree = DraftTree(state.roots[:, None], state.root_parents[:len(state.active)])
+        B = len(state.active)
+        mask, depths = padded_chain(0, 1, state.roots.device)
+        tree = DraftTree(state.roots[:, None], state.root_parents[:B],
+                         tree_mask=mask.expand(B, -1, -1), depths=depths.expand(B, -1))
     else:
         tree = state.proposer.propose(state.roots)
     timer.lap("draft")
-    scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache)
+    scored = state.target.tree_verify(tree.tokens, tree.parents, state.cache,
+                                      tree_mask=tree.tree_mask, depths=tree.depths)
     accepted, emitted, num = state.verify(scored.logits, tree)
+    if state.observer is not None:
+        state.observer(tree, scored.logits, num)
     state.target.commit(state.cache, accepted)
     timer.lap("verify")
     if state.proposer is not None:  # the target features of the accepted nodes, root first
@@ -242,6 +274,26 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
     state.forwards += 1
     state.hist += torch.bincount(num.cpu(), minlength=state.num_nodes)
     return [row[:n] for row, n in zip(emitted.tolist(), (num + 1).tolist())]
+
+
+
+
+def check_drafting(state: _Decoding) -> None:
+    """Every CHECK_EVERY steps of a planned tree: when the τ measured so far no longer pays
+    for drafting (`vsd_ext.decoding.planner.drafting_pays`; with a per-step policy, its
+    modelled rate against autoregressive steps), the remaining steps are autoregressive
+    (``state.fallback_step`` records when)."""
+    if (state.plan is None or state.proposer is None or state.forwards % CHECK_EVERY
+            or state.fallback_step is not None or state.plan.costs is None):
+        return
+    policy = getattr(state.proposer, "policy", None)
+    if policy is not None:
+        pays = policy.beats_autoregressive()
+    else:
+        emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
+        pays = drafting_pays(state.plan, float(emitted) / max(int(state.hist.sum()), 1))
+    if not pays:
+        state.proposer, state.fallback_step = None, state.forwards
 
 
 def drop_finished(state: _Decoding, finished: list[bool]) -> None:
@@ -277,4 +329,7 @@ def _stats(state: _Decoding, rows: _Rows, timer: _Timer) -> dict:
         "mode": state.mode,
         "temperature": state.temperature,
         "batch_size": len(rows.tokens),
+        "plan": None if state.plan is None else {**state.plan.describe(),
+                                                 "fallback_step": state.fallback_step,
+                                                 "seconds": state.plan_seconds},
     }

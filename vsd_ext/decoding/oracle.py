@@ -7,6 +7,8 @@ import torch
 from .draft_tree import DraftTree
 from .loop import as_batch, generate
 
+DEFAULT_DEPTH = 4  # the oracle's chain depth where a TreeConfig leaves it to the cost model
+
 
 class OracleDrafter:
     """A drafter-like proposer whose drafts are known continuations, e.g. the target's own

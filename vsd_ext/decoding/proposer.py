@@ -3,9 +3,11 @@
 tree builder of `vsd_ext.decoding.draft_tree`."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from ..tree import append_child, append_nodes, chain_mask
+from ..tree import append_child, append_nodes, chain_mask, padded_chain
 from .draft_tree import DraftTree, TreeConfig, build_tree, child_slots
 
 
@@ -33,20 +35,26 @@ class DrafterProposer:
     def __init__(self, drafter, config: TreeConfig, temperature: float = 0.0,
                  generator: torch.Generator | None = None):
         self.drafter = drafter
-        self.config = config
-        self.sampled = config.sampled and temperature > 0
-        self.temperature = temperature if self.sampled else 1.0
+        self.draft_temperature = temperature
         self.generator = generator
-        self.num_nodes = config.num_nodes
         self.cache = None
         self.pending = None  # (tokens [B, m], features [B, m, F], lengths [B])
+        # on_level(logits [B, k, Vd]): called with the drafter's logits at the parents of
+        # each level, level 1 (the root) first (`vsd_ext.decoding.calibrate` records them).
+        self.on_level = None
+        # A `vsd_ext.decoding.policy.StepPolicy` sizing each greedy tree (None: the config's).
+        self.policy = None
         self.d2t_ids = drafter.to_target_ids(torch.arange(drafter.draft_vocab_size,
                                                           device=drafter.d2t.device))
+        self.configure(config)
 
-    @property
-    def tree_config(self) -> TreeConfig:
-        return TreeConfig(self.config.depth, self.config.topk, self.config.total_tokens,
-                          self.sampled)
+    def configure(self, config: TreeConfig) -> None:
+        """Draft trees of this (sized) shape from the next `propose` on."""
+        self.config = config
+        self.sampled = bool(config.sampled) and self.draft_temperature > 0
+        self.temperature = self.draft_temperature if self.sampled else 1.0
+        self.num_nodes = config.num_nodes
+        self.tree_config = replace(config, sampled=self.sampled)
 
     def start(self, prompt_ids: torch.Tensor, lengths: torch.Tensor, features: torch.Tensor,
               first_tokens: torch.Tensor, capacity: int) -> None:
@@ -121,24 +129,37 @@ class DrafterProposer:
                                           past=state["past"])
             state.update(mask=mask, depths=depths, past=step.tree_kv, hidden=step.hidden,
                          start=start)
+            if self.on_level is not None:
+                self.on_level(step.logits)
             return step.logits
 
+        if self.on_level is not None:
+            self.on_level(state["logits"][:, None])
         return build_tree(state["logits"], expand, self.tree_config, roots, self.temperature,
-                          self.generator, self.d2t_ids, self.drafter.model_config.vocab_size)
+                          self.generator, self.d2t_ids, self.drafter.model_config.vocab_size,
+                          None if self.sampled else self.policy)
 
     def _grow_chain(self, state: dict, roots: torch.Tensor) -> DraftTree:
         """`_grow_tree` for deterministic trees with topk = 1, which are chains: each level
         is the top draft token below the previous one. Scores only decrease along a chain,
         so `build_tree`'s ranking keeps the first ``total_tokens`` levels in order: this is
         the same tree, without the ranking's bookkeeping (dozens of small ops per level),
-        and levels past ``total_tokens`` are not drafted at all."""
+        and levels past ``total_tokens`` are not drafted at all (nor, with a ``policy``,
+        levels or nodes that do not pay)."""
         mask, depths, past, hidden = state["mask"], state["depths"], state["past"], state["hidden"]
-        logits = state["logits"]
+        logits, policy = state["logits"], self.policy
         levels = min(self.config.depth, self.config.total_tokens)
-        drafts = []
+        drafts, scores = [], []
         for level in range(levels):
-            drafts.append(child_slots(logits, 1, sampled=False)[1])  # [B, 1] draft ids
-            if level + 1 == levels:
+            if self.on_level is not None:
+                self.on_level(logits[:, None])
+            log_s, ids = child_slots(logits, 1, False,
+                                     ranking_temperature=self.config.ranking_temperature_at(
+                                         level + 1))[:2]
+            drafts.append(ids)  # [B, 1] draft ids
+            scores.append(log_s if level == 0 else scores[-1] + log_s)
+            if level + 1 == levels or (policy is not None
+                                       and not policy.keep_expanding(scores[-1], level + 1)):
                 break
             start = depths.shape[1]
             if level == 0:  # below each row's root pair
@@ -148,11 +169,23 @@ class DrafterProposer:
             step = self.drafter.grow_tree(self.d2t_ids[drafts[-1]], hidden, depths[:, start:],
                                           mask, self.cache, past=past)
             logits, hidden, past = step.logits[:, 0], step.hidden, step.tree_kv
-        ids = self.d2t_ids[torch.cat(drafts, 1)]
-        B = ids.shape[0]
-        pad = ids.new_full((B, self.config.total_tokens - levels), -1)
+        return self._chain_tree(drafts, scores, roots)
+
+    def _chain_tree(self, drafts: list, scores: list, roots: torch.Tensor) -> DraftTree:
+        """The `DraftTree` of the drafted chain levels (cut where the policy says)."""
+        levels, total = len(drafts), self.config.total_tokens
+        if self.policy is not None:
+            total = levels = min(levels, self.policy.columns(torch.cat(scores, 1)))
+            self.policy.record(len(drafts), levels)
+            drafts = drafts[:levels]
+        B = roots.shape[0]
+        ids = (self.d2t_ids[torch.cat(drafts, 1)] if drafts
+               else roots.new_zeros(B, 0))
+        pad = ids.new_full((B, total - levels), -1)
         chain = torch.arange(-1, levels, device=ids.device).expand(B, -1)
-        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1))
+        mask, depths = padded_chain(levels, total + 1, ids.device)
+        return DraftTree(torch.cat((roots[:, None], ids, pad), 1), torch.cat((chain, pad), 1),
+                         tree_mask=mask.expand(B, -1, -1), depths=depths.expand(B, -1))
 
     def advance(self, emitted: torch.Tensor, num_accepted: torch.Tensor,
                 features: torch.Tensor) -> None:
@@ -161,9 +194,13 @@ class DrafterProposer:
         next chain pairs emitted token i with the features of accepted node i."""
         m = int(num_accepted.max()) + 1
         self.pending = (emitted[:, :m], features[:, :m], num_accepted + 1)
+        if self.policy is not None:
+            self.policy.update(int(num_accepted.sum()) + num_accepted.shape[0])
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the given rows (indices into the current batch)."""
         self.cache.keep_rows(rows)
+        if self.policy is not None:
+            self.policy.B = rows.shape[0]
         if self.pending is not None:
             self.pending = tuple(t[rows] for t in self.pending)

@@ -44,6 +44,7 @@ import torch
 
 from .. import corpus
 from ..decoding import OracleDrafter, TreeConfig, generate
+from ..decoding.oracle import DEFAULT_DEPTH
 from .lossless import LosslessConfig, greedy_agreement, sampling_check
 from .report import TAU_CONVENTION
 from .stats import bootstrap_ratio_ci
@@ -103,14 +104,15 @@ class _Method:
 
     def proposer(self, prompts: list[list[int]], references: list[list[int]] | None):
         if self.kind == "oracle":
-            return OracleDrafter([p + r for p, r in zip(prompts, references)], self.tree.depth)
+            return OracleDrafter([p + r for p, r in zip(prompts, references)],
+                                 self.tree.depth or DEFAULT_DEPTH)
         return self.drafter
 
     def describe(self) -> dict:
         if self.kind == "autoregressive":
             return {"kind": "autoregressive", "tree": None}
         if self.kind == "oracle":
-            return {"kind": "oracle", "tree": {"depth": self.tree.depth}}
+            return {"kind": "oracle", "tree": {"depth": self.tree.depth or DEFAULT_DEPTH}}
         return {"kind": "drafter", "tree": asdict(self.tree)}
 
 
@@ -141,6 +143,7 @@ class _Record:
         self.time_s: dict[str, float] = {}
         self.outputs: dict[tuple[int, int], list[int]] = {}  # (seed, prompt) → tokens
         self.mode = None
+        self.plan = None  # the cost model's plan of the last run (generate's stats["plan"])
 
     def add(self, seed: int, prompt: int, out) -> None:
         s = out.stats
@@ -155,6 +158,7 @@ class _Record:
             self.time_s[phase] = self.time_s.get(phase, 0.0) + value
         self.outputs[(seed, prompt)] = out.tokens[0]
         self.mode = s["mode"]
+        self.plan = s.get("plan")
 
 
 def _encode(target, prompts) -> list[list[int]]:
@@ -188,7 +192,8 @@ def evaluate(target, drafters: dict, prompts, temperatures=(0.0, 1.0), max_new_t
 
     target: a `vsd_ext.models.Target`. drafters: name → `Drafter` | "oracle" | None.
     prompts: texts (encoded with ``target.tokenizer``) or token-id lists. temperatures: each is
-    evaluated (0 = greedy). tree: the drafters' `TreeConfig` (default: its defaults).
+    evaluated (0 = greedy). tree: the drafters' `TreeConfig` (default `TreeConfig()`: the
+    cost model sizes the trees, or decodes autoregressively, per temperature).
     seeds: generator seeds; every T > 0 run repeats for each (T = 0 is deterministic and runs
     once, with the first). lossless_check: True (default sizes), a `LosslessConfig`, or False
     to skip the T > 0 sampling test (``lossless`` is then None at T > 0; the T = 0 comparison
@@ -199,8 +204,9 @@ def evaluate(target, drafters: dict, prompts, temperatures=(0.0, 1.0), max_new_t
     tau (accepted + 1 per target forward), tau_ci95, tokens_per_second,
     tokens_per_second_ci95, speedup, speedup_ci95, lossless, lossless_detail,
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens),
-    target_forwards, new_tokens, time_s (prefill/draft/verify/other/total sums), mode, kind,
-    tree, num_prompts, seeds, max_new_tokens, tau_convention, ci_method.
+    target_forwards, new_tokens, time_s (prefill/draft/verify/other/total sums), mode, plan
+    (the cost model's choice: `generate`'s stats["plan"]), kind, tree, num_prompts, seeds,
+    max_new_tokens, tau_convention, ci_method.
     """
     tree = tree or TreeConfig()
     methods = _methods(drafters, tree)
@@ -282,8 +288,8 @@ def _lossless(target, m: _Method, t: float, rec: _Record, base: _Record, ids, ch
         return {"check": "skipped", "passed": None}
 
     def make_proposer(rows):
-        refs = (_references(target, rows, check.tokens + tree.depth) if m.kind == "oracle"
-                else None)
+        refs = (_references(target, rows, check.tokens + (tree.depth or DEFAULT_DEPTH))
+                if m.kind == "oracle" else None)
         return m.proposer(rows, refs)
 
     contexts = [p[-check.context:] for p in ids[:check.prompts]]
@@ -311,6 +317,7 @@ def _summary(m: _Method, t: float, rec: _Record, base: _Record, detail: dict, se
         "new_tokens": sum(rec.tokens),
         "time_s": rec.time_s,
         "mode": rec.mode,
+        "plan": rec.plan,
         **m.describe(),
         "num_prompts": len(rec.tokens),
         "seeds": seeds[:1] if t == 0 else list(seeds),

@@ -30,9 +30,24 @@ def _lossless_text(r: dict) -> str:
     return verdict
 
 
+def tree_text(result: dict) -> str:
+    """The tree a result decoded with: "d5 k1 n5 top-k" (depth, topk, nodes; sampled or
+    top-k children), "autoregressive" when the cost model chose no drafting, "-" for the
+    baseline."""
+    plan = result.get("plan")
+    tree = plan["tree"] if plan else (result.get("tree") if result.get("kind") == "drafter"
+                                      else None)
+    if plan and tree is None:
+        return "autoregressive"
+    if not tree:
+        return "-"
+    kind = "sampled" if tree.get("sampled") and result["temperature"] > 0 else "top-k"
+    return f"d{tree['depth']} k{tree['topk']} n{tree['total_tokens']} {kind}"
+
+
 def format_table(results: list[dict]) -> str:
     """A plain-text table: method, T, τ [95% CI], tokens/s, speedup [95% CI], lossless."""
-    rows = [("method", "T", "tau [95% CI]", "tok/s", "speedup [95% CI]", "lossless")]
+    rows = [("method", "T", "tau [95% CI]", "tok/s", "speedup [95% CI]", "tree", "lossless")]
     for r in results:
         tau_ci = r.get("tau_ci95") or [r["tau"], r["tau"]]
         sp_ci = r.get("speedup_ci95") or [r["speedup"], r["speedup"]]
@@ -40,7 +55,7 @@ def format_table(results: list[dict]) -> str:
                      f"{r['tau']:.2f} [{tau_ci[0]:.2f}, {tau_ci[1]:.2f}]",
                      f"{r['tokens_per_second']:.1f}",
                      f"{r['speedup']:.2f}x [{sp_ci[0]:.2f}, {sp_ci[1]:.2f}]",
-                     _lossless_text(r)))
+                     tree_text(r), _lossless_text(r)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 3}
     lines = ["  ".join(cell.rjust(w) if i in right else cell.ljust(w)

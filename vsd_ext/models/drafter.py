@@ -145,6 +145,8 @@ class Drafter(nn.Module):
         self.midlayer = DraftLayer(cfg)
         self.norm = RMSNorm(H, cfg.rms_norm_eps)
         self.lm_head = Linear(H, self.draft_vocab_size, bias=False)
+        # `DecodeSettings` fitted for this drafter (`load_drafter` reads them; None: none).
+        self.decode_settings = None
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.int64))
         self.register_buffer("t2d", torch.ones(cfg.vocab_size, dtype=torch.bool))
         self.register_buffer("inv_freq", cfg.inv_freq(), persistent=False)
@@ -288,6 +290,7 @@ class Drafter(nn.Module):
         tree = ctx_args.get("mode") == "tree"
         ctx = AttentionContext(keep_kv=tree, **ctx_args)
         h = self.layer(input_ids, self.features(hidden), positions, ctx)
+        ctx.flush()
         # The LM head is the largest GEMM: run it only where the caller needs logits.
         head_in = h if logits_at is None else h.gather(
             1, logits_at[..., None].expand(-1, -1, h.shape[-1]))

@@ -8,6 +8,7 @@ import torch
 
 from .checkpoint import DEFAULT_DRAFTERS, check_floating, read_safetensors, validate_state
 from .config import CheckpointError, read_json
+from .decode_settings import read_decode_settings
 from .drafter import ARCHITECTURE, LAYERS_KEY, Drafter
 
 EMBEDDING = "embed_tokens.weight"
@@ -81,7 +82,11 @@ def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None
     The dtype may differ from the target's: a bf16 drafter reads the fp32 target's features
     (cast on entry) and drafts faster on a CPU with bf16 GEMMs (half the weight bytes, packed
     oneDNN weights, see `layers.linear`). Decoding stays lossless: verification uses the
-    target's own logits; the drafter's precision only changes which tokens it proposes."""
+    target's own logits; the drafter's precision only changes which tokens it proposes.
+
+    A ``decode_settings.json`` in the directory (`vsd_ext.models.decode_settings`, written by
+    `vsd_ext.calibrate_drafter`) is read into ``drafter.decode_settings``, which
+    `vsd_ext.generate` applies by default."""
     directory = DEFAULT_DRAFTERS.get(str(directory), Path(directory))
     config = read_drafter_config(directory, target)
     weights = directory / "model.safetensors"
@@ -104,6 +109,7 @@ def load_drafter(directory: str | Path, target, dtype: torch.dtype | None = None
              for k in expected}
     drafter.load_state_dict(state, strict=True, assign=True)
     drafter.inv_freq = drafter.model_config.inv_freq()
+    drafter.decode_settings = read_decode_settings(directory)
     try:
         return drafter.to(device or target.device).attach(target)
     except ValueError as err:

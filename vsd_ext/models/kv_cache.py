@@ -94,6 +94,25 @@ class KVCache:
         self.k[layer][rows, positions] = k.to(self.k.dtype)
         self.v[layer][rows, positions] = v.to(self.v.dtype)
 
+    def write_layers(self, ks: list[torch.Tensor], vs: list[torch.Tensor],
+                     positions: torch.Tensor) -> None:
+        """`write` of layers 0 .. len(ks) − 1 at once (the same positions `[B, T]` in every
+        layer): one copy per buffer instead of a dozen small ops per layer and buffer, which
+        at decode sizes cost more than the copies (`AttentionContext` collects a forward's
+        keys/values and writes them here at its end)."""
+        n = len(ks)
+        if not (self.k.is_contiguous() and self.v.is_contiguous()):  # e.g. a `row` view
+            for layer, (k, v) in enumerate(zip(ks, vs)):
+                self.write(layer, k, v, positions)
+            return
+        B, T = positions.shape
+        flat = (torch.arange(B, device=positions.device)[:, None] * self.capacity
+                + positions).reshape(-1)
+        for buffer, values in ((self.k, ks), (self.v, vs)):
+            rows = buffer[:n].view(n, B * self.capacity, *buffer.shape[3:])
+            rows.index_copy_(1, flat, torch.stack(values).to(buffer.dtype).reshape(
+                n, B * T, *buffer.shape[3:]))
+
     def advance(self, counts: torch.Tensor | int) -> None:
         """Commit `counts` more positions per row (written before by `write`)."""
         self.lengths += counts

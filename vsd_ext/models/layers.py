@@ -210,7 +210,9 @@ class AttentionContext:
     - `rope`: the `(cos, signed sin)` tables `[B, T, 1, D]` of the new tokens (`rope_tables`),
       built once for all layers.
     - `cache`: a `KVCache` (or None); `write_positions` `[B, T]`: where each new token's
-      k/v go in it (None: nothing is written).
+      k/v go in it (None: nothing is written). The writes wait in `written` until `flush`,
+      which the model calls at the end of its forward: one copy for all layers (no layer
+      reads positions written in the same forward: they lie past every row's prefix).
     - tree mode: `prefix_lens` `[B]` cached positions every new token sees, `tree_mask`
       `[B, N, W]` int64 bitmask over the new tokens (and `past` nodes first, see below). The
       cache holds one row shared by all B rows, one row per row, or G rows each shared by a
@@ -231,6 +233,7 @@ class AttentionContext:
     past: list | None = None
     keep_kv: bool = False
     kv: list = field(default_factory=list)
+    written: list = field(default_factory=list)
 
     def attend(self, layer: int, attn: Attention, x: torch.Tensor) -> torch.Tensor:
         q, k, v = attn.qkv(x, self.rope)
@@ -244,8 +247,15 @@ class AttentionContext:
         else:
             out = self._tree(layer, q, k, v)
         if self.write_positions is not None:
-            self.cache.write(layer, k, v, self.write_positions)
+            self.written.append((k, v))
         return attn.output(out)
+
+    def flush(self) -> None:
+        """Write the keys/values collected by `attend` to the cache (see `write_positions`)."""
+        if self.written:
+            ks, vs = zip(*self.written)
+            self.cache.write_layers(list(ks), list(vs), self.write_positions)
+            self.written = []
 
     def _tree(self, layer: int, q, k, v) -> torch.Tensor:
         P = 0

@@ -174,6 +174,7 @@ class Target(nn.Module):
             if i in wanted:
                 captured[i] = x
             x = layer(x, ctx, i)
+        ctx.flush()
         logits = F.linear(self.model.norm(x), self.output_weight)
         return TargetOutput(logits, torch.cat([captured[i] for i in self.feature_layers], -1))
 
@@ -232,7 +233,9 @@ class Target(nn.Module):
                 "prefix_lens": cache.lengths.clone(), "tree_mask": mask}
 
     def tree_verify(self, input_ids: torch.Tensor, parents: torch.Tensor, cache: KVCache,
-                    prefix_lens: torch.Tensor | None = None) -> TargetOutput:
+                    prefix_lens: torch.Tensor | None = None,
+                    tree_mask: torch.Tensor | None = None,
+                    depths: torch.Tensor | None = None) -> TargetOutput:
         """Score a token tree per row in one pass.
 
         input_ids `[B, N]` int64: node tokens, node 0 the root (the last emitted token, not
@@ -246,6 +249,10 @@ class Target(nn.Module):
         - `prefix_lens` `[B]` given: row b sees cache positions `[0, prefix_lens[b])` and
           nothing is written; the cache may then hold one row shared by all B rows (e.g.
           many anchor positions of one training sequence).
+
+        `tree_mask` `[B, N, W]` and `depths` `[B, N]`: the tree's mask and depths when the
+        caller built the tree itself and knows them (`DraftTree`), used unchecked; by default
+        they are built from `parents` (and `input_ids >= 0`), which checks the tree.
         """
         self._check_ids(input_ids)
         self._check_ids(parents, "parents")
@@ -253,9 +260,10 @@ class Target(nn.Module):
         if parents.shape != (B, N):
             raise ValueError(f"parents must be [{B}, {N}] like input_ids, got "
                              f"{tuple(parents.shape)}")
-        valid = input_ids >= 0
-        mask = build_tree_mask(parents, valid)
-        depths = tree_depths(parents, valid)
+        if tree_mask is None or depths is None:
+            valid = input_ids >= 0
+            tree_mask, depths = build_tree_mask(parents, valid), tree_depths(parents, valid)
+        mask = tree_mask
         if prefix_lens is None:
             if B != cache.batch_size:
                 raise ValueError(f"input_ids has {B} rows but the cache has "

@@ -6,7 +6,9 @@
 - `decode_tau`: τ = accepted + 1 per target forward (EAGLE's convention), measured by
   `vsd_ext.decoding.generate` on held-out prompts: T = 0 with top-k trees and greedy
   verification; T > 0 with trees sampled from the drafter and verified against its q
-  ("sampled") unless `sampled_trees=False` (top-k trees, "target_only").
+  ("sampled") unless `sampled_trees=False` (top-k trees, "target_only"). The tree is fixed
+  (`EVAL_TREE` unless given): τ measures the drafter, not the choices of `generate`'s cost
+  model (which may decode autoregressively or cut trees short).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from ..decoding import TreeConfig, generate
 from ..models import Drafter
 from .drafting import causal_pass, step_rows
 from .objective import LossHead, target_pass
+
+EVAL_TREE = TreeConfig(depth=4, topk=4, total_tokens=12)
 
 
 @torch.no_grad()
@@ -61,7 +65,7 @@ def decode_tau(target, drafter, prompts, temperature: float, max_new_tokens: int
                sampled_trees: bool = True) -> dict:
     """Decode `prompts` with the drafter; returns generate's stats (tau, tokens_per_second,
     acceptance_histogram, ...) for one temperature."""
-    tree = replace(tree or TreeConfig(), sampled=sampled_trees and temperature > 0)
+    tree = replace(tree or EVAL_TREE, sampled=sampled_trees and temperature > 0)
     gen = torch.Generator(device=target.device).manual_seed(seed)
     out = generate(target, inference_drafter(drafter, target), prompts, max_new_tokens,
                    temperature=temperature, tree=tree, generator=gen)

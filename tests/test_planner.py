@@ -1,0 +1,173 @@
+"""The cost model (vsd_ext.decoding.costs, vsd_ext.decoding.planner): acceptance tables and
+their interpolation in T, the expected tokens of EAGLE-2 trees against hand-computed values,
+the plans chosen for cheap and for expensive drafting, fixed fields kept, the measured costs,
+the fallback to autoregressive steps when drafts do not pay, `TreeConfig()` decoding exactly
+(T = 0) whatever it plans; the per-step policy (vsd_ext.decoding.policy) against hand-computed
+decisions."""
+import pytest
+import torch
+from test_decoding import PROMPTS, greedy_reference, random_drafter
+
+from vsd_ext.decoding import StepCosts, TreeConfig, generate, plan_tree, step_costs
+from vsd_ext.decoding.planner import (
+    MAX_DEPTH,
+    PRIOR,
+    acceptance_table,
+    drafting_pays,
+    expected_tokens,
+)
+from vsd_ext.decoding.policy import StepPolicy
+from vsd_ext.models import DecodeSettings
+from vsd_ext.models.decode_settings import Acceptance
+
+from helpers import tiny_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def settings(greedy=0.9, sampled=0.8, target_only=0.3):
+    def table(mode, t, a):
+        return Acceptance(mode, t, ((a, min(1.0, a + 0.05), min(1.0, a + 0.08)),), (100,))
+    return DecodeSettings(0.5, (table("greedy", 0.0, greedy), table("sampled", 1.0, sampled),
+                                table("target_only", 1.0, target_only)))
+
+
+def costs(verify_base=10.0, verify_node=0.5, draft=1.0, B=1):
+    return StepCosts(B, verify_base, verify_node, draft, draft, draft, draft, 0.1 * draft)
+
+
+def test_acceptance_tables_interpolate_in_temperature():
+    s = settings()
+    greedy, source = acceptance_table(s, "greedy", 0.0)
+    assert source == "decode_settings" and len(greedy) == MAX_DEPTH
+    assert greedy[0] == greedy[-1] == pytest.approx([0.9, 0.95, 0.98])
+    assert acceptance_table(s, "sampled", 1.0)[0][0] == pytest.approx([0.8, 0.85, 0.88])
+    assert acceptance_table(s, "sampled", 2.0)[0][0] == pytest.approx([0.8, 0.85, 0.88])
+    half = acceptance_table(s, "sampled", 0.5)[0][0]
+    assert half == pytest.approx([0.85, 0.9, 0.93])
+    prior, source = acceptance_table(None, "target_only", 1.0)
+    assert source == "prior" and prior[0] == list(PRIOR.find("target_only")[0].cumulative[0])
+    # Columns past the measured k add nothing.
+    short = DecodeSettings(1.0, (Acceptance("greedy", 0.0, ((0.5,),), (1,)),))
+    assert acceptance_table(short, "greedy", 0.0)[0][0] == [0.5]
+
+
+def test_expected_tokens_of_chains_and_trees():
+    a = 0.8
+    chain = [[a, a]] * MAX_DEPTH
+    taus = expected_tokens(chain, 4, 1, 10)
+    assert taus == pytest.approx([1, 1.8, 1.8 + a ** 2, 1.8 + a ** 2 + a ** 3,
+                                  1.8 + a ** 2 + a ** 3 + a ** 4])
+    # topk 2, marginals 0.6 and 0.2: level 1 {0.6, 0.2}; level 2 {0.36, 0.12, 0.12, 0.04}.
+    tree = [[0.6, 0.8]] * MAX_DEPTH
+    assert expected_tokens(tree, 2, 2, 3) == pytest.approx([1, 1.6, 1.96, 2.16])
+    assert expected_tokens(tree, 2, 2, 100)[-1] == pytest.approx(1 + 0.8 + 0.64)
+
+
+def test_plans_follow_the_costs():
+    s = settings()
+    cheap = plan_tree(TreeConfig(), s, costs(draft=0.2, verify_node=0.1), 0.0)
+    dear = plan_tree(TreeConfig(), s, costs(draft=3.0, verify_node=2.0), 0.0)
+    assert cheap.tree.depth > dear.tree.depth >= 1 and cheap.expected_speedup > 2
+    assert cheap.tree.ranking_temperature == 0.5 and cheap.mode == "greedy"
+    hopeless = plan_tree(TreeConfig(), settings(greedy=0.05), costs(draft=3.0), 0.0)
+    assert hopeless.tree is None and hopeless.mode == "autoregressive"
+    # T > 0: sampled trees where they accept more, top-k trees where those do.
+    assert plan_tree(TreeConfig(), s, costs(), 1.0).mode == "sampled"
+    flipped = settings(sampled=0.2, target_only=0.9)
+    assert plan_tree(TreeConfig(), flipped, costs(), 1.0).mode == "target_only"
+    # Fixed fields are kept; a fully sized tree is used as given.
+    fixed = plan_tree(TreeConfig(depth=2, sampled=False), s, costs(), 1.0)
+    assert fixed.tree.depth == 2 and fixed.mode == "target_only"
+    given = plan_tree(TreeConfig(3, 2, 5), settings(greedy=0.05), costs(draft=3.0), 0.0)
+    assert (given.tree.depth, given.tree.topk, given.tree.total_tokens) == (3, 2, 5)
+
+
+def test_drafting_pays():
+    plan = plan_tree(TreeConfig(), settings(), costs(), 0.0)
+    step = costs().step(plan.tree.depth, plan.tree.topk, plan.tree.total_tokens,
+                        plan.tree.topk == 1)
+    assert drafting_pays(plan, 1.01 * step / 10.0)
+    assert not drafting_pays(plan, 0.99 * step / 10.0)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_target(1234)
+
+
+def test_step_costs_are_measured_once(target):
+    drafter = random_drafter(target, 0)
+    first = step_costs(target, drafter, 2)
+    assert step_costs(target, drafter, 2) is first and first.batch_size == 2
+    assert step_costs(target, drafter, 1) is not first
+    values = first.to_dict()
+    assert values["verify_base"] > 0 and values["chain_first"] > 0
+    assert all(v >= 0 for v in values.values())
+    assert first.step(3, 1, 3, True) == pytest.approx(
+        first.verify_base + 3 * first.verify_node + first.chain_first + 2 * first.chain_level)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_default_tree_falls_back_when_drafts_do_not_pay(target, temperature, seed):
+    """A random drafter under settings that promise near-certain acceptance: the plan
+    drafts, the measured τ does not pay for it, the rest is autoregressive — and T = 0 output
+    is greedy decoding's all along."""
+    drafter = random_drafter(target, seed)
+    promise = settings(greedy=0.99, sampled=0.99, target_only=0.99)
+    out = generate(target, drafter, PROMPTS[0], 40, temperature, decode_settings=promise,
+                   generator=torch.Generator().manual_seed(seed))
+    plan = out.stats["plan"]
+    assert plan["tree"] is not None and plan["expected_speedup"] > 1
+    assert plan["fallback_step"] is not None and plan["fallback_step"] % 8 == 0
+    if temperature == 0:
+        assert out.tokens == [greedy_reference(target, PROMPTS[0], 40)]
+
+
+def test_default_tree_is_exact_at_t0(target, seed):
+    references = [greedy_reference(target, p, 16) for p in PROMPTS]
+    drafter = random_drafter(target, seed, scale=2.0)
+    for s in (None, settings(), settings(greedy=0.01)):
+        out = generate(target, drafter, PROMPTS, 16, decode_settings=s)
+        assert out.tokens == references and out.stats["plan"] is not None
+
+
+# ---- per-step sizing (vsd_ext.decoding.policy) ---------------------------------------------
+
+def policy(B=1, expected_tau=3.0):
+    return StepPolicy(costs(verify_base=10.0, verify_node=0.5, draft=1.0), [[0.7, 0.9]] * 4,
+                      expected_tau, TreeConfig(4, 2, 6), B)
+
+
+def test_policy_keeps_the_columns_that_pay():
+    pol = policy()
+    # Plan: step(4, 2, 6) = 10 + 6 * 0.5 + 1 + 3 * (1 + 0.1 * 2) = 17.6 per 3 tokens (prior).
+    assert pol.rate == pytest.approx(3 / 17.6)
+    # A node pays when its p exceeds rate * verify_node = 0.0852.
+    scores = torch.tensor([[0.9, 0.5, 0.2, 0.09, 0.08, 0.01]]).log()
+    assert pol.columns(scores) == 4
+    # Two rows share a column: it pays when their summed p exceeds 6 / 17.6 * 0.5 = 0.170.
+    rows = torch.tensor([[0.9, 0.1, 0.05], [0.9, 0.1, 0.01]]).log()
+    assert policy(B=2).columns(rows) == 2
+    assert pol.columns(torch.tensor([[0.05, 0.01]]).log()) == 0  # not even the first node
+
+
+def test_policy_drafts_a_level_while_its_expected_gain_pays():
+    pol = policy()
+    # Node cost 0.0852, level cost rate * 1.2 = 0.2045, marginals at depth 2: 0.7, 0.2.
+    # Frontier (0.5, 0.3): gains 0.265 + 0.015 + 0.125 = 0.405 > 0.2045.
+    assert pol.keep_expanding(torch.tensor([[0.5, 0.3]]).log(), 1)
+    # Frontier (0.2, 0.1): gain 0.055 only.
+    assert not pol.keep_expanding(torch.tensor([[0.2, 0.1]]).log(), 1)
+
+
+def test_policy_rate_follows_the_steps():
+    pol = policy()
+    pol.record(3, 5)
+    pol.update(4)  # step(3, 2, 5) = 10 + 2.5 + 1 + 2 * 1.2 = 15.9
+    assert pol.rate == pytest.approx((12 + 4) / (70.4 + 15.9))
+    assert pol.beats_autoregressive()  # 4 tokens in 15.9 against 1 per 10
+    pol.record(3, 5)
+    for _ in range(5):
+        pol.update(1)
+    assert not pol.beats_autoregressive()  # 9 tokens in 95.4

@@ -1,0 +1,187 @@
+"""The cost model behind `TreeConfig()`: which draft tree (or none) decodes fastest.
+
+Inputs: the drafter's per-depth acceptance (`vsd_ext.models.decode_settings`: measured by
+`vsd_ext.calibrate_drafter` and saved with the drafter, else `PRIOR`) and the step costs
+measured on the running machine (`vsd_ext.decoding.costs`). For every candidate shape —
+depth D, top-k k, n draft nodes, top-k or sampled children at T > 0 — the expected tokens
+per step of an EAGLE-2 tree are
+
+    τ(D, k, n) = 1 + the sum of the n largest expected path probabilities, where a node at
+                 depth d that is the j-th child of its parent has the probability of its
+                 parent times m_d(j) = a_d(j) − a_d(j − 1) (a: the cumulative acceptance),
+                 level 1 holds the root's k children and each deeper level the k children of
+                 the previous level's k most probable nodes;
+
+and the speedup over autoregressive decoding is ``τ · verify_base / step(D, k, n)``
+(`StepCosts.step`). The plan is the fastest candidate, or autoregressive decoding when no
+candidate is expected to beat it by ``MIN_SPEEDUP`` (fields fixed in the `TreeConfig` are
+kept; a fully sized tree is always used as given). While decoding, `drafting_pays` checks
+the plan against the τ actually measured, and `generate` falls back to autoregressive steps
+when the drafts stop paying for themselves (e.g. a drafter without decode settings that is
+worse than `PRIOR` assumes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..models.decode_settings import Acceptance, DecodeSettings
+from .costs import StepCosts
+from .draft_tree import TreeConfig
+
+__all__ = ["PRIOR", "Plan", "acceptance_table", "drafting_pays", "expected_tokens",
+           "plan_tree"]
+
+MAX_DEPTH = 10
+MAX_TOPK = 8
+MAX_NODES = 48
+MIN_SPEEDUP = 1.05  # margin for the model's errors before speculating at all
+
+# Acceptance assumed for a drafter without decode settings: the shipped EAGLE-3 drafter of
+# the 6-layer default target, measured by `calibrate_drafter` on the tune split (greedy,
+# depth 1..8, top 1..4), rounded down. Sampled and top-k tables at T = 1 likewise.
+PRIOR = DecodeSettings(acceptance=(
+    Acceptance("greedy", 0.0, tuple((0.70 - 0.02 * d, 0.80 - 0.02 * d, 0.84 - 0.02 * d,
+                                     0.86 - 0.02 * d) for d in range(8)), (0,) * 8),
+    Acceptance("target_only", 1.0, tuple((0.45 - 0.01 * d, 0.58 - 0.01 * d, 0.64 - 0.01 * d,
+                                          0.68 - 0.01 * d) for d in range(8)), (0,) * 8),
+    Acceptance("sampled", 1.0, tuple((0.62 - 0.01 * d, 0.72 - 0.01 * d, 0.77 - 0.01 * d,
+                                      0.80 - 0.01 * d) for d in range(8)), (0,) * 8)),
+    fit={"source": "PRIOR of vsd_ext.decoding.planner"})
+
+
+def _pad(rows, depth: int, width: int) -> list[list[float]]:
+    """A cumulative table padded to ``depth`` rows (the last repeats) and ``width`` columns
+    (the last value repeats: no gain past the measured k)."""
+    rows = [list(r) + [r[-1]] * (width - len(r)) for r in rows]
+    return rows + [rows[-1]] * (depth - len(rows))
+
+
+def _blend(a, b, w: float) -> list[list[float]]:
+    return [[(1 - w) * x + w * y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+
+
+def acceptance_table(settings: DecodeSettings | None, mode: str,
+                     temperature: float) -> tuple[list[list[float]], str]:
+    """The cumulative acceptance ``[depth][k]`` (MAX_DEPTH rows) of ``mode`` ("greedy" at
+    T = 0, else "target_only" or "sampled") at ``temperature``, and where it came from.
+
+    At T > 0 it interpolates linearly in T between the stored tables of the mode, anchored at
+    T = 0 by the greedy table (as T → 0 all three modes become greedy decoding); past the
+    largest stored T it is that table. Missing tables come from `PRIOR`."""
+    source = "decode_settings"
+    greedy = settings.find("greedy") if settings is not None else []
+    if not greedy:
+        greedy, source = PRIOR.find("greedy"), "prior"
+    points = [] if temperature == 0 else (settings.find(mode) if settings is not None else [])
+    if temperature > 0 and not points:
+        points, source = PRIOR.find(mode), "prior"
+    anchors = [greedy[0]] + [p for p in points if p.temperature > 0]
+    width = max(len(r) for a in anchors for r in a.cumulative)
+    tables = [(a.temperature, _pad(a.cumulative, MAX_DEPTH, width)) for a in anchors]
+    if temperature == 0 or len(tables) == 1:
+        return tables[0][1], source
+    for (t0, lo), (t1, hi) in zip(tables, tables[1:]):
+        if temperature <= t1:
+            return _blend(lo, hi, (temperature - t0) / (t1 - t0)), source
+    return tables[-1][1], source
+
+
+def _level_probs(table, depth: int, topk: int) -> list[float]:
+    """Expected path probabilities of every candidate of an EAGLE-2 tree (module
+    docstring), in creation order."""
+    def marginal(d, j):
+        row = table[d - 1]
+        return row[j - 1] - (row[j - 2] if j > 1 else 0.0)
+
+    level = [marginal(1, j) for j in range(1, topk + 1)]
+    probs = list(level)
+    for d in range(2, depth + 1):
+        frontier = sorted(level, reverse=True)[:topk]
+        level = [p * marginal(d, j) for p in frontier for j in range(1, topk + 1)]
+        probs += level
+    return probs
+
+
+def expected_tokens(table, depth: int, topk: int, max_nodes: int) -> list[float]:
+    """τ for n = 0 .. min(max_nodes, candidates) kept nodes (index n)."""
+    out = [1.0]
+    for p in sorted(_level_probs(table, depth, min(topk, len(table[0]))), reverse=True)[
+            :max_nodes]:
+        out.append(out[-1] + p)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The chosen decoding: ``tree`` (sized) or None for autoregressive decoding; ``mode``
+    the verification; the model's expectations. ``costs`` is None for a tree given in full
+    (nothing was planned, and `drafting_pays` never stops it)."""
+
+    tree: TreeConfig | None
+    mode: str
+    expected_tau: float
+    expected_speedup: float
+    acceptance_source: str
+    costs: StepCosts | None
+
+    def describe(self) -> dict:
+        tree = None if self.tree is None else {
+            "depth": self.tree.depth, "topk": self.tree.topk,
+            "total_tokens": self.tree.total_tokens, "sampled": bool(self.tree.sampled),
+            "ranking_temperature": self.tree.ranking_temperature}
+        return {"tree": tree, "mode": self.mode, "expected_tau": self.expected_tau,
+                "expected_speedup": self.expected_speedup,
+                "acceptance_source": self.acceptance_source,
+                "costs": None if self.costs is None else self.costs.to_dict()}
+
+
+def drafting_pays(plan: Plan, tau: float) -> bool:
+    """Whether the planned tree, at the τ measured so far, still beats autoregressive
+    decoding by the step costs (always True for a tree given in full)."""
+    if plan.costs is None or plan.tree is None:
+        return True
+    tree = plan.tree
+    chain = tree.topk == 1 and not tree.sampled
+    depth = min(tree.depth, tree.total_tokens) if chain else tree.depth
+    step = plan.costs.step(depth, tree.topk, tree.total_tokens, chain)
+    return tau * plan.costs.verify_base >= step
+
+
+def _choices(config: TreeConfig, temperature: float):
+    """(sampled, depth, topk) candidates that respect the fields fixed in ``config``."""
+    sampled = ([False] if temperature == 0 else
+               [config.sampled] if config.sampled is not None else [False, True])
+    depths = [config.depth] if config.depth is not None else range(1, MAX_DEPTH + 1)
+    topks = [config.topk] if config.topk is not None else range(1, MAX_TOPK + 1)
+    return [(s, d, k) for s in sampled for d in depths for k in topks]
+
+
+def plan_tree(config: TreeConfig, settings: DecodeSettings | None, costs: StepCosts,
+              temperature: float) -> Plan:
+    """The fastest decoding the model expects (module docstring)."""
+    best, tables = None, {}
+    for sampled, depth, topk in _choices(config, temperature):
+        mode = "greedy" if temperature == 0 else "sampled" if sampled else "target_only"
+        if mode not in tables:
+            tables[mode] = acceptance_table(settings, mode, temperature)
+        table, source = tables[mode]
+        taus = expected_tokens(table, depth, topk, config.total_tokens or MAX_NODES)
+        chain = topk == 1 and not sampled
+        nodes = [config.total_tokens] if config.total_tokens is not None else range(
+            1, len(taus))
+        for n in nodes:
+            used = min(depth, n) if chain else depth  # a chain drafts only levels it keeps
+            tau = taus[min(n, len(taus) - 1)]
+            speedup = tau * costs.verify_base / costs.step(used, topk, n, chain)
+            if best is None or speedup > best[0]:
+                kept = depth if config.depth is not None else used
+                best = (speedup, tau, mode, source, (kept, topk, n, sampled))
+    speedup, tau, mode, source, (depth, topk, n, sampled) = best
+    if speedup < MIN_SPEEDUP and not config.is_sized:
+        return Plan(None, "autoregressive", 1.0, 1.0, source, costs)
+    ranking = config.ranking_temperature
+    if ranking is None and settings is not None:
+        ranking = settings.ranking_temperature
+    tree = replace(config, depth=depth, topk=topk, total_tokens=n, sampled=sampled,
+                   ranking_temperature=ranking)
+    return Plan(tree, mode, tau, speedup, source, costs)
