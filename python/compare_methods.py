@@ -10,13 +10,14 @@ Protocol (decided before running; docs/results/ has each run's exact command and
 3. arms      per seed, fine-tunes of the base for `--fine-steps` equal steps (fresh AdamW,
              warmup then cosine, `--fine-lr`): `eagle3` (more EAGLE-3), `vsd_t0` (VSD with
              its greedy E-step), `vsd_t1` (VSD at T = 1), and ablations (`ARMS`).
-4. calibrate per run, the ranking temperature of its top-k trees (a lossless decode
-             setting) fitted on mid-file windows of the `tune` files by τ at T = 0.
+4. calibrate per run, its decode settings by the library's procedure
+             (`vsd_ext.calibrate_drafter`: per-depth acceptance and the ranking temperature
+             of top-k trees by τ at T = 0) on mid-file windows of the `tune` files.
 5. evaluate  τ = accepted + 1 per target forward of real decoding (`vsd_ext.generate`, B = 1,
              `--new-tokens` per prompt, tree depth / top-k / nodes as given) on the fixed
              evaluation set (`--eval-set`, mid-file windows of held-out files) at T = 0 and
              T = 1 (sampled trees, verified against q), each run with its own calibrated
-             ranking temperature (and at 1.0: the "no calibration" ablation).
+             ranking temperature (and at T = 0 with t_r = 1: the "no calibration" ablation).
 6. report    per arm and temperature: τ mean and 95% CI; the paired ratio
              τ(arm) / τ(eagle3) per seed, its mean with a t-interval over seeds and a
              paired bootstrap over (seed, prompt) pairs; steps and seconds per step.
@@ -41,7 +42,6 @@ import torch
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
 TEMPERATURES = (0.0, 1.0)
-RANKING_GRID = (0.3, 0.5, 0.7, 1.0)
 # arm -> (method, TrainConfig overrides). VSD's defaults are docs/design/METHOD.md's.
 ARMS = {
     "eagle3": ("eagle3", []),
@@ -133,43 +133,51 @@ def prompt_sets(target, args) -> dict:
 
 
 def decode_taus(target, drafter, prompts, temperature, ranking, args) -> list[float]:
-    """τ of each prompt (B = 1), `--new-tokens` each, EOS ignored."""
+    """τ of each prompt (B = 1), `--new-tokens` each, EOS ignored, the fixed evaluation tree
+    (no cost model, no per-step sizing) ranked at `ranking`."""
     from vsd_ext.decoding import TreeConfig, generate
 
     tree = TreeConfig(args.depth, args.topk, args.nodes, sampled=temperature > 0,
-                      ranking_temperature=ranking)
+                      ranking_temperature=ranking, adaptive=False)
     taus = []
     for i, ids in enumerate(prompts):
         gen = torch.Generator().manual_seed(args.eval_seed * 100_003 + i)
         out = generate(target, drafter, ids, args.new_tokens, temperature=temperature,
-                       tree=tree, generator=gen, ignore_eos=True)
+                       tree=tree, generator=gen, ignore_eos=True, decode_settings=None)
         taus.append(out.stats["tau"])
     return taus
+
+
+def calibrate_run(args, run: Path, prompts: dict, target) -> float:
+    """The run's decode settings by the library's procedure (`vsd_ext.calibrate_drafter`,
+    the one the shipped drafters get) on the tune prompts; returns its ranking temperature."""
+    from vsd_ext.decoding.calibrate import calibrate_drafter
+
+    if not (run / "decode_settings.json").is_file():
+        calibrate_drafter(target, run, prompts["tune"], dtype=torch.bfloat16,
+                          max_new_tokens=args.new_tokens,
+                          prompts_source=f"vsd_ext.corpus.tune_prompts({args.tune_prompts})")
+    settings = json.loads((run / "decode_settings.json").read_text())
+    return settings["ranking_temperature"]
 
 
 def evaluate_run(args, run: Path, prompts: dict, target) -> dict:
     path = run / "eval.json"
     settings = {"eval_set": args.eval_set, "new_tokens": args.new_tokens,
-                "tree": [args.depth, args.topk, args.nodes], "grid": RANKING_GRID,
+                "tree": [args.depth, args.topk, args.nodes], "calibration": "calibrate_drafter",
                 "eval_seed": args.eval_seed, "tune_prompts": args.tune_prompts}
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         return json.loads(path.read_text())
     from vsd_ext.models import load_drafter
 
+    ranking = calibrate_run(args, run, prompts, target)
     drafter = load_drafter(run, target, dtype=torch.bfloat16)
-    tune = {t: sum(decode_taus(target, drafter, prompts["tune"], 0.0, t, args))
-            for t in RANKING_GRID}
-    best = max(RANKING_GRID, key=lambda t: (tune[t], t))
-    n = len(prompts["tune"])
-    result = {"settings": settings, "ranking_temperature": best,
-              "tune_tau_T0": {str(t): v / n for t, v in tune.items()},
-              "tune_tau_T1": sum(decode_taus(target, drafter, prompts["tune"], 1.0, best,
-                                             args)) / n,
-              "steps": json.loads((run / "summary.json").read_text())["steps"],
-              "train_seconds": json.loads((run / "summary.json").read_text())["train_seconds"]}
+    summary = json.loads((run / "summary.json").read_text())
+    result = {"settings": settings, "ranking_temperature": ranking,
+              "steps": summary["steps"], "train_seconds": summary["train_seconds"]}
     for T in TEMPERATURES:
-        result[f"tau_T{T:g}"] = decode_taus(target, drafter, prompts["eval"], T, best, args)
-        if best != 1.0:
+        result[f"tau_T{T:g}"] = decode_taus(target, drafter, prompts["eval"], T, ranking, args)
+        if T == 0 and ranking != 1.0:  # sampled trees (T > 0) do not rank
             result[f"tau_T{T:g}_uncalibrated"] = decode_taus(target, drafter, prompts["eval"],
                                                              T, 1.0, args)
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -230,6 +238,18 @@ def report(args, results: dict, out: Path) -> None:
             lines.append(f"| {arm} | {T:g} | {mean:.3f} ± {ci:.3f} | "
                          + ", ".join(f"{r:.3f}" for r in ratios)
                          + f" | {rmean:.3f} ± {rci:.3f} | [{lo:.3f}, {hi:.3f}] | {sps:.2f} |")
+    lines += ["", "Ranking calibration (T = 0): τ with the run's calibrated t_r against t_r = 1.",
+              "", "| arm | t_r per seed | τ calibrated | τ at t_r = 1 | paired bootstrap 95% |",
+              "|---|---|---|---|---|"]
+    for arm in args.arms:
+        runs = [results[s][arm] for s in args.seeds]
+        cal = {s: results[s][arm]["tau_T0"] for s in args.seeds}
+        raw = {s: results[s][arm].get("tau_T0_uncalibrated", cal[s]) for s in args.seeds}
+        lo, hi = paired_bootstrap(cal, raw)
+        lines.append(f"| {arm} | {', '.join(str(r['ranking_temperature']) for r in runs)} | "
+                     f"{sum(map(sum, cal.values())) / sum(map(len, cal.values())):.3f} | "
+                     f"{sum(map(sum, raw.values())) / sum(map(len, raw.values())):.3f} | "
+                     f"[{lo:.3f}, {hi:.3f}] |")
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps({"settings": vars(args), "summary": summary,

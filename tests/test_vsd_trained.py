@@ -95,8 +95,9 @@ def test_vsd_finetune_keeps_the_eagle3_drafter_it_starts_from(trained, temperatu
 
 def test_bf16_vsd_loss_is_close_to_fp32(trained):
     """bf16 against fp32, on the same sampled paths: the tree loss (acceptance mass, KL and
-    the score term through the fused op with bf16 rows and head) agrees to 1%; whole steps under the same
-    seeds agree to 3% in the mean (the E-step samples from q, which bf16 perturbs)."""
+    the score term through the fused op with bf16 rows and head) agrees to 1%; whole steps
+    under the same seeds agree to 3% in the mean (the E-step samples from q, which bf16
+    perturbs)."""
     step, batch, h0, kv, anchors, ok = sampled_setup(trained, 0, lambda_kl=0.3)
     values = {}
     with torch.no_grad():

@@ -32,7 +32,7 @@ import torch
 from .. import corpus
 from .._version import __version__
 from ..models.decode_settings import Acceptance, DecodeSettings
-from ..models.drafter import load_drafter
+from ..models.drafter_io import load_drafter
 from ..ops.verify import verify_tree
 from .draft_tree import TreeConfig, gumbel_noise
 from .loop import _Decoding, _Rows, _Timer, as_batch, generate, run_decoding

@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..ops.verify import verify_tree
-from .arguments import check_generation
 from ..tree import padded_chain
+from .arguments import check_generation
 from .configure import configure_proposer, resolve_decode_settings
 from .draft_tree import DraftTree, TreeConfig
 from .planner import Plan, drafting_pays
