@@ -53,8 +53,9 @@ VSD_SETTINGS = dict(depth=UNROLL, temperature=1.0)
 class DemoConfig:
     """out: output directory. minutes: wall-clock training budget of each fine-tune.
     rows: regenerated training rows. num_prompts / max_new_tokens: the evaluation.
-    depth / topk / total_tokens: the draft tree (at T = 1 sampled from the drafter; chains,
-    topk 1, are fastest on a CPU, where verifying each extra node costs real compute).
+    depth / topk / total_tokens: the draft tree; unset ones are left to the library's cost
+    model (`TreeConfig()`: sized from measured step costs and each drafter's decode settings,
+    what `vsd generate` does by default).
     threads: CPU threads of data and training (0: torch's default); eval_threads: of the
     timed decoding (1: fastest for the small default target, whose batch-1 steps are too
     short to share among threads). draft_dtype: the drafters' dtype while decoding
@@ -66,9 +67,9 @@ class DemoConfig:
     rows: int = 512
     num_prompts: int = 24
     max_new_tokens: int = 64
-    depth: int = 5
-    topk: int = 1
-    total_tokens: int = 5
+    depth: int | None = None
+    topk: int | None = None
+    total_tokens: int | None = None
     threads: int = 0
     eval_threads: int = 1
     draft_dtype: str = "bfloat16"
@@ -90,11 +91,12 @@ def add_demo_command(sub) -> None:
     demo.add_argument("--num-prompts", type=positive_int, default=dflt.num_prompts,
                       help="held-out prompts of the evaluation")
     demo.add_argument("--max-new-tokens", type=positive_int, default=dflt.max_new_tokens)
-    demo.add_argument("--depth", type=positive_int, default=dflt.depth, help="draft tree depth")
+    demo.add_argument("--depth", type=positive_int, default=dflt.depth,
+                      help="draft tree depth (default: the cost model's)")
     demo.add_argument("--topk", type=positive_int, default=dflt.topk,
-                      help="children per expanded node (1: a chain)")
+                      help="children per expanded node (1: a chain; default: the cost model's)")
     demo.add_argument("--total-tokens", type=positive_int, default=dflt.total_tokens,
-                      help="draft nodes verified per step")
+                      help="draft nodes verified per step (default: the cost model's)")
     demo.add_argument("--threads", type=count, default=dflt.threads,
                       help="CPU threads of data and training (0: torch's default)")
     demo.add_argument("--eval-threads", type=count, default=dflt.eval_threads,
@@ -127,7 +129,10 @@ def build_data(target, cfg: DemoConfig, path: Path) -> Path:
     if path.is_file():
         print(f"reusing {path}")
         return path
-    splits = regenerated_corpus_splits(target, FINE_TUNE["seq_len"], cfg.rows,
+    # The target answers in bf16 (about 3x faster on a CPU with bf16 GEMMs; the rows are
+    # samples of the target at T = 1, up to bf16 rounding of its logits).
+    fast = load_target("default", dtype=torch.bfloat16)
+    splits = regenerated_corpus_splits(fast, FINE_TUNE["seq_len"], cfg.rows,
                                        progress=cfg.progress)
     splits.save(path)
     print(f"{len(splits.train)} training rows, {len(splits.heldout)} held-out rows -> {path}")
@@ -176,12 +181,13 @@ def run(cfg: DemoConfig) -> dict:
                        f"{method}")
         drafters[method] = fine_tune(target, method, data, out / f"drafter_{method}", cfg)
 
-    tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=cfg.total_tokens,
-                      sampled=True)
-    _stage(3, f"evaluate: {cfg.num_prompts} held-out prompts x {cfg.max_new_tokens} tokens, "
-              f"T = 0 and T = 1, tree depth {tree.depth} / topk {tree.topk} / "
-              f"{tree.total_tokens} nodes (sampled from the drafter at T = 1), "
-              f"{cfg.draft_dtype} drafters")
+    tree = TreeConfig(depth=cfg.depth, topk=cfg.topk, total_tokens=cfg.total_tokens)
+    sizes = ("the default tree (the cost model's, each drafter's decode settings)"
+             if not tree.is_sized else
+             f"tree depth {tree.depth} / topk {tree.topk} / {tree.total_tokens} nodes")
+    _stage(3, f"evaluate: {cfg.num_prompts} held-out prompts (mid-file windows) x "
+              f"{cfg.max_new_tokens} tokens, T = 0 and T = 1, {sizes}, {cfg.draft_dtype} "
+              f"drafters")
     results = evaluate(target, drafters, prompts,
                        temperatures=(0.0, 1.0), max_new_tokens=cfg.max_new_tokens, tree=tree,
                        seeds=(cfg.seed,), threads=cfg.eval_threads or None,

@@ -9,10 +9,11 @@ import torch
 
 from .._version import __version__
 from ..eval import (
+    EVAL_SETS,
     LosslessConfig,
     evaluate,
+    evaluation_prompts,
     format_table,
-    heldout_prompts,
     read_prompts_jsonl,
     write_report,
 )
@@ -30,8 +31,10 @@ def add_eval_command(sub) -> None:
                     help="drafter to evaluate (repeatable): NAME=DIR, DIR, 'oracle' (the "
                          "target's own greedy continuation: the loop's ceiling) or 'untrained' "
                          "(a fresh EAGLE-3 head: the floor); autoregressive is always included")
-    ev.add_argument("--prompts", help="JSONL file, one {\"prompt\": ...} or {\"text\": ...} per "
-                                      "line (default: the built-in held-out prompts)")
+    ev.add_argument("--prompts", help="a fixed evaluation set (heldout, external, headers: "
+                                      "vsd_ext/assets/prompts) or a JSONL file, one "
+                                      "{\"prompt\": ...} or {\"text\": ...} per line "
+                                      "(default: heldout, mid-file windows of held-out files)")
     ev.add_argument("--num-prompts", type=positive_int, default=8)
     ev.add_argument("--temperature", type=non_negative_float, nargs="+", default=[0.0, 1.0])
     ev.add_argument("--max-new-tokens", type=positive_int, default=64)
@@ -98,10 +101,10 @@ def run_eval(args) -> int:
     target = load_target(args.target, device=args.device)
     if target.tokenizer is None:
         return _fail("the target has no tokenizer.json")
-    if args.prompts:
+    if args.prompts and args.prompts not in EVAL_SETS:
         texts = read_prompts_jsonl(args.prompts)[: args.num_prompts]
     else:
-        texts = heldout_prompts(args.num_prompts)
+        texts = evaluation_prompts(args.prompts or "heldout", args.num_prompts)
     check_length(target, [target.tokenizer.encode(t).ids for t in texts], args.max_new_tokens)
     check = False if args.no_lossless_check else LosslessConfig(samples=args.lossless_samples)
     results = evaluate(target, _load_drafters(args, target, drafts), texts,
@@ -110,7 +113,7 @@ def run_eval(args) -> int:
                        threads=args.threads or None, progress=not args.no_progress)
     print(format_table(results), flush=True)
     extra = {"target": args.target, "drafts": dict(drafts),
-             "prompts": args.prompts or "built-in held-out", "device": args.device,
+             "prompts": args.prompts or "heldout", "device": args.device,
              "threads": args.threads or torch.get_num_threads(),
              "torch": torch.__version__, "vsd_ext": __version__}
     paths = write_report(results, args.out, extra)

@@ -5,9 +5,10 @@
 - `stats.py`     χ² p-values and bootstrap intervals (torch + math only)
 - `report.py`    the table, report.json and report.png
 """
-from .harness import evaluate, heldout_prompts, read_prompts_jsonl
+from .harness import EVAL_SETS, evaluate, evaluation_prompts, heldout_prompts, read_prompts_jsonl
 from .lossless import LosslessConfig
 from .report import TAU_CONVENTION, format_table, write_report
 
-__all__ = ["LosslessConfig", "TAU_CONVENTION", "evaluate", "format_table", "heldout_prompts",
+__all__ = ["LosslessConfig", "TAU_CONVENTION", "evaluate", "evaluation_prompts", "EVAL_SETS",
+           "format_table", "heldout_prompts",
            "read_prompts_jsonl", "write_report"]

@@ -42,27 +42,42 @@ from pathlib import Path
 
 import torch
 
-from .. import corpus
 from ..decoding import OracleDrafter, TreeConfig, generate
 from ..decoding.oracle import DEFAULT_DEPTH
 from .lossless import LosslessConfig, greedy_agreement, sampling_check
 from .report import TAU_CONVENTION
 from .stats import bootstrap_ratio_ci
 
-__all__ = ["evaluate", "heldout_prompts", "read_prompts_jsonl"]
+__all__ = ["EVAL_SETS", "evaluate", "evaluation_prompts", "heldout_prompts", "read_prompts_jsonl"]
 
 BASELINE = "autoregressive"
 CI_METHOD = "95% percentile bootstrap over prompts (2000 resamples; speedup paired)"
 
 
-def heldout_prompts(num_prompts: int = 8, num_lines: int = 12) -> list[str]:
-    """The built-in prompt set: the first ``num_lines`` lines of the first ``num_prompts``
-    held-out standard-library files (`vsd_ext.corpus.prompts`; never seen in training)."""
-    texts = corpus.prompts("heldout", num_lines=num_lines, limit=num_prompts)
-    if len(texts) < num_prompts:
-        raise ValueError(f"the held-out split has only {len(texts)} prompts of {num_lines} "
-                         f"lines, {num_prompts} asked for")
-    return texts
+# The fixed, versioned evaluation sets (`python/make_eval_sets.py` wrote them): mid-file
+# windows of the held-out standard-library files, the same of Python code outside the corpus,
+# and the held-out files' first lines (headers, reported separately).
+PROMPT_DIR = Path(__file__).resolve().parent.parent / "assets" / "prompts"
+EVAL_SETS = {"heldout": "heldout_midfile_v1", "external": "external_midfile_v1",
+             "headers": "heldout_headers_v1"}
+
+
+def evaluation_prompts(name: str = "heldout", limit: int | None = None) -> list[str]:
+    """The first ``limit`` prompts (all by default) of the evaluation set ``name``
+    (`EVAL_SETS`). `vsd eval`, `vsd demo` and `python/compare_methods.py` read these."""
+    if name not in EVAL_SETS:
+        raise ValueError(f"prompt set: expected one of {sorted(EVAL_SETS)}, got {name!r}")
+    texts = read_prompts_jsonl(PROMPT_DIR / f"{EVAL_SETS[name]}.jsonl")
+    if limit is not None and not 1 <= limit <= len(texts):
+        raise ValueError(f"num_prompts: the {name} set has {len(texts)} prompts, {limit} "
+                         f"asked for")
+    return texts[:limit]
+
+
+def heldout_prompts(num_prompts: int = 8) -> list[str]:
+    """The built-in prompt set: the first ``num_prompts`` mid-file windows of held-out
+    standard-library files (never seen in training), `evaluation_prompts("heldout")`."""
+    return evaluation_prompts("heldout", num_prompts)
 
 
 def read_prompts_jsonl(path: str | Path) -> list[str]:
