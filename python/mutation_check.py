@@ -126,10 +126,8 @@ MUTATIONS = [
              "return expected_lengths(alphas)[..., :-1]",
              ("tests/test_training_weights.py",) + VSD_TESTS,
              "VSD future value Ŵ_k = L_{k+1} (counts z_{k+1} itself), not L_{k+2}"),
-    Mutation("vsd_future_value_with_gradient", "vsd_ext/training/vsd_sampled.py",
-             "@torch.no_grad()\ndef score_and_verify", "def score_and_verify", VSD_TESTS,
-             "VSD T > 0: α (hence reach and future value) not stop-gradient: the weights "
-             "themselves get trained"),
+    # (α, reach and future value without stop-gradient is no mutant: the fused ops take their
+    # row weights as constants — their backward returns no weight gradient.)
     Mutation("vsd_baseline_not_subtracted", "vsd_ext/training/vsd_sampled.py",
              "(value - base[..., None]) / cfg.paths", "value / cfg.paths", VSD_TESTS,
              "VSD score-function term without its per-context baseline"),
