@@ -234,7 +234,7 @@ def record(decoder: Decoder, names) -> None:
     FLOORS_FILE.write_text(json.dumps({
         "about": f"τ floors of tests/test_tau_floors.py; written by `{RECORD_COMMAND}` (see "
                  "tests/tau_floors.py)",
-        "floors": recorded}, indent=1) + "\n")
+        "floors": {key: cases for key, cases in recorded.items() if cases}}, indent=1) + "\n")
     print(f"wrote {FLOORS_FILE}")
 
 

@@ -318,3 +318,35 @@ def test_proposer_trees_match_explicit_forwards(target, config, seed):
                 assert children == explicit_children(drafter, reference_cache, first,
                                                      feature, paths[i], config.topk)
         assert expanded == 1 + (config.depth - 1) * (config.topk if config.topk > 1 else 1)
+
+
+class RecordingOracle(NoisyOracle):
+    """A `NoisyOracle` that keeps what the loop feeds back after every step."""
+
+    def start(self, prompt_ids, lengths, features, first_tokens, capacity):
+        super().start(prompt_ids, lengths, features, first_tokens, capacity)
+        self.fed = []
+
+    def advance(self, emitted, num_accepted, features):
+        self.fed.append((emitted.clone(), num_accepted.clone(), features.clone()))
+        super().advance(emitted, num_accepted, features)
+
+
+def test_proposer_gets_the_accepted_paths_features(target, references, gen):
+    """After each step the proposer receives the target's features of the root and of the
+    accepted tokens in path order (the drafter pairs them with the next tokens), equal to a
+    full causal forward's at those positions — not the verified tree's nodes in tree order."""
+    prompt, config = PROMPTS[0], TreeConfig(3, 3, 9)
+    oracle = RecordingOracle([prompt + references[0]], config, gen, bump=6.0)
+    generate(target, oracle, [prompt], 18, tree=config, ignore_eos=True)
+    full = prompt + references[0]
+    with torch.no_grad():
+        features = target.run(torch.tensor([full])).features[0]
+    root, deepest = len(prompt), 0
+    for emitted, num, fed in oracle.fed:
+        n = int(num[0])
+        assert emitted[0, :n + 1].tolist() == full[root + 1:root + n + 2]
+        torch.testing.assert_close(fed[0, :n + 1], features[root:root + n + 1], rtol=0,
+                                   atol=1e-4)
+        root, deepest = root + n + 1, max(deepest, n)
+    assert deepest >= 2  # accepted paths below level 1: the tree order differs from theirs

@@ -215,10 +215,11 @@ def small_target(seed):
     return tiny_target(seed, vocab=41, layers=3, hidden=32, scale=0.15, max_positions=256)
 
 
-@pytest.mark.parametrize("sampled", [False, True])
-def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
+@pytest.mark.parametrize("sampled,temperature", [(False, 0.0), (True, 1.0), (True, 0.6)])
+def test_drafter_proposer_alignment_and_cache(sampled, temperature, gen, seed):
     """Level-1 children come from the drafter's causal forward over the pairs
-    (x_{t+1}, f_t); after a draft the drafter's cache equals a prefill of every pair."""
+    (x_{t+1}, f_t); sampled trees draw them from q at the decoding temperature (not T = 1);
+    after a draft the drafter's cache equals a prefill of every pair."""
     target = small_target(seed % 1000)
     V = target.vocab_size
     counts = torch.randint(0, 100, (V,), generator=gen)
@@ -234,8 +235,7 @@ def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
         ids[b, :len(p)] = torch.tensor(p)
     first = torch.tensor([7, 11, 30])
     config = TreeConfig(depth=3, topk=3, total_tokens=9, sampled=sampled)
-    proposer = DrafterProposer(drafter, config, temperature=1.0 if sampled else 0.0,
-                               generator=gen)
+    proposer = DrafterProposer(drafter, config, temperature=temperature, generator=gen)
     with torch.no_grad():
         cache = target.new_cache(B, 32)
         feats = target.prefill(ids, cache, lengths).features
@@ -253,7 +253,7 @@ def test_drafter_proposer_alignment_and_cache(sampled, gen, seed):
         root_logits = out.logits[0, -1]
         level1 = tree.tokens[b][tree.parents[b] == 0]
         if sampled:
-            q = torch.softmax(root_logits.float(), -1)
+            q = torch.softmax(root_logits.float() / temperature, -1)
             assert torch.allclose(tree.draft_probs[b, 0, drafter.to_target_ids(
                 torch.arange(29))], q, atol=1e-5)
             assert tree.draft_probs[b, 0, ~drafter.t2d].abs().max() == 0

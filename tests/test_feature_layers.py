@@ -1,8 +1,10 @@
 """EAGLE-3's feature layers (the target layers whose inputs the drafter reads), checked at
 depths where the low / mid / high choices differ — at L = 4 every formula gives the same
-layers. EAGLE-3 fuses the inputs of layers 2, L // 2 and L − 3 (kept inside [0, L) and
-non-decreasing for very shallow models); a drafter trained on one choice drafts worse with
-another, while decoding stays exact, so only these tests and the τ floors notice."""
+layers. EAGLE-3 fuses the inputs of layers 2, L // 2 and L − 3, made distinct for shallow
+models (L ≥ 3: low = min(2, L − 3), high = max(L − 3, low + 2), mid = L // 2 within
+[low + 1, high − 1]; vLLM and speculators need three distinct layers); a drafter trained on
+one choice drafts worse with another, while decoding stays exact, so only these tests and the
+τ floors notice."""
 import pytest
 import torch
 
@@ -13,9 +15,9 @@ from helpers import tiny_target
 
 
 @pytest.mark.parametrize("layers, expected", [
-    (1, (0, 0, 0)), (2, (1, 1, 1)), (3, (2, 2, 2)), (5, (2, 2, 2)), (6, (2, 3, 3)),
-    (7, (2, 3, 4)), (8, (2, 4, 5)), (12, (2, 6, 9)), (16, (2, 8, 13)), (24, (2, 12, 21)),
-    (32, (2, 16, 29)), (80, (2, 40, 77))])
+    (1, (0, 0, 0)), (2, (0, 1, 1)), (3, (0, 1, 2)), (4, (1, 2, 3)), (5, (2, 3, 4)),
+    (6, (2, 3, 4)), (7, (2, 3, 4)), (8, (2, 4, 5)), (12, (2, 6, 9)), (16, (2, 8, 13)),
+    (24, (2, 12, 21)), (32, (2, 16, 29)), (80, (2, 40, 77))])
 def test_default_feature_layers_are_eagle3s(layers, expected):
     assert default_feature_layers(layers) == expected
 
@@ -26,10 +28,10 @@ def test_the_default_target_uses_eagle3s_layers():
     assert target.feature_layers == (2, L // 2, L - 3) == default_feature_layers(L)
 
 
-@pytest.mark.parametrize("layers", [6, 8])
-def test_features_are_the_inputs_of_the_feature_layers(layers):
-    """The features are the hidden states entering layers (2, L // 2, L − 3), in that order,
-    captured here independently with forward pre-hooks."""
+@pytest.mark.parametrize("layers, wanted", [(6, (2, 3, 4)), (8, (2, 4, 5))])
+def test_features_are_the_inputs_of_the_feature_layers(layers, wanted):
+    """The features are the hidden states entering the feature layers (low, mid, high), in
+    that order, captured here independently with forward pre-hooks."""
     target = tiny_target(7, layers=layers)
     seen = {}
     hooks = [layer.register_forward_pre_hook(
@@ -41,7 +43,6 @@ def test_features_are_the_inputs_of_the_feature_layers(layers):
     for hook in hooks:
         hook.remove()
     H = target.hidden_size
-    wanted = (2, layers // 2, layers - 3)
     assert features.shape == (2, 7, 3 * H)
     for slot, layer in enumerate(wanted):
         torch.testing.assert_close(features[..., slot * H:(slot + 1) * H], seen[layer],

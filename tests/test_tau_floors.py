@@ -4,9 +4,13 @@ trees; τ must stay above the floor recorded in tests/tau_floors.json (a margin 
 measured value that a 5% loss of τ falls under). Bugs that keep the output exact but make
 decoding slower — features fed back to the drafter in the wrong order, the wrong target layers,
 trees drawn at the wrong temperature — fail here. After replacing the shipped target or
-drafters, re-record: `python tests/tau_floors.py --record`."""
+drafters, re-record: `python tests/tau_floors.py --record`.
+
+Weights without recorded floors (a new shipped target or drafter): every case skips, naming the
+re-record command, and `test_floors_are_recorded_for_the_shipped_weights` FAILS with it — the
+suite never passes while the τ floors silently check nothing."""
 import pytest
-from tau_floors import CASES, Decoder, floor_of, load_floors
+from tau_floors import CASES, RECORD_COMMAND, Decoder, floor_of, load_floors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +27,10 @@ def floors():
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_tau_above_floor(decoder, floors, name):
-    entry = floor_of(floors, name)
+    try:
+        entry = floor_of(floors, name)
+    except LookupError as err:  # test_floors_are_recorded_for_the_shipped_weights fails
+        pytest.skip(f"NO τ FLOOR for the current weights: run `{RECORD_COMMAND}`. {err}")
     case = CASES[name]
     tau = decoder.tau(case)
     hint = ("" if case.temperature == 0 else

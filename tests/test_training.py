@@ -157,18 +157,22 @@ def check_sampled_loss(setup, seed):
     return num
 
 
-def test_vsd_greedy_tree_is_the_decoders_tree(tiny, seed):
+@pytest.mark.parametrize("ranking", [1.0, 0.25])
+def test_vsd_greedy_tree_is_the_decoders_tree(tiny, seed, ranking):
     """The T = 0 E-step builds below each anchor exactly the tree `DrafterProposer` drafts
-    when decoding the same context."""
+    when decoding the same context, with the same ranking temperature (at t_r ≠ 1 the
+    cumulative scores of different levels only rank alike when every level uses it)."""
     step, batch, h0, kv, anchors, ok = vsd_setup(tiny, seed, [3, 4], anchors=2, temperature=0.0,
-                                                  depth=3, tree_topk=2, tree_nodes=5)
+                                                  depth=3, tree_topk=2, tree_nodes=5,
+                                                  ranking_temperature=ranking)
     tree = vsd_greedy.draft_trees(step, h0, kv, anchors, step.config.vsd)
     tokens, parents = tree.tokens.view(2, 2, -1), tree.parents.view(2, 2, -1)
     for b in range(2):
         for c in range(2):
             a = int(anchors[b, c])
             prompt = batch.input_ids[b:b + 1, :a]
-            proposer = DrafterProposer(step.drafter, TreeConfig(3, 2, 5))
+            proposer = DrafterProposer(step.drafter,
+                                       TreeConfig(3, 2, 5, ranking_temperature=ranking))
             features = step.target.run(prompt).features
             proposer.start(prompt, torch.tensor([a]), features, batch.input_ids[b, a:a + 1],
                            a + 16)
