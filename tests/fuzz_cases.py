@@ -548,26 +548,36 @@ def build_cases(world: World) -> list[Case]:
     return cases
 
 
+OUTCOMES = ("correct", "clean error", "silently wrong", "unclear error", "traceback")
+
+
 def main(argv: list[str]) -> None:
-    """Run every case and print the counts per outcome (and the cases that are not correct
-    or a clean error). `--skip PREFIX ...`: leave out the cases whose names start so (e.g.
-    on an older version of vsd_ext, where `cli-demo` cases would run the whole demo)."""
+    """Run every case and print the counts per outcome, one markdown row per builder (the
+    class of hostile input) and the total, then the cases that are not correct or a clean
+    error. `--skip PREFIX ...`: leave out the cases whose names start so (e.g. on an older
+    version of vsd_ext, where `cli-demo` cases would run the whole demo)."""
     import tempfile
 
     skip = tuple(argv[argv.index("--skip") + 1:]) if "--skip" in argv else ()
     torch.manual_seed(SEED)
+    rows, bad = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         world = World(Path(tmp))
-        counts, bad = {}, []
-        for case in build_cases(world):
-            if skip and case.name.startswith(skip):
-                continue
-            result = outcome(case)
-            counts[result] = counts.get(result, 0) + 1
-            if result not in ("correct", "clean error"):
-                bad.append(f"  {result}: {case.name}")
-    print(f"{sum(counts.values())} cases: " + ", ".join(f"{v} {k}" for k, v in
-                                                        sorted(counts.items())))
+        for build in BUILDERS:
+            counts = rows.setdefault(build.__name__, dict.fromkeys(OUTCOMES, 0))
+            for case in build(world):
+                if skip and case.name.startswith(skip):
+                    continue
+                result = outcome(case)
+                counts[result] += 1
+                if result not in ("correct", "clean error"):
+                    bad.append(f"  {result}: {case.name}")
+    rows["total"] = {k: sum(r[k] for r in rows.values()) for k in OUTCOMES}
+    print("| builder | cases | " + " | ".join(OUTCOMES) + " |")
+    print("|---" * (len(OUTCOMES) + 2) + "|")
+    for name, counts in rows.items():
+        print(f"| {name} | {sum(counts.values())} | " +
+              " | ".join(str(counts[k]) for k in OUTCOMES) + " |")
     print("\n".join(bad))
 
 
