@@ -12,24 +12,22 @@ exception escape). tests/test_fuzz.py asserts that every case is correct or a cl
 Op cases cover the classes of hostile input the ops already handle (wrong ranks, shapes,
 dtypes, devices, strides, out-of-range indices, empty batches forward); the cases of
 issue #17 items 2, 6 (tree_attention) and 8 (owned elsewhere) are left to their fixes.
+The machinery (`Case`, `outcome`, `World`, `run_cli`) is in tests/fuzz_core.py; the cases
+of `weighted_linear_divergence` in tests/fuzz_divergence.py, those of decode settings,
+`TreeConfig`, `vsd calibrate` / `vsd generate` tree flags and `--set vsd.*` in
+tests/fuzz_decoding.py.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import random
-import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from vsd_ext.app.cli import main as vsd_main
 from vsd_ext.decoding import generate
-from vsd_ext.models import Drafter, load_drafter, load_target
+from vsd_ext.models import load_drafter, load_target
 from vsd_ext.ops import tree_attention, verify_tree, weighted_cross_entropy
 from vsd_ext.reference import cross_entropy as ref_ce
 from vsd_ext.reference import tree_attention as ref_attention
@@ -38,10 +36,12 @@ from vsd_ext.training.config import TrainConfig
 from vsd_ext.training.data import DataSplits, load_splits
 from vsd_ext.tree import build_tree_mask, random_parents, tree_depths, tree_paths
 
-from helpers import random_dataset, write_tiny_target
+import fuzz_decoding
+import fuzz_divergence
+from fuzz_core import INF, NAN, SEED, Case, World, corrupt_bytes, outcome, run_cli, write_json
 
-SEED = 17
-NAN, INF = float("nan"), float("inf")
+__all__ = ["BUILDERS", "Case", "SEED", "World", "build_cases", "outcome", "run_cli"]
+
 # Values each field must refuse (a value it accepts is not hostile: e.g. rms_norm_eps 1.5).
 TARGET_CONFIG_INVALID = {
     "vocab_size": [None, 0, -1, 1.5, "x", True],
@@ -77,89 +77,6 @@ TRAIN_CONFIG_INVALID = {
 }
 
 
-@dataclass
-class Case:
-    """name: unique id; run(): the call; names: substrings of which an error message must
-    hold one (None: the call must succeed and `check(result)` must hold); cli: run() returns
-    (exit status, stderr text) of a `vsd` command."""
-
-    name: str
-    run: object
-    names: tuple | None = None
-    check: object = None
-    cli: bool = False
-
-
-def outcome(case: Case) -> str:
-    try:
-        result = case.run()
-    except Exception as err:  # noqa: BLE001 - classifying any failure is the point
-        if case.cli:  # a `vsd` command that lets an exception escape prints a traceback
-            return "traceback"
-        if isinstance(err, (ValueError, OSError)):
-            return _error_outcome(case, str(err))
-        return "unclear error"
-    if case.cli:
-        status, err = result
-        if status == 0:
-            return "silently wrong"
-        lines = [ln for ln in err.splitlines() if ln.strip()]
-        if len(lines) != 1 or "Traceback" in err:
-            return "unclear error"
-        return _error_outcome(case, lines[0])
-    if case.names is not None:
-        return "silently wrong"
-    return "correct" if case.check is None or case.check(result) else "silently wrong"
-
-
-def _error_outcome(case: Case, message: str) -> str:
-    if case.names is None:
-        return "unclear error"
-    return "clean error" if any(n in message for n in case.names) else "unclear error"
-
-
-# ---- the world the cases run in --------------------------------------------------------
-class World:
-    """A tiny target checkpoint, a drafter for it and a dataset, in `root`."""
-
-    def __init__(self, root: Path, seed: int = SEED):
-
-
-        self.root = Path(root)
-        self.target_dir = self.root / "target"
-        self.target = write_tiny_target(self.target_dir, layers=4)
-        self.drafter_dir = self.root / "drafter"
-        Drafter.for_target(self.target, seed=1).save_pretrained(self.drafter_dir)
-        data = random_dataset(self.target, 12, 12, seed=2)
-        self.data = self.root / "data.pt"
-        DataSplits(data.rows(torch.arange(8)), data.rows(torch.arange(8, 12)),
-                   [[1, 2, 3]], "fuzz").save(self.data)
-        self.rng = random.Random(seed)
-        self._copies = 0
-
-    def copy(self, what: str) -> Path:
-        """A fresh copy of the target or drafter directory to corrupt."""
-        self._copies += 1
-        out = self.root / f"{what}_{self._copies}"
-        shutil.copytree(self.target_dir if what == "target" else self.drafter_dir, out)
-        return out
-
-
-def _write_json(path: Path, value) -> None:
-    path.write_text(value if isinstance(value, str) else json.dumps(value))
-
-
-def _corrupt_bytes(path: Path, rng: random.Random, how: str) -> None:
-    data = path.read_bytes()
-    if how == "truncate":
-        path.write_bytes(data[:rng.randrange(1, len(data))])
-    elif how == "garbage":
-        path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
-    elif how == "empty":
-        path.write_bytes(b"")
-    else:  # header length field that points past the end
-        path.write_bytes((10 ** 9).to_bytes(8, "little") + data[8:64])
-
 
 # ---- loader cases ----------------------------------------------------------------------
 def target_file_cases(world: World) -> list[Case]:
@@ -168,18 +85,18 @@ def target_file_cases(world: World) -> list[Case]:
     for how in ("truncate", "garbage", "empty", "header"):
         for k in range(3 if how in ("truncate", "garbage") else 1):
             d = world.copy("target")
-            _corrupt_bytes(d / "model.safetensors", world.rng, how)
+            corrupt_bytes(d / "model.safetensors", world.rng, how)
             cases.append(Case(f"target-safetensors-{how}-{k}", lambda d=d: load_target(d),
                               (str(d / "model.safetensors"),)))
     for name, text in (("garbage", "{not json"), ("binary", "\x00\xff"), ("empty", "")):
         d = world.copy("target")
-        _write_json(d / "tokenizer.json", text)
+        write_json(d / "tokenizer.json", text)
         cases.append(Case(f"tokenizer-{name}", lambda d=d: load_target(d),
                           (str(d / "tokenizer.json"),)))
     for name, value in (("garbage", "{not json"), ("list", [1, 2]), ("string", '"x"'),
                         ("empty", "")):
         d = world.copy("target")
-        _write_json(d / "config.json", value)
+        write_json(d / "config.json", value)
         cases.append(Case(f"target-config-{name}", lambda d=d: load_target(d),
                           (str(d / "config.json"),)))
     for field, values in TARGET_CONFIG_INVALID.items():
@@ -187,7 +104,7 @@ def target_file_cases(world: World) -> list[Case]:
             d = world.copy("target")
             config = json.loads((d / "config.json").read_text())
             config[field] = value
-            _write_json(d / "config.json", config)
+            write_json(d / "config.json", config)
             cases.append(Case(f"target-config-{field}={value!r}", lambda d=d: load_target(d),
                               (field, str(d))))
     for name, make in _weight_corruptions():
@@ -238,11 +155,11 @@ def shard_cases(world: World) -> list[Case]:
         index = {"weight_map": {k: ("a.safetensors" if i < 3 else "b.safetensors")
                                 for i, k in enumerate(keys)}}
         path = d / "model.safetensors.index.json"
-        _write_json(path, {"index-garbage": "{", "index-list": [1],
+        write_json(path, {"index-garbage": "{", "index-list": [1],
                            "index-no-map": {"metadata": {}}}.get(name, index))
         expect = str(path)
         if name == "shard-truncated":
-            _corrupt_bytes(d / "b.safetensors", world.rng, "truncate")
+            corrupt_bytes(d / "b.safetensors", world.rng, "truncate")
             expect = str(d / "b.safetensors")
         if name == "shard-missing":
             (d / "b.safetensors").unlink()
@@ -256,7 +173,7 @@ def drafter_cases(world: World) -> list[Case]:
     target, cases = world.target, []
     for how in ("truncate", "garbage", "empty", "header"):
         d = world.copy("drafter")
-        _corrupt_bytes(d / "model.safetensors", world.rng, how)
+        corrupt_bytes(d / "model.safetensors", world.rng, how)
         cases.append(Case(f"drafter-safetensors-{how}", lambda d=d: load_drafter(d, target),
                           (str(d / "model.safetensors"),)))
     for name, value in (("garbage", "{"), ("list", [1]), ("arch", {"architectures": ["X"]}),
@@ -268,7 +185,7 @@ def drafter_cases(world: World) -> list[Case]:
         d = world.copy("drafter")
         if isinstance(value, dict):
             value = {**json.loads((d / "config.json").read_text()), **value}
-        _write_json(d / "config.json", value)
+        write_json(d / "config.json", value)
         cases.append(Case(f"drafter-config-{name}", lambda d=d: load_drafter(d, target),
                           (str(d),)))
     for name, make in _drafter_weight_corruptions(target):
@@ -553,17 +470,6 @@ def _ce_cases() -> list[Case]:
 
 
 # ---- CLI cases -------------------------------------------------------------------------
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """(exit status, stderr) of `vsd argv` in this process (stdout discarded)."""
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            status = vsd_main(argv)
-        except SystemExit as exit_:
-            status = exit_.code if isinstance(exit_.code, int) else 1
-    return status, err.getvalue()
-
 
 def cli_cases(world: World) -> list[Case]:
     t, data = str(world.target_dir), str(world.data)
@@ -631,7 +537,8 @@ def cli_cases(world: World) -> list[Case]:
 
 
 BUILDERS = (target_file_cases, drafter_cases, data_cases, generate_cases, target_call_cases,
-            config_cases, op_cases, cli_cases)
+            config_cases, op_cases, cli_cases, *fuzz_divergence.BUILDERS,
+            *fuzz_decoding.BUILDERS)
 
 
 def build_cases(world: World) -> list[Case]:
@@ -641,26 +548,36 @@ def build_cases(world: World) -> list[Case]:
     return cases
 
 
+OUTCOMES = ("correct", "clean error", "silently wrong", "unclear error", "traceback")
+
+
 def main(argv: list[str]) -> None:
-    """Run every case and print the counts per outcome (and the cases that are not correct
-    or a clean error). `--skip PREFIX ...`: leave out the cases whose names start so (e.g.
-    on an older version of vsd_ext, where `cli-demo` cases would run the whole demo)."""
+    """Run every case and print the counts per outcome, one markdown row per builder (the
+    class of hostile input) and the total, then the cases that are not correct or a clean
+    error. `--skip PREFIX ...`: leave out the cases whose names start so (e.g. on an older
+    version of vsd_ext, where `cli-demo` cases would run the whole demo)."""
     import tempfile
 
     skip = tuple(argv[argv.index("--skip") + 1:]) if "--skip" in argv else ()
     torch.manual_seed(SEED)
+    rows, bad = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         world = World(Path(tmp))
-        counts, bad = {}, []
-        for case in build_cases(world):
-            if skip and case.name.startswith(skip):
-                continue
-            result = outcome(case)
-            counts[result] = counts.get(result, 0) + 1
-            if result not in ("correct", "clean error"):
-                bad.append(f"  {result}: {case.name}")
-    print(f"{sum(counts.values())} cases: " + ", ".join(f"{v} {k}" for k, v in
-                                                        sorted(counts.items())))
+        for build in BUILDERS:
+            counts = rows.setdefault(build.__name__, dict.fromkeys(OUTCOMES, 0))
+            for case in build(world):
+                if skip and case.name.startswith(skip):
+                    continue
+                result = outcome(case)
+                counts[result] += 1
+                if result not in ("correct", "clean error"):
+                    bad.append(f"  {result}: {case.name}")
+    rows["total"] = {k: sum(r[k] for r in rows.values()) for k in OUTCOMES}
+    print("| builder | cases | " + " | ".join(OUTCOMES) + " |")
+    print("|---" * (len(OUTCOMES) + 2) + "|")
+    for name, counts in rows.items():
+        print(f"| {name} | {sum(counts.values())} | " +
+              " | ".join(str(counts[k]) for k in OUTCOMES) + " |")
     print("\n".join(bad))
 
 

@@ -249,4 +249,6 @@ def test_cli_calibrate_then_generate(target, tmp_path, capsys, seed):
                  str(tmp_path / "draft"), "--prompt", "t1 t2 t3", "--max-new-tokens", "6",
                  "--depth", "3", "--topk", "2", "--total-tokens", "4"]) == 0
     assert "tree depth 3 topk 2 4 nodes top-k" in capsys.readouterr().err
-    assert main(["calibrate", "--draft", str(tmp_path / "draft"), "--grid", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # a bad flag: argparse's one line, status 2
+        main(["calibrate", "--draft", str(tmp_path / "draft"), "--grid", "0"])
+    assert exit_.value.code == 2 and "argument --grid" in capsys.readouterr().err

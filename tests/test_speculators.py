@@ -3,11 +3,13 @@
 `speculators convert --algorithm eagle3 <drafter> --verifier <target>` converts our export,
 `Eagle3DraftModel.from_pretrained(<converted>)` loads it with no extra arguments, and its
 draft logits equal ours (fp32, max |diff| < 1e-3) on the same target features — for the
-shipped drafter on the default target and for a freshly built tiny drafter with a reduced
-draft vocabulary. speculators reads the feature layers from the verifier's depth
+shipped drafter on the default target, for a freshly initialized drafter of the default
+target exported in a temporary directory (no dependence on the shipped weights: it holds
+whatever the default target is), and for a freshly built tiny drafter with a reduced draft
+vocabulary. speculators reads the feature layers from the verifier's depth
 ([2, L // 2, L − 3]) unless `--algorithm-kwargs` names them; our config.json records them
 (`eagle_aux_hidden_state_layer_ids`), and they are passed only where they differ from that
-default (the 6-layer default target, whose default repeats layer 3).
+default.
 
 Optional: skipped unless speculators is installed (`pip install speculators`; see the
 README's development section). Runs on CPU in about 30 s.
@@ -78,7 +80,21 @@ def compare(drafter_dir, target_dir, tmp_path, ids=None):
 
 
 def test_shipped_drafter_converts_and_matches(tmp_path):
+    """Whichever drafter is shipped for whichever default target (nothing here is specific
+    to one set of weights or one target depth)."""
     diff, agree = compare(DEFAULT_DRAFTERS["default"], DEFAULT_TARGET_DIR, tmp_path)
+    assert diff < 1e-3 and bool(agree.all()), diff
+
+
+def test_fresh_default_target_drafter_converts_and_matches(tmp_path):
+    """A freshly initialized drafter of the default target, exported with its embedding as
+    `vsd train` exports the shipped ones (the LM head starts from the target's, so the
+    logits are the target's kind, not noise)."""
+    drafter = Drafter.for_target(load_target("default", dtype=torch.float32), seed=7)
+    drafter.save_pretrained(tmp_path / "drafter", include_embedding=True)
+    diff, agree = compare(tmp_path / "drafter", DEFAULT_TARGET_DIR, tmp_path)
+    print(f"[speculators] fresh default-target drafter: max |diff| {diff:.2e}, argmax "
+          f"{int(agree.sum())}/{agree.numel()}")
     assert diff < 1e-3 and bool(agree.all()), diff
 
 

@@ -20,6 +20,7 @@ from ..decoding.calibrate import GRID, calibrate_drafter
 from ..eval import read_prompts_jsonl
 from ..models import load_target
 from ..models.checkpoint import DEFAULT_DRAFTERS
+from .arguments import count, positive_float, positive_int
 
 
 def add_calibrate_command(sub) -> None:
@@ -31,11 +32,11 @@ def add_calibrate_command(sub) -> None:
                      help="drafter directory ('default' / 'default-vsd': the shipped ones)")
     cal.add_argument("--prompts", help="JSONL file of prompts (default: mid-file windows of "
                                        "the tune files, vsd_ext.corpus.tune_prompts)")
-    cal.add_argument("--num-prompts", type=int, default=48)
-    cal.add_argument("--max-new-tokens", type=int, default=48)
-    cal.add_argument("--temperature", type=float, nargs="+", default=[1.0],
+    cal.add_argument("--num-prompts", type=positive_int, default=48)
+    cal.add_argument("--max-new-tokens", type=positive_int, default=48)
+    cal.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0],
                      help="T > 0 of the sampled acceptance tables (T = 0 is always measured)")
-    cal.add_argument("--grid", type=float, nargs="+", default=list(GRID),
+    cal.add_argument("--grid", type=positive_float, nargs="+", default=list(GRID),
                      help="ranking temperatures tried")
     cal.add_argument("--out", help="file or directory written (default: the drafter's "
                                    "directory)")
@@ -43,17 +44,13 @@ def add_calibrate_command(sub) -> None:
                      choices=["float32", "bfloat16", "float16"])
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--seed", type=int, default=0)
-    cal.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
+    cal.add_argument("--threads", type=count, default=0, help="CPU threads (default: torch's)")
     cal.set_defaults(func=run_calibrate)
 
 
 def run_calibrate(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.num_prompts < 1 or any(t <= 0 for t in args.temperature + args.grid):
-        print("vsd calibrate: --num-prompts must be >= 1, temperatures and --grid > 0",
-              file=sys.stderr)
-        return 2
     target = load_target(args.target, device=args.device)
     if target.tokenizer is None:
         print("vsd calibrate: the target has no tokenizer.json", file=sys.stderr)

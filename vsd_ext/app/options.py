@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..decoding import TreeConfig
-from .arguments import positive_int
+from .arguments import positive_float, positive_int
 
 
 def add_tree_args(parser) -> None:
@@ -20,7 +20,7 @@ def add_tree_args(parser) -> None:
                         help="sample trees from the drafter at T > 0 (verified against its q)")
     parser.add_argument("--top-k-trees", dest="sampled", action="store_const", const=False,
                         help="top-k trees at T > 0 (verified against the target alone)")
-    parser.add_argument("--ranking-temperature", type=float,
+    parser.add_argument("--ranking-temperature", type=positive_float,
                         help="t_r of the tree ranking (default: the drafter's decode settings)")
     parser.add_argument("--decode-settings", default="drafter",
                         help="a decode_settings.json (or drafter directory) to apply, or "

@@ -1,4 +1,4 @@
-"""Checks of `generate`'s public arguments: a bad prompt, length or temperature is a
+"""Checks of `generate`'s public arguments: a bad prompt, length, temperature or tree is a
 ValueError naming the argument before anything runs."""
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import math
 import numbers
 
 import torch
+
+from .draft_tree import TreeConfig
 
 
 def _token_lists(prompts) -> list[list]:
@@ -55,3 +57,14 @@ def check_generation(target, prompts, max_new_tokens, temperature,
                          f"({longest} tokens) it passes the target's max_position_embeddings "
                          f"({limit})")
     return out
+
+
+def check_tree(tree) -> TreeConfig:
+    """`generate`'s ``tree``: a `TreeConfig`, or None for ``TreeConfig()`` (the cost model
+    sizes it)."""
+    if tree is None:
+        return TreeConfig()
+    if not isinstance(tree, TreeConfig):
+        raise ValueError(f"tree: expected a TreeConfig or None, got {type(tree).__name__} "
+                         f"{tree!r:.60}")
+    return tree

@@ -29,7 +29,7 @@ def resolve_decode_settings(drafter, decode_settings) -> DecodeSettings | None:
     if isinstance(decode_settings, DecodeSettings):
         return decode_settings
     if isinstance(decode_settings, dict):
-        return DecodeSettings.from_dict(decode_settings)
+        return DecodeSettings.from_dict(decode_settings, "decode_settings")
     if isinstance(decode_settings, (str, Path)):
         return DecodeSettings.load(decode_settings)
     raise ValueError(f"decode_settings: expected 'drafter', None, 'off', a DecodeSettings, a "

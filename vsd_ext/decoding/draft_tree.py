@@ -101,8 +101,8 @@ class TreeConfig:
                                       or value < 1):
                 raise ValueError(f"TreeConfig: {name} must be an integer >= 1 or None, got "
                                  f"{value!r}")
-        for name in ("sampled", "adaptive"):
-            if getattr(self, name) not in (None, True, False):
+        for name in ("sampled", "adaptive"):  # not 0 / 1, which equal False / True
+            if not (getattr(self, name) is None or isinstance(getattr(self, name), bool)):
                 raise ValueError(f"TreeConfig: {name} must be True, False or None, got "
                                  f"{getattr(self, name)!r}")
         t = self.ranking_temperature

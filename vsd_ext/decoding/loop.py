@@ -40,7 +40,7 @@ import torch
 
 from ..ops.verify import verify_tree
 from ..tree import padded_chain
-from .arguments import check_generation
+from .arguments import check_generation, check_tree
 from .configure import configure_proposer, resolve_decode_settings
 from .draft_tree import DraftTree, TreeConfig
 from .planner import Plan, drafting_pays
@@ -171,10 +171,11 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     proposer object).
     """
     prompts = as_batch(check_generation(target, prompts, max_new_tokens, temperature, stop))
+    tree = check_tree(tree)
     rows = _Rows(target, len(prompts), max_new_tokens, stop, ignore_eos, callback)
     settings = resolve_decode_settings(drafter, decode_settings)
     start = time.perf_counter()
-    proposer, plan = configure_proposer(target, drafter, tree or TreeConfig(), temperature,
+    proposer, plan = configure_proposer(target, drafter, tree, temperature,
                                         generator, settings, len(prompts))
     state = _Decoding(target, proposer, temperature, generator)
     state.plan, state.plan_seconds = plan, time.perf_counter() - start

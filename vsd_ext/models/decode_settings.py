@@ -189,6 +189,11 @@ class DecodeSettings:
 
 
 def read_decode_settings(directory: str | Path) -> DecodeSettings | None:
-    """The settings saved in a drafter directory, or None when it has none."""
+    """The settings saved in a drafter directory, or None when it has none (a
+    ``decode_settings.json`` that is not a readable file is an error naming it)."""
     path = Path(directory) / FILE_NAME
-    return DecodeSettings.load(path) if path.is_file() else None
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise DecodeSettingsError(f"{path}: not a file")
+    return DecodeSettings.load(path)

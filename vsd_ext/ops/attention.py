@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .checks import FLOATS, check_device, check_dtype, check_rank, check_tensor, fail
+from .checks import FLOATS, check_device, check_dtype, check_rank, check_tensor, fail, real_scalar
 
 __all__ = ["tree_attention"]
 
@@ -94,7 +94,7 @@ def tree_attention(
         head_dim = q.shape[-1] if isinstance(q, torch.Tensor) and q.dim() else 1
         sm_scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
     return torch.ops.vsd_ext.tree_attention(q, k_cache, v_cache, prefix_lens, k_tree, v_tree,
-                                            tree_mask, float(sm_scale))
+                                            tree_mask, real_scalar(sm_scale, "sm_scale"))
 
 
 @torch.library.register_fake("vsd_ext::tree_attention")

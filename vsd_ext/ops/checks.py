@@ -9,6 +9,7 @@ call these: on real tensors the C++ checks run.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -50,5 +51,36 @@ def check_device(t: torch.Tensor, arg: str, ref: torch.Tensor, ref_name: str) ->
 
 def check_positive(value, arg: str) -> None:
     """A finite float > 0 (temperatures)."""
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+    if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0):
         fail(arg, f"expected a finite value > 0, got {value}")
+
+
+def real_scalar(value, arg: str) -> float:
+    """A Python number (not a bool) or a 0-D real tensor, as a float for the op schemas
+    (whose own checks then test its range); anything else is named."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    fail(arg, f"expected a number, got {type(value).__name__} {value!r:.40}")
+
+
+def chunk_arg(chunk_size) -> int:
+    """``chunk_size`` of the fused linear ops: None (the ops' 0, their default) or an int
+    >= 1 (not a bool)."""
+    if chunk_size is None:
+        return 0
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size!r}")
+    return chunk_size
+
+
+def requires_grad(t, arg: str) -> bool:
+    """Whether tensor ``t`` needs a gradient (None: no); a non-tensor is named."""
+    if t is None:
+        return False
+    if not isinstance(t, torch.Tensor):
+        fail(arg, f"expected a tensor, got {type(t).__name__}")
+    return t.requires_grad

@@ -39,7 +39,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOATS, check_dtype, check_positive, check_rank, check_tensor, fail
+from .checks import (
+    FLOATS,
+    check_dtype,
+    check_positive,
+    check_rank,
+    check_tensor,
+    chunk_arg,
+    fail,
+    real_scalar,
+    requires_grad,
+)
 
 _OPS = torch.ops.vsd_ext
 
@@ -120,7 +130,8 @@ def weighted_cross_entropy(
         too); differentiable (``d lse / d logits = softmax``), e.g. for a z-loss.
     """
     loss, lse, _ = _OPS.weighted_cross_entropy_forward(
-        logits, targets, row_weights, soft_targets, ignore_index, float(soft_temperature))
+        logits, targets, row_weights, soft_targets, ignore_index,
+        real_scalar(soft_temperature, "soft_temperature"))
     return loss, lse
 
 
@@ -210,15 +221,13 @@ def weighted_linear_cross_entropy(
         ignored rows. ``lse``: ``[M]`` same dtype, log-sum-exp of every row's logits;
         differentiable.
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")  # the op's 0 = None
-    chunk = 0 if chunk_size is None else chunk_size
+    chunk, temperature = chunk_arg(chunk_size), real_scalar(soft_temperature, "soft_temperature")
     track = precompute_grad and torch.is_grad_enabled()
-    grad_mask = [track and hidden.requires_grad, track and weight.requires_grad,
-                 track and bias is not None and bias.requires_grad]
+    grad_mask = [track and requires_grad(hidden, "hidden"),
+                 track and requires_grad(weight, "weight"), track and requires_grad(bias, "bias")]
     loss, lse, *_ = _OPS.weighted_linear_cross_entropy_forward(
-        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
-        float(soft_temperature), chunk, grad_mask)
+        hidden, weight, targets, row_weights, soft_targets, bias, ignore_index, temperature, chunk,
+        grad_mask)
     return loss, lse
 
 

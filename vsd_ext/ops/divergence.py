@@ -20,7 +20,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .checks import FLOATS, check_dtype, check_positive, check_rank, check_tensor, fail
+from .checks import (
+    FLOATS,
+    check_dtype,
+    check_positive,
+    check_rank,
+    check_tensor,
+    chunk_arg,
+    fail,
+    real_scalar,
+    requires_grad,
+)
 from .cross_entropy import _acc, grad_fakes, unit_grad_fakes
 
 _OPS = torch.ops.vsd_ext
@@ -79,14 +89,12 @@ def weighted_linear_divergence(
         Non-finite inputs follow docs/design/OPS.md: a teacher row without mass (all ``-inf``)
         gives loss 0 and no gradient; a ``+inf`` or NaN logit gives NaN.
     """
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")  # the op's 0 = None
+    chunk, temperature = chunk_arg(chunk_size), real_scalar(soft_temperature, "soft_temperature")
     track = torch.is_grad_enabled()
-    grad_mask = [track and hidden.requires_grad, track and weight.requires_grad,
-                 track and bias is not None and bias.requires_grad]
+    grad_mask = [track and requires_grad(hidden, "hidden"),
+                 track and requires_grad(weight, "weight"), track and requires_grad(bias, "bias")]
     loss, beta, kl, *_ = _OPS.weighted_linear_divergence_forward(
-        hidden, weight, teacher_logits, tv_weights, kl_weights, bias, float(soft_temperature),
-        0 if chunk_size is None else chunk_size, grad_mask)
+        hidden, weight, teacher_logits, tv_weights, kl_weights, bias, temperature, chunk, grad_mask)
     return loss, beta, kl
 
 

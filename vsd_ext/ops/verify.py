@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_dtype, check_positive, check_rank, check_tensor, fail
+from .checks import check_dtype, check_positive, check_rank, check_tensor, fail, real_scalar
 
 MODES = {"greedy": 0, "target_only": 1, "sampled": 2}
 _LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -98,7 +98,8 @@ def verify_tree(
         uniforms = torch.rand((B, N + 1), generator=generator, dtype=torch.float64,
                               device=gen_device).to(target_logits.device)
     return torch.ops.vsd_ext.verify_tree(
-        target_logits, draft_tokens, parents, uniforms, draft_probs, mode_id, float(temperature)
+        target_logits, draft_tokens, parents, uniforms, draft_probs, mode_id,
+        real_scalar(temperature, "temperature")
     )
 
 
