@@ -49,11 +49,13 @@ def close(actual, expected, tol):
                                equal_nan=True)
 
 
-def reference(h, w, s, tv_w, kl_w, b, temperature, upstream):
-    """float64 reference outputs and the gradients of upstream(loss) w.r.t. h, w (and b)."""
-    leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in (h, w, b)]
-    loss, beta, kl = ref.weighted_linear_divergence(leaves[0], leaves[1], s.double(), tv_w, kl_w,
-                                                    leaves[2], temperature)
+def reference(h, w, s, tv_w, kl_w, b, temperature, upstream, dtype=torch.float64):
+    """Reference outputs (in `dtype`, float64 by default) and the gradients of upstream(loss)
+    w.r.t. h, w (and b)."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(True)
+              for t in (h, w, b)]
+    loss, beta, kl = ref.weighted_linear_divergence(leaves[0], leaves[1], s.to(dtype), tv_w,
+                                                    kl_w, leaves[2], temperature)
     grads = torch.autograd.grad(upstream(loss), [t for t in leaves if t is not None])
     return loss.detach(), beta, kl, grads
 
@@ -82,8 +84,15 @@ def test_matches_reference(device, gen, M, V, H):
     assert got[0].shape == got[1].shape == got[2].shape == (M,)
     for a, c in zip(got[:3], want[:3]):
         close(a, c, 1e-5)
-    for a, c in zip(got[3], want[3]):
-        close(a, c, 1e-4)
+    # fp32 gradients sum V (or M) products: their rounding grows with the summands, not with
+    # the result. Each gradient must be within 1e-4 of the float64 one (scaled), or no further
+    # from it than 3x the same reference evaluated in float32.
+    fp32 = reference(h, w, s, tv_w, kl_w, b, 0.7, lambda loss: loss.sum() * 0.5, torch.float32)
+    for a, c, e in zip(got[3], want[3], fp32[3]):
+        rounding = (e.double() - c.to(e.device)).abs().max().item()
+        error = (a.double() - c.to(a.device)).abs().max().item()
+        if error > 3 * rounding:
+            close(a, c, 1e-4)
 
 
 UPSTREAM = {
