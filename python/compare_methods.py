@@ -162,7 +162,8 @@ def calibrate_run(args, run: Path, prompts: dict, target) -> float:
 
 
 def evaluate_run(args, run: Path, prompts: dict, target) -> dict:
-    path = run / "eval.json"
+    path = run / ("eval.json" if args.eval_set == "heldout_midfile_v1"
+                  else f"eval_{args.eval_set}.json")
     settings = {"eval_set": args.eval_set, "new_tokens": args.new_tokens,
                 "tree": [args.depth, args.topk, args.nodes], "calibration": "calibrate_drafter",
                 "eval_seed": args.eval_seed, "tune_prompts": args.tune_prompts}
@@ -251,8 +252,9 @@ def report(args, results: dict, out: Path) -> None:
                      f"{sum(map(sum, raw.values())) / sum(map(len, raw.values())):.3f} | "
                      f"[{lo:.3f}, {hi:.3f}] |")
     text = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"settings": vars(args), "summary": summary,
+    suffix = "" if args.eval_set == "heldout_midfile_v1" else f"_{args.eval_set}"
+    (out / f"results{suffix}.md").write_text(text)
+    (out / f"results{suffix}.json").write_text(json.dumps({"settings": vars(args), "summary": summary,
                                                   "runs": results}, indent=2) + "\n")
     print(text)
 
