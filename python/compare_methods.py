@@ -254,8 +254,8 @@ def report(args, results: dict, out: Path) -> None:
     text = "\n".join(lines) + "\n"
     suffix = "" if args.eval_set == "heldout_midfile_v1" else f"_{args.eval_set}"
     (out / f"results{suffix}.md").write_text(text)
-    (out / f"results{suffix}.json").write_text(json.dumps({"settings": vars(args), "summary": summary,
-                                                  "runs": results}, indent=2) + "\n")
+    everything = {"settings": vars(args), "summary": summary, "runs": results}
+    (out / f"results{suffix}.json").write_text(json.dumps(everything, indent=2) + "\n")
     print(text)
 
 

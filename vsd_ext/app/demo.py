@@ -1,20 +1,23 @@
 """`vsd demo`: the main job, end to end, offline, on the embedded default target.
 
-    1. data      512 rows of the built-in corpus answered by the target itself (T = 1): the
-                 data that makes a drafter match its target (`regenerated_corpus_splits`)
-    2. train     the two shipped drafters — one EAGLE-3 stage, then 2 min (CPU) more of EAGLE-3
-                 (`assets/default_drafter`) or of VSD (`assets/default_drafter_vsd`), see
-                 their training_info.json — each trained further with its own method for the
-                 same wall-clock budget on the same data: `eagle3` and `vsd` (the EM objective
+    1. data      512 rows of the built-in corpus answered by the target itself (T = 1, the
+                 target in bf16): the data that makes a drafter match its target
+                 (`regenerated_corpus_splits`)
+    2. train     the two shipped drafters — an EAGLE-3 base, then EAGLE-3
+                 (`assets/default_drafter`) or VSD (`assets/default_drafter_vsd`) fine-tuning,
+                 see their training_info.json — each trained further with its own method for
+                 the same wall-clock budget on the same data: `eagle3` and `vsd` (the objective
                  of docs/design/METHOD.md)
-    3. evaluate  autoregressive, eagle3 and vsd decoding at T = 0 and T = 1 on held-out
-                 prompts (`vsd_ext.eval.evaluate`: τ, tokens/s, speedup, lossless check)
+    3. evaluate  autoregressive, eagle3 and vsd decoding at T = 0 and T = 1 on the fixed
+                 held-out evaluation set (mid-file windows; `vsd_ext.eval.evaluate`: τ,
+                 tokens/s, speedup, lossless check) with the library's default tree and each
+                 drafter's decode settings
     4. report    the table on stdout, ``<out>/report.json`` and ``<out>/report.png``
 
-Sized for about 5 minutes on 2 CPU cores (`--minutes` per fine-tune, `--num-prompts`,
-`--max-new-tokens` scale it). Every stage shows a progress bar. Re-running with the same
-``--out`` reuses finished stages (the dataset and finished drafters), so an interrupted demo
-picks up where it stopped; ``--fresh`` starts over.
+`--minutes` per fine-tune, `--rows`, `--num-prompts` and `--max-new-tokens` scale it (the
+README gives the time on the 2-core development machine). Every stage shows a progress bar.
+Re-running with the same ``--out`` reuses finished stages (the dataset and finished
+drafters), so an interrupted demo picks up where it stopped; ``--fresh`` starts over.
 """
 from __future__ import annotations
 
@@ -45,8 +48,9 @@ FINE_TUNE = dict(seq_len=128, batch_size=8, lr=5e-4, schedule="constant", warmup
                  max_steps=1_000_000, budget_clock="wall", save_every=5)
 SHIPPED = {"eagle3": "default", "vsd": "default-vsd"}  # the drafter each fine-tune starts from
 UNROLL = 5  # eagle3 training-time-test steps = VSD path depth = the decoding chain's depth
-# VSD settings of the shipped VSD drafter (docs/design/METHOD.md; its training_info.json).
-VSD_SETTINGS = dict(depth=UNROLL, temperature=1.0)
+# VSD settings of the shipped VSD drafter's fine-tune (docs/design/METHOD.md; its
+# training_info.json): the E-step at T = 1, trees of the evaluation's shape.
+VSD_SETTINGS = dict(depth=UNROLL, temperature=1.0, tree_topk=4, tree_nodes=24)
 
 
 @dataclass
