@@ -569,6 +569,24 @@ def test_default_target_matches_transformers_and_generates(gen):
             nxt = target.decode(nxt, cache).logits[:, -1].argmax(-1)
 
 
+# Shipped assets: the target issue's 30 MB, raised to 40 MB when the shipped drafters carry
+# the target's embedding (for loaders such as speculators that read it from the drafter).
+ASSET_BUDGET_BYTES = 40_000_000
+
+
+def test_shipped_assets_fit_the_budget_and_carry_their_records():
+    assets = vsd_ext.models.checkpoint.DEFAULT_TARGET_DIR.parent
+    models = [assets / "default_target", *vsd_ext.models.checkpoint.DEFAULT_DRAFTERS.values()]
+    total = sum(f.stat().st_size for d in models for f in d.rglob("*") if f.is_file())
+    assert total <= ASSET_BUDGET_BYTES, f"{total / 1e6:.1f} MB of shipped models"
+    target = vsd_ext.load_target("default")
+    for name, directory in vsd_ext.models.checkpoint.DEFAULT_DRAFTERS.items():
+        info = json.loads((directory / "training_info.json").read_text())
+        assert info["stages"] and info["feature_layers"] == list(target.feature_layers), name
+        drafter = vsd_ext.load_drafter(name, target)
+        assert drafter.decode_settings is not None, f"{name}: no decode_settings.json"
+
+
 def test_decoding_then_training_same_process():
     """Caches filled while decoding (under torch.inference_mode: RoPE tables, chain masks,
     tree bitmask rows) must not break a later training step that reads them."""

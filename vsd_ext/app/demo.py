@@ -1,6 +1,6 @@
 """`vsd demo`: the main job, end to end, offline, on the embedded default target.
 
-    1. data      512 rows of the built-in corpus answered by the target itself (T = 1, the
+    1. data      256 rows of the built-in corpus answered by the target itself (T = 1, the
                  target in bf16): the data that makes a drafter match its target
                  (`regenerated_corpus_splits`)
     2. train     the two shipped drafters — an EAGLE-3 base, then EAGLE-3
@@ -67,8 +67,8 @@ class DemoConfig:
     stays lossless). seed: training and sampling seed."""
 
     out: str = "runs/demo"
-    minutes: float = 2.0
-    rows: int = 512
+    minutes: float = 1.5
+    rows: int = 256
     num_prompts: int = 24
     max_new_tokens: int = 64
     depth: int | None = None
