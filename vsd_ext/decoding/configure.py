@@ -54,7 +54,8 @@ def configure_proposer(target, drafter, tree: TreeConfig, temperature: float, ge
         plan = Plan(replace(tree, sampled=sampled, ranking_temperature=ranking), mode,
                     float("nan"), float("nan"), "given", None)
     else:
-        plan = plan_tree(tree, settings, step_costs(target, drafter, batch_size), temperature)
+        plan = plan_tree(tree, settings, lambda mode: step_costs(
+            target, drafter, batch_size, mode, temperature), temperature)
     if plan.tree is None:
         return None, plan
     adaptive = temperature == 0 and (tree.adaptive or (tree.adaptive is None

@@ -12,8 +12,11 @@ per step of an EAGLE-2 tree are
                  level 1 holds the root's k children and each deeper level the k children of
                  the previous level's k most probable nodes;
 
-and the speedup over autoregressive decoding is ``τ · verify_base / step(D, k, n)``
-(`StepCosts.step`). The plan is the fastest candidate, or autoregressive decoding when no
+and the speedup over autoregressive decoding is ``τ · autoregressive / step(D, k, n)``
+(`StepCosts.step`), each candidate priced by the costs of its own verification mode (at
+T > 0 drafting sampled children and verifying against q costs more than top-k drafting, and
+an autoregressive step samples from the target's softmax at T). The plan is the fastest
+candidate, or autoregressive decoding when no
 candidate is expected to beat it by ``MIN_SPEEDUP`` (fields fixed in the `TreeConfig` are
 kept; a fully sized tree is always used as given). While decoding, `drafting_pays` checks
 the plan against the τ actually measured, and `generate` falls back to autoregressive steps
@@ -22,6 +25,7 @@ worse than `PRIOR` assumes).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ..models.decode_settings import Acceptance, DecodeSettings
@@ -144,7 +148,7 @@ def drafting_pays(plan: Plan, tau: float) -> bool:
     chain = tree.topk == 1 and not tree.sampled
     depth = min(tree.depth, tree.total_tokens) if chain else tree.depth
     step = plan.costs.step(depth, tree.topk, tree.total_tokens, chain)
-    return tau * plan.costs.verify_base >= step
+    return tau * plan.costs.autoregressive >= step
 
 
 def _choices(config: TreeConfig, temperature: float):
@@ -156,15 +160,19 @@ def _choices(config: TreeConfig, temperature: float):
     return [(s, d, k) for s in sampled for d in depths for k in topks]
 
 
-def plan_tree(config: TreeConfig, settings: DecodeSettings | None, costs: StepCosts,
-              temperature: float) -> Plan:
-    """The fastest decoding the model expects (module docstring)."""
-    best, tables = None, {}
+def plan_tree(config: TreeConfig, settings: DecodeSettings | None,
+              costs: StepCosts | Callable[[str], StepCosts], temperature: float) -> Plan:
+    """The fastest decoding the model expects (module docstring). ``costs``: the measured
+    costs of a verification mode ("greedy", "target_only", "sampled"), e.g.
+    ``lambda mode: step_costs(target, drafter, B, mode, temperature)`` (called once per mode
+    the candidates need), or one `StepCosts` used for every mode."""
+    best, tables, priced = None, {}, {}
     for sampled, depth, topk in _choices(config, temperature):
         mode = "greedy" if temperature == 0 else "sampled" if sampled else "target_only"
         if mode not in tables:
             tables[mode] = acceptance_table(settings, mode, temperature)
-        table, source = tables[mode]
+            priced[mode] = costs if isinstance(costs, StepCosts) else costs(mode)
+        (table, source), c = tables[mode], priced[mode]
         taus = expected_tokens(table, depth, topk, config.total_tokens or MAX_NODES)
         chain = topk == 1 and not sampled
         nodes = [config.total_tokens] if config.total_tokens is not None else range(
@@ -172,11 +180,11 @@ def plan_tree(config: TreeConfig, settings: DecodeSettings | None, costs: StepCo
         for n in nodes:
             used = min(depth, n) if chain else depth  # a chain drafts only levels it keeps
             tau = taus[min(n, len(taus) - 1)]
-            speedup = tau * costs.verify_base / costs.step(used, topk, n, chain)
+            speedup = tau * c.autoregressive / c.step(used, topk, n, chain)
             if best is None or speedup > best[0]:
                 kept = depth if config.depth is not None else used
-                best = (speedup, tau, mode, source, (kept, topk, n, sampled))
-    speedup, tau, mode, source, (depth, topk, n, sampled) = best
+                best = (speedup, tau, mode, source, (kept, topk, n, sampled), c)
+    speedup, tau, mode, source, (depth, topk, n, sampled), costs = best
     if speedup < MIN_SPEEDUP and not config.is_sized:
         return Plan(None, "autoregressive", 1.0, 1.0, source, costs)
     ranking = config.ranking_temperature
