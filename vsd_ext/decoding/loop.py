@@ -165,7 +165,8 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
     other / total), mode, temperature, batch_size, plan (the tree decoded with, the cost
-    model's expectations and costs, the step after which drafting stopped paying if it did,
+    model's expectations — τ per row, the batch ``tail``, the speedup — and the costs of
+    its verification mode, the step after which drafting stopped paying if it did,
     the seconds spent planning — once per process, batch size and drafter they include
     measuring the costs — which the times above leave out; None without a drafter or with a
     proposer object).
@@ -176,7 +177,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     settings = resolve_decode_settings(drafter, decode_settings)
     start = time.perf_counter()
     proposer, plan = configure_proposer(target, drafter, tree, temperature,
-                                        generator, settings, len(prompts))
+                                        generator, settings, len(prompts), max_new_tokens)
     state = _Decoding(target, proposer, temperature, generator)
     state.plan, state.plan_seconds = plan, time.perf_counter() - start
     return run_decoding(state, rows, _Timer(target.device), prompts, max_new_tokens)
