@@ -12,6 +12,7 @@ import torch
 from test_decoding import PROMPTS, greedy_reference, random_drafter
 
 from vsd_ext.decoding import StepCosts, TreeConfig, generate, plan_tree, step_costs
+from vsd_ext.decoding.loop import _tau_and_stderr
 from vsd_ext.decoding.planner import (
     MAX_DEPTH,
     PRIOR,
@@ -153,6 +154,15 @@ def test_drafting_pays():
     assert drafting_pays(replace(plan, tail=0.9), 1.01 * step / 9.0)
     dear_ar = replace(plan, costs=replace(plan.costs, autoregressive=20.0))
     assert drafting_pays(dear_ar, 0.51 * step / 10.0)
+    # A τ below break-even by less than PAYS_Z standard errors keeps drafting.
+    assert drafting_pays(plan, 0.9 * step / 10.0, stderr=0.06 * step / 10.0)
+    assert not drafting_pays(plan, 0.9 * step / 10.0, stderr=0.04 * step / 10.0)
+
+
+def test_measured_tau_and_its_standard_error():
+    # Row-forwards emitting 1, 1, 2, 2 tokens: mean 1.5, variance 0.25, 4 samples.
+    assert _tau_and_stderr(torch.tensor([2, 2, 0])) == pytest.approx((1.5, 0.25))
+    assert _tau_and_stderr(torch.tensor([5, 0])) == (1.0, 0.0)
 
 
 @pytest.fixture(scope="module")

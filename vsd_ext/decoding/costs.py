@@ -96,6 +96,7 @@ def step_costs(target, drafter, batch_size: int, mode: str = "greedy",
     ``temperature`` (T > 0 modes) is the one of the first measurement (the work of a step
     does not depend on its value). Batches larger than MAX_BATCH use the costs of MAX_BATCH
     rows (the cost model compares ratios of step times, which change little past it)."""
+    _check_mode(mode, temperature)
     batch_size = min(batch_size, MAX_BATCH)
     key = (id(target), id(drafter), batch_size, torch.get_num_threads(), str(target.device),
            mode)

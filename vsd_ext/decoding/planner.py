@@ -43,6 +43,7 @@ MAX_DEPTH = 10
 MAX_TOPK = 8
 MAX_NODES = 48
 MIN_SPEEDUP = 1.05  # margin for the model's errors before speculating at all
+PAYS_Z = 2.0        # standard errors of the measured τ before `drafting_pays` gives up
 
 # Acceptance assumed for a drafter without decode settings: the shipped EAGLE-3 drafter of
 # the 6-layer default target, measured by `calibrate_drafter` on the tune split (greedy,
@@ -176,17 +177,18 @@ class Plan:
                 "costs": None if self.costs is None else self.costs.to_dict()}
 
 
-def drafting_pays(plan: Plan, tau: float) -> bool:
+def drafting_pays(plan: Plan, tau: float, stderr: float = 0.0) -> bool:
     """Whether the planned tree, at the τ measured so far (per row; scaled by the plan's
-    batch ``tail``), still beats autoregressive decoding by the step costs (always True for a
-    tree given in full)."""
+    batch ``tail``), still beats autoregressive decoding by the step costs — unless τ is
+    below that by more than ``PAYS_Z`` standard errors ``stderr`` of its mean, a plan keeps
+    drafting (a few steps' τ is noisy). Always True for a tree given in full."""
     if plan.costs is None or plan.tree is None:
         return True
     tree = plan.tree
     chain = tree.topk == 1 and not tree.sampled
     depth = min(tree.depth, tree.total_tokens) if chain else tree.depth
     step = plan.costs.step(depth, tree.topk, tree.total_tokens, chain)
-    return tau * plan.tail * plan.costs.autoregressive >= step
+    return (tau + PAYS_Z * stderr) * plan.tail * plan.costs.autoregressive >= step
 
 
 def _choices(config: TreeConfig, temperature: float):
