@@ -255,7 +255,8 @@ def test_cli_generate(target, references, tmp_path, capsys, seed):
     random_drafter(target, seed).save_pretrained(drafter_dir)
     assert main(["generate", "--target", str(tmp_path), "--draft", str(drafter_dir),
                  "--prompt", prompt, "--prompt", "t1 t2", "--max-new-tokens", "6",
-                 "--temperature", "0.9", "--sampled", "--topk", "2"]) == 0
+                 "--temperature", "0.9", "--sampled", "--topk", "2", "--depth", "2",
+                 "--total-tokens", "3"]) == 0  # sized: the cost model may not draft here
     out, err = capsys.readouterr()
     assert out.count("--- ") == 2 and "mode sampled" in err
 

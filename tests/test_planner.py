@@ -4,17 +4,23 @@ the plans chosen for cheap and for expensive drafting, fixed fields kept, the me
 the fallback to autoregressive steps when drafts do not pay, `TreeConfig()` decoding exactly
 (T = 0) whatever it plans; the per-step policy (vsd_ext.decoding.policy) against hand-computed
 decisions."""
+from dataclasses import replace
+from statistics import NormalDist
+
 import pytest
 import torch
 from test_decoding import PROMPTS, greedy_reference, random_drafter
 
 from vsd_ext.decoding import StepCosts, TreeConfig, generate, plan_tree, step_costs
+from vsd_ext.decoding.loop import _tau_and_stderr
 from vsd_ext.decoding.planner import (
     MAX_DEPTH,
     PRIOR,
     acceptance_table,
+    batch_tail,
     drafting_pays,
     expected_tokens,
+    tokens_variance,
 )
 from vsd_ext.decoding.policy import StepPolicy
 from vsd_ext.models import DecodeSettings
@@ -32,8 +38,10 @@ def settings(greedy=0.9, sampled=0.8, target_only=0.3):
                                 table("target_only", 1.0, target_only)))
 
 
-def costs(verify_base=10.0, verify_node=0.5, draft=1.0, B=1):
-    return StepCosts(B, verify_base, verify_node, draft, draft, draft, draft, 0.1 * draft)
+def costs(verify_base=10.0, verify_node=0.5, draft=1.0, B=1, autoregressive=None,
+          mode="greedy"):
+    return StepCosts(B, verify_base, verify_node, draft, draft, draft, draft, 0.1 * draft,
+                     autoregressive, mode)
 
 
 def test_acceptance_tables_interpolate_in_temperature():
@@ -83,12 +91,78 @@ def test_plans_follow_the_costs():
     assert (given.tree.depth, given.tree.topk, given.tree.total_tokens) == (3, 2, 5)
 
 
+def test_tokens_variance_of_chains_and_trees():
+    # Chain a = 0.8, 2 nodes: P(A >= 1) = 0.8, P(A >= 2) = 0.64, E[A²] = 0.8 + 3 · 0.64.
+    chain = [[0.8, 0.8]] * MAX_DEPTH
+    assert tokens_variance(chain, 2, 1, 2) == pytest.approx(
+        [0, 0.8 - 0.64, 0.8 + 3 * 0.64 - 1.44 ** 2])
+    # The tree of test_expected_tokens: kept 0.6 (depth 1), 0.36 (depth 2), 0.2 (depth 1).
+    tree = [[0.6, 0.8]] * MAX_DEPTH
+    assert tokens_variance(tree, 2, 2, 3) == pytest.approx(
+        [0, 0.6 - 0.36, 0.6 + 3 * 0.36 - 0.96 ** 2, 0.8 + 3 * 0.36 - 1.16 ** 2])
+
+
+def test_batch_tail():
+    assert batch_tail(2.0, 0.5, 1, 48) == 2.0 and batch_tail(2.0, 0.5, 4, None) == 2.0
+    e4 = NormalDist().inv_cdf(3.625 / 4.25)  # Blom: the expected maximum of 4 normals
+    assert batch_tail(2.0, 0.5, 4, 48) == pytest.approx(48 / (24 + e4 * (48 * 0.5 / 8) ** 0.5))
+    taus = [batch_tail(2.0, 0.5, b, 48) for b in (1, 2, 4, 16)]
+    assert taus == sorted(taus, reverse=True) and taus[-1] < 1.9
+    assert batch_tail(2.0, 0.0, 16, 48) == 2.0               # no variance, no tail
+    assert batch_tail(2.0, 0.5, 16, 10 ** 8) == pytest.approx(2.0, rel=1e-3)  # long rows
+    # The planner scales τ by it: a batch expects less speedup than one row.
+    one = plan_tree(TreeConfig(), settings(), costs(), 0.0, 1, 48)
+    many = plan_tree(TreeConfig(), settings(), costs(), 0.0, 16, 48)
+    assert one.tail == 1.0 and 0 < many.tail < 1
+    assert many.expected_speedup < one.expected_speedup
+
+
+def test_plans_price_each_mode():
+    """Candidates are priced by their own verification mode's costs (measured lazily, once
+    per mode) against the autoregressive step at T."""
+    asked = []
+
+    def by_mode(dear_sampled):
+        def fn(mode):
+            asked.append(mode)
+            return costs(draft=8.0 if dear_sampled and mode == "sampled" else 1.0, mode=mode)
+        return fn
+
+    s = settings(sampled=0.8, target_only=0.7)
+    assert plan_tree(TreeConfig(), s, by_mode(False), 1.0).mode == "sampled"
+    assert sorted(asked) == ["sampled", "target_only"]
+    plan = plan_tree(TreeConfig(), s, by_mode(True), 1.0)
+    assert plan.mode == "target_only" and plan.costs.mode == "target_only"
+    asked.clear()
+    assert plan_tree(TreeConfig(sampled=False), s, by_mode(True), 1.0).mode == "target_only"
+    assert plan_tree(TreeConfig(), s, by_mode(True), 0.0).mode == "greedy"
+    assert asked == ["target_only", "greedy"]
+    # The speedup is over the autoregressive step, not the verify fit's intercept.
+    base = plan_tree(TreeConfig(3, 1, 3), s, costs(), 0.0)
+    dear_ar = plan_tree(TreeConfig(3, 1, 3), s, costs(autoregressive=12.0), 0.0)
+    assert dear_ar.expected_speedup == pytest.approx(1.2 * base.expected_speedup)
+
+
 def test_drafting_pays():
     plan = plan_tree(TreeConfig(), settings(), costs(), 0.0)
     step = costs().step(plan.tree.depth, plan.tree.topk, plan.tree.total_tokens,
                         plan.tree.topk == 1)
     assert drafting_pays(plan, 1.01 * step / 10.0)
     assert not drafting_pays(plan, 0.99 * step / 10.0)
+    # A batch's tail scales the measured τ; the baseline is the autoregressive step at T.
+    assert not drafting_pays(replace(plan, tail=0.9), 1.01 * step / 10.0)
+    assert drafting_pays(replace(plan, tail=0.9), 1.01 * step / 9.0)
+    dear_ar = replace(plan, costs=replace(plan.costs, autoregressive=20.0))
+    assert drafting_pays(dear_ar, 0.51 * step / 10.0)
+    # A τ below break-even by less than PAYS_Z standard errors keeps drafting.
+    assert drafting_pays(plan, 0.9 * step / 10.0, stderr=0.06 * step / 10.0)
+    assert not drafting_pays(plan, 0.9 * step / 10.0, stderr=0.04 * step / 10.0)
+
+
+def test_measured_tau_and_its_standard_error():
+    # Row-forwards emitting 1, 1, 2, 2 tokens: mean 1.5, variance 0.25, 4 samples.
+    assert _tau_and_stderr(torch.tensor([2, 2, 0])) == pytest.approx((1.5, 0.25))
+    assert _tau_and_stderr(torch.tensor([5, 0])) == (1.0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -103,9 +177,29 @@ def test_step_costs_are_measured_once(target):
     assert step_costs(target, drafter, 1) is not first
     values = first.to_dict()
     assert values["verify_base"] > 0 and values["chain_first"] > 0
-    assert all(v >= 0 for v in values.values())
+    assert all(v >= 0 for k, v in values.items() if k != "mode")
     assert first.step(3, 1, 3, True) == pytest.approx(
         first.verify_base + 3 * first.verify_node + first.chain_first + 2 * first.chain_level)
+    assert first.mode == "greedy" and first.autoregressive == first.verify_base
+
+
+def test_step_costs_per_mode(target):
+    """T > 0 steps are timed as they run: cached per mode; sampled trees are never chains,
+    and their autoregressive baseline is a target_only step; bad modes are refused."""
+    drafter = random_drafter(target, 0)
+    greedy = step_costs(target, drafter, 1)
+    top = step_costs(target, drafter, 1, "target_only", 0.7)
+    sampled = step_costs(target, drafter, 1, "sampled", 0.7)
+    assert len({id(greedy), id(top), id(sampled)}) == 3
+    assert step_costs(target, drafter, 1, "sampled", 1.0) is sampled
+    assert (top.mode, sampled.mode) == ("target_only", "sampled")
+    assert top.autoregressive == top.verify_base and sampled.autoregressive > 0
+    assert sampled.chain_first == sampled.tree_first
+    assert sampled.chain_level == pytest.approx(sampled.tree_level + sampled.tree_node)
+    with pytest.raises(ValueError, match="mode"):
+        step_costs(target, drafter, 1, "topk", 1.0)
+    with pytest.raises(ValueError, match="temperature"):
+        step_costs(target, drafter, 1, "sampled", 0.0)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
@@ -120,6 +214,9 @@ def test_default_tree_falls_back_when_drafts_do_not_pay(target, temperature, see
     plan = out.stats["plan"]
     assert plan["tree"] is not None and plan["expected_speedup"] > 1
     assert plan["fallback_step"] is not None and plan["fallback_step"] % 8 == 0
+    # The plan reports the costs of the mode it verifies in (measured at this temperature).
+    assert plan["costs"]["mode"] == plan["mode"]
+    assert (plan["mode"] == "greedy") == (temperature == 0)
     if temperature == 0:
         assert out.tokens == [greedy_reference(target, PROMPTS[0], 40)]
 

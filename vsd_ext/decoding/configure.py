@@ -37,11 +37,12 @@ def resolve_decode_settings(drafter, decode_settings) -> DecodeSettings | None:
 
 
 def configure_proposer(target, drafter, tree: TreeConfig, temperature: float, generator, settings,
-              batch_size: int):
+              batch_size: int, max_new_tokens: int | None = None):
     """(proposer, plan): None for autoregressive decoding (no drafter, or the plan says it is
     faster), the drafter itself when it is a proposer (anything with ``propose``, e.g.
     `OracleDrafter`; plan None), or a `DrafterProposer` of an EAGLE-3 drafter drafting the
-    planned trees (`vsd_ext.decoding.planner`; a fully sized ``tree`` is used as given),
+    planned trees (`vsd_ext.decoding.planner`, for ``batch_size`` rows of ``max_new_tokens``;
+    a fully sized ``tree`` is used as given),
     sized per step at T = 0 (`vsd_ext.decoding.policy`, see `TreeConfig.adaptive`)."""
     if drafter is None or hasattr(drafter, "propose"):
         return drafter, None
@@ -54,7 +55,9 @@ def configure_proposer(target, drafter, tree: TreeConfig, temperature: float, ge
         plan = Plan(replace(tree, sampled=sampled, ranking_temperature=ranking), mode,
                     float("nan"), float("nan"), "given", None)
     else:
-        plan = plan_tree(tree, settings, step_costs(target, drafter, batch_size), temperature)
+        plan = plan_tree(tree, settings, lambda mode: step_costs(
+            target, drafter, batch_size, mode, temperature), temperature, batch_size,
+            max_new_tokens)
     if plan.tree is None:
         return None, plan
     adaptive = temperature == 0 and (tree.adaptive or (tree.adaptive is None

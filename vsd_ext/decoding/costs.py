@@ -1,5 +1,6 @@
 """What a decoding step costs on the running machine: measured once per (target, drafter,
-batch size, threads, device) and cached, for the cost model of `vsd_ext.decoding.planner`.
+batch size, threads, device, verification mode) and cached, for the cost model of
+`vsd_ext.decoding.planner`.
 
 A speculative step of a tree with n draft nodes, drafted in ``depth`` levels of ``topk``
 frontier nodes, takes
@@ -9,12 +10,21 @@ frontier nodes, takes
     draft       = chain_first + (depth − 1) · chain_level   deterministic chains (topk 1)
                 = tree_first + (depth − 1) · (tree_level + tree_node · topk)   other trees
 
-and an autoregressive step takes ``verify_base`` (the same loop with a one-node tree).
+and an autoregressive step takes ``autoregressive`` (the same loop with a one-node tree).
 ``*_first`` includes the drafter's forward over the pending tokens of the last step.
+
+Every piece is timed as the step of its verification mode runs it (`StepCosts.mode`):
+"greedy" (T = 0: top-k drafts, argmax verification), "target_only" (T > 0: top-k drafts,
+verification sampling from the target's softmax at T) or "sampled" (T > 0: children drawn
+from the drafter's q at T — Gumbel-top-k, q scattered to the target vocabulary for the
+verifier — verified against q). A sampled tree is never a chain, so in "sampled" costs the
+``chain_*`` pieces are those of a top-1 sampled tree. ``autoregressive`` is the one-node step
+at the same temperature ("greedy": ``verify_base``; else a "target_only" step).
 
 `measure_step_costs` times these pieces on a scratch cache (random tokens behind a prefix of
 ``PREFIX`` positions), each configuration a few times, interleaved, taking medians: about a
-quarter of a second for the default target on one CPU thread.
+quarter of a second per mode for the default target on one CPU thread (a plan at T > 0 that
+may choose either kind of tree measures both T > 0 modes).
 """
 from __future__ import annotations
 
@@ -31,7 +41,9 @@ from ..tree import chain_parents
 from .draft_tree import TreeConfig
 from .proposer import DrafterProposer
 
-__all__ = ["StepCosts", "measure_step_costs", "step_costs"]
+__all__ = ["MODES", "StepCosts", "measure_step_costs", "step_costs"]
+
+MODES = ("greedy", "target_only", "sampled")
 
 PREFIX = 128          # cached positions behind the timed steps
 PENDING = 3           # pending tokens the first drafter forward runs (≈ τ of a step)
@@ -43,7 +55,8 @@ MAX_BATCH = 16        # larger batches use the costs measured at this size
 
 @dataclass(frozen=True)
 class StepCosts:
-    """Seconds per step of the pieces in the module docstring, at one batch size."""
+    """Seconds per step of the pieces in the module docstring, at one batch size, in one
+    verification ``mode``; ``autoregressive`` None means ``verify_base`` (a greedy step)."""
 
     batch_size: int
     verify_base: float
@@ -53,6 +66,12 @@ class StepCosts:
     tree_first: float
     tree_level: float
     tree_node: float
+    autoregressive: float | None = None
+    mode: str = "greedy"
+
+    def __post_init__(self):
+        if self.autoregressive is None:
+            object.__setattr__(self, "autoregressive", self.verify_base)
 
     def draft(self, depth: int, topk: int, chain: bool) -> float:
         """Drafting time of ``depth`` levels (``chain``: the deterministic topk-1 path)."""
@@ -71,16 +90,21 @@ class StepCosts:
 _CACHE: dict = {}
 
 
-def step_costs(target, drafter, batch_size: int) -> StepCosts:
-    """`measure_step_costs`, cached per (target, drafter, batch size, threads, device).
-    Batches larger than MAX_BATCH use the costs of MAX_BATCH rows (the cost model compares
-    ratios of step times, which change little past it)."""
+def step_costs(target, drafter, batch_size: int, mode: str = "greedy",
+               temperature: float = 1.0) -> StepCosts:
+    """`measure_step_costs`, cached per (target, drafter, batch size, threads, device, mode);
+    ``temperature`` (T > 0 modes) is the one of the first measurement (the work of a step
+    does not depend on its value). Batches larger than MAX_BATCH use the costs of MAX_BATCH
+    rows (the cost model compares ratios of step times, which change little past it)."""
+    _check_mode(mode, temperature)
     batch_size = min(batch_size, MAX_BATCH)
-    key = (id(target), id(drafter), batch_size, torch.get_num_threads(), str(target.device))
+    key = (id(target), id(drafter), batch_size, torch.get_num_threads(), str(target.device),
+           mode)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is target and hit[1]() is drafter:
         return hit[2]
-    costs = measure_step_costs(target, drafter, batch_size)
+    costs = measure_step_costs(target, drafter, batch_size, mode=mode,
+                               temperature=temperature)
     _CACHE[key] = (weakref.ref(target), weakref.ref(drafter), costs)
     return costs
 
@@ -110,51 +134,84 @@ def _slope(x0: float, y0: float, x1: float, y1: float) -> float:
     return max((y1 - y0) / (x1 - x0), 0.0)
 
 
+def _check_mode(mode: str, temperature: float) -> float:
+    """The temperature the pieces of ``mode`` are timed at (0 for "greedy")."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    if mode == "greedy":
+        return 0.0
+    if not temperature > 0:
+        raise ValueError(f"temperature: mode {mode!r} needs a temperature > 0, got "
+                         f"{temperature!r}")
+    return float(temperature)
+
+
 @torch.inference_mode()
-def measure_step_costs(target, drafter, batch_size: int, repeats: int = REPEATS) -> StepCosts:
-    """Time the pieces of a step (module docstring) for ``drafter`` on ``target``."""
+def measure_step_costs(target, drafter, batch_size: int, repeats: int = REPEATS,
+                       mode: str = "greedy", temperature: float = 1.0) -> StepCosts:
+    """Time the pieces of a step (module docstring) for ``drafter`` on ``target``, as a step
+    verified in ``mode`` at ``temperature`` runs them."""
+    temperature = _check_mode(mode, temperature)
     device, B = target.device, batch_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, target.vocab_size, (B, PREFIX), generator=gen).to(device)
     capacity = PREFIX + 2 * VERIFY_NODES + 16
     cache = target.new_cache(B, capacity)
     out = target.prefill(ids, cache)
-    verify = _verify_fns(target, cache, ids, B)
-    proposers = _draft_fns(drafter, ids, out.features, capacity)
+    verify = _verify_fns(target, cache, ids, B, mode, temperature)
+    proposers = _draft_fns(drafter, ids, out.features, capacity, mode, temperature)
     t = _median_times({**verify, **proposers}, repeats, device)
     n = VERIFY_NODES
     k0, k1 = TREE_TOPK
     tree_node = _slope(k0, t["tree2_k0"] - t["tree1_k0"], k1, t["tree2_k1"] - t["tree1_k1"])
+    tree_level = max(t["tree2_k0"] - t["tree1_k0"] - tree_node * k0, 0.0)
+    if mode == "sampled":  # top-1 sampled trees are trees: chain = a tree of topk 1
+        chain_first, chain_level = t["tree1_k0"], tree_level + tree_node
+    else:
+        chain_first, chain_level = t["chain1"], _slope(1, t["chain1"], 4, t["chain4"])
     return StepCosts(
         batch_size=B, verify_base=t["verify1"],
         verify_node=_slope(0, t["verify1"], n - 1, t["verify_n"]),
-        chain_first=t["chain1"], chain_level=_slope(1, t["chain1"], 4, t["chain4"]),
-        tree_first=t["tree1_k0"],
-        tree_level=max(t["tree2_k0"] - t["tree1_k0"] - tree_node * k0, 0.0),
-        tree_node=tree_node)
+        chain_first=chain_first, chain_level=chain_level,
+        tree_first=t["tree1_k0"], tree_level=tree_level, tree_node=tree_node,
+        autoregressive=t.get("autoregressive", t["verify1"]), mode=mode)
 
 
-def _verify_fns(target, cache, ids, B) -> dict:
-    """Verify steps of a root alone and of a chain of VERIFY_NODES nodes (cache restored)."""
+def _verify_fns(target, cache, ids, B, mode: str, temperature: float) -> dict:
+    """Verify steps of a root alone and of a chain of VERIFY_NODES nodes in ``mode`` (cache
+    restored); in "sampled" mode also the autoregressive ("target_only") step."""
     device = ids.device
     lengths = cache.lengths.clone()
+    gen = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(B, VERIFY_NODES, target.vocab_size, generator=gen,
+                         device=device)
+    q = torch.softmax(logits / (temperature or 1.0), dim=-1)  # made while drafting
 
-    def step(n):
+    def step(n, step_mode):
         tokens = ids[:, -n:].contiguous()
         parents = chain_parents(B, n, device)
         scored = target.tree_verify(tokens, parents, cache)
-        accepted, _, _ = verify_tree(scored.logits, tokens, parents, mode="greedy")
+        accepted, _, _ = verify_tree(
+            scored.logits, tokens, parents,
+            draft_probs=q[:, :n] if step_mode == "sampled" else None, mode=step_mode,
+            temperature=temperature or 1.0, generator=gen)
         target.commit(cache, accepted)
         cache.lengths.copy_(lengths)
 
-    return {"verify1": lambda: step(1), "verify_n": lambda: step(VERIFY_NODES)}
+    fns = {"verify1": lambda: step(1, mode), "verify_n": lambda: step(VERIFY_NODES, mode)}
+    if mode == "sampled":
+        fns["autoregressive"] = lambda: step(1, "target_only")
+    return fns
 
 
-def _draft_fns(drafter, ids, features, capacity) -> dict:
-    """`DrafterProposer.propose` of chains (1 and 4 levels) and trees (1 and 2 levels of
-    each TREE_TOPK), each from the same pending tokens (state restored)."""
+def _draft_fns(drafter, ids, features, capacity, mode: str, temperature: float) -> dict:
+    """`DrafterProposer.propose` of chains (1 and 4 levels; not in "sampled" mode) and trees
+    (1 and 2 levels of each TREE_TOPK), each from the same pending tokens (state restored),
+    drawing children from q at ``temperature`` in "sampled" mode."""
     B = ids.shape[0]
-    base = DrafterProposer(drafter, TreeConfig(1, 1, 1), 0.0)
+    sampled = mode == "sampled"
+    gen = torch.Generator(device=ids.device).manual_seed(0)
+    base = DrafterProposer(drafter, TreeConfig(1, 1, 1), temperature, gen)
     lengths = torch.full((B,), ids.shape[1], dtype=torch.int64, device=ids.device)
     base.start(ids, lengths, features, ids[:, -1], capacity)
     m = PENDING
@@ -163,9 +220,9 @@ def _draft_fns(drafter, ids, features, capacity) -> dict:
     base.cache.lengths -= m - 1  # the pending pairs follow the cached ones
     saved = base.cache.lengths.clone()
 
-    def run(config):
+    def run(depth, topk, total):
         proposer = copy.copy(base)
-        proposer.configure(config)
+        proposer.configure(TreeConfig(depth, topk, total, sampled=sampled))
 
         def fn():
             proposer.pending = pending
@@ -174,6 +231,6 @@ def _draft_fns(drafter, ids, features, capacity) -> dict:
         return fn
 
     k0, k1 = TREE_TOPK
-    return {"chain1": run(TreeConfig(1, 1, 1)), "chain4": run(TreeConfig(4, 1, 4)),
-            "tree1_k0": run(TreeConfig(1, k0, k0)), "tree2_k0": run(TreeConfig(2, k0, 2 * k0)),
-            "tree1_k1": run(TreeConfig(1, k1, k1)), "tree2_k1": run(TreeConfig(2, k1, 2 * k1))}
+    fns = {} if sampled else {"chain1": run(1, 1, 1), "chain4": run(4, 1, 4)}
+    return {**fns, "tree1_k0": run(1, k0, k0), "tree2_k0": run(2, k0, 2 * k0),
+            "tree1_k1": run(1, k1, k1), "tree2_k1": run(2, k1, 2 * k1)}

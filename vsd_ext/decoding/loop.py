@@ -165,7 +165,8 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
     other / total), mode, temperature, batch_size, plan (the tree decoded with, the cost
-    model's expectations and costs, the step after which drafting stopped paying if it did,
+    model's expectations — τ per row, the batch ``tail``, the speedup — and the costs of
+    its verification mode, the step after which drafting stopped paying if it did,
     the seconds spent planning — once per process, batch size and drafter they include
     measuring the costs — which the times above leave out; None without a drafter or with a
     proposer object).
@@ -176,7 +177,7 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     settings = resolve_decode_settings(drafter, decode_settings)
     start = time.perf_counter()
     proposer, plan = configure_proposer(target, drafter, tree, temperature,
-                                        generator, settings, len(prompts))
+                                        generator, settings, len(prompts), max_new_tokens)
     state = _Decoding(target, proposer, temperature, generator)
     state.plan, state.plan_seconds = plan, time.perf_counter() - start
     return run_decoding(state, rows, _Timer(target.device), prompts, max_new_tokens)
@@ -281,8 +282,9 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
 
 def check_drafting(state: _Decoding) -> None:
     """Every CHECK_EVERY steps of a planned tree: when the τ measured so far no longer pays
-    for drafting (`vsd_ext.decoding.planner.drafting_pays`; with a per-step policy, its
-    modelled rate against autoregressive steps), the remaining steps are autoregressive
+    for drafting (`vsd_ext.decoding.planner.drafting_pays`, by more than the noise of a
+    few steps; with a per-step policy, its modelled rate against autoregressive steps), the
+    remaining steps are autoregressive
     (``state.fallback_step`` records when)."""
     if (state.plan is None or state.proposer is None or state.forwards % CHECK_EVERY
             or state.fallback_step is not None or state.plan.costs is None):
@@ -291,10 +293,19 @@ def check_drafting(state: _Decoding) -> None:
     if policy is not None:
         pays = policy.beats_autoregressive()
     else:
-        emitted = (state.hist * torch.arange(1, state.num_nodes + 1)).sum()
-        pays = drafting_pays(state.plan, float(emitted) / max(int(state.hist.sum()), 1))
+        pays = drafting_pays(state.plan, *_tau_and_stderr(state.hist))
     if not pays:
         state.proposer, state.fallback_step = None, state.forwards
+
+
+def _tau_and_stderr(hist: torch.Tensor) -> tuple[float, float]:
+    """The mean tokens per row-forward of an acceptance histogram (``hist[k]``: row-forwards
+    with k accepted) and the standard error of that mean."""
+    tokens = torch.arange(1, hist.shape[0] + 1, dtype=torch.float64)
+    n = max(int(hist.sum()), 1)
+    mean = float((hist * tokens).sum()) / n
+    variance = max(float((hist * tokens ** 2).sum()) / n - mean ** 2, 0.0)
+    return mean, (variance / n) ** 0.5
 
 
 def drop_finished(state: _Decoding, finished: list[bool]) -> None:

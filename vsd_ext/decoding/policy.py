@@ -79,11 +79,11 @@ class StepPolicy:
 
     def beats_autoregressive(self) -> bool:
         """Whether the steps so far (modelled time, the prior left out) emitted tokens faster
-        than autoregressive steps would (B tokens per ``verify_base``)."""
+        than autoregressive steps would (B tokens per ``autoregressive`` step)."""
         seconds = self.seconds - self.prior[1]
         if seconds <= 0:
             return True
-        return (self.tokens - self.prior[0]) / seconds * self.costs.verify_base >= self.B
+        return (self.tokens - self.prior[0]) / seconds * self.costs.autoregressive >= self.B
 
     def update(self, emitted: int) -> None:
         """After verification: ``emitted`` tokens (all rows) from the last proposed tree."""
