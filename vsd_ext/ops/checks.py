@@ -77,6 +77,25 @@ def chunk_arg(chunk_size) -> int:
     return chunk_size
 
 
+def check_linear_head(hidden, weight, bias, chunk_size) -> tuple[int, int, int]:
+    """The LM-head arguments the fused linear ops share (fake kernels; csrc/weighted_ce_args.h):
+    hidden ``[M, H]`` floating, weight ``[V, H]`` (V >= 1) and bias ``[V]`` of its dtype and
+    device, the op-level ``chunk_size`` (0: the default). Returns (M, H, V)."""
+    M, H = check_rank(hidden, "hidden", 2, "[M, H]")
+    check_dtype(hidden, "hidden", FLOATS)
+    V, Hw = check_rank(weight, "weight", 2, "[V, H]")
+    check_dtype(weight, "weight", (hidden.dtype,))
+    if Hw != H or V < 1:
+        fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' "
+             f"{list(hidden.shape)}), got {list(weight.shape)}")
+    check_tensor(weight, "weight", (V, H), (hidden.dtype,), hidden, "hidden")
+    if bias is not None:
+        check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
+    if not (isinstance(chunk_size, int) and chunk_size >= 0):
+        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
+    return M, H, V
+
+
 def requires_grad(t, arg: str) -> bool:
     """Whether tensor ``t`` needs a gradient (None: no); a non-tensor is named."""
     if t is None:

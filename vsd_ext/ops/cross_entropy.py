@@ -42,6 +42,7 @@ from torch import Tensor
 from .checks import (
     FLOATS,
     check_dtype,
+    check_linear_head,
     check_positive,
     check_rank,
     check_tensor,
@@ -83,20 +84,9 @@ def _check_logits_args(logits, targets, row_weights, soft_targets, ignore_index,
 def _check_linear_args(hidden, weight, targets, row_weights, soft_targets, bias, ignore_index,
                        soft_temperature, chunk_size):
     """The fake kernels' checks (`vsd_ext.ops.checks`) of the fused op."""
-    M, H = check_rank(hidden, "hidden", 2, "[M, H]")
-    check_dtype(hidden, "hidden", FLOATS)
-    V, Hw = check_rank(weight, "weight", 2, "[V, H]")
-    check_dtype(weight, "weight", (hidden.dtype,))
-    if Hw != H or V < 1:
-        fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' "
-             f"{list(hidden.shape)}), got {list(weight.shape)}")
-    check_tensor(weight, "weight", (V, H), (hidden.dtype,), hidden, "hidden")
-    if bias is not None:
-        check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
+    M, _, V = check_linear_head(hidden, weight, bias, chunk_size)
     _check_rows(targets, row_weights, soft_targets, M, V, hidden, "hidden", ignore_index,
                 soft_temperature)
-    if not (isinstance(chunk_size, int) and chunk_size >= 0):
-        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
 
 
 # ---- non-fused variant --------------------------------------------------------------------------

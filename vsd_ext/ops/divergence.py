@@ -22,12 +22,10 @@ from torch import Tensor
 
 from .checks import (
     FLOATS,
-    check_dtype,
+    check_linear_head,
     check_positive,
-    check_rank,
     check_tensor,
     chunk_arg,
-    fail,
     real_scalar,
     requires_grad,
 )
@@ -39,21 +37,11 @@ _OPS = torch.ops.vsd_ext
 def _check_args(hidden, weight, teacher_logits, tv_weights, kl_weights, bias, soft_temperature,
                 chunk_size):
     """The fake kernel's checks (`vsd_ext.ops.checks`): the same as csrc/weighted_ce_checks.h."""
-    M, H = check_rank(hidden, "hidden", 2, "[M, H]")
-    check_dtype(hidden, "hidden", FLOATS)
-    V, Hw = check_rank(weight, "weight", 2, "[V, H]")
-    if Hw != H or V < 1:
-        fail("weight", f"expected shape [V, {H}] with V >= 1 (H from 'hidden' "
-             f"{list(hidden.shape)}), got {list(weight.shape)}")
-    check_tensor(weight, "weight", (V, H), (hidden.dtype,), hidden, "hidden")
-    if bias is not None:
-        check_tensor(bias, "bias", (V,), (weight.dtype,), weight, "weight")
+    M, _, V = check_linear_head(hidden, weight, bias, chunk_size)
     check_tensor(teacher_logits, "teacher_logits", (M, V), FLOATS, hidden, "hidden")
     check_tensor(tv_weights, "tv_weights", (M,), (torch.float32,), hidden, "hidden")
     check_tensor(kl_weights, "kl_weights", (M,), (torch.float32,), hidden, "hidden")
     check_positive(soft_temperature, "soft_temperature")
-    if not (isinstance(chunk_size, int) and chunk_size >= 0):
-        fail("chunk_size", f"expected None or an int >= 1, got {chunk_size}")
 
 
 def weighted_linear_divergence(
