@@ -122,11 +122,11 @@ def run_train(args, run: Path, method: str, seed: int, steps: int, lr: float, da
 # ---- calibration and evaluation ---------------------------------------------------------
 def prompt_sets(target, args) -> dict:
     """Token ids of the tune prompts (calibration) and of the evaluation set."""
-    import vsd_ext
     from vsd_ext import corpus
     from vsd_ext.eval import read_prompts_jsonl
+    from vsd_ext.eval.harness import PROMPT_DIR
 
-    path = Path(vsd_ext.__file__).parent / "assets" / "prompts" / f"{args.eval_set}.jsonl"
+    path = PROMPT_DIR / f"{args.eval_set}.jsonl"
     encode = target.tokenizer.encode
     return {"tune": [encode(t).ids for t in corpus.tune_prompts(args.tune_prompts)],
             "eval": [encode(t).ids for t in read_prompts_jsonl(path)]}
@@ -148,17 +148,15 @@ def decode_taus(target, drafter, prompts, temperature, ranking, args) -> list[fl
     return taus
 
 
-def calibrate_run(args, run: Path, prompts: dict, target) -> float:
-    """The run's decode settings by the library's procedure (`vsd_ext.calibrate_drafter`,
-    the one the shipped drafters get) on the tune prompts; returns its ranking temperature."""
+def calibrate_run(args, run: Path, prompts: dict, target) -> None:
+    """The run's decode settings (`decode_settings.json`) by the library's procedure
+    (`vsd_ext.calibrate_drafter`, the one the shipped drafters get) on the tune prompts."""
     from vsd_ext.decoding.calibrate import calibrate_drafter
 
     if not (run / "decode_settings.json").is_file():
         calibrate_drafter(target, run, prompts["tune"], dtype=torch.bfloat16,
                           max_new_tokens=args.new_tokens,
                           prompts_source=f"vsd_ext.corpus.tune_prompts({args.tune_prompts})")
-    settings = json.loads((run / "decode_settings.json").read_text())
-    return settings["ranking_temperature"]
 
 
 def evaluate_run(args, run: Path, prompts: dict, target) -> dict:
@@ -171,8 +169,9 @@ def evaluate_run(args, run: Path, prompts: dict, target) -> dict:
         return json.loads(path.read_text())
     from vsd_ext.models import load_drafter
 
-    ranking = calibrate_run(args, run, prompts, target)
-    drafter = load_drafter(run, target, dtype=torch.bfloat16)
+    calibrate_run(args, run, prompts, target)
+    drafter = load_drafter(run, target, dtype=torch.bfloat16)  # reads its decode settings
+    ranking = drafter.decode_settings.ranking_temperature
     summary = json.loads((run / "summary.json").read_text())
     result = {"settings": settings, "ranking_temperature": ranking,
               "steps": summary["steps"], "train_seconds": summary["train_seconds"]}

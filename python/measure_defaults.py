@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 
 import vsd_ext
-from vsd_ext.eval import LosslessConfig, evaluate, format_table, read_prompts_jsonl, write_report
+from vsd_ext.eval import (
+    EVAL_SETS,
+    LosslessConfig,
+    evaluate,
+    evaluation_prompts,
+    format_table,
+    write_report,
+)
 from vsd_ext.eval.report import tree_text
-
-PROMPTS = Path(vsd_ext.__file__).parent / "assets" / "prompts"
-SETS = {"heldout": PROMPTS / "heldout_midfile_v1.jsonl",
-        "external": PROMPTS / "external_midfile_v1.jsonl",
-        "headers": PROMPTS / "heldout_headers_v1.jsonl"}
 
 
 def parse_args(argv=None):
@@ -36,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--target", default="default")
     p.add_argument("--draft", default="default", help="drafter directory or 'default'")
     p.add_argument("--draft-dtype", default="bfloat16")
-    p.add_argument("--sets", nargs="+", default=["heldout", "external"], choices=sorted(SETS))
+    p.add_argument("--sets", nargs="+", default=["heldout", "external"], choices=sorted(EVAL_SETS))
     p.add_argument("--num-prompts", type=int, default=72)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0])
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
                f"decode settings: {'yes' if drafter.decode_settings else 'none (prior)'}, "
                f"batch 1, one thread, {args.max_new_tokens} new tokens per prompt", ""]
     for name in args.sets:
-        prompts = read_prompts_jsonl(SETS[name])[: args.num_prompts]
+        prompts = evaluation_prompts(name)[: args.num_prompts]
         before = load_text()
         print(f"== {name}: {len(prompts)} prompts; {before}", flush=True)
         results = evaluate(target, {"default": drafter}, prompts,
