@@ -35,13 +35,12 @@ def pieces():
     ids = torch.randint(0, target.vocab_size, (1, costs.PREFIX),
                         generator=torch.Generator().manual_seed(0))
     capacity = costs.PREFIX + 2 * costs.VERIFY_NODES + 16
-    pending, costs.PENDING = costs.PENDING, 1  # one token per drafter forward
     with torch.inference_mode():
         cache = target.new_cache(1, capacity)
         out = target.prefill(ids, cache)
-        fns = {"torch": costs._verify_fns(target, cache, ids, 1)["verify1"],
-               "vsd_ext": costs._draft_fns(drafter, ids, out.features, capacity)["chain1"]}
-    costs.PENDING = pending
+        fns = {"torch": costs._verify_fns(target, cache, ids, 1, "greedy", 0.0)["verify1"],
+               "vsd_ext": costs._draft_fns(drafter, ids, out.features, capacity, "greedy", 0.0,
+                                           pending_tokens=1)["chain1"]}
     yield fns
     torch.set_num_threads(before)
 

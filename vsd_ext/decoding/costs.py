@@ -204,17 +204,18 @@ def _verify_fns(target, cache, ids, B, mode: str, temperature: float) -> dict:
     return fns
 
 
-def _draft_fns(drafter, ids, features, capacity, mode: str, temperature: float) -> dict:
+def _draft_fns(drafter, ids, features, capacity, mode: str, temperature: float,
+               pending_tokens: int = PENDING) -> dict:
     """`DrafterProposer.propose` of chains (1 and 4 levels; not in "sampled" mode) and trees
-    (1 and 2 levels of each TREE_TOPK), each from the same pending tokens (state restored),
-    drawing children from q at ``temperature`` in "sampled" mode."""
+    (1 and 2 levels of each TREE_TOPK), each from the same ``pending_tokens`` pending tokens
+    (state restored), drawing children from q at ``temperature`` in "sampled" mode."""
     B = ids.shape[0]
     sampled = mode == "sampled"
     gen = torch.Generator(device=ids.device).manual_seed(0)
     base = DrafterProposer(drafter, TreeConfig(1, 1, 1), temperature, gen)
     lengths = torch.full((B,), ids.shape[1], dtype=torch.int64, device=ids.device)
     base.start(ids, lengths, features, ids[:, -1], capacity)
-    m = PENDING
+    m = pending_tokens
     pending = (ids[:, -m:], features[:, -m:],
                torch.full((B,), m, dtype=torch.int64, device=ids.device))
     base.cache.lengths -= m - 1  # the pending pairs follow the cached ones
