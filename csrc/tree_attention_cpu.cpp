@@ -53,56 +53,57 @@ void forward_cpu(const Dims& d, const at::Tensor& q, const at::Tensor& k_cache,
   A* lse_p = lse.data_ptr<A>();
 
   cpu::parallel_units(d.B * d.Hkv * chunks, [&] {
-    return [&, qs = std::vector<A>(nodes * G * D), qt = std::vector<A>(nodes * G * D),
-            o_acc = std::vector<A>(nodes * G * D), s = std::vector<A>(nodes * G * max_keys),
-            kbuf = std::vector<A>(max_keys * D), vbuf = std::vector<A>(max_keys * D),
-            m = std::vector<A>(nodes * G), l = std::vector<A>(nodes * G),
-            scratch = std::vector<A>(3 * nodes * G),
-            seen = std::vector<int64_t>(d.W)](int64_t unit) mutable {
-      const int64_t b = unit / (d.Hkv * chunks), g = (unit / chunks) % d.Hkv;
-      const int64_t n0 = (unit % chunks) * nodes, nn = std::min(nodes, N - n0), R = nn * G;
-      const int64_t bc = d.Bc == 1 ? 0 : b;
-      A* O = o_acc.data();
-      cpu::pack_group(Q4, b, n0, nn, g, G, D, qs.data(), c);
-      cpu::transpose(qs.data(), R, D, qt.data());
-      std::fill(O, O + R * D, A(0));
-      std::fill(m.begin(), m.begin() + R, -std::numeric_limits<A>::infinity());
-      std::fill(l.begin(), l.begin() + R, A(0));
+    return
+        [&, qs = std::vector<A>(nodes * G * D), qt = std::vector<A>(nodes * G * D),
+         o_acc = std::vector<A>(nodes * G * D), s = std::vector<A>(nodes * G * max_keys),
+         kbuf = std::vector<A>(max_keys * D), vbuf = std::vector<A>(max_keys * D),
+         m = std::vector<A>(nodes * G), l = std::vector<A>(nodes * G),
+         scratch = std::vector<A>(3 * nodes * G), work = std::vector<A>((D + nodes * G) * max_keys),
+         seen = std::vector<int64_t>(d.W)](int64_t unit) mutable {
+          const int64_t b = unit / (d.Hkv * chunks), g = (unit / chunks) % d.Hkv;
+          const int64_t n0 = (unit % chunks) * nodes, nn = std::min(nodes, N - n0), R = nn * G;
+          const int64_t bc = d.Bc == 1 ? 0 : b;
+          A* O = o_acc.data();
+          cpu::pack_group(Q4, b, n0, nn, g, G, D, qs.data(), c);
+          cpu::transpose(qs.data(), R, D, qt.data());
+          std::fill(O, O + R * D, A(0));
+          std::fill(m.begin(), m.begin() + R, -std::numeric_limits<A>::infinity());
+          std::fill(l.begin(), l.begin() + R, A(0));
 
-      // One key tile of n keys (row stride k_rs) and values (v_rs); St [n, R] = K Q^T. On the
-      // tree tile, keys that no node of the unit sees are zeroed (their P is 0: 0 * NaN).
-      auto step = [&](const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n,
-                      bool tree) {
-        int64_t ldk, ldv;
-        const A* K = tree ? cpu::tree_rows_as(keys, k_rs, n, D, seen.data(), kbuf.data(), ldk)
-                          : cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
-        cpu::gemm(n, R, D, K, ldk, 1, qt.data(), R, s.data(), R, false);
-        if (tree) cpu::mask_tree_scores(s.data(), n, R, G, n0, mask + b * mask_b, mask_n);
-        cpu::softmax_step(s.data(), n, R, m.data(), l.data(), O, D, scratch.data());
-        // O += P V with P[r, j] = St[j, r] (a stride swap, no copy).
-        const A* V = tree ? cpu::tree_rows_as(values, v_rs, n, D, seen.data(), vbuf.data(), ldv)
-                          : cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
-        cpu::gemm(R, D, n, s.data(), 1, R, V, ldv, O, D, true);
-      };
-      // Prefix: mask-free key tiles.
-      for (int64_t j0 = 0; j0 < lens[b]; j0 += cpu::kKeyTile)
-        step(Kc.row(bc, j0, g), Kc.s1, Vc.row(bc, j0, g), Vc.s1,
-             std::min(cpu::kKeyTile, lens[b] - j0), false);
-      // Tree tile: the row's N tree keys, bitmask applied to the scores.
-      cpu::seen_tree_keys(mask + b * mask_b, mask_n, n0, nn, d.W, seen.data());
-      step(Kt.row(b, 0, g), Kt.s1, Vt.row(b, 0, g), Vt.s1, N, true);
+          // One key tile of n keys (row stride k_rs) and values (v_rs); St [n, R] = K Q^T. On the
+          // tree tile, keys that no node of the unit sees are zeroed (their P is 0: 0 * NaN).
+          auto step = [&](const T* keys, int64_t k_rs, const T* values, int64_t v_rs, int64_t n,
+                          bool tree) {
+            int64_t ldk, ldv;
+            const A* K = tree ? cpu::tree_rows_as(keys, k_rs, n, D, seen.data(), kbuf.data(), ldk)
+                              : cpu::rows_as(keys, k_rs, n, D, kbuf.data(), ldk);
+            cpu::scores(n, R, D, K, ldk, qs.data(), qt.data(), s.data(), work.data());
+            if (tree) cpu::mask_tree_scores(s.data(), n, R, G, n0, mask + b * mask_b, mask_n);
+            cpu::softmax_step(s.data(), n, R, m.data(), l.data(), O, D, scratch.data());
+            // O += P V with P[r, j] = St[j, r] (a stride swap, no copy).
+            const A* V = tree ? cpu::tree_rows_as(values, v_rs, n, D, seen.data(), vbuf.data(), ldv)
+                              : cpu::rows_as(values, v_rs, n, D, vbuf.data(), ldv);
+            cpu::gemm(R, D, n, s.data(), 1, R, V, ldv, O, D, true);
+          };
+          // Prefix: mask-free key tiles.
+          for (int64_t j0 = 0; j0 < lens[b]; j0 += cpu::kKeyTile)
+            step(Kc.row(bc, j0, g), Kc.s1, Vc.row(bc, j0, g), Vc.s1,
+                 std::min(cpu::kKeyTile, lens[b] - j0), false);
+          // Tree tile: the row's N tree keys, bitmask applied to the scores.
+          cpu::seen_tree_keys(mask + b * mask_b, mask_n, n0, nn, d.W, seen.data());
+          step(Kt.row(b, 0, g), Kt.s1, Vt.row(b, 0, g), Vt.s1, N, true);
 
-      // out = O / l, lse = ln2 (m + log2 l); rows that saw nothing: 0 and -inf.
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t n = n0 + r / G, h = g * G + r % G;
-        const bool seen = l[r] > A(0);
-        const A inv = seen ? A(1) / l[r] : A(0);
-        T* dst = out_p + ((b * N + n) * d.Hq + h) * D;
-        for (int64_t k = 0; k < D; ++k) dst[k] = static_cast<T>(O[r * D + k] * inv);
-        lse_p[(b * N + n) * d.Hq + h] =
-            seen ? A(kLn2D) * (m[r] + std::log2(l[r])) : -std::numeric_limits<A>::infinity();
-      }
-    };
+          // out = O / l, lse = ln2 (m + log2 l); rows that saw nothing: 0 and -inf.
+          for (int64_t r = 0; r < R; ++r) {
+            const int64_t n = n0 + r / G, h = g * G + r % G;
+            const bool seen = l[r] > A(0);
+            const A inv = seen ? A(1) / l[r] : A(0);
+            T* dst = out_p + ((b * N + n) * d.Hq + h) * D;
+            for (int64_t k = 0; k < D; ++k) dst[k] = static_cast<T>(O[r * D + k] * inv);
+            lse_p[(b * N + n) * d.Hq + h] =
+                seen ? A(kLn2D) * (m[r] + std::log2(l[r])) : -std::numeric_limits<A>::infinity();
+          }
+        };
   });
 }
 

@@ -35,6 +35,18 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
           const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate);
 
+// St [n, R] = K Q^T for a key tile K (n rows, ldk apart) and the R packed query rows, given both
+// as Q [R, D] and Qt [D, R] (tree_attention_gemm_cpu.cpp). Decode-sized query tiles would leave
+// most of the gemm kernel's column block padding, so by R: up to kDotRows one dot product per
+// score; below kWideRows the gemm over K^T (keys as columns; `work` holds D * n + R * n
+// values); from kWideRows on, the gemm over Qt as above.
+constexpr int64_t kDotRows = 6;
+constexpr int64_t kWideRows = 32;
+void scores(int64_t n, int64_t R, int64_t D, const float* K, int64_t ldk, const float* Q,
+            const float* Qt, float* St, float* work);
+void scores(int64_t n, int64_t R, int64_t D, const double* K, int64_t ldk, const double* Q,
+            const double* Qt, double* St, double* work);
+
 // Score tiles are key-major in the forward and in backward pass A: St [n, R] holds the scores
 // of n keys (rows) against the R packed query rows (columns), so per-query softmax statistics
 // are vector ops across a key row. The bodies below are generic over the accumulation type A;

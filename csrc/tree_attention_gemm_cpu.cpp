@@ -107,6 +107,43 @@ VSD_ALWAYS_INLINE void gemm_impl(int64_t M, int64_t N, int64_t K, const S* A, in
                          std::min(NR, N - j));
 }
 
+// St[j, r] = K_j . Q_r for n keys (rows ldk apart) and R packed queries (Q [R, D] row-major):
+// one dot product along D per score. For query tiles much narrower than the outer-product
+// kernel's column block (decode: R = nodes * group is 2..8), gemm would compute and discard a
+// whole block of padded columns per key; here each key row is read once per query row from L1
+// and the work is R * D multiply-adds per key instead of NR * D.
+template <class V, class S>
+VSD_ALWAYS_INLINE void dots_impl(int64_t n, int64_t R, int64_t D, const S* K, int64_t ldk,
+                                 const S* Q, S* St) {
+  constexpr int W = sizeof(V) / sizeof(S);
+  const int64_t Dv = D / W * W;
+  for (int64_t j = 0; j < n; ++j) {
+    const S* kj = K + j * ldk;
+    for (int64_t r = 0; r < R; ++r) {
+      const S* qr = Q + r * D;
+      V acc{};
+      for (int64_t k = 0; k < Dv; k += W) {
+        V a, b;
+        std::memcpy(&a, kj + k, sizeof(V));
+        std::memcpy(&b, qr + k, sizeof(V));
+        acc += a * b;
+      }
+      S sum = S(0);
+      for (int i = 0; i < W; ++i) sum += acc[i];
+      for (int64_t k = Dv; k < D; ++k) sum += kj[k] * qr[k];
+      St[j * R + r] = sum;
+    }
+  }
+}
+
+template <class S>
+using DotsFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, const S*, S*);
+
+#define VSD_DOTS_VARIANT(NAME, TARGET, S, V)                                                      \
+  TARGET void NAME(int64_t n, int64_t R, int64_t D, const S* K, int64_t ldk, const S* Q, S* St) { \
+    dots_impl<V>(n, R, D, K, ldk, Q, St);                                                         \
+  }
+
 template <class S>
 using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, const S*, int64_t,
                         S*, int64_t, bool);
@@ -119,6 +156,8 @@ using GemmFn = void (*)(int64_t, int64_t, int64_t, const S*, int64_t, int64_t, c
 
 VSD_GEMM_VARIANT(gemm_base_f, , float, 4, 2, v4f)
 VSD_GEMM_VARIANT(gemm_base_d, , double, 4, 2, v2d)
+VSD_DOTS_VARIANT(dots_base_f, , float, v4f)
+VSD_DOTS_VARIANT(dots_base_d, , double, v2d)
 
 #if VSD_SIMD_X86
 VSD_GEMM_VARIANT(gemm_avx512_f, VSD_TARGET_AVX512, float, 8, 2, v16f)
@@ -126,11 +165,20 @@ VSD_GEMM_VARIANT(gemm_avx512_d, VSD_TARGET_AVX512, double, 8, 2, v8d)
 VSD_GEMM_VARIANT(gemm_avx2_f, VSD_TARGET_AVX2, float, 6, 2, v8f)
 VSD_GEMM_VARIANT(gemm_avx2_d, VSD_TARGET_AVX2, double, 6, 2, v4d)
 
+VSD_DOTS_VARIANT(dots_avx512_f, VSD_TARGET_AVX512, float, v16f)
+VSD_DOTS_VARIANT(dots_avx512_d, VSD_TARGET_AVX512, double, v8d)
+VSD_DOTS_VARIANT(dots_avx2_f, VSD_TARGET_AVX2, float, v8f)
+VSD_DOTS_VARIANT(dots_avx2_d, VSD_TARGET_AVX2, double, v4d)
+
 const GemmFn<float> kGemmF = simd::pick<GemmFn<float>>(gemm_avx512_f, gemm_avx2_f, gemm_base_f);
 const GemmFn<double> kGemmD = simd::pick<GemmFn<double>>(gemm_avx512_d, gemm_avx2_d, gemm_base_d);
+const DotsFn<float> kDotsF = simd::pick<DotsFn<float>>(dots_avx512_f, dots_avx2_f, dots_base_f);
+const DotsFn<double> kDotsD = simd::pick<DotsFn<double>>(dots_avx512_d, dots_avx2_d, dots_base_d);
 #else
 const GemmFn<float> kGemmF = gemm_base_f;
 const GemmFn<double> kGemmD = gemm_base_d;
+const DotsFn<float> kDotsF = dots_base_f;
+const DotsFn<double> kDotsD = dots_base_d;
 #endif
 
 }  // namespace
@@ -143,6 +191,52 @@ void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t
 void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
           const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
   if (M > 0 && N > 0) kGemmD(M, N, K, A, a_rs, a_cs, B, ldb, C, ldc, accumulate);
+}
+
+namespace {
+
+// dst [D, n] = src^T for n rows of D (row stride ld).
+template <class S>
+void transpose_keys(const S* src, int64_t ld, int64_t n, int64_t D, S* dst) {
+  constexpr int64_t kBlock = 16;  // 16 x 16 blocks: both sides stay in L1
+  for (int64_t j0 = 0; j0 < n; j0 += kBlock)
+    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+      const int64_t j1 = std::min(n, j0 + kBlock), d1 = std::min(D, d0 + kBlock);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t d = d0; d < d1; ++d) dst[d * n + j] = src[j * ld + d];
+    }
+}
+
+template <class S>
+void scores_impl(int64_t n, int64_t R, int64_t D, const S* K, int64_t ldk, const S* Q, const S* Qt,
+                 S* St, S* work, DotsFn<S> dots, GemmFn<S> gemm) {
+  if (n <= 0 || R <= 0) return;
+  if (R <= kDotRows) {
+    dots(n, R, D, K, ldk, Q, St);
+  } else if (R < kWideRows) {
+    // S [R, n] = Q Kt with Kt = K^T [D, n]: the outer-product kernel runs over whole blocks
+    // of keys (columns) instead of a padded block of R query columns; then St = S^T.
+    S* kt = work;
+    S* rows = work + D * n;
+    transpose_keys(K, ldk, n, D, kt);
+    gemm(R, n, D, Q, D, 1, kt, n, rows, n, false);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t j = 0; j < n; ++j) St[j * R + r] = rows[r * n + j];
+  } else {
+    gemm(n, R, D, K, ldk, 1, Qt, R, St, R, false);
+  }
+}
+
+}  // namespace
+
+void scores(int64_t n, int64_t R, int64_t D, const float* K, int64_t ldk, const float* Q,
+            const float* Qt, float* St, float* work) {
+  scores_impl<float>(n, R, D, K, ldk, Q, Qt, St, work, kDotsF, kGemmF);
+}
+
+void scores(int64_t n, int64_t R, int64_t D, const double* K, int64_t ldk, const double* Q,
+            const double* Qt, double* St, double* work) {
+  scores_impl<double>(n, R, D, K, ldk, Q, Qt, St, work, kDotsD, kGemmD);
 }
 
 }  // namespace vsd_ext::tree_attn::cpu

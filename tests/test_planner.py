@@ -6,13 +6,14 @@ the fallback to autoregressive steps when drafts do not pay, `TreeConfig()` deco
 decisions."""
 from dataclasses import replace
 from statistics import NormalDist
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_decoding import PROMPTS, greedy_reference, random_drafter
 
 from vsd_ext.decoding import StepCosts, TreeConfig, generate, plan_tree, step_costs
-from vsd_ext.decoding.loop import _tau_and_stderr
+from vsd_ext.decoding.loop import CHECK_EVERY, _Decoding, _tau_and_stderr, check_drafting
 from vsd_ext.decoding.planner import (
     MAX_DEPTH,
     PRIOR,
@@ -157,6 +158,26 @@ def test_drafting_pays():
     # A τ below break-even by less than PAYS_Z standard errors keeps drafting.
     assert drafting_pays(plan, 0.9 * step / 10.0, stderr=0.06 * step / 10.0)
     assert not drafting_pays(plan, 0.9 * step / 10.0, stderr=0.04 * step / 10.0)
+    # A measured step time replaces the modelled one (the model's step would pay here).
+    assert drafting_pays(plan, 2 * step / 10.0, step_seconds=1.99 * step)
+    assert not drafting_pays(plan, 2 * step / 10.0, step_seconds=2.01 * step)
+
+
+def test_check_drafting_falls_back_on_the_measured_step_time(target):
+    """τ that pays by the modelled step costs, steps that take longer than τ autoregressive
+    steps by the clock: the check at step 8 falls back; a little faster and it keeps drafting."""
+    plan = plan_tree(TreeConfig(), settings(), costs(), 0.0)
+    tau = 2 * costs().step(plan.tree.depth, plan.tree.topk, plan.tree.total_tokens,
+                           plan.tree.topk == 1) / 10.0  # twice break-even by the model
+    for measured, falls_back in ((1.01, True), (0.99, False)):
+        state = _Decoding(target, SimpleNamespace(num_nodes=8), 0.0, None)
+        state.plan, state.forwards = plan, CHECK_EVERY
+        state.hist = torch.zeros(8, dtype=torch.int64)
+        state.hist[round(tau) - 1] = CHECK_EVERY  # every step emitted τ (a whole number)
+        state.step_seconds = CHECK_EVERY * measured * round(tau) * 10.0
+        check_drafting(state)
+        assert (state.fallback_step == CHECK_EVERY) == falls_back
+        assert (state.proposer is None) == falls_back
 
 
 def test_measured_tau_and_its_standard_error():

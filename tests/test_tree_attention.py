@@ -92,6 +92,17 @@ def test_random_trees_low_precision(device, gen, config, dtype):
     check_forward(make_inputs(gen, device, *config, dtype), dtype)
 
 
+# Decode-sized query tiles: R = N * Hq / Hkv packed rows across the CPU kernel's three score
+# paths (cpu::scores: dot products for R <= 6, the GEMM over K^T below 32, over Q^T from 32 on),
+# odd head dims included.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N, Hq, Hkv, D", [(1, 4, 2, 64), (3, 4, 2, 37), (8, 4, 2, 64),
+                                           (9, 4, 2, 64), (4, 8, 2, 80), (5, 8, 2, 19),
+                                           (1, 32, 2, 64), (2, 16, 1, 64)])
+def test_decode_sized_tiles(device, gen, N, Hq, Hkv, D, dtype):
+    check_forward(make_inputs(gen, device, 3, 1, N, Hq, Hkv, D, 300, dtype), dtype)
+
+
 @pytest.mark.parametrize("D", [1, 37, 80, 200])
 def test_any_head_dim_cpu(gen, D):
     check_forward(make_inputs(gen, "cpu", 3, 1, 21, 6, 3, D, 90, torch.float32), torch.float32)

@@ -164,9 +164,10 @@ def generate(target, drafter, prompts, max_new_tokens: int, temperature: float =
     target_forwards (batched verify forwards, prefill excluded), row_forwards,
     acceptance_histogram (row-forwards with 0, 1, ... accepted draft tokens), new_tokens,
     tokens_per_second (new tokens / total wall time), time_s (prefill / draft / verify /
-    other / total), mode, temperature, batch_size, plan (the tree decoded with, the cost
-    model's expectations — τ per row, the batch ``tail``, the speedup — and the costs of
-    its verification mode, the step after which drafting stopped paying if it did,
+    other / total), step_seconds (mean time of a step on the step costs' clock: this
+    thread's CPU time on a CPU), mode, temperature, batch_size, plan (the tree decoded
+    with, the cost model's expectations — τ per row, the batch ``tail``, the speedup — and
+    the costs of its verification mode, the step after which drafting stopped paying if it did,
     the seconds spent planning — once per process, batch size and drafter they include
     measuring the costs — which the times above leave out; None without a drafter or with a
     proposer object).
@@ -190,8 +191,10 @@ def run_decoding(state, rows, timer, prompts, max_new_tokens) -> GenerationOutpu
     drop_finished(state, [rows.add(b, [token]) for b, token in enumerate(first)])
     timer.lap("prefill")
     while state.active:
+        started = state.clock()
         emitted = speculative_step(state, timer)
         drop_finished(state, [rows.add(b, new) for b, new in zip(state.active, emitted)])
+        state.step_seconds += state.clock() - started
         check_drafting(state)
         timer.lap(None)
     return GenerationOutput(rows.tokens, rows.reasons, _stats(state, rows, timer))
@@ -215,6 +218,10 @@ class _Decoding:
         self.plan: Plan | None = None
         self.plan_seconds = 0.0  # planning (with the first measurement of the step costs)
         self.fallback_step: int | None = None  # step after which drafting stopped paying
+        # Seconds of the steps so far, on the clock the step costs are measured with (this
+        # thread's CPU time on a CPU, `vsd_ext.decoding.costs`), for `check_drafting`.
+        self.clock = time.thread_time if target.device.type == "cpu" else time.perf_counter
+        self.step_seconds = 0.0
         self.observer = None  # observer(tree, target_logits, num_accepted) after each verify
 
     def verify(self, logits: torch.Tensor, tree: DraftTree):
@@ -283,17 +290,22 @@ def speculative_step(state: _Decoding, timer: _Timer) -> list[list[int]]:
 def check_drafting(state: _Decoding) -> None:
     """Every CHECK_EVERY steps of a planned tree: when the τ measured so far no longer pays
     for drafting (`vsd_ext.decoding.planner.drafting_pays`, by more than the noise of a
-    few steps; with a per-step policy, its modelled rate against autoregressive steps), the
-    remaining steps are autoregressive
+    few steps; with a per-step policy, its modelled rate against autoregressive steps), or
+    no longer pays for the steps' measured time (the cost model times each piece alone, with
+    its weights warm in the caches; in the loop the drafter and the target evict each
+    other's), the remaining steps are autoregressive
     (``state.fallback_step`` records when)."""
     if (state.plan is None or state.proposer is None or state.forwards % CHECK_EVERY
             or state.fallback_step is not None or state.plan.costs is None):
         return
+    tau, stderr = _tau_and_stderr(state.hist)
     policy = getattr(state.proposer, "policy", None)
     if policy is not None:
         pays = policy.beats_autoregressive()
     else:
-        pays = drafting_pays(state.plan, *_tau_and_stderr(state.hist))
+        pays = drafting_pays(state.plan, tau, stderr)
+    pays = pays and drafting_pays(state.plan, tau, stderr,
+                                  step_seconds=state.step_seconds / state.forwards)
     if not pays:
         state.proposer, state.fallback_step = None, state.forwards
 
@@ -338,6 +350,7 @@ def _stats(state: _Decoding, rows: _Rows, timer: _Timer) -> dict:
                    "verify": spent["verify"],
                    "other": total - spent["prefill"] - spent["draft"] - spent["verify"],
                    "total": total},
+        "step_seconds": state.step_seconds / max(state.forwards, 1),
         "mode": state.mode,
         "temperature": state.temperature,
         "batch_size": len(rows.tokens),

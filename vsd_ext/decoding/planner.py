@@ -177,17 +177,20 @@ class Plan:
                 "costs": None if self.costs is None else self.costs.to_dict()}
 
 
-def drafting_pays(plan: Plan, tau: float, stderr: float = 0.0) -> bool:
+def drafting_pays(plan: Plan, tau: float, stderr: float = 0.0,
+                  step_seconds: float | None = None) -> bool:
     """Whether the planned tree, at the τ measured so far (per row; scaled by the plan's
     batch ``tail``), still beats autoregressive decoding by the step costs — unless τ is
     below that by more than ``PAYS_Z`` standard errors ``stderr`` of its mean, a plan keeps
-    drafting (a few steps' τ is noisy). Always True for a tree given in full."""
+    drafting (a few steps' τ is noisy). ``step_seconds``: the measured mean time of a step
+    (on the costs' clock) instead of the modelled one. Always True for a tree given in full."""
     if plan.costs is None or plan.tree is None:
         return True
     tree = plan.tree
     chain = tree.topk == 1 and not tree.sampled
     depth = min(tree.depth, tree.total_tokens) if chain else tree.depth
-    step = plan.costs.step(depth, tree.topk, tree.total_tokens, chain)
+    step = (plan.costs.step(depth, tree.topk, tree.total_tokens, chain)
+            if step_seconds is None else step_seconds)
     return (tau + PAYS_Z * stderr) * plan.tail * plan.costs.autoregressive >= step
 
 
