@@ -6,6 +6,8 @@ outside the timed region; SDPA runs with enable_gqa (no K/V expansion). Both pro
 checked to agree once before timing. Shapes: N = 64 tree nodes, Hq = 32, Hkv = 8, D = 128,
 every row seeing its full prefix L. Shapes: `TREE_ATTENTION` in bench/conftest.py (CPU
 float32, CUDA bfloat16, with achieved TFLOP/s and % of the H200 floor in extra_info).
+`test_forward_decode`: the decode-sized calls of the default target (`TREE_ATTENTION_DECODE`:
+B = 1, N = 1..16 nodes, 4 query / 2 kv heads of 64), where per-call costs dominate.
 """
 import pytest
 import torch
@@ -15,14 +17,25 @@ import vsd_ext
 from vsd_ext import tree
 from vsd_ext.reference.tree_attention import dense_visibility
 
-from conftest import H200_BYTES_PER_S, H200_FLOPS_PER_S, TREE_ATTENTION, cases, sync
+from conftest import (
+    H200_BYTES_PER_S,
+    H200_FLOPS_PER_S,
+    TREE_ATTENTION,
+    TREE_ATTENTION_DECODE,
+    cases,
+    sync,
+)
 
 N, HQ, HKV, D = (TREE_ATTENTION[k] for k in ("N", "Hq", "Hkv", "D"))
 CASES = [case for device in ("cpu", "cuda")
          for case in cases(device, *TREE_ATTENTION[device], lambda s: f"B{s[0]}-L{s[1]}")]
 
 
-def problem(device, dtype, B, L):
+DECODE_CASES = cases("cpu", *TREE_ATTENTION_DECODE["cpu"],
+                     lambda s: f"N{s[0]}-L{s[1]}")
+
+
+def problem(device, dtype, B, L, N=N, HQ=HQ, HKV=HKV, D=D):
     gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn where they live
 
     def randn(*shape):
@@ -95,6 +108,23 @@ def test_forward(benchmark, provider, device, dtype, B, L):
             def fn():
                 return sdpa_fn(sdpa)
         run(benchmark, provider, device, dtype, B, L, fn, backward=False)
+
+
+@pytest.mark.parametrize("provider", ["vsd_ext", "torch"])
+@pytest.mark.parametrize("device, dtype, nodes, L", DECODE_CASES)
+def test_forward_decode(benchmark, provider, device, dtype, nodes, L):
+    heads = {k: TREE_ATTENTION_DECODE[k] for k in ("Hq", "Hkv", "D")}
+    ours, sdpa = problem(device, dtype, 1, L, nodes, heads["Hq"], heads["Hkv"], heads["D"])
+    with torch.no_grad():
+        expected = sdpa_fn(sdpa).transpose(1, 2)
+        torch.testing.assert_close(vsd_ext.tree_attention(*ours)[0], expected, atol=1e-4,
+                                   rtol=1e-4)
+        fn = ((lambda: vsd_ext.tree_attention(*ours)) if provider == "vsd_ext" else
+              (lambda: sdpa_fn(sdpa)))
+        benchmark.group = (f"tree_attention decode fwd B=1 L={L} N={nodes} Hq={heads['Hq']} "
+                           f"Hkv={heads['Hkv']} D={heads['D']} {dtype} {device}")
+        benchmark.extra_info.update(provider=provider)
+        benchmark.pedantic(fn, rounds=200, iterations=10, warmup_rounds=20)
 
 
 @pytest.mark.parametrize("provider", ["vsd_ext", "torch"])

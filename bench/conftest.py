@@ -21,6 +21,12 @@ TREE_ATTENTION = {
     "cpu": (torch.float32, [(1, 512), (1, 2048), (8, 512), (8, 2048)]),
     "cuda": (torch.bfloat16, [(b, n) for b in (1, 8) for n in (512, 2048, 8192)]),
 }
+# Decode-sized tree_attention on the default target's heads: (N tree nodes, L cached positions)
+# at batch 1, the shapes of a verify forward (N = tree + root) and of an autoregressive step.
+TREE_ATTENTION_DECODE = {
+    "Hq": 4, "Hkv": 2, "D": 64,
+    "cpu": (torch.float32, [(n, L) for L in (300, 1000) for n in (1, 4, 8, 16)]),
+}
 # verify_tree: EAGLE-style trees, level sizes and how many nodes of the previous level get
 # children (1 + 8 + 16 + 16 + 12 + 8 + 3 = 64 nodes); (mode, B rows, V vocabulary) per device.
 _VERIFY_SHAPES = [(b, v) for v in (32_000, 128_256) for b in (1, 8, 64)]

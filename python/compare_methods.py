@@ -53,6 +53,7 @@ ARMS = {
     "vsd_t1-nobaseline": ("vsd", ["vsd.temperature=1", "vsd.baseline=none"]),
     "vsd_t1-nokl": ("vsd", ["vsd.temperature=1", "vsd.lambda_kl=0"]),
     "vsd_t1-realized": ("vsd", ["vsd.temperature=1", "vsd.reach=realized"]),
+    "vsd_t1-tree1": ("vsd", ["vsd.temperature=1", "vsd.lambda_tree=1"]),
 }
 
 
