@@ -187,12 +187,24 @@ inline void load_rows(const T* src, int64_t src_rs, int64_t rows, int64_t D, A* 
     for (int64_t d = 0; d < D; ++d) dst[i * D + d] = scale * static_cast<A>(src[i * src_rs + d]);
 }
 
-// dst [D, R] = src^T for a packed fp32 [R, D] tile: the row-major right operand of
-// St = K Q^T (and V dO^T in the backward). Once per work unit, not per key tile.
+// dst [D, R] = src^T for R rows of D values, src_rs apart (default: packed), in 16 x 16 blocks
+// that stay in L1 on both sides. Packed query tiles: the row-major right operand of
+// St = K Q^T (and V dO^T in the backward), once per work unit; key tiles and score tiles of
+// the narrow-query path of `scores`.
+template <class A>
+inline void transpose(const A* src, int64_t R, int64_t D, A* dst, int64_t src_rs) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t r0 = 0; r0 < R; r0 += kBlock)
+    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
+      const int64_t r1 = std::min(R, r0 + kBlock), d1 = std::min(D, d0 + kBlock);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t d = d0; d < d1; ++d) dst[d * R + r] = src[r * src_rs + d];
+    }
+}
+
 template <class A>
 inline void transpose(const A* src, int64_t R, int64_t D, A* dst) {
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t d = 0; d < D; ++d) dst[d * R + r] = src[r * D + d];
+  transpose(src, R, D, dst, D);
 }
 
 // A [rows, D] tile as a row-major operand of accumulation type A: the input itself (row stride

@@ -195,18 +195,6 @@ void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_
 
 namespace {
 
-// dst [D, n] = src^T for n rows of D (row stride ld).
-template <class S>
-void transpose_keys(const S* src, int64_t ld, int64_t n, int64_t D, S* dst) {
-  constexpr int64_t kBlock = 16;  // 16 x 16 blocks: both sides stay in L1
-  for (int64_t j0 = 0; j0 < n; j0 += kBlock)
-    for (int64_t d0 = 0; d0 < D; d0 += kBlock) {
-      const int64_t j1 = std::min(n, j0 + kBlock), d1 = std::min(D, d0 + kBlock);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t d = d0; d < d1; ++d) dst[d * n + j] = src[j * ld + d];
-    }
-}
-
 template <class S>
 void scores_impl(int64_t n, int64_t R, int64_t D, const S* K, int64_t ldk, const S* Q, const S* Qt,
                  S* St, S* work, DotsFn<S> dots, GemmFn<S> gemm) {
@@ -218,10 +206,9 @@ void scores_impl(int64_t n, int64_t R, int64_t D, const S* K, int64_t ldk, const
     // of keys (columns) instead of a padded block of R query columns; then St = S^T.
     S* kt = work;
     S* rows = work + D * n;
-    transpose_keys(K, ldk, n, D, kt);
+    transpose(K, n, D, kt, ldk);
     gemm(R, n, D, Q, D, 1, kt, n, rows, n, false);
-    for (int64_t r = 0; r < R; ++r)
-      for (int64_t j = 0; j < n; ++j) St[j * R + r] = rows[r * n + j];
+    transpose(rows, R, n, St);
   } else {
     gemm(n, R, D, K, ldk, 1, Qt, R, St, R, false);
   }

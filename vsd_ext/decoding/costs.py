@@ -41,7 +41,7 @@ from ..tree import chain_parents
 from .draft_tree import TreeConfig
 from .proposer import DrafterProposer
 
-__all__ = ["MODES", "StepCosts", "measure_step_costs", "step_costs"]
+__all__ = ["MODES", "StepCosts", "measure_step_costs", "step_clock", "step_costs"]
 
 MODES = ("greedy", "target_only", "sampled")
 
@@ -109,13 +109,18 @@ def step_costs(target, drafter, batch_size: int, mode: str = "greedy",
     return costs
 
 
+def step_clock(device: torch.device):
+    """The clock step costs are measured with: on a CPU the thread's CPU time, which time
+    slices lost to other processes on a shared machine do not inflate; on a GPU the wall
+    clock (read between synchronizations)."""
+    return time.perf_counter if device.type == "cuda" else time.thread_time
+
+
 def _median_times(fns: dict, repeats: int, device: torch.device) -> dict:
-    """Median seconds of each zero-argument function, the functions interleaved (one
-    untimed warm-up round first). On a CPU the clock is the thread's CPU time, which time
-    slices lost to other processes on a shared machine do not inflate; on a GPU it is the
-    wall clock between synchronizations."""
+    """Median seconds of each zero-argument function on `step_clock`, the functions
+    interleaved (one untimed warm-up round first)."""
     cuda = device.type == "cuda"
-    clock = time.perf_counter if cuda else time.thread_time
+    clock = step_clock(device)
     times = {name: [] for name in fns}
     for rnd in range(repeats + 1):
         for name, fn in fns.items():

@@ -42,6 +42,7 @@ from ..ops.verify import verify_tree
 from ..tree import padded_chain
 from .arguments import check_generation, check_tree
 from .configure import configure_proposer, resolve_decode_settings
+from .costs import step_clock
 from .draft_tree import DraftTree, TreeConfig
 from .planner import Plan, drafting_pays
 
@@ -218,9 +219,8 @@ class _Decoding:
         self.plan: Plan | None = None
         self.plan_seconds = 0.0  # planning (with the first measurement of the step costs)
         self.fallback_step: int | None = None  # step after which drafting stopped paying
-        # Seconds of the steps so far, on the clock the step costs are measured with (this
-        # thread's CPU time on a CPU, `vsd_ext.decoding.costs`), for `check_drafting`.
-        self.clock = time.thread_time if target.device.type == "cpu" else time.perf_counter
+        # Seconds of the steps so far, on the clock of the step costs, for `check_drafting`.
+        self.clock = step_clock(target.device)
         self.step_seconds = 0.0
         self.observer = None  # observer(tree, target_logits, num_accepted) after each verify
 
