@@ -158,6 +158,12 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
     assert store.latest() == tmp_path / "checkpoint-00000005"
     assert not (tmp_path / "checkpoint-00000003").exists()
     assert not (tmp_path / ".checkpoint-00000004.tmp").exists()
+    # A kill while an older checkpoint was being deleted leaves it half-removed: incomplete,
+    # never picked, and removed by the next save.
+    (tmp_path / "checkpoint-00000005" / "model.safetensors").unlink()
+    assert store.latest() is None
+    store.save(6, write)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-00000006"]
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):

@@ -71,9 +71,11 @@ class CheckpointStore:
             tmp.mkdir(parents=True)
             write(tmp)
             publish_dir(tmp, final)
-        for _, path in self._complete():
-            if path != final:
-                remove_dir(path)
+        # Older checkpoints, and any a kill during an earlier deletion left half-removed
+        # (incomplete, so `_complete` no longer lists them; renames make nothing else so).
+        numbered = {p for p in self.out.glob(f"{PREFIX}*") if _NAME.fullmatch(p.name)}
+        for path in (numbered | {path for _, path in self._complete()}) - {final}:
+            remove_dir(path)
         for stale in self.out.glob(f".{PREFIX}*.tmp"):
             remove_dir(stale)
         return final
